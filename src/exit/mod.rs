@@ -1,0 +1,3 @@
+//! The exit-node daemon, `wgexitd`.
+
+pub mod nat;

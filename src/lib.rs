@@ -1,0 +1,8 @@
+//! wgexit: static egress IPs for containers over WireGuard.
+//!
+//! Two binaries sit on this library: `wgexit`, the CNI plugin, and `wgexitd`, the
+//! exit-node daemon. What both sides exchange lives in [`api`].
+
+pub mod exit;
+pub mod keys;
+pub mod wg;
