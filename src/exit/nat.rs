@@ -712,7 +712,6 @@ fn comment_label(name: &str) -> &str {
 /// A table message with an optional comment, which `nftnl::Table` cannot carry.
 struct TableMsg {
     table: NonNull<sys::nftnl_table>,
-    _udata: Option<Vec<u8>>,
 }
 
 /// `NFTNL_UDATA_TABLE_COMMENT` / `NFTNL_UDATA_RULE_COMMENT`: the TLV type nft uses for comments.
@@ -753,10 +752,7 @@ impl TableMsg {
                 );
             }
         }
-        TableMsg {
-            table,
-            _udata: udata,
-        }
+        TableMsg { table }
     }
 }
 
@@ -1536,5 +1532,234 @@ mod tests {
         slash.uplink = "isp/0".into();
         assert!(Desired::build(fw.table(), &[slash]).is_err());
         assert!(Desired::build("bad\0table", &[acme()]).is_err());
+    }
+
+    #[test]
+    fn a_failed_batch_names_the_object_and_changes_nothing() {
+        let ns = Netns::new("reject");
+        ns.enter();
+        let name = CString::new("wgexitd-reject").unwrap();
+        let table = Table::new(&name, ProtoFamily::Inet);
+        let mut batch = Batch::new();
+        batch.add(&TableMsg::new(&name, None), MsgType::Add);
+        // A nat chain on the forward hook is refused by the kernel.
+        let mut chain = Chain::new(c"bogus", &table);
+        chain.set_hook(Hook::Forward, 0);
+        chain.set_type(ChainType::Nat);
+        batch.add(&chain, MsgType::Add);
+        let what = [
+            "table inet wgexitd-reject".to_owned(),
+            "chain bogus".to_owned(),
+        ];
+        let err = Conn::open().unwrap().send_batch(batch, &what).unwrap_err();
+        assert!(err.to_string().contains("chain bogus"), "{err}");
+        // All or nothing: the table of the same batch was not created either.
+        assert!(!Firewall::new("wgexitd-reject").exists().unwrap());
+
+        // Deleting a missing table on its own is an error the kernel reports by name.
+        let mut batch = Batch::new();
+        batch.add(&TableMsg::new(&name, None), MsgType::Del);
+        let what = ["deletion of table inet wgexitd-reject".to_owned()];
+        let err = Conn::open().unwrap().send_batch(batch, &what).unwrap_err();
+        assert!(
+            matches!(&err, NatError::Rejected { source, .. } if source.raw_os_error() == Some(libc::ENOENT)),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string()
+                .contains("deletion of table inet wgexitd-reject"),
+            "{err}"
+        );
+    }
+
+    /// Drops every effective capability of the calling thread (capabilities are per thread).
+    fn drop_effective_caps() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Default, Clone, Copy)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let mut header = Header {
+            version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        // SAFETY: capget/capset with a v3 header and two data words, for this thread only.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+            data[0].effective = 0;
+            data[1].effective = 0;
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0
+            );
+        }
+    }
+
+    #[test]
+    fn without_cap_net_admin_the_error_says_so() {
+        let ns = Netns::new("perm");
+        ns.enter();
+        drop_effective_caps();
+        let fw = Firewall::new(DEFAULT_TABLE);
+        let err = fw.exists().unwrap_err();
+        assert!(matches!(err, NatError::PermissionDenied { .. }), "{err:?}");
+        assert!(err.to_string().contains("run wgexitd as root"), "{err}");
+        let err = fw.apply(&[acme()]).unwrap_err();
+        assert!(matches!(err, NatError::PermissionDenied { .. }), "{err:?}");
+    }
+
+    /// The packet counter of the rule with this comment.
+    fn counter(listing: &str, comment: &str) -> u64 {
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{comment}\"")))
+            .unwrap_or_else(|| panic!("no rule {comment:?} in:\n{listing}"));
+        let rest = &line[line.find("packets ").unwrap() + "packets ".len()..];
+        rest.split(' ').next().unwrap().parse().unwrap()
+    }
+
+    /// Runs `f` on a new thread inside the namespace.
+    fn in_netns<T: Send + 'static>(
+        ns: &Netns,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", ns.name);
+        std::thread::spawn(move || {
+            let file = File::open(&path).unwrap();
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            f()
+        })
+    }
+
+    /// Sends one UDP datagram from `from` and waits briefly for an answer.
+    fn udp_exchange(from: Ipv4Addr, to: &str) -> Option<String> {
+        let socket = std::net::UdpSocket::bind((from, 0)).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_millis(700)))
+            .unwrap();
+        socket.send_to(b"hello", to).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = socket.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+
+    #[test]
+    fn traffic_is_snatted_and_spoofed_sources_are_dropped() {
+        let exit = Netns::new("trf-x");
+        let client = Netns::new("trf-c");
+        let isp = Netns::new("trf-i");
+        // client c0 <-> exit wgx-t (stands in for the WireGuard interface)
+        exit.run(&[
+            "ip",
+            "link",
+            "add",
+            "wgx-t",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client.name,
+        ]);
+        exit.run(&[
+            "ip", "link", "add", "up0", "type", "veth", "peer", "name", "i0", "netns", &isp.name,
+        ]);
+        exit.run(&["ip", "addr", "add", "100.64.0.1/10", "dev", "wgx-t"]);
+        exit.run(&["ip", "addr", "add", "203.0.113.1/24", "dev", "up0"]);
+        exit.run(&["ip", "addr", "add", "203.0.113.77/32", "dev", "up0"]);
+        exit.run(&["ip", "link", "set", "wgx-t", "up"]);
+        exit.run(&["ip", "link", "set", "up0", "up"]);
+        exit.run(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.wgx-t.rp_filter=0",
+        ]);
+        client.run(&["ip", "addr", "add", "100.64.0.2/10", "dev", "c0"]);
+        client.run(&["ip", "addr", "add", "198.18.5.2/32", "dev", "c0"]);
+        client.run(&["ip", "link", "set", "c0", "up"]);
+        client.run(&["ip", "route", "add", "default", "via", "100.64.0.1"]);
+        // The isp knows nothing of the overlay: only SNATed traffic can be answered.
+        isp.run(&["ip", "addr", "add", "203.0.113.50/24", "dev", "i0"]);
+        isp.run(&["ip", "link", "set", "i0", "up"]);
+        isp.run(&["ip", "link", "set", "lo", "up"]);
+
+        exit.enter();
+        let egress = EgressRules {
+            name: "acme".into(),
+            wg_interface: "wgx-t".into(),
+            uplink: "up0".into(),
+            pool: "100.64.0.0/10".parse().unwrap(),
+            overlay_ip: Ipv4Addr::new(100, 64, 0, 1),
+            egress_ip: Ipv4Addr::new(203, 0, 113, 77),
+        };
+        Firewall::new(DEFAULT_TABLE).apply(&[egress]).unwrap();
+
+        // An echo server in the isp that answers with the source address it saw.
+        let server = in_netns(&isp, || {
+            let socket = std::net::UdpSocket::bind("203.0.113.50:7777").unwrap();
+            socket
+                .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                if &buf[..n] == b"stop" {
+                    break;
+                }
+                seen.push(peer.ip());
+                let _ = socket.send_to(peer.ip().to_string().as_bytes(), peer);
+            }
+            seen
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+
+        let answers = in_netns(&client, || {
+            (
+                udp_exchange(Ipv4Addr::new(100, 64, 0, 2), "203.0.113.50:7777"),
+                udp_exchange(Ipv4Addr::new(198, 18, 5, 2), "203.0.113.50:7777"),
+                udp_exchange(Ipv4Addr::new(100, 64, 0, 2), "203.0.113.1:7777"),
+            )
+        })
+        .join()
+        .unwrap();
+        let _ = in_netns(&isp, || {
+            let s = std::net::UdpSocket::bind("203.0.113.50:0").unwrap();
+            s.send_to(b"stop", "203.0.113.50:7777").unwrap();
+        })
+        .join();
+        let seen = server.join().unwrap();
+
+        let listing = exit.nft_list(DEFAULT_TABLE);
+        assert_eq!(
+            answers.0.as_deref(),
+            Some("203.0.113.77"),
+            "pool traffic not SNATed to the egress IP; isp saw {seen:?}\n{listing}"
+        );
+        assert_eq!(answers.1, None, "spoofed source got through");
+        assert_eq!(answers.2, None, "container reached the exit node itself");
+        assert!(
+            !seen.iter().any(|ip| ip.to_string() == "198.18.5.2"),
+            "{seen:?}"
+        );
+        assert!(counter(&listing, "acme: anti-spoof") >= 1, "{listing}");
+        assert!(counter(&listing, "acme: snat") >= 1, "{listing}");
+        assert!(
+            counter(&listing, "acme: no access to the exit node") >= 1,
+            "{listing}"
+        );
     }
 }
