@@ -990,12 +990,101 @@ impl Conn {
                 ) {
                     continue;
                 }
-                return Err(NatError::Netlink {
-                    what: "reading the kernel's reply",
-                    source: err,
-                });
+                let what = if err.raw_os_error() == Some(libc::ENOBUFS) {
+                    "reading the kernel's reply (the socket buffer overflowed: too many rules \
+                     for net.core.rmem_max; the change may or may not have been applied)"
+                } else {
+                    "reading the kernel's reply"
+                };
+                return Err(NatError::Netlink { what, source: err });
             }
             return Ok(Some(n as usize));
+        }
+    }
+
+    /// Sends a batch as one datagram (the kernel wants a batch's begin and end in the same
+    /// one), growing the socket buffers first if the batch or its acks would not fit.
+    fn send_parts(&self, parts: &[&[u8]], messages: usize) -> Result<(), NatError> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        // Below this both fit the kernel's default buffers with room to spare.
+        const SMALL: usize = 64 * 1024;
+        if total > SMALL {
+            self.grow_buffer(libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, total + SMALL);
+        }
+        // The kernel queues one ack per message before we read any, each a small datagram that
+        // the receive buffer accounts for at its full allocation size (under 1 KiB, as nft
+        // reckons too).
+        if messages * 1024 > SMALL {
+            self.grow_buffer(
+                libc::SO_RCVBUFFORCE,
+                libc::SO_RCVBUF,
+                messages * 1024 + SMALL,
+            );
+        }
+        let mut iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr().cast_mut().cast(),
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: all-zero is a valid sockaddr_nl and msghdr.
+        let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: as above.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&raw mut kernel).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        loop {
+            // SAFETY: `msg` points at live iovecs over `parts` and at `kernel`.
+            let sent = unsafe { libc::sendmsg(self.socket.as_raw_fd(), &msg, 0) };
+            if sent >= 0 {
+                if sent as usize == total {
+                    return Ok(());
+                }
+                return Err(NatError::Netlink {
+                    what: "sending to the kernel",
+                    source: io::Error::other("short write"),
+                });
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EPERM) => {
+                    return Err(NatError::PermissionDenied {
+                        what: "sending to netfilter".into(),
+                    })
+                }
+                _ => {
+                    return Err(NatError::Netlink {
+                        what: "sending the nftables batch",
+                        source: err,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Raises a socket buffer to `bytes`: with the privileged option if allowed, else within
+    /// the system's limit. Failing is not fatal: the send or receive then reports the problem.
+    fn grow_buffer(&self, forced: libc::c_int, plain: libc::c_int, bytes: usize) {
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        for option in [forced, plain] {
+            // SAFETY: an int option on our own socket.
+            let rc = unsafe {
+                libc::setsockopt(
+                    self.socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    option,
+                    (&raw const value).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc == 0 {
+                return;
+            }
         }
     }
 
@@ -1032,9 +1121,8 @@ impl Conn {
                 .cloned()
                 .unwrap_or_else(|| "the nftables batch".to_owned())
         };
-        for part in &batch {
-            self.send(part)?;
-        }
+        let parts: Vec<&[u8]> = batch.iter().collect();
+        self.send_parts(&parts, seqs.len())?;
         let mut pending: Vec<u32> = seqs.collect();
         let mut first_error: Option<NatError> = None;
         while !pending.is_empty() {
@@ -1760,6 +1848,40 @@ mod tests {
         assert!(
             counter(&listing, "acme: no access to the exit node") >= 1,
             "{listing}"
+        );
+    }
+
+    #[test]
+    fn many_egresses_fit_in_one_batch() {
+        let ns = Netns::new("many");
+        ns.enter();
+        let egresses: Vec<EgressRules> = (0..300u32)
+            .map(|i| EgressRules {
+                name: format!("tenant-{i}"),
+                wg_interface: format!("wgx-e{i}"),
+                uplink: "isp0".into(),
+                pool: Ipv4Net::new(Ipv4Addr::from(0x6440_0000 + (i << 8)), 24).unwrap(),
+                overlay_ip: Ipv4Addr::from(0x6440_0001 + (i << 8)),
+                egress_ip: Ipv4Addr::from(0xcb00_7100 + (i % 250)),
+            })
+            .collect();
+        let fw = Firewall::new(DEFAULT_TABLE);
+        fw.apply(&egresses).unwrap();
+        let listing = ns.nft_list(DEFAULT_TABLE);
+        assert_eq!(listing.matches("comment \"tenant-").count(), 300 * 10);
+        assert_has(
+            &listing,
+            "comment \"tenant-299: no access to the exit node\"",
+        );
+        // Reading the whole table back (a multi-part dump) still finds it up to date.
+        fw.apply(&egresses).unwrap();
+        assert_eq!(listing, ns.nft_list(DEFAULT_TABLE));
+        fw.apply(&egresses[..10]).unwrap();
+        assert_eq!(
+            ns.nft_list(DEFAULT_TABLE)
+                .matches("comment \"tenant-")
+                .count(),
+            10 * 10
         );
     }
 }
