@@ -394,8 +394,8 @@ impl Expression for Expr {
     }
 }
 
-/// An expression nftnl has no wrapper for, made of u32 attributes (`exthdr` takes its type as
-/// a u8, which libnftnl accepts through the u32 setter too).
+/// An expression nftnl has no wrapper for (`rt`, `byteorder`, `exthdr`), made of integer
+/// attributes: all u32 except the `exthdr` type, which libnftnl stores as a u8.
 fn raw_expr(name: &std::ffi::CStr, attrs: &[(u32, u32)]) -> NonNull<sys::nftnl_expr> {
     // SAFETY: `name` is NUL-terminated; the attribute ids are libnftnl's for this expression.
     let expr = unsafe { sys::nftnl_expr_alloc(name.as_ptr()) };
