@@ -478,6 +478,7 @@ fn wireguard_go_failure_and_stale_socket() {
             other => panic!("expected WireguardGoFailed, got {other:?}"),
         }
         assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(!log_path(&dev).exists());
 
         // A stale, unserved socket left by a crash does not hold up a new device.
         std::fs::create_dir_all(uapi::SOCKET_DIR).unwrap();

@@ -229,10 +229,9 @@ impl UserspaceBackend {
         loop {
             match child.try_wait() {
                 Ok(Some(status)) => {
-                    return Err(failed(format!(
-                        "it exited ({status}): {}",
-                        log_tail(log_file)
-                    )));
+                    let detail = format!("it exited ({status}): {}", log_tail(log_file));
+                    let _ = fs::remove_file(log_path(name));
+                    return Err(failed(detail));
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -246,11 +245,13 @@ impl UserspaceBackend {
             if Instant::now() >= deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(failed(format!(
+                let detail = format!(
                     "{} did not appear within {START_TIMEOUT:?}: {}",
                     socket.display(),
                     log_tail(log_file)
-                )));
+                );
+                let _ = fs::remove_file(log_path(name));
+                return Err(failed(detail));
             }
             tokio::time::sleep(START_POLL).await;
         }
