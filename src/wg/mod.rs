@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 use crate::keys::Key;
 
 pub mod kernel;
+mod link;
 pub mod uapi;
 pub mod userspace;
+
+#[cfg(test)]
+mod tests;
 
 /// Which implementation to use, as written in configs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -75,6 +79,12 @@ pub enum WgError {
     WireguardGoFailed { name: String, detail: String },
     #[error("WireGuard device {0} does not exist")]
     NoSuchDevice(String),
+    #[error("WireGuard device {0} already exists")]
+    AlreadyExists(String),
+    #[error("{0:?} is not a usable interface name (1 to 15 characters from A-Z a-z 0-9 _ . -, not \".\" or \"..\")")]
+    InvalidName(String),
+    #[error("WireGuard backends must be opened inside a tokio runtime")]
+    NoRuntime,
     #[error("WireGuard device {name}: UAPI error: {detail}")]
     Uapi { name: String, detail: String },
     #[error("WireGuard device {name}: netlink error: {detail}")]
@@ -106,4 +116,130 @@ pub trait WireGuard {
     async fn exists(&self, name: &str) -> bool;
     /// Deletes the device and anything serving it; not an error if it is gone.
     async fn delete(&self, name: &str) -> Result<(), WgError>;
+}
+
+/// Longest interface name Linux accepts (IFNAMSIZ - 1).
+pub const MAX_NAME_LEN: usize = 15;
+
+/// Checks that `name` is a valid Linux interface name that is also safe as a file name
+/// under `/var/run/wireguard/`.
+pub fn validate_name(name: &str) -> Result<(), WgError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(WgError::InvalidName(name.to_string()))
+    }
+}
+
+/// An opened backend of either kind.
+///
+/// Open it with [`Backend::open`] on a thread that is in the network namespace that should
+/// own the devices, inside a tokio runtime; afterwards it may be used from any thread.
+pub enum Backend {
+    Kernel(kernel::KernelBackend),
+    Userspace(userspace::UserspaceBackend),
+}
+
+impl Backend {
+    /// Opens a backend of `kind` in the current thread's network namespace.
+    ///
+    /// `Auto` resolves to `Kernel` when the WireGuard module is loaded (`/sys/module/wireguard`)
+    /// or can be loaded (the kernel's own module autoload, triggered by looking up the
+    /// "wireguard" generic-netlink family, then `modprobe -q wireguard` if present),
+    /// else to `Userspace`. `Kernel` without the module fails with
+    /// [`WgError::KernelModuleMissing`]; `Userspace` without `wireguard-go` fails with
+    /// [`WgError::WireguardGoMissing`].
+    pub fn open(kind: BackendKind) -> Result<Backend, WgError> {
+        match kind {
+            BackendKind::Kernel => {
+                kernel::ensure_module().map_err(WgError::KernelModuleMissing)?;
+                Ok(Backend::Kernel(kernel::KernelBackend::open()?))
+            }
+            BackendKind::Userspace => Ok(Backend::Userspace(userspace::UserspaceBackend::open()?)),
+            BackendKind::Auto => match kernel::ensure_module() {
+                Ok(()) => Ok(Backend::Kernel(kernel::KernelBackend::open()?)),
+                Err(why) => {
+                    tracing::debug!(
+                        "WireGuard kernel module unavailable ({why}); using wireguard-go"
+                    );
+                    Ok(Backend::Userspace(userspace::UserspaceBackend::open()?))
+                }
+            },
+        }
+    }
+
+    /// The kind this backend resolved to: `Kernel` or `Userspace`, never `Auto`.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Kernel(_) => BackendKind::Kernel,
+            Backend::Userspace(_) => BackendKind::Userspace,
+        }
+    }
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Kernel(_) => f.write_str("Backend::Kernel"),
+            Backend::Userspace(u) => write!(f, "Backend::Userspace({})", u.binary().display()),
+        }
+    }
+}
+
+impl WireGuard for Backend {
+    async fn create(&self, name: &str) -> Result<(), WgError> {
+        match self {
+            Backend::Kernel(b) => b.create(name).await,
+            Backend::Userspace(b) => b.create(name).await,
+        }
+    }
+
+    async fn configure(&self, name: &str, config: &DeviceConfig) -> Result<(), WgError> {
+        match self {
+            Backend::Kernel(b) => b.configure(name, config).await,
+            Backend::Userspace(b) => b.configure(name, config).await,
+        }
+    }
+
+    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
+        match self {
+            Backend::Kernel(b) => b.set_peer(name, peer).await,
+            Backend::Userspace(b) => b.set_peer(name, peer).await,
+        }
+    }
+
+    async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError> {
+        match self {
+            Backend::Kernel(b) => b.remove_peer(name, public_key).await,
+            Backend::Userspace(b) => b.remove_peer(name, public_key).await,
+        }
+    }
+
+    async fn status(&self, name: &str) -> Result<DeviceStatus, WgError> {
+        match self {
+            Backend::Kernel(b) => b.status(name).await,
+            Backend::Userspace(b) => b.status(name).await,
+        }
+    }
+
+    async fn exists(&self, name: &str) -> bool {
+        match self {
+            Backend::Kernel(b) => b.exists(name).await,
+            Backend::Userspace(b) => b.exists(name).await,
+        }
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), WgError> {
+        match self {
+            Backend::Kernel(b) => b.delete(name).await,
+            Backend::Userspace(b) => b.delete(name).await,
+        }
+    }
 }
