@@ -1,1 +1,8 @@
+//! End-to-end tests in network namespaces: the binaries driven exactly as a runtime and an
+//! operator drive them. Needs root. See `world.rs` for the topology.
 
+mod world;
+
+mod daemon;
+mod egress;
+mod failures;

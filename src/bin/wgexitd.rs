@@ -1,1 +1,88 @@
-fn main(){}
+//! `wgexitd`: the exit-node daemon. Thin: all logic is in `wgexit::exit`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wgexit::exit::config::Config;
+use wgexit::exit::daemon;
+
+#[derive(Parser)]
+#[command(
+    name = "wgexitd",
+    version,
+    about = "wgexit exit-node daemon: static egress IPs over WireGuard"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run in the foreground until SIGTERM/SIGINT (which leave tunnels and rules up).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Remove the WireGuard interfaces and the nftables table (leases stay in the store).
+    Teardown {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a config and exit.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let (Command::Serve { config }
+    | Command::Teardown { config }
+    | Command::CheckConfig { config }) = &cli.command;
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("wgexitd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wgexitd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { .. } => daemon::serve(config).await,
+            Command::Teardown { .. } => daemon::teardown(&config).await,
+            Command::CheckConfig { .. } => {
+                println!("{}: ok", config.path.display());
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wgexitd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

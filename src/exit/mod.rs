@@ -1,3 +1,15 @@
-//! The exit-node daemon, `wgexitd`.
+//! The exit-node daemon, `wgexitd`: WireGuard devices per egress, SNAT, the lease store and
+//! the HTTPS control API.
 
+pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod nat;
+pub mod pool;
+pub mod reconcile;
+pub mod registry;
+pub mod service;
+pub mod store;
+pub mod sysctl;
+pub mod tls;
+pub mod tokens;

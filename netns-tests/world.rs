@@ -1,0 +1,605 @@
+//! The test world of DESIGN.md, made and removed by each test:
+//!
+//! ```text
+//!  container ns ──(WireGuard)──► host ns ──veth──► exit ns ──veth──► isp ns
+//!  (one per container)          198.51.100.10    198.51.100.2       203.0.113.1
+//!                                                203.0.113.77 (egress IP)
+//!                                                                   198.18.0.10:8080 echo
+//! ```
+//!
+//! Every name is unique per world (namespaces, the exit's userspace WireGuard socket), so
+//! worlds run side by side; addresses can repeat because each world's namespaces are its own.
+//! Dropping a world kills its daemon and removes every namespace, file and socket it made.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const ECHO: &str = "198.18.0.10:8080";
+pub const EGRESS_IP: &str = "203.0.113.77";
+pub const API: &str = "198.51.100.2:7443";
+pub const HOST_IP: &str = "198.51.100.10";
+pub const POOL: &str = "100.96.0.0/24";
+pub const TOKEN: &str = "acme-token-0123456789abcdef";
+pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command and returns its output whatever its status.
+pub fn try_sh(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the namespace tests need root (network namespaces, nftables); run scripts/test as root"
+    );
+}
+
+pub struct World {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    pub isp: String,
+    pub exit: String,
+    pub host: String,
+    pub wg_interface: String,
+    daemon: Option<Child>,
+    echo_stop: Arc<AtomicBool>,
+    containers: Vec<Container>,
+}
+
+impl World {
+    /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`.
+    pub fn new() -> World {
+        require_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("wx{:x}{n}", std::process::id() & 0xffff);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .expect("tempdir");
+        let mut w = World {
+            isp: format!("{id}-isp"),
+            exit: format!("{id}-exit"),
+            host: format!("{id}-host"),
+            wg_interface: format!("{id}e"),
+            id,
+            dir,
+            daemon: None,
+            echo_stop: Arc::new(AtomicBool::new(false)),
+            containers: Vec::new(),
+        };
+        for ns in [&w.isp, &w.exit, &w.host] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        // isp <-> exit uplink; exit <-> host.
+        sh(&[
+            "ip", "link", "add", "isp0", "netns", &w.exit, "type", "veth", "peer", "name", "up0",
+            "netns", &w.isp,
+        ]);
+        sh(&[
+            "ip", "link", "add", "down0", "netns", &w.exit, "type", "veth", "peer", "name", "up0",
+            "netns", &w.host,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.isp,
+            "addr",
+            "add",
+            "203.0.113.1/24",
+            "dev",
+            "up0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.isp,
+            "addr",
+            "add",
+            "198.18.0.10/32",
+            "dev",
+            "lo",
+        ]);
+        sh(&["ip", "-n", &w.isp, "link", "set", "up0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.exit,
+            "addr",
+            "add",
+            &format!("{EGRESS_IP}/24"),
+            "dev",
+            "isp0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.exit,
+            "addr",
+            "add",
+            "198.51.100.2/24",
+            "dev",
+            "down0",
+        ]);
+        sh(&["ip", "-n", &w.exit, "link", "set", "isp0", "up"]);
+        sh(&["ip", "-n", &w.exit, "link", "set", "down0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.exit,
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &w.host,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            "up0",
+        ]);
+        sh(&["ip", "-n", &w.host, "link", "set", "up0", "up"]);
+        w.start_echo();
+        w.write_configs();
+        w.start_daemon();
+        w
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.path("exit-state")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.path("cni-data")
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.state_dir().join("tls/ca.pem")
+    }
+
+    pub fn daemon_config(&self) -> PathBuf {
+        self.path("wgexitd.toml")
+    }
+
+    fn write_configs(&self) {
+        std::fs::write(self.path("acme.tokens"), format!("# acme\n{TOKEN}\n")).unwrap();
+        std::fs::write(self.path("other.tokens"), format!("{OTHER_TOKEN}\n")).unwrap();
+        std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(self.path("other.token"), format!("{OTHER_TOKEN}\n")).unwrap();
+        let config = format!(
+            r#"state_dir = "{state}"
+backend = "userspace"
+
+[api]
+listen = "{API}"
+
+[[egress]]
+name = "acme"
+ip = "{EGRESS_IP}"
+interface = "isp0"
+pool = "{POOL}"
+wg_interface = "{wg}"
+listen_port = 51820
+endpoint = "198.51.100.2:51820"
+token_file = "{tokens}"
+
+[[egress]]
+name = "other"
+ip = "{EGRESS_IP}"
+interface = "isp0"
+pool = "100.97.0.0/24"
+wg_interface = "{wg2}"
+listen_port = 51821
+endpoint = "198.51.100.2:51821"
+token_file = "{other_tokens}"
+"#,
+            state = self.state_dir().display(),
+            wg = self.wg_interface,
+            wg2 = format!("{}o", self.id),
+            tokens = self.path("acme.tokens").display(),
+            other_tokens = self.path("other.tokens").display(),
+        );
+        std::fs::write(self.daemon_config(), config).unwrap();
+    }
+
+    /// The plugin config for `egress`, as JSON.
+    pub fn net_conf(&self, egress: &str) -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "egress",
+            "type": "wgexit",
+            "servers": [format!("https://{API}")],
+            "egress": egress,
+            "tokenFile": self.path(&format!("{egress}.token")),
+            "caFile": self.ca_file(),
+            "backend": "userspace",
+            "mtu": 1420,
+            "routes": "default",
+            "dataDir": self.data_dir(),
+        })
+    }
+
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::File::create(self.path("wgexitd.log")).unwrap();
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.exit,
+                env!("CARGO_BIN_EXE_wgexitd"),
+                "serve",
+                "--config",
+            ])
+            .arg(self.daemon_config())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start wgexitd");
+        self.daemon = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            if self.ca_file().exists() && self.api_raw("GET", "/healthz", None).0 == 200 {
+                return;
+            }
+            if let Some(child) = self.daemon.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("wgexitd exited ({status}): {}", self.daemon_log());
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "wgexitd not ready: {}",
+                self.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("wgexitd.log")).unwrap_or_default()
+    }
+
+    /// Stops the daemon with `signal` and waits for it.
+    pub fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) {
+        if let Some(mut child) = self.daemon.take() {
+            // `ip netns exec` execs the daemon, so the child pid is the daemon's.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal);
+            let _ = child.wait();
+        }
+    }
+
+    /// An API call from the host namespace through curl: (status, body).
+    pub fn api_raw(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        let url = format!("https://{API}{path}");
+        let ca = self.ca_file();
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            self.host.clone(),
+            "curl".into(),
+            "-s".into(),
+            "-m".into(),
+            "5".into(),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "-X".into(),
+            method.into(),
+            "-w".into(),
+            "\n%{http_code}".into(),
+        ];
+        if let Some(t) = token {
+            args.push("-H".into());
+            args.push(format!("Authorization: Bearer {t}"));
+        }
+        args.push(url);
+        let out = Command::new("ip").args(&args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The leases the exit node holds for `egress`.
+    pub fn leases(&self, egress: &str, token: &str) -> Vec<Value> {
+        let (code, body) = self.api_raw("GET", &format!("/v1/egress/{egress}/leases"), Some(token));
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["leases"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Public keys of the exit node's WireGuard peers for egress acme.
+    pub fn exit_peers(&self) -> Vec<String> {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.exit,
+            "wg",
+            "show",
+            &self.wg_interface,
+            "peers",
+        ])
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
+    }
+
+    /// A new, empty container namespace.
+    pub fn container(&mut self, name: &str) -> Container {
+        let ns = format!("{}-{name}", self.id);
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        let c = Container {
+            id: format!("{ns}-id"),
+            netns: ns.clone(),
+            netns_path: PathBuf::from(format!("/var/run/netns/{ns}")),
+        };
+        self.containers.push(c.clone());
+        c
+    }
+
+    /// Runs the plugin from the host namespace as a runtime would.
+    pub fn cni(&self, command: &str, c: &Container, conf: &Value) -> CniOutput {
+        self.cni_raw(
+            command,
+            &c.id,
+            Some(&c.netns_path),
+            "eth0",
+            conf.to_string().as_bytes(),
+        )
+    }
+
+    pub fn cni_raw(
+        &self,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        stdin: &[u8],
+    ) -> CniOutput {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.host, env!("CARGO_BIN_EXE_wgexit")])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", container_id)
+            .env("CNI_IFNAME", ifname)
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(ns) = netns {
+            cmd.env("CNI_NETNS", ns);
+        }
+        let mut child = cmd.spawn().expect("run wgexit");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        let out = child.wait_with_output().unwrap();
+        CniOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// An HTTP request from `c` to the echo server: the source address it saw.
+    pub fn echo_from(&self, c: &Container) -> Result<String, String> {
+        let (host, port) = ECHO.split_once(':').unwrap();
+        let out = try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &c.netns,
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            &format!("http://{host}:{port}/"),
+        ]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "curl exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Links in namespace `ns`, by name.
+    pub fn links(&self, ns: &str) -> Vec<String> {
+        let v: Value = serde_json::from_str(&sh(&["ip", "-n", ns, "-j", "link", "show"])).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    /// Files in the plugin's dataDir.
+    pub fn state_files(&self) -> Vec<String> {
+        match std::fs::read_dir(self.data_dir()) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn start_echo(&self) {
+        let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
+        let stop = self.echo_stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("enter isp");
+            let listener = TcpListener::bind(ECHO).expect("bind echo");
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let body = format!("{}\n", peer.ip());
+                        let _ = write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("echo server");
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+        self.echo_stop.store(true, Ordering::Relaxed);
+        // Deleting a namespace deletes its links; wireguard-go exits when its link goes.
+        let container_ns = self.containers.iter().map(|c| &c.netns);
+        for ns in container_ns.chain([&self.host, &self.exit, &self.isp]) {
+            let _ = try_sh(&["ip", "netns", "del", ns]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && !self.wireguard_sockets().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for s in self.wireguard_sockets() {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{s}"));
+        }
+    }
+}
+
+impl World {
+    /// UAPI sockets this world's exit node made.
+    pub fn wireguard_sockets(&self) -> Vec<String> {
+        std::fs::read_dir("/var/run/wireguard")
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| {
+                        n.starts_with(&self.id)
+                            || self
+                                .containers
+                                .iter()
+                                .any(|c| n.starts_with(&c.host_ifname("eth0")))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Container {
+    pub id: String,
+    pub netns: String,
+    pub netns_path: PathBuf,
+}
+
+impl Container {
+    /// The name the plugin gives this container's link while it is in the host namespace
+    /// (and, for the userspace backend, to its UAPI socket).
+    pub fn host_ifname(&self, ifname: &str) -> String {
+        wgexit::cni::state::host_ifname(&self.id, ifname, &self.netns_path)
+    }
+}
+
+#[derive(Debug)]
+pub struct CniOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CniOutput {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts success and returns the result JSON.
+    pub fn ok(&self) -> Value {
+        assert_eq!(self.code, 0, "plugin failed: {self:?}");
+        self.json()
+    }
+
+    /// Asserts failure with a CNI error and returns (code, msg).
+    pub fn err(&self) -> (u64, String) {
+        assert_ne!(self.code, 0, "plugin should have failed: {self:?}");
+        let v = self.json();
+        let code = v["code"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no code: {self:?}"));
+        let msg = format!(
+            "{} {}",
+            v["msg"].as_str().unwrap_or(""),
+            v["details"].as_str().unwrap_or("")
+        );
+        (code, msg)
+    }
+}
+
+pub fn ipv4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+pub fn socket(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+impl CniOutput {
+    /// Asserts success with no output (DEL).
+    pub fn ok_empty(&self) {
+        assert_eq!(self.code, 0, "plugin failed: {self:?}");
+        assert!(self.stdout.trim().is_empty(), "unexpected output: {self:?}");
+    }
+}

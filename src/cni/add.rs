@@ -1,0 +1,190 @@
+//! ADD: key pair on the host → lease over HTTPS → WireGuard link in the host namespace →
+//! configure → move into the container as `CNI_IFNAME` → address, MTU, up → routes → wait
+//! for the first handshake → result. Any failure undoes what was done (see [`super::del`]).
+
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::api::{Attachment, LeaseRequest};
+use crate::cni::client::Client;
+use crate::cni::config::NetConf;
+use crate::cni::del::detach;
+use crate::cni::env::CniEnv;
+use crate::cni::error::{CniError, Code};
+use crate::cni::result::Attached;
+use crate::cni::state::{host_ifname, AttachmentState, StateDir};
+use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
+use crate::keys::Key;
+use crate::net::{Netlink, Netns};
+use crate::wg::{DeviceConfig, PeerConfig, WireGuard};
+
+pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns_path = env.netns()?;
+    let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
+    let dir = StateDir::open(&conf.data_dir)?;
+    if let Some(existing) = dir.load(container_id, ifname)? {
+        return Err(CniError::new(
+            Code::State,
+            format!(
+                "container {container_id} already has a wgexit attachment on {ifname} (address {}); DEL it first",
+                existing.address.map(|a| a.to_string()).unwrap_or_else(|| "pending".into())
+            ),
+        ));
+    }
+    let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
+        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+    let backend = open_backend(conf.backend)?;
+
+    let private_key = Key::generate_private().map_err(|e| {
+        CniError::new(Code::WireGuard, "cannot generate a key").with_details(e.to_string())
+    })?;
+    let mut state = AttachmentState {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+        netns: Some(netns_path.clone()),
+        network: conf.name.clone(),
+        egress: conf.egress.clone(),
+        host_ifname: host_ifname(container_id, ifname, netns_path),
+        backend: backend.kind(),
+        public_key: private_key.public(),
+        server: None,
+        address: None,
+        exit_public_key: None,
+        endpoint: None,
+        in_netns: false,
+        release_pending: false,
+    };
+    dir.save_key(container_id, ifname, &private_key)?;
+    dir.save(&state)?;
+
+    match attach(env, conf, &client, &netns, &dir, &mut state, &private_key).await {
+        Ok(attached) => Ok(attached.to_result(&conf.cni_version)),
+        Err(e) => {
+            if let Err(undo) = detach(&state, Some(&client), &dir).await {
+                eprintln!("wgexit: undoing the failed ADD: {undo}");
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn attach(
+    env: &CniEnv,
+    conf: &NetConf,
+    client: &Client,
+    netns: &Netns,
+    dir: &StateDir,
+    state: &mut AttachmentState,
+    private_key: &Key,
+) -> Result<Attached, CniError> {
+    let mut args: std::collections::BTreeMap<String, String> = env.args.clone();
+    args.extend(conf.args());
+    let request = LeaseRequest {
+        public_key: state.public_key,
+        attachment: Attachment {
+            container_id: state.container_id.clone(),
+            ifname: state.ifname.clone(),
+            host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_default(),
+            args,
+        },
+    };
+    let (server, grant) = client
+        .lease(&conf.egress, &request)
+        .map_err(|e| client_error("leasing an address", &e))?;
+    state.server = Some(server);
+    state.address = Some(grant.address);
+    state.exit_public_key = Some(grant.server_public_key);
+    state.endpoint = Some(grant.endpoint);
+    dir.save(state)?;
+
+    // The link is born in this (the host's) namespace, so its UDP socket stays here.
+    let backend = open_backend(state.backend)?;
+    let host = &state.host_ifname;
+    backend
+        .create(host)
+        .await
+        .map_err(|e| wg_error("creating the WireGuard link", e))?;
+    let routes = conf.routes.destinations();
+    let device = DeviceConfig {
+        private_key: *private_key,
+        listen_port: None,
+        peers: vec![PeerConfig {
+            public_key: grant.server_public_key,
+            endpoint: Some(grant.endpoint),
+            allowed_ips: routes.iter().copied().map(IpNet::V4).collect(),
+            persistent_keepalive: Some(grant.persistent_keepalive),
+        }],
+    };
+    backend
+        .configure(host, &device)
+        .await
+        .map_err(|e| wg_error("configuring the WireGuard link", e))?;
+
+    let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
+    host_nl
+        .move_to_netns(host, netns, &state.ifname)
+        .await
+        .map_err(|e| link_error("moving the link into the container", e))?;
+    state.in_netns = true;
+    dir.save(state)?;
+
+    let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
+    let ifname = &state.ifname;
+    nl.add_address(ifname, IpNet::V4(grant.address))
+        .await
+        .map_err(|e| link_error("adding the address", e))?;
+    nl.set_up(ifname, Some(conf.mtu))
+        .await
+        .map_err(|e| link_error("bringing the link up", e))?;
+    for dst in &routes {
+        nl.add_route(ifname, *dst)
+            .await
+            .map_err(|e| link_error("adding the route", e))?;
+    }
+
+    wait_for_handshake(state, netns, conf.handshake_timeout).await?;
+
+    Ok(Attached {
+        ifname: ifname.clone(),
+        sandbox: netns.path().to_path_buf(),
+        mac: None,
+        address: grant.address,
+        routes,
+    })
+}
+
+/// Waits until the exit node answered a handshake, so the container's first packet works.
+async fn wait_for_handshake(
+    state: &AttachmentState,
+    netns: &Netns,
+    timeout: Duration,
+) -> Result<(), CniError> {
+    let (backend, name) = wg_handle(state, Some(netns))?;
+    let start = Instant::now();
+    loop {
+        let status = backend
+            .status(&name)
+            .await
+            .map_err(|e| wg_error("reading the WireGuard link", e))?;
+        if status.peers.iter().any(|p| p.last_handshake.is_some()) {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(CniError::new(
+                Code::NoHandshake,
+                format!(
+                    "no WireGuard handshake with the exit node at {} within {} ms; check that UDP to that endpoint is open from this host and that wgexitd is running",
+                    state.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                    timeout.as_millis()
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

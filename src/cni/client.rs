@@ -1,0 +1,223 @@
+//! The plugin's HTTPS client for the exit node's control API. The server is always verified
+//! against `caFile`; there is no way to turn verification off.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::Agent;
+
+use crate::api::{self, ApiError, EgressInfo, LeaseGrant, LeaseRequest};
+use crate::keys::Key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("caFile {path}: {detail}")]
+    CaFile { path: String, detail: String },
+    #[error("{server}: unreachable: {detail}")]
+    Unreachable { server: String, detail: String },
+    #[error("{server}: TLS verification failed ({detail}); is caFile the CA of this exit node (its state_dir/tls/ca.pem)?")]
+    Tls { server: String, detail: String },
+    #[error("{server}: {status} {}: {}", body.error, body.message)]
+    Refused {
+        server: String,
+        status: u16,
+        body: ApiError,
+    },
+    #[error("{server}: unexpected answer: {detail}")]
+    Protocol { server: String, detail: String },
+}
+
+impl ClientError {
+    /// Whether trying the next server (or again later) could help.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Refused { status, .. } => *status >= 500 && *status != 503,
+            _ => false,
+        }
+    }
+}
+
+/// A client for one or more exit servers of one egress.
+pub struct Client {
+    agent: Agent,
+    servers: Vec<String>,
+    token: String,
+}
+
+/// One round trip's outcome.
+enum Outcome<T> {
+    Ok(T),
+    NoContent,
+}
+
+impl Client {
+    pub fn new(servers: &[String], ca_file: &Path, token: String) -> Result<Client, ClientError> {
+        let ca_err = |detail: String| ClientError::CaFile {
+            path: ca_file.display().to_string(),
+            detail,
+        };
+        let pem = std::fs::read(ca_file).map_err(|e| ca_err(e.to_string()))?;
+        let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+            .filter_map(|item| match item {
+                Ok(PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| ca_err(e.to_string()))?;
+        if certs.is_empty() {
+            return Err(ca_err("holds no PEM certificate".into()));
+        }
+        let tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .root_certs(RootCerts::Specific(Arc::new(certs)))
+            .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .build();
+        let agent: Agent = Agent::config_builder()
+            .tls_config(tls)
+            .https_only(true)
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(3)))
+            .timeout_global(Some(Duration::from_secs(10)))
+            .max_redirects(0)
+            .build()
+            .into();
+        Ok(Client {
+            agent,
+            servers: servers.to_vec(),
+            token,
+        })
+    }
+
+    /// Runs `call` against each server in turn until one answers; transient failures move on
+    /// to the next server, other failures are final.
+    fn each_server<T>(
+        &self,
+        call: impl Fn(&str) -> Result<Outcome<T>, ClientError>,
+    ) -> Result<(String, Outcome<T>), ClientError> {
+        let mut last = None;
+        for server in &self.servers {
+            match call(server.trim_end_matches('/')) {
+                Ok(v) => return Ok((server.clone(), v)),
+                Err(e) if e.is_transient() => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            server: "(no servers)".into(),
+            detail: "no servers configured".into(),
+        }))
+    }
+
+    fn request<T: DeserializeOwned>(
+        &self,
+        server: &str,
+        method: &str,
+        path: &str,
+        body: Option<&LeaseRequest>,
+    ) -> Result<Outcome<T>, ClientError> {
+        let url = format!("{server}{path}");
+        let auth = format!("Bearer {}", self.token);
+        let result = match (method, body) {
+            ("POST", Some(b)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(b),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
+            _ => self.agent.get(&url).header("Authorization", &auth).call(),
+        };
+        let mut resp = result.map_err(|e| classify(server, e))?;
+        let status = resp.status().as_u16();
+        if status == 204 {
+            return Ok(Outcome::NoContent);
+        }
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_vec()
+            .map_err(|e| classify(server, e))?;
+        if (200..300).contains(&status) {
+            serde_json::from_slice(&body)
+                .map(Outcome::Ok)
+                .map_err(|e| ClientError::Protocol {
+                    server: server.to_string(),
+                    detail: format!("{status} with a body that is not the expected JSON: {e}"),
+                })
+        } else {
+            let body = serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
+                error: "http_error".into(),
+                message: String::from_utf8_lossy(&body).chars().take(200).collect(),
+            });
+            Err(ClientError::Refused {
+                server: server.to_string(),
+                status,
+                body,
+            })
+        }
+    }
+
+    /// Leases an address for `req.public_key`; returns the server that answered too.
+    pub fn lease(
+        &self,
+        egress: &str,
+        req: &LeaseRequest,
+    ) -> Result<(String, LeaseGrant), ClientError> {
+        let path = api::leases_path(egress);
+        match self.each_server(|s| self.request(s, "POST", &path, Some(req)))? {
+            (server, Outcome::Ok(grant)) => Ok((server, grant)),
+            (server, Outcome::NoContent) => Err(ClientError::Protocol {
+                server,
+                detail: "lease answered with no body".into(),
+            }),
+        }
+    }
+
+    /// Releases the lease of `key` on `server`. A lease that is not there counts as released.
+    pub fn release(&self, server: &str, egress: &str, key: &Key) -> Result<(), ClientError> {
+        let path = api::lease_path(egress, key);
+        match self.request::<serde_json::Value>(server.trim_end_matches('/'), "DELETE", &path, None)
+        {
+            Ok(_) => Ok(()),
+            Err(ClientError::Refused { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The egress as the first server that answers sees it.
+    pub fn egress_info(&self, egress: &str) -> Result<EgressInfo, ClientError> {
+        let path = api::egress_path(egress);
+        match self.each_server(|s| self.request(s, "GET", &path, None))? {
+            (_, Outcome::Ok(info)) => Ok(info),
+            (server, Outcome::NoContent) => Err(ClientError::Protocol {
+                server,
+                detail: "no body".into(),
+            }),
+        }
+    }
+}
+
+fn classify(server: &str, e: ureq::Error) -> ClientError {
+    let server = server.to_string();
+    let detail = e.to_string();
+    match e {
+        ureq::Error::Rustls(_) | ureq::Error::Tls(_) => ClientError::Tls { server, detail },
+        ureq::Error::Io(ref io) if io.to_string().contains("certificate") => {
+            ClientError::Tls { server, detail }
+        }
+        ureq::Error::Io(_)
+        | ureq::Error::Timeout(_)
+        | ureq::Error::HostNotFound
+        | ureq::Error::ConnectionFailed => ClientError::Unreachable { server, detail },
+        _ => ClientError::Protocol { server, detail },
+    }
+}

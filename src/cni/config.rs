@@ -1,0 +1,292 @@
+//! The plugin's network configuration (stdin), checked, with errors naming the key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::api::valid_egress_name;
+use crate::cni::error::{CniError, Code};
+use crate::wg::BackendKind;
+
+/// Spec versions this plugin speaks.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+
+pub const DEFAULT_MTU: u32 = 1420;
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/wgexit";
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Which routes go through the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Routes {
+    /// 0.0.0.0/0.
+    #[default]
+    Default,
+    /// 0.0.0.0/1 + 128.0.0.0/1 (gVisor rejects a default route without a gateway).
+    Split,
+}
+
+impl Routes {
+    pub fn destinations(self) -> Vec<ipnet::Ipv4Net> {
+        match self {
+            Routes::Default => vec!["0.0.0.0/0".parse().unwrap_or_default()],
+            Routes::Split => ["0.0.0.0/1", "128.0.0.0/1"]
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawConf {
+    cni_version: Option<String>,
+    name: Option<String>,
+    #[serde(rename = "type")]
+    plugin_type: Option<String>,
+    #[serde(default)]
+    servers: Vec<String>,
+    egress: Option<String>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    backend: BackendKind,
+    mtu: Option<u32>,
+    #[serde(default)]
+    routes: Routes,
+    data_dir: Option<PathBuf>,
+    /// Milliseconds to wait for the first handshake.
+    handshake_timeout: Option<u64>,
+}
+
+/// A checked plugin config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConf {
+    pub cni_version: String,
+    pub name: String,
+    pub servers: Vec<String>,
+    pub egress: String,
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub backend: BackendKind,
+    pub mtu: u32,
+    pub routes: Routes,
+    pub data_dir: PathBuf,
+    pub handshake_timeout: Duration,
+    /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
+    pub raw: Value,
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> CniError {
+    CniError::new(
+        Code::InvalidConfig,
+        format!("config key {key:?}: {}", msg.into()),
+    )
+}
+
+/// The `cniVersion` of a config, best effort, for error output before it is checked.
+pub fn version_of(bytes: &[u8]) -> String {
+    serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.0.0".to_string())
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
+        let raw: Value = serde_json::from_slice(bytes).map_err(|e| {
+            CniError::new(Code::Decode, "network config on stdin is not valid JSON")
+                .with_details(e.to_string())
+        })?;
+        let conf: RawConf = serde_json::from_value(raw.clone())
+            .map_err(|e| CniError::new(Code::InvalidConfig, format!("network config: {e}")))?;
+
+        let cni_version = conf
+            .cni_version
+            .ok_or_else(|| invalid("cniVersion", "missing"))?;
+        if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
+            return Err(CniError::new(
+                Code::IncompatibleVersion,
+                format!(
+                    "cniVersion {cni_version:?} is not supported; wgexit speaks {}",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
+            ));
+        }
+        let name = conf
+            .name
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| invalid("name", "missing"))?;
+        if conf.plugin_type.as_deref().is_some_and(|t| t != "wgexit") {
+            return Err(invalid("type", "must be \"wgexit\""));
+        }
+        if conf.servers.is_empty() {
+            return Err(invalid(
+                "servers",
+                "list at least one exit server, e.g. [\"https://198.51.100.2:7443\"]",
+            ));
+        }
+        for s in &conf.servers {
+            if !s.starts_with("https://") {
+                return Err(invalid(
+                    "servers",
+                    format!("{s:?} must be an https:// URL (the API is TLS only)"),
+                ));
+            }
+        }
+        let egress = conf.egress.ok_or_else(|| invalid("egress", "missing"))?;
+        if !valid_egress_name(&egress) {
+            return Err(invalid(
+                "egress",
+                format!("{egress:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+            ));
+        }
+        let token_file = conf.token_file.ok_or_else(|| {
+            invalid(
+                "tokenFile",
+                "missing: the file holding this egress's bearer token",
+            )
+        })?;
+        let ca_file = conf.ca_file.ok_or_else(|| {
+            invalid(
+                "caFile",
+                "missing: the exit node's CA certificate (its state_dir/tls/ca.pem); verification is never skipped",
+            )
+        })?;
+        let mtu = conf.mtu.unwrap_or(DEFAULT_MTU);
+        if !(1280..=9000).contains(&mtu) {
+            return Err(invalid("mtu", format!("{mtu} is outside 1280..=9000")));
+        }
+        let data_dir = conf
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if !data_dir.is_absolute() {
+            return Err(invalid("dataDir", "must be an absolute path"));
+        }
+        let handshake_timeout = match conf.handshake_timeout {
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+            Some(ms) if (1..=60_000).contains(&ms) => Duration::from_millis(ms),
+            Some(ms) => {
+                return Err(invalid(
+                    "handshakeTimeout",
+                    format!("{ms} ms is outside 1..=60000"),
+                ))
+            }
+        };
+        Ok(NetConf {
+            cni_version,
+            name,
+            servers: conf.servers,
+            egress,
+            token_file,
+            ca_file,
+            backend: conf.backend,
+            mtu,
+            routes: conf.routes,
+            data_dir,
+            handshake_timeout,
+            raw,
+        })
+    }
+
+    /// The bearer token, read from `tokenFile`.
+    pub fn token(&self) -> Result<String, CniError> {
+        let text = std::fs::read_to_string(&self.token_file).map_err(|e| {
+            invalid(
+                "tokenFile",
+                format!("cannot read {}: {e}", self.token_file.display()),
+            )
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(invalid(
+                "tokenFile",
+                format!("{} is empty", self.token_file.display()),
+            ));
+        }
+        Ok(token)
+    }
+
+    /// `args` from the config (CNI "args" convention: `args.cni` holds labels etc.),
+    /// flattened into strings.
+    pub fn args(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(Value::Object(args)) = self.raw.get("args") {
+            for (section, v) in args {
+                if let Value::Object(inner) = v {
+                    for (k, v) in inner {
+                        let v = v
+                            .as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string());
+                        out.push((format!("{section}.{k}"), v));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = r#"{ "cniVersion": "1.0.0", "name": "egress", "type": "wgexit",
+      "servers": ["https://198.51.100.2:7443"], "egress": "acme",
+      "tokenFile": "/etc/wgexit/acme.token", "caFile": "/etc/wgexit/exit-ca.pem",
+      "backend": "auto", "mtu": 1420, "routes": "default", "dataDir": "/var/lib/cni/wgexit" }"#;
+
+    fn parse(s: &str) -> Result<NetConf, CniError> {
+        NetConf::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(VALID).unwrap();
+        assert_eq!(c.egress, "acme");
+        assert_eq!(c.routes, Routes::Default);
+        assert_eq!(c.backend, BackendKind::Auto);
+        assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(Routes::Split.destinations().len(), 2);
+    }
+
+    #[test]
+    fn errors_have_spec_codes_and_name_the_key() {
+        assert_eq!(parse("{not json").unwrap_err().code, Code::Decode);
+        let cases = [
+            ("\"egress\": \"acme\",", "", "egress"),
+            ("\"caFile\": \"/etc/wgexit/exit-ca.pem\",", "", "caFile"),
+            (
+                "\"tokenFile\": \"/etc/wgexit/acme.token\",",
+                "",
+                "tokenFile",
+            ),
+            (
+                "[\"https://198.51.100.2:7443\"]",
+                "[\"http://198.51.100.2:7443\"]",
+                "servers",
+            ),
+            ("[\"https://198.51.100.2:7443\"]", "[]", "servers"),
+            ("\"mtu\": 1420", "\"mtu\": 100", "mtu"),
+            ("\"routes\": \"default\"", "\"routes\": \"some\"", "routes"),
+            ("\"backend\": \"auto\"", "\"backend\": \"magic\"", "backend"),
+            ("\"mtu\": 1420", "\"mtu\": \"big\"", "mtu"),
+        ];
+        for (from, to, key) in cases {
+            let e = parse(&VALID.replace(from, to)).unwrap_err();
+            assert_eq!(e.code, Code::InvalidConfig, "{to}");
+            assert!(e.msg.contains(key), "{:?} should name {key}", e.msg);
+        }
+        let e = parse(&VALID.replace("1.0.0", "0.2.0")).unwrap_err();
+        assert_eq!(e.code, Code::IncompatibleVersion);
+    }
+}

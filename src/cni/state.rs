@@ -1,0 +1,202 @@
+//! Per-attachment state under `dataDir`: one JSON record and one private key per
+//! (container, interface), both 0600 in a 0700 directory, written atomically.
+//!
+//! The record is written before anything is created and updated as ADD goes, so a DEL (or
+//! ADD's own undo) always knows what there is to remove, even after a crash mid-ADD.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::cni::error::{CniError, Code};
+use crate::fsutil;
+use crate::keys::Key;
+use crate::wg::BackendKind;
+
+/// What wgexit made for one attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachmentState {
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: Option<PathBuf>,
+    pub network: String,
+    pub egress: String,
+    /// The WireGuard link's name while it is in the host namespace; for the userspace
+    /// backend also the name of its UAPI socket, for its whole life.
+    pub host_ifname: String,
+    pub backend: BackendKind,
+    pub public_key: Key,
+    /// Set once the lease is granted: the server that granted it.
+    #[serde(default)]
+    pub server: Option<String>,
+    #[serde(default)]
+    pub address: Option<Ipv4Net>,
+    #[serde(default)]
+    pub exit_public_key: Option<Key>,
+    #[serde(default)]
+    pub endpoint: Option<SocketAddr>,
+    /// Whether the link has been moved into the container (so DEL must delete it there).
+    #[serde(default)]
+    pub in_netns: bool,
+    /// The lease could not be released at DEL (server unreachable); GC retries.
+    #[serde(default)]
+    pub release_pending: bool,
+}
+
+/// The state directory.
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+fn state_err(what: &str, path: &Path, e: impl std::fmt::Display) -> CniError {
+    CniError::new(Code::State, format!("{what} {}", path.display())).with_details(e.to_string())
+}
+
+impl StateDir {
+    pub fn open(dir: &Path) -> Result<StateDir, CniError> {
+        fsutil::private_dir(dir).map_err(|e| state_err("cannot create dataDir", dir, e))?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn base(&self, container_id: &str, ifname: &str) -> String {
+        format!("{container_id}.{ifname}")
+    }
+
+    fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.json", self.base(container_id, ifname)))
+    }
+
+    fn key_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.key", self.base(container_id, ifname)))
+    }
+
+    pub fn load(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<AttachmentState>, CniError> {
+        let path = self.record_path(container_id, ifname);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| state_err("unreadable state file", &path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(state_err("cannot read", &path, e)),
+        }
+    }
+
+    pub fn save(&self, state: &AttachmentState) -> Result<(), CniError> {
+        let path = self.record_path(&state.container_id, &state.ifname);
+        let bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| state_err("cannot encode", &path, e))?;
+        fsutil::write_private(&path, &bytes).map_err(|e| state_err("cannot write", &path, e))
+    }
+
+    pub fn save_key(&self, container_id: &str, ifname: &str, key: &Key) -> Result<(), CniError> {
+        let path = self.key_path(container_id, ifname);
+        fsutil::write_private(&path, format!("{key}\n").as_bytes())
+            .map_err(|e| state_err("cannot write", &path, e))
+    }
+
+    pub fn load_key(&self, container_id: &str, ifname: &str) -> Result<Key, CniError> {
+        let path = self.key_path(container_id, ifname);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| state_err("cannot read", &path, e))?;
+        Key::from_base64(&text).map_err(|e| state_err("bad key in", &path, e))
+    }
+
+    /// Removes the record and the key.
+    pub fn remove(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
+        for path in [
+            self.key_path(container_id, ifname),
+            self.record_path(container_id, ifname),
+        ] {
+            fsutil::remove_if_exists(&path).map_err(|e| state_err("cannot remove", &path, e))?;
+        }
+        Ok(())
+    }
+
+    /// Every attachment recorded here.
+    pub fn list(&self) -> Result<Vec<AttachmentState>, CniError> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| state_err("cannot list", &self.dir, e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    if let Ok(state) = serde_json::from_slice(&bytes) {
+                        out.push(state);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The name of the link while it is in the host namespace: unique per attachment, stable
+/// (so a repeated DEL finds it), at most 15 bytes.
+pub fn host_ifname(container_id: &str, ifname: &str, netns: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(container_id.as_bytes());
+    h.update([0]);
+    h.update(ifname.as_bytes());
+    h.update([0]);
+    h.update(netns.as_os_str().as_encoded_bytes());
+    format!("wgx{}", &hex::encode(h.finalize())[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn round_trip_private_and_removable() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(&t.path().join("d")).unwrap();
+        let key = Key::generate_private().unwrap();
+        let s = AttachmentState {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            netns: Some("/var/run/netns/x".into()),
+            network: "egress".into(),
+            egress: "acme".into(),
+            host_ifname: host_ifname("c1", "eth0", Path::new("/var/run/netns/x")),
+            backend: BackendKind::Userspace,
+            public_key: key.public(),
+            server: None,
+            address: None,
+            exit_public_key: None,
+            endpoint: None,
+            in_netns: false,
+            release_pending: false,
+        };
+        dir.save(&s).unwrap();
+        dir.save_key("c1", "eth0", &key).unwrap();
+        assert_eq!(dir.load("c1", "eth0").unwrap(), Some(s.clone()));
+        assert_eq!(dir.load_key("c1", "eth0").unwrap(), key);
+        assert_eq!(dir.list().unwrap(), vec![s.clone()]);
+        for f in std::fs::read_dir(t.path().join("d")).unwrap() {
+            let mode = f.unwrap().metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        dir.remove("c1", "eth0").unwrap();
+        dir.remove("c1", "eth0").unwrap();
+        assert_eq!(dir.load("c1", "eth0").unwrap(), None);
+        assert!(s.host_ifname.len() <= 15);
+        assert_ne!(
+            s.host_ifname,
+            host_ifname("c2", "eth0", Path::new("/var/run/netns/x"))
+        );
+    }
+}

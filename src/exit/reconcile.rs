@@ -1,0 +1,138 @@
+//! Making an egress's WireGuard device match the config and the lease store.
+//!
+//! Idempotent and minimal: a device that is right is left alone, a missing peer is added, a
+//! peer without a lease is removed, and a peer that is right is not touched (so its session
+//! and counters go on).
+
+use std::collections::HashMap;
+
+use ipnet::{IpNet, Ipv4Net};
+
+use crate::exit::config::EgressConfig;
+use crate::keys::Key;
+use crate::net::{LinkError, Netlink};
+use crate::wg::{DeviceConfig, PeerConfig, WgError, WireGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("egress {egress}: {source}")]
+    Wg {
+        egress: String,
+        #[source]
+        source: WgError,
+    },
+    #[error("egress {egress}: {source}")]
+    Link {
+        egress: String,
+        #[source]
+        source: LinkError,
+    },
+}
+
+/// What a reconcile pass changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub created_device: bool,
+    pub reconfigured_device: bool,
+    pub peers_added: usize,
+    pub peers_removed: usize,
+}
+
+/// The exit node's peer entry for a leased address.
+pub fn exit_peer(public_key: Key, address: std::net::Ipv4Addr) -> PeerConfig {
+    PeerConfig {
+        public_key,
+        endpoint: None,
+        allowed_ips: vec![IpNet::V4(Ipv4Net::from(address))],
+        persistent_keepalive: None,
+    }
+}
+
+/// Brings `egress`'s device to: key `private_key`, its listen port, exactly `peers`, the
+/// exit's overlay address, its MTU, up.
+pub async fn reconcile_egress<W: WireGuard>(
+    wg: &W,
+    netlink: &Netlink,
+    egress: &EgressConfig,
+    private_key: &Key,
+    peers: &[PeerConfig],
+) -> Result<Changes, ReconcileError> {
+    let wg_err = |source| ReconcileError::Wg {
+        egress: egress.name.clone(),
+        source,
+    };
+    let mut changes = Changes::default();
+    let name = egress.wg_interface.as_str();
+    let full = DeviceConfig {
+        private_key: *private_key,
+        listen_port: Some(egress.listen_port),
+        peers: peers.to_vec(),
+    };
+
+    if !wg.exists(name).await {
+        // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
+        let _ = wg.delete(name).await;
+        wg.create(name).await.map_err(wg_err)?;
+        wg.configure(name, &full).await.map_err(wg_err)?;
+        changes.created_device = true;
+    } else {
+        let status = wg.status(name).await.map_err(wg_err)?;
+        if status.public_key != Some(private_key.public())
+            || status.listen_port != egress.listen_port
+        {
+            wg.configure(name, &full).await.map_err(wg_err)?;
+            changes.reconfigured_device = true;
+        } else {
+            let want: HashMap<Key, &PeerConfig> = peers.iter().map(|p| (p.public_key, p)).collect();
+            for have in &status.peers {
+                match want.get(&have.public_key) {
+                    Some(p) if sorted(&p.allowed_ips) == sorted(&have.allowed_ips) => {}
+                    Some(_) => {}
+                    None => {
+                        wg.remove_peer(name, &have.public_key)
+                            .await
+                            .map_err(wg_err)?;
+                        changes.peers_removed += 1;
+                    }
+                }
+            }
+            let have: HashMap<Key, Vec<IpNet>> = status
+                .peers
+                .iter()
+                .map(|p| (p.public_key, sorted(&p.allowed_ips)))
+                .collect();
+            for p in peers {
+                if have.get(&p.public_key) != Some(&sorted(&p.allowed_ips)) {
+                    wg.set_peer(name, p).await.map_err(wg_err)?;
+                    changes.peers_added += 1;
+                }
+            }
+        }
+    }
+
+    let link_err = |source| ReconcileError::Link {
+        egress: egress.name.clone(),
+        source,
+    };
+    let overlay = Ipv4Net::new(egress.overlay_ip(), egress.pool.prefix_len()).map_err(|e| {
+        link_err(LinkError::Netlink {
+            what: "overlay address".into(),
+            detail: e.to_string(),
+        })
+    })?;
+    netlink
+        .add_address(name, IpNet::V4(overlay))
+        .await
+        .map_err(link_err)?;
+    netlink
+        .set_up(name, Some(egress.mtu))
+        .await
+        .map_err(link_err)?;
+    Ok(changes)
+}
+
+fn sorted(ips: &[IpNet]) -> Vec<IpNet> {
+    let mut v = ips.to_vec();
+    v.sort();
+    v
+}

@@ -1,0 +1,303 @@
+//! The lease registry: which public key holds which address in which egress, kept in
+//! memory for speed and written through to the durable [`LeaseStore`] on every change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::api::{Lease, LeaseRequest};
+use crate::exit::config::EgressConfig;
+use crate::exit::pool::Pool;
+use crate::exit::store::{LeaseStore, StoreError, StoredLease};
+use crate::keys::Key;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("no egress named {0:?}")]
+    UnknownEgress(String),
+    #[error("egress {egress}: pool {pool} has no free address ({in_use} leased); release leases or give the egress a larger pool")]
+    PoolExhausted {
+        egress: String,
+        pool: String,
+        in_use: usize,
+    },
+    #[error("egress {egress}: no lease for public key {key}")]
+    NotFound { egress: String, key: Key },
+    #[error("egress {egress}: the lease for {key} was made with another token")]
+    NotOwner { egress: String, key: Key },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One egress's leases.
+#[derive(Debug)]
+pub struct EgressLeases {
+    pub config: EgressConfig,
+    pool: Pool,
+    by_key: HashMap<Key, StoredLease>,
+}
+
+impl EgressLeases {
+    pub fn leases(&self) -> impl Iterator<Item = &StoredLease> {
+        self.by_key.values()
+    }
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+    pub fn capacity(&self) -> usize {
+        self.pool.capacity()
+    }
+    pub fn get(&self, key: &Key) -> Option<&StoredLease> {
+        self.by_key.get(key)
+    }
+}
+
+pub struct Registry {
+    egresses: HashMap<String, EgressLeases>,
+    store: Arc<dyn LeaseStore>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Builds the registry from the config and what the store holds. Stored leases that
+    /// no longer fit (unknown egress, address outside the pool, duplicate address) are
+    /// returned separately so the caller can report and drop them.
+    pub fn load(
+        egresses: &[EgressConfig],
+        store: Arc<dyn LeaseStore>,
+    ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
+        let mut map: HashMap<String, EgressLeases> = egresses
+            .iter()
+            .map(|e| {
+                (
+                    e.name.clone(),
+                    EgressLeases {
+                        config: e.clone(),
+                        pool: Pool::new(e.pool),
+                        by_key: HashMap::new(),
+                    },
+                )
+            })
+            .collect();
+        let mut misfits = Vec::new();
+        for stored in store.load()? {
+            let Some(e) = map.get_mut(&stored.lease.egress) else {
+                misfits.push(stored);
+                continue;
+            };
+            if e.by_key.contains_key(&stored.lease.public_key)
+                || !e.pool.mark_used(stored.lease.address)
+            {
+                misfits.push(stored);
+                continue;
+            }
+            e.by_key.insert(stored.lease.public_key, stored);
+        }
+        Ok((
+            Registry {
+                egresses: map,
+                store,
+            },
+            misfits,
+        ))
+    }
+
+    pub fn egress(&self, name: &str) -> Result<&EgressLeases, LeaseError> {
+        self.egresses
+            .get(name)
+            .ok_or_else(|| LeaseError::UnknownEgress(name.to_string()))
+    }
+
+    pub fn egresses(&self) -> impl Iterator<Item = &EgressLeases> {
+        self.egresses.values()
+    }
+
+    /// Grants a lease, or returns the existing one for this public key (idempotent).
+    /// The lease is durable when this returns. The bool says whether it is new.
+    pub fn lease(
+        &mut self,
+        egress: &str,
+        req: &LeaseRequest,
+        owner: &str,
+    ) -> Result<(StoredLease, bool), LeaseError> {
+        let e = self
+            .egresses
+            .get_mut(egress)
+            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
+        if let Some(existing) = e.by_key.get(&req.public_key) {
+            if existing.owner != owner {
+                return Err(LeaseError::NotOwner {
+                    egress: egress.to_string(),
+                    key: req.public_key,
+                });
+            }
+            return Ok((existing.clone(), false));
+        }
+        let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
+            egress: egress.to_string(),
+            pool: e.config.pool.to_string(),
+            in_use: e.pool.in_use(),
+        })?;
+        let stored = StoredLease {
+            lease: Lease {
+                egress: egress.to_string(),
+                public_key: req.public_key,
+                address,
+                created_at: now_secs(),
+                attachment: req.attachment.clone(),
+            },
+            owner: owner.to_string(),
+        };
+        if let Err(err) = self.store.put(&stored) {
+            e.pool.release(address);
+            return Err(err.into());
+        }
+        e.by_key.insert(req.public_key, stored.clone());
+        Ok((stored, true))
+    }
+
+    /// Releases a lease made by `owner` (or by anyone when `owner` is `None`: the daemon's
+    /// own collection). Durable when this returns.
+    pub fn release(
+        &mut self,
+        egress: &str,
+        key: &Key,
+        owner: Option<&str>,
+    ) -> Result<StoredLease, LeaseError> {
+        let e = self
+            .egresses
+            .get_mut(egress)
+            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
+        let Some(existing) = e.by_key.get(key) else {
+            return Err(LeaseError::NotFound {
+                egress: egress.to_string(),
+                key: *key,
+            });
+        };
+        if owner.is_some_and(|o| o != existing.owner) {
+            return Err(LeaseError::NotOwner {
+                egress: egress.to_string(),
+                key: *key,
+            });
+        }
+        self.store.remove(egress, key)?;
+        let removed = e.by_key.remove(key).ok_or_else(|| LeaseError::NotFound {
+            egress: egress.to_string(),
+            key: *key,
+        })?;
+        e.pool.release(removed.lease.address);
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::store::RedbStore;
+
+    fn egress(name: &str, pool: &str) -> EgressConfig {
+        EgressConfig {
+            name: name.into(),
+            ip: "203.0.113.77".parse().unwrap(),
+            interface: "isp0".into(),
+            pool: pool.parse().unwrap(),
+            wg_interface: format!("wg-{name}"),
+            listen_port: 51820,
+            endpoint: "198.51.100.2:51820".parse().unwrap(),
+            token_file: "/dev/null".into(),
+            mtu: 1420,
+        }
+    }
+
+    fn req(n: u8) -> LeaseRequest {
+        LeaseRequest {
+            public_key: Key([n; 32]),
+            attachment: Default::default(),
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Registry {
+        let store = Arc::new(RedbStore::open(&dir.join("l.redb")).unwrap());
+        let (r, misfits) = Registry::load(
+            &[egress("a", "100.96.0.0/29"), egress("b", "100.97.0.0/29")],
+            store,
+        )
+        .unwrap();
+        assert!(misfits.is_empty());
+        r
+    }
+
+    #[test]
+    fn lease_is_idempotent_per_key_and_distinct_across_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        let (l1, new1) = r.lease("a", &req(1), "o").unwrap();
+        let (l1b, new1b) = r.lease("a", &req(1), "o").unwrap();
+        let (l2, _) = r.lease("a", &req(2), "o").unwrap();
+        assert!(new1 && !new1b);
+        assert_eq!(l1, l1b);
+        assert_ne!(l1.lease.address, l2.lease.address);
+    }
+
+    #[test]
+    fn owners_and_egresses_are_separate() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        r.lease("a", &req(1), "alice").unwrap();
+        assert!(matches!(
+            r.lease("a", &req(1), "mallory"),
+            Err(LeaseError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            r.release("a", &Key([1; 32]), Some("mallory")),
+            Err(LeaseError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            r.release("b", &Key([1; 32]), Some("alice")),
+            Err(LeaseError::NotFound { .. })
+        ));
+        assert!(matches!(
+            r.lease("zzz", &req(1), "alice"),
+            Err(LeaseError::UnknownEgress(_))
+        ));
+        r.release("a", &Key([1; 32]), Some("alice")).unwrap();
+    }
+
+    #[test]
+    fn leases_survive_a_restart_and_are_not_handed_out_twice() {
+        let t = tempfile::tempdir().unwrap();
+        let mut before = Vec::new();
+        {
+            let mut r = open(t.path());
+            for n in 1..=3 {
+                before.push(r.lease("a", &req(n), "o").unwrap().0);
+            }
+            r.release("a", &Key([2; 32]), Some("o")).unwrap();
+        }
+        let mut r = open(t.path());
+        assert_eq!(r.egress("a").unwrap().len(), 2);
+        assert_eq!(r.lease("a", &req(1), "o").unwrap().0, before[0]);
+        let taken: Vec<_> = [&before[0], &before[2]]
+            .iter()
+            .map(|l| l.lease.address)
+            .collect();
+        // The pool has 5 addresses; 2 are taken, so exactly 3 more can be leased.
+        for n in 10..13 {
+            let (l, _) = r.lease("a", &req(n), "o").unwrap();
+            assert!(!taken.contains(&l.lease.address));
+        }
+        assert!(matches!(
+            r.lease("a", &req(20), "o"),
+            Err(LeaseError::PoolExhausted { .. })
+        ));
+    }
+}

@@ -1,0 +1,248 @@
+//! The exit node's operations, independent of HTTP: lease, release, list, reconcile.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ipnet::Ipv4Net;
+use tokio::sync::Mutex;
+
+use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
+use crate::exit::config::{Config, EgressConfig};
+use crate::exit::nat::EgressRules;
+use crate::exit::reconcile::{exit_peer, reconcile_egress, Changes, ReconcileError};
+use crate::exit::registry::{LeaseError, Registry};
+use crate::exit::tokens::{owner_id, Tokens};
+use crate::keys::Key;
+use crate::net::Netlink;
+use crate::wg::{Backend, WgError, WireGuard};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExitError {
+    #[error("token not accepted for egress {0:?} (or no such egress)")]
+    Unauthorized(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("WireGuard: {0}")]
+    Wg(#[from] WgError),
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub leases_granted: AtomicU64,
+    pub leases_renewed: AtomicU64,
+    pub leases_released: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+pub struct Exit {
+    pub config: Config,
+    registry: Mutex<Registry>,
+    backend: Backend,
+    netlink: Netlink,
+    private_keys: HashMap<String, Key>,
+    tokens: HashMap<String, Tokens>,
+    pub metrics: Metrics,
+}
+
+impl Exit {
+    pub fn new(
+        config: Config,
+        registry: Registry,
+        backend: Backend,
+        netlink: Netlink,
+        private_keys: HashMap<String, Key>,
+        tokens: HashMap<String, Tokens>,
+    ) -> Exit {
+        Exit {
+            config,
+            registry: Mutex::new(registry),
+            backend,
+            netlink,
+            private_keys,
+            tokens,
+            metrics: Metrics::default(),
+        }
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Checks `token` against `egress`'s tokens; returns the owner id it stands for.
+    pub fn authorize(&self, egress: &str, token: Option<&str>) -> Result<String, ExitError> {
+        match (self.tokens.get(egress), token) {
+            (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
+            _ => {
+                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                Err(ExitError::Unauthorized(egress.to_string()))
+            }
+        }
+    }
+
+    fn egress_config(&self, egress: &str) -> Result<&EgressConfig, ExitError> {
+        self.config
+            .egress(egress)
+            .ok_or_else(|| ExitError::Unauthorized(egress.to_string()))
+    }
+
+    fn server_public_key(&self, egress: &str) -> Result<Key, ExitError> {
+        self.private_keys
+            .get(egress)
+            .map(Key::public)
+            .ok_or_else(|| ExitError::Unauthorized(egress.to_string()))
+    }
+
+    pub async fn lease(
+        &self,
+        egress: &str,
+        owner: &str,
+        req: LeaseRequest,
+    ) -> Result<LeaseGrant, ExitError> {
+        req.attachment.validate().map_err(ExitError::BadRequest)?;
+        if req.public_key.is_zero() {
+            return Err(ExitError::BadRequest(
+                "public_key must not be all zeros".into(),
+            ));
+        }
+        let cfg = self.egress_config(egress)?;
+        let server_public_key = self.server_public_key(egress)?;
+        let mut registry = self.registry.lock().await;
+        let (stored, new) = tokio::task::block_in_place(|| registry.lease(egress, &req, owner))?;
+        // Always (re)install the peer: cheap, and it heals a peer lost since.
+        let peer = exit_peer(req.public_key, stored.lease.address);
+        if let Err(e) = self.backend.set_peer(&cfg.wg_interface, &peer).await {
+            if new {
+                let _ =
+                    tokio::task::block_in_place(|| registry.release(egress, &req.public_key, None));
+            }
+            return Err(e.into());
+        }
+        drop(registry);
+        if new {
+            self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(LeaseGrant {
+            address: Ipv4Net::from(stored.lease.address),
+            lease: stored.lease,
+            server_public_key,
+            endpoint: cfg.endpoint,
+            gateway: cfg.overlay_ip(),
+            egress_ip: cfg.ip,
+            persistent_keepalive: self.config.persistent_keepalive,
+        })
+    }
+
+    /// Releases a lease made with the same token; `owner: None` releases any (collection).
+    pub async fn release(
+        &self,
+        egress: &str,
+        owner: Option<&str>,
+        key: &Key,
+    ) -> Result<Lease, ExitError> {
+        let cfg = self.egress_config(egress)?;
+        let mut registry = self.registry.lock().await;
+        // Check ownership before touching the device.
+        let current = registry.egress(egress)?.get(key).cloned();
+        match &current {
+            None => {
+                return Err(LeaseError::NotFound {
+                    egress: egress.to_string(),
+                    key: *key,
+                }
+                .into())
+            }
+            Some(l) if owner.is_some_and(|o| o != l.owner) => {
+                return Err(LeaseError::NotOwner {
+                    egress: egress.to_string(),
+                    key: *key,
+                }
+                .into())
+            }
+            Some(_) => {}
+        }
+        self.backend.remove_peer(&cfg.wg_interface, key).await?;
+        let removed = tokio::task::block_in_place(|| registry.release(egress, key, owner))?;
+        self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
+        Ok(removed.lease)
+    }
+
+    pub async fn list(&self, egress: &str) -> Result<LeaseList, ExitError> {
+        let registry = self.registry.lock().await;
+        let mut leases: Vec<Lease> = registry
+            .egress(egress)?
+            .leases()
+            .map(|l| l.lease.clone())
+            .collect();
+        leases.sort_by_key(|l| l.address);
+        Ok(LeaseList { leases })
+    }
+
+    pub async fn info(&self, egress: &str) -> Result<EgressInfo, ExitError> {
+        let cfg = self.egress_config(egress)?;
+        let registry = self.registry.lock().await;
+        let e = registry.egress(egress)?;
+        Ok(EgressInfo {
+            name: cfg.name.clone(),
+            egress_ip: cfg.ip,
+            endpoint: cfg.endpoint,
+            server_public_key: self.server_public_key(egress)?,
+            pool: cfg.pool,
+            leases: e.len(),
+            capacity: e.capacity(),
+        })
+    }
+
+    /// Lease counts per egress, for metrics.
+    pub async fn lease_counts(&self) -> Vec<(String, usize, usize)> {
+        let registry = self.registry.lock().await;
+        let mut out: Vec<_> = registry
+            .egresses()
+            .map(|e| (e.config.name.clone(), e.len(), e.capacity()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Makes every egress's device match the store (see [`reconcile_egress`]).
+    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, ReconcileError> {
+        let registry = self.registry.lock().await;
+        let mut out = Vec::new();
+        for cfg in &self.config.egress {
+            let peers: Vec<_> = registry
+                .egress(&cfg.name)
+                .map(|e| {
+                    e.leases()
+                        .map(|l| exit_peer(l.lease.public_key, l.lease.address))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let Some(key) = self.private_keys.get(&cfg.name) else {
+                continue;
+            };
+            let changes = reconcile_egress(&self.backend, &self.netlink, cfg, key, &peers).await?;
+            out.push((cfg.name.clone(), changes));
+        }
+        Ok(out)
+    }
+
+    /// The nftables rules every egress needs.
+    pub fn firewall_rules(&self) -> Vec<EgressRules> {
+        self.config.egress.iter().map(rules_for).collect()
+    }
+}
+
+pub fn rules_for(e: &EgressConfig) -> EgressRules {
+    EgressRules {
+        name: e.name.clone(),
+        wg_interface: e.wg_interface.clone(),
+        uplink: e.interface.clone(),
+        pool: e.pool,
+        overlay_ip: e.overlay_ip(),
+        egress_ip: e.ip,
+    }
+}

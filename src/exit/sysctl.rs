@@ -1,0 +1,37 @@
+//! The sysctls an exit node needs, set in the daemon's own network namespace.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot set sysctl {key}={value}: {source}")]
+pub struct SysctlError {
+    pub key: String,
+    pub value: String,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Writes `value` to `/proc/sys/<parts…>` unless it is already set (so a read-only
+/// /proc/sys with the right values set by the operator is fine). Parts are joined as
+/// path components, so an interface name with a '.' stays one component.
+pub fn ensure(parts: &[&str], value: &str) -> Result<(), SysctlError> {
+    let p: PathBuf = std::iter::once("/proc/sys")
+        .chain(parts.iter().copied())
+        .collect();
+    let key = parts.join(".");
+    if std::fs::read_to_string(&p).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(&p, value).map_err(|source| SysctlError {
+        key,
+        value: value.to_string(),
+        source,
+    })
+}
+
+/// Forwarding on, and loose reverse-path filtering on the WireGuard interface (the kernel
+/// uses the larger of `all` and the interface's value, so 2 is loose whatever `all` says).
+pub fn prepare_exit(wg_interface: &str) -> Result<(), SysctlError> {
+    ensure(&["net", "ipv4", "ip_forward"], "1")?;
+    ensure(&["net", "ipv4", "conf", wg_interface, "rp_filter"], "2")
+}

@@ -1,0 +1,258 @@
+//! Links, addresses and routes in one network namespace, over one rtnetlink socket.
+
+use std::net::Ipv4Addr;
+
+use futures::TryStreamExt;
+use ipnet::{IpNet, Ipv4Net};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+use super::netns::{Netns, NetnsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("link {0} does not exist")]
+    NoSuchLink(String),
+    #[error("{what}: {detail}")]
+    Netlink { what: String, detail: String },
+}
+
+fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let what = what.into();
+    move |e| LinkError::Netlink {
+        what,
+        detail: match &e {
+            rtnetlink::Error::NetlinkError(m) => match m.to_io() {
+                io if io.raw_os_error().is_some() => io.to_string(),
+                _ => e.to_string(),
+            },
+            _ => e.to_string(),
+        },
+    }
+}
+
+/// Whether a netlink error says "no such device / address / route".
+fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m)
+        if matches!(m.to_io().raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::EADDRNOTAVAIL)))
+}
+
+/// An rtnetlink handle bound to one network namespace.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// A handle on the namespace the calling thread is in. Must run inside a tokio runtime.
+    pub fn current() -> Result<Netlink, LinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// A handle on `netns`, usable from any thread afterwards.
+    pub fn in_netns(netns: &Netns) -> Result<Netlink, LinkError> {
+        netns.run(Netlink::current)?
+    }
+
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(msg.header.index)),
+            Ok(None) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(nl_err(format!("looking up link {name}"))(e)),
+        }
+    }
+
+    async fn require_index(&self, name: &str) -> Result<u32, LinkError> {
+        self.link_index(name)
+            .await?
+            .ok_or_else(|| LinkError::NoSuchLink(name.to_string()))
+    }
+
+    /// Moves link `name` into `target` and renames it to `new_name` there, in one step
+    /// (so the new name never has to be free in this namespace).
+    pub async fn move_to_netns(
+        &self,
+        name: &str,
+        target: &Netns,
+        new_name: &str,
+    ) -> Result<(), LinkError> {
+        let index = self.require_index(name).await?;
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(target.raw_fd())
+            .name(new_name.to_string())
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(nl_err(format!(
+                "moving link {name} into {} as {new_name}",
+                target.path().display()
+            )))
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn set_up(&self, name: &str, mtu: Option<u32>) -> Result<(), LinkError> {
+        let index = self.require_index(name).await?;
+        let mut builder = LinkUnspec::new_with_index(index).up();
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .set(builder.build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("bringing up link {name}")))
+    }
+
+    pub async fn add_address(&self, name: &str, addr: IpNet) -> Result<(), LinkError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .address()
+            .add(index, addr.addr(), addr.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding address {addr} to {name}")))
+    }
+
+    /// Adds a route to `dst` out of link `name` with no gateway (scope link).
+    pub async fn add_route(&self, name: &str, dst: Ipv4Net) -> Result<(), LinkError> {
+        let index = self.require_index(name).await?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .output_interface(index)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding route {dst} via {name}")))
+    }
+
+    /// Deletes link `name`; true if it was there.
+    pub async fn delete_link(&self, name: &str) -> Result<bool, LinkError> {
+        let Some(index) = self.link_index(name).await? else {
+            return Ok(false);
+        };
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(nl_err(format!("deleting link {name}"))(e)),
+        }
+    }
+
+    /// The link's state: whether it is up, its MTU and its kind.
+    pub async fn link_info(&self, name: &str) -> Result<Option<LinkInfo>, LinkError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(e) if is_not_found(&e) => return Ok(None),
+            Err(e) => return Err(nl_err(format!("looking up link {name}"))(e)),
+        };
+        let mut info = LinkInfo {
+            index: msg.header.index,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            mtu: 0,
+        };
+        for attr in msg.attributes {
+            if let LinkAttribute::Mtu(mtu) = attr {
+                info.mtu = mtu;
+            }
+        }
+        Ok(Some(info))
+    }
+
+    /// IPv4 addresses on link `name`.
+    pub async fn addresses(&self, name: &str) -> Result<Vec<IpNet>, LinkError> {
+        let index = self.require_index(name).await?;
+        let mut out = Vec::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err(format!("listing addresses of {name}")))?
+        {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    if let Ok(net) = IpNet::new(*ip, msg.header.prefix_len) {
+                        out.push(net);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// IPv4 routes (main table) whose output interface is link `name`.
+    pub async fn routes(&self, name: &str) -> Result<Vec<Ipv4Net>, LinkError> {
+        let index = self.require_index(name).await?;
+        let mut out = Vec::new();
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let mut stream = self.handle.route().get(query).execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err(format!("listing routes of {name}")))?
+        {
+            if msg.header.address_family != AddressFamily::Inet {
+                continue;
+            }
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut oif = None;
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if oif == Some(index) && msg.header.table == 254 {
+                if let Ok(net) = Ipv4Net::new(dst, msg.header.destination_prefix_length) {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Netlink::link_info`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub up: bool,
+    pub mtu: u32,
+}
