@@ -205,6 +205,7 @@ impl World {
         std::fs::write(self.path("other.tokens"), format!("{OTHER_TOKEN}\n")).unwrap();
         std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(self.path("other.token"), format!("{OTHER_TOKEN}\n")).unwrap();
+        let wg2 = format!("{}o", self.id);
         let config = format!(
             r#"state_dir = "{state}"
 backend = "userspace"
@@ -234,7 +235,6 @@ token_file = "{other_tokens}"
 "#,
             state = self.state_dir().display(),
             wg = self.wg_interface,
-            wg2 = format!("{}o", self.id),
             tokens = self.path("acme.tokens").display(),
             other_tokens = self.path("other.tokens").display(),
         );

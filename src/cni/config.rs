@@ -40,26 +40,14 @@ impl Routes {
     }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RawConf {
-    cni_version: Option<String>,
-    name: Option<String>,
-    #[serde(rename = "type")]
-    plugin_type: Option<String>,
-    #[serde(default)]
-    servers: Vec<String>,
-    egress: Option<String>,
-    token_file: Option<PathBuf>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    backend: BackendKind,
-    mtu: Option<u32>,
-    #[serde(default)]
-    routes: Routes,
-    data_dir: Option<PathBuf>,
-    /// Milliseconds to wait for the first handshake.
-    handshake_timeout: Option<u64>,
+/// Reads `key` from the config object as a `T`; an error names the key.
+fn field<T: serde::de::DeserializeOwned>(raw: &Value, key: &str) -> Result<Option<T>, CniError> {
+    match raw.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| invalid(key, e.to_string())),
+    }
 }
 
 /// A checked plugin config.
@@ -106,12 +94,14 @@ impl NetConf {
             CniError::new(Code::Decode, "network config on stdin is not valid JSON")
                 .with_details(e.to_string())
         })?;
-        let conf: RawConf = serde_json::from_value(raw.clone())
-            .map_err(|e| CniError::new(Code::InvalidConfig, format!("network config: {e}")))?;
-
-        let cni_version = conf
-            .cni_version
-            .ok_or_else(|| invalid("cniVersion", "missing"))?;
+        if !raw.is_object() {
+            return Err(CniError::new(
+                Code::InvalidConfig,
+                "network config must be a JSON object",
+            ));
+        }
+        let cni_version: String =
+            field(&raw, "cniVersion")?.ok_or_else(|| invalid("cniVersion", "missing"))?;
         if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
             return Err(CniError::new(
                 Code::IncompatibleVersion,
@@ -121,20 +111,20 @@ impl NetConf {
                 ),
             ));
         }
-        let name = conf
-            .name
+        let name = field::<String>(&raw, "name")?
             .filter(|n| !n.is_empty())
             .ok_or_else(|| invalid("name", "missing"))?;
-        if conf.plugin_type.as_deref().is_some_and(|t| t != "wgexit") {
+        if field::<String>(&raw, "type")?.is_some_and(|t| t != "wgexit") {
             return Err(invalid("type", "must be \"wgexit\""));
         }
-        if conf.servers.is_empty() {
+        let servers: Vec<String> = field(&raw, "servers")?.unwrap_or_default();
+        if servers.is_empty() {
             return Err(invalid(
                 "servers",
                 "list at least one exit server, e.g. [\"https://198.51.100.2:7443\"]",
             ));
         }
-        for s in &conf.servers {
+        for s in &servers {
             if !s.starts_with("https://") {
                 return Err(invalid(
                     "servers",
@@ -142,36 +132,35 @@ impl NetConf {
                 ));
             }
         }
-        let egress = conf.egress.ok_or_else(|| invalid("egress", "missing"))?;
+        let egress: String = field(&raw, "egress")?.ok_or_else(|| invalid("egress", "missing"))?;
         if !valid_egress_name(&egress) {
             return Err(invalid(
                 "egress",
                 format!("{egress:?} must be 1-64 letters, digits, '-', '_' or '.'"),
             ));
         }
-        let token_file = conf.token_file.ok_or_else(|| {
+        let token_file: PathBuf = field(&raw, "tokenFile")?.ok_or_else(|| {
             invalid(
                 "tokenFile",
                 "missing: the file holding this egress's bearer token",
             )
         })?;
-        let ca_file = conf.ca_file.ok_or_else(|| {
+        let ca_file: PathBuf = field(&raw, "caFile")?.ok_or_else(|| {
             invalid(
                 "caFile",
                 "missing: the exit node's CA certificate (its state_dir/tls/ca.pem); verification is never skipped",
             )
         })?;
-        let mtu = conf.mtu.unwrap_or(DEFAULT_MTU);
+        let mtu = field(&raw, "mtu")?.unwrap_or(DEFAULT_MTU);
         if !(1280..=9000).contains(&mtu) {
             return Err(invalid("mtu", format!("{mtu} is outside 1280..=9000")));
         }
-        let data_dir = conf
-            .data_dir
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let data_dir =
+            field::<PathBuf>(&raw, "dataDir")?.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         if !data_dir.is_absolute() {
             return Err(invalid("dataDir", "must be an absolute path"));
         }
-        let handshake_timeout = match conf.handshake_timeout {
+        let handshake_timeout = match field::<u64>(&raw, "handshakeTimeout")? {
             None => DEFAULT_HANDSHAKE_TIMEOUT,
             Some(ms) if (1..=60_000).contains(&ms) => Duration::from_millis(ms),
             Some(ms) => {
@@ -184,13 +173,13 @@ impl NetConf {
         Ok(NetConf {
             cni_version,
             name,
-            servers: conf.servers,
+            servers,
             egress,
             token_file,
             ca_file,
-            backend: conf.backend,
+            backend: field(&raw, "backend")?.unwrap_or_default(),
             mtu,
-            routes: conf.routes,
+            routes: field(&raw, "routes")?.unwrap_or_default(),
             data_dir,
             handshake_timeout,
             raw,
