@@ -30,7 +30,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a config and exit.
+    /// Check a config (and the token files it names) and exit.
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
@@ -72,10 +72,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { .. } => daemon::serve(config).await,
             Command::Teardown { .. } => daemon::teardown(&config).await,
-            Command::CheckConfig { .. } => {
+            Command::CheckConfig { .. } => daemon::check(&config).map(|()| {
                 println!("{}: ok", config.path.display());
-                Ok(())
-            }
+            }),
         }
     });
     match result {

@@ -86,13 +86,23 @@ fn egress_private_key(state_dir: &Path, egress: &str) -> Result<Key, DaemonError
     }
 }
 
-/// Everything `serve` sets up before it answers requests: nothing is written before the
-/// token files have been read, and the network is touched last.
-pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfig>), DaemonError> {
+/// Checks what `serve` would read before touching anything: the token files.
+pub fn check(config: &Config) -> Result<(), DaemonError> {
+    load_tokens(config).map(|_| ())
+}
+
+fn load_tokens(config: &Config) -> Result<HashMap<String, Tokens>, DaemonError> {
     let mut tokens = HashMap::new();
     for e in &config.egress {
         tokens.insert(e.name.clone(), Tokens::load(&e.token_file)?);
     }
+    Ok(tokens)
+}
+
+/// Everything `serve` sets up before it answers requests: nothing is written before the
+/// token files have been read, and the network is touched last.
+pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfig>), DaemonError> {
+    let tokens = load_tokens(&config)?;
     fsutil::private_dir(&config.state_dir).map_err(io_err(&config.state_dir))?;
     let mut keys = HashMap::new();
     for e in &config.egress {
