@@ -3,6 +3,7 @@
 
 mod world;
 
+mod backends;
 mod daemon;
 mod egress;
 mod failures;

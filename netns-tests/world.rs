@@ -34,6 +34,12 @@ pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// The WireGuard backend of both sides, as configs name it: `$WGEXIT_TEST_BACKEND`, else
+/// "userspace" (these machines have no WireGuard module; the VM test sets "kernel").
+pub fn backend() -> String {
+    std::env::var("WGEXIT_TEST_BACKEND").unwrap_or_else(|_| "userspace".to_string())
+}
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])
@@ -71,14 +77,22 @@ pub struct World {
     pub exit: String,
     pub host: String,
     pub wg_interface: String,
+    /// The WireGuard backend both sides' configs name.
+    pub backend: String,
     daemon: Option<Child>,
     echo_stop: Arc<AtomicBool>,
     containers: Vec<Container>,
 }
 
 impl World {
-    /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`.
+    /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`,
+    /// with the backend of [`backend()`].
     pub fn new() -> World {
+        World::with_backend(&backend())
+    }
+
+    /// As [`World::new`], with `backend` ("auto", "kernel", "userspace") on both sides.
+    pub fn with_backend(backend: &str) -> World {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}{n}", std::process::id() & 0xffff);
@@ -91,6 +105,7 @@ impl World {
             exit: format!("{id}-exit"),
             host: format!("{id}-host"),
             wg_interface: format!("{id}e"),
+            backend: backend.to_string(),
             id,
             dir,
             daemon: None,
@@ -177,7 +192,23 @@ impl World {
         w.start_echo();
         w.write_configs();
         w.start_daemon();
+        if std::env::var_os("WGEXIT_TEST_WRONG_SERVER_KEY").is_some() {
+            w.break_server_key();
+        }
         w
+    }
+
+    /// Gives the exit node's WireGuard device a key other than the one the API hands out, so
+    /// no handshake can succeed (until the daemon's periodic reconcile repairs it). The VM
+    /// test uses this to show that its scenario fails when the tunnel does not work.
+    fn break_server_key(&self) {
+        let key = wgexit::keys::Key::generate_private().unwrap().to_base64();
+        let path = self.path("wrong.key");
+        std::fs::write(&path, key).unwrap();
+        let path = path.display().to_string();
+        sh(&[
+            "ip", "netns", "exec", &self.exit, "wg", "set", &self.wg_interface, "private-key", &path,
+        ]);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -208,7 +239,7 @@ impl World {
         let wg2 = format!("{}o", self.id);
         let config = format!(
             r#"state_dir = "{state}"
-backend = "userspace"
+backend = "{backend}"
 
 [api]
 listen = "{API}"
@@ -234,6 +265,7 @@ endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
 "#,
             state = self.state_dir().display(),
+            backend = self.backend,
             wg = self.wg_interface,
             tokens = self.path("acme.tokens").display(),
             other_tokens = self.path("other.tokens").display(),
@@ -251,7 +283,7 @@ token_file = "{other_tokens}"
             "egress": egress,
             "tokenFile": self.path(&format!("{egress}.token")),
             "caFile": self.ca_file(),
-            "backend": "userspace",
+            "backend": self.backend,
             "mtu": 1420,
             "routes": "default",
             "dataDir": self.data_dir(),
@@ -289,8 +321,9 @@ token_file = "{other_tokens}"
                     panic!("wgexitd exited ({status}): {}", self.daemon_log());
                 }
             }
+            // Generous: under the VM test's emulated CPU a first start takes seconds.
             assert!(
-                start.elapsed() < Duration::from_secs(15),
+                start.elapsed() < Duration::from_secs(60),
                 "wgexitd not ready: {}",
                 self.daemon_log()
             );
