@@ -133,6 +133,16 @@ fn new_key() -> Key {
     Key::generate_private().unwrap()
 }
 
+/// The backend of the tests that run on either: `$WGEXIT_TEST_BACKEND` ("kernel" in the VM
+/// test, see netns-tests/vm/), else userspace.
+fn backend_under_test() -> BackendKind {
+    match std::env::var("WGEXIT_TEST_BACKEND").as_deref() {
+        Ok("kernel") => BackendKind::Kernel,
+        Ok("auto") => BackendKind::Auto,
+        _ => BackendKind::Userspace,
+    }
+}
+
 #[test]
 fn two_devices_handshake_and_ping_across_namespaces() {
     if !is_root() {
@@ -260,7 +270,7 @@ fn set_and_remove_peer_touch_one_peer() {
     let dev = world.device();
     enter(&ns);
     runtime().block_on(async {
-        let backend = Backend::open(BackendKind::Userspace).unwrap();
+        let backend = Backend::open(backend_under_test()).unwrap();
         backend.create(&dev).await.unwrap();
         let (k1, k2, k3) = (new_key(), new_key(), new_key());
         let p1 = peer(&k1, Some("198.18.0.1:1000"), &["100.64.1.1/32"]);
@@ -351,6 +361,68 @@ fn set_and_remove_peer_touch_one_peer() {
         assert_eq!(wg_show(&dev, "peers").trim(), k4.public().to_base64());
         assert_eq!(wg_show(&dev, "listen-port").trim(), "40000");
 
+        backend.delete(&dev).await.unwrap();
+    });
+}
+
+#[test]
+fn many_peers_and_allowed_ips_go_in_and_come_back() {
+    if !is_root() {
+        return;
+    }
+    let mut world = World::new();
+    let ns = world.netns();
+    let dev = world.device();
+    enter(&ns);
+    // More than one netlink message's worth, with one peer whose allowed IPs alone need
+    // several: what an exit node with many containers configures on a restart.
+    let ip = |i: usize| format!("100.{}.{}.{}/32", 64 + i / 65536, (i / 256) % 256, i % 256);
+    let mut peers: Vec<PeerConfig> = (0..300)
+        .map(|i| PeerConfig {
+            persistent_keepalive: Some(25),
+            ..peer(&new_key(), Some("198.18.0.1:51820"), &[&ip(i)])
+        })
+        .collect();
+    let wide: Vec<String> = (1000..1700).map(ip).collect();
+    let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+    peers.push(peer(&new_key(), None, &wide));
+    runtime().block_on(async {
+        let backend = Backend::open(backend_under_test()).unwrap();
+        backend.create(&dev).await.unwrap();
+        let private_key = new_key();
+        backend
+            .configure(
+                &dev,
+                &DeviceConfig {
+                    private_key,
+                    listen_port: Some(40001),
+                    peers: peers.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        let status = backend.status(&dev).await.unwrap();
+        assert_eq!(status.public_key, Some(private_key.public()));
+        assert_eq!(status.listen_port, 40001);
+        // Compared as sets: the kernel lists allowed IPs in its own order.
+        let sorted = |mut ips: Vec<IpNet>| {
+            ips.sort();
+            ips
+        };
+        let mut got: Vec<(Key, Vec<IpNet>)> = status
+            .peers
+            .into_iter()
+            .map(|p| (p.public_key, sorted(p.allowed_ips)))
+            .collect();
+        let mut want: Vec<(Key, Vec<IpNet>)> = peers
+            .iter()
+            .map(|p| (p.public_key, sorted(p.allowed_ips.clone())))
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), want.len());
+        assert!(got == want, "the device's peers differ from those configured");
+        assert_eq!(wg_show(&dev, "peers").lines().count(), peers.len());
         backend.delete(&dev).await.unwrap();
     });
 }
