@@ -19,9 +19,10 @@ fn kernel_has_wireguard() -> bool {
 
 /// The link kind of `name` in `ns`: "wireguard" for the kernel's, "tun" for wireguard-go's.
 fn link_kind(ns: &str, name: &str) -> String {
-    let v: Value =
-        serde_json::from_str(&sh(&["ip", "-n", ns, "-d", "-j", "link", "show", "dev", name]))
-            .unwrap();
+    let v: Value = serde_json::from_str(&sh(&[
+        "ip", "-n", ns, "-d", "-j", "link", "show", "dev", name,
+    ]))
+    .unwrap();
     v[0]["linkinfo"]["info_kind"]
         .as_str()
         .unwrap_or_default()

@@ -207,7 +207,15 @@ impl World {
         std::fs::write(&path, key).unwrap();
         let path = path.display().to_string();
         sh(&[
-            "ip", "netns", "exec", &self.exit, "wg", "set", &self.wg_interface, "private-key", &path,
+            "ip",
+            "netns",
+            "exec",
+            &self.exit,
+            "wg",
+            "set",
+            &self.wg_interface,
+            "private-key",
+            &path,
         ]);
     }
 

@@ -421,7 +421,10 @@ fn many_peers_and_allowed_ips_go_in_and_come_back() {
         got.sort();
         want.sort();
         assert_eq!(got.len(), want.len());
-        assert!(got == want, "the device's peers differ from those configured");
+        assert!(
+            got == want,
+            "the device's peers differ from those configured"
+        );
         assert_eq!(wg_show(&dev, "peers").lines().count(), peers.len());
         backend.delete(&dev).await.unwrap();
     });
