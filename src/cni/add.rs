@@ -13,7 +13,7 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
-use crate::cni::result::Attached;
+use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
 use crate::keys::Key;
@@ -26,6 +26,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let netns_path = env.netns()?;
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
     let dir = StateDir::open(&conf.data_dir)?;
+    let _lock = dir.lock(container_id, ifname)?;
     if let Some(existing) = dir.load(container_id, ifname)? {
         return Err(CniError::new(
             Code::State,
@@ -62,7 +63,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     dir.save(&state)?;
 
     match attach(env, conf, &client, &netns, &dir, &mut state, &private_key).await {
-        Ok(attached) => Ok(attached.to_result(&conf.cni_version)),
+        Ok(attached) => Ok(attached.to_result(&conf.cni_version, conf.raw.get("prevResult"))),
         Err(e) => {
             if let Err(undo) = detach(&state, Some(&client), &dir).await {
                 eprintln!("wgexit: undoing the failed ADD: {undo}");
@@ -153,7 +154,8 @@ async fn attach(
     Ok(Attached {
         ifname: ifname.clone(),
         sandbox: netns.path().to_path_buf(),
-        mac: None,
+        mac: conf.report_mac.then(|| pseudo_mac(&state.public_key)),
+        mtu: conf.mtu,
         address: grant.address,
         routes,
     })
