@@ -36,7 +36,8 @@ fn http_request() -> Vec<String> {
 /// Runs `args` in the world's host network namespace.
 fn in_host(w: &World, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/var/run/netns/{}", w.host)).args(args);
+    cmd.arg(format!("--net=/var/run/netns/{}", w.host))
+        .args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -103,7 +104,12 @@ fn runc_container_leaves_through_the_egress_ip_via_the_oci_hook() {
         .output();
     assert!(out.status.success(), "{}\n{}", text(&out), w.daemon_log());
     let body = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(body.lines().last().map(str::trim), Some(EGRESS_IP), "{}", text(&out));
+    assert_eq!(
+        body.lines().last().map(str::trim),
+        Some(EGRESS_IP),
+        "{}",
+        text(&out)
+    );
     // The poststop hook released everything.
     assert!(w.leases("acme", TOKEN).is_empty());
     assert!(w.exit_peers().is_empty());
@@ -190,7 +196,11 @@ fn podman_container_leaves_through_the_egress_ip() {
     let mut plugin = w.net_conf("acme");
     plugin["reportMac"] = example["plugins"][0]["reportMac"].clone();
     let list = json!({"cniVersion": example["cniVersion"], "name": network, "plugins": [plugin]});
-    std::fs::write(net_dir.join(format!("{network}.conflist")), list.to_string()).unwrap();
+    std::fs::write(
+        net_dir.join(format!("{network}.conflist")),
+        list.to_string(),
+    )
+    .unwrap();
 
     let podman = Podman::new(&w, &net_dir);
     let bundle = w.path("image");
@@ -218,7 +228,12 @@ fn podman_container_leaves_through_the_egress_ip() {
     let removed = podman.run(&w, &["rm", "--force", &name]);
     let _ = podman.run(&w, &["rmi", "--force", &image]);
     assert!(ran.status.success(), "{}\n{}", text(&ran), w.daemon_log());
-    assert_eq!(body.lines().last().map(str::trim), Some(EGRESS_IP), "{}", text(&ran));
+    assert_eq!(
+        body.lines().last().map(str::trim),
+        Some(EGRESS_IP),
+        "{}",
+        text(&ran)
+    );
     assert!(removed.status.success(), "{}", text(&removed));
     assert!(w.leases("acme", TOKEN).is_empty());
     assert!(w.exit_peers().is_empty());

@@ -138,7 +138,10 @@ fn run_by_hand_it_names_itself() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(
-        text.starts_with(&format!("CNI wgexit plugin v{}\n", env!("CARGO_PKG_VERSION"))),
+        text.starts_with(&format!(
+            "CNI wgexit plugin v{}\n",
+            env!("CARGO_PKG_VERSION")
+        )),
         "{text}"
     );
     assert!(
@@ -184,7 +187,13 @@ fn gc_removes_what_the_runtime_no_longer_lists() {
     run(&w, "CHECK", &keep, &with(&conf, "prevResult", kept)).ok_empty();
 
     // An empty list (under the older key) collects the rest.
-    run(&w, "GC", &keep, &with(&conf, "cni.dev/attachments", json!([]))).ok_empty();
+    run(
+        &w,
+        "GC",
+        &keep,
+        &with(&conf, "cni.dev/attachments", json!([])),
+    )
+    .ok_empty();
     assert!(w.leases("acme", TOKEN).is_empty());
     assert!(w.state_files().is_empty(), "{:?}", w.state_files());
     assert_eq!(w.links(&keep.netns), vec!["lo"]);
@@ -214,7 +223,13 @@ fn gc_retries_a_release_that_failed_at_del() {
 }
 
 /// Runs a reference plugin from /usr/lib/cni in the world's host namespace.
-fn reference_plugin(w: &World, plugin: &str, command: &str, c: &Container, conf: &Value) -> CniOutput {
+fn reference_plugin(
+    w: &World,
+    plugin: &str,
+    command: &str,
+    c: &Container,
+    conf: &Value,
+) -> CniOutput {
     let mut child = Command::new("ip")
         .args(["netns", "exec", &w.host, &format!("/usr/lib/cni/{plugin}")])
         .env_clear()
@@ -274,7 +289,10 @@ fn chained_between_reference_plugins() {
         let tuned = reference_plugin(&w, "tuning", "ADD", &c, &tuning).ok();
         // (tuning re-encodes the result: compare what it carries, not its spelling.)
         let carried = |v: &Value| -> Vec<(Value, Value)> {
-            v["ips"].as_array().unwrap().iter()
+            v["ips"]
+                .as_array()
+                .unwrap()
+                .iter()
                 .map(|ip| (ip["address"].clone(), ip["interface"].clone()))
                 .collect()
         };
@@ -282,7 +300,13 @@ fn chained_between_reference_plugins() {
         assert_eq!(tuned["interfaces"].as_array().unwrap().len(), n + 1);
         assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
         // CHECK with the chain's final result finds our interface in it.
-        run(&w, "CHECK", &c, &with(&conf_at(&w, version), "prevResult", tuned)).ok_empty();
+        run(
+            &w,
+            "CHECK",
+            &c,
+            &with(&conf_at(&w, version), "prevResult", tuned),
+        )
+        .ok_empty();
         run(&w, "DEL", &c, &conf).ok_empty();
     }
     assert!(w.leases("acme", TOKEN).is_empty());
@@ -324,4 +348,30 @@ fn twenty_concurrent_adds_and_dels() {
     for c in &containers {
         assert_eq!(w.links(&c.netns), vec!["lo"]);
     }
+}
+
+#[test]
+fn gvisor_setup_split_routes_and_check_without_addresses() {
+    let mut w = World::new();
+    let mut conf = conf_at(&w, "1.1.0");
+    conf["routes"] = json!("split");
+    conf["gvisor"] = json!(true);
+    let c = w.container("gvisor");
+    let r = run(&w, "ADD", &c, &conf).ok();
+    assert_eq!(
+        r["routes"],
+        json!([{ "dst": "0.0.0.0/1" }, { "dst": "128.0.0.0/1" }])
+    );
+    assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
+    // What runsc does to the interfaces it serves: their addresses go.
+    sh(&["ip", "-n", &c.netns, "addr", "flush", "dev", "eth0"]);
+    let checked = with(&conf, "prevResult", r);
+    run(&w, "CHECK", &c, &checked).ok_empty();
+    // Without the flag that is a failure, and the message says so.
+    let strict = with(&checked, "gvisor", json!(false));
+    let (code, msg) = run(&w, "CHECK", &c, &strict).err();
+    assert_eq!(code, 107);
+    assert!(msg.contains("address"), "{msg}");
+    run(&w, "DEL", &c, &conf).ok_empty();
+    assert!(w.leases("acme", TOKEN).is_empty());
 }

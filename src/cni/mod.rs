@@ -52,12 +52,14 @@ impl Command {
             "GC" => Command::Gc,
             "VERSION" => Command::Version,
             "" => return Err(CniError::new(Code::InvalidEnv, "CNI_COMMAND is not set")),
-            other => return Err(CniError::new(
-                Code::InvalidEnv,
-                format!(
+            other => {
+                return Err(CniError::new(
+                    Code::InvalidEnv,
+                    format!(
                     "CNI_COMMAND {other:?} is unknown; use ADD, DEL, CHECK, STATUS, GC or VERSION"
                 ),
-            )),
+                ))
+            }
         })
     }
 

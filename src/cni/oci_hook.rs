@@ -159,6 +159,25 @@ mod tests {
     }
 
     #[test]
+    fn example_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/plugin-configs");
+        let mut seen = 0;
+        for sub in ["", "podman", "containerd", "runsc"] {
+            for entry in std::fs::read_dir(Path::new(dir).join(sub)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "conflist") {
+                    let conf = plugin_config(&std::fs::read(&path).unwrap()).unwrap();
+                    let bytes = serde_json::to_vec(&conf).unwrap();
+                    crate::cni::config::NetConf::parse(&bytes)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(seen, 4);
+    }
+
+    #[test]
     fn netns_from_config_else_process() {
         let t = tempfile::tempdir().unwrap();
         let write = |ns: Value| {
