@@ -7,3 +7,5 @@ mod backends;
 mod daemon;
 mod egress;
 mod failures;
+mod runtimes;
+mod spec;
