@@ -206,17 +206,7 @@ impl World {
         let path = self.path("wrong.key");
         std::fs::write(&path, key).unwrap();
         let path = path.display().to_string();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.exit,
-            "wg",
-            "set",
-            &self.wg_interface,
-            "private-key",
-            &path,
-        ]);
+        self.exit_wg(&["set", &self.wg_interface, "private-key", &path]);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -390,22 +380,20 @@ token_file = "{other_tokens}"
         v["leases"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Runs `wg ARGS` in the exit node's namespace; returns stdout.
+    pub fn exit_wg(&self, args: &[&str]) -> String {
+        let mut command = vec!["ip", "netns", "exec", &self.exit, "wg"];
+        command.extend_from_slice(args);
+        sh(&command)
+    }
+
     /// Public keys of the exit node's WireGuard peers for egress acme.
     pub fn exit_peers(&self) -> Vec<String> {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.exit,
-            "wg",
-            "show",
-            &self.wg_interface,
-            "peers",
-        ])
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect()
+        self.exit_wg(&["show", &self.wg_interface, "peers"])
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// A new, empty container namespace.
