@@ -1,12 +1,13 @@
 //! The HTTPS control API (routes in [`crate::api`]), mapping [`ExitError`]s to statuses.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -33,6 +34,12 @@ impl IntoResponse for ExitError {
         let msg = self.to_string();
         match &self {
             ExitError::Unauthorized(_) => error(StatusCode::UNAUTHORIZED, "unauthorized", msg),
+            ExitError::RateLimited(retry) => {
+                let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, retry.as_secs().max(1).into());
+                r
+            }
             ExitError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", msg),
             ExitError::Lease(LeaseError::UnknownEgress(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
@@ -87,11 +94,12 @@ pub fn router(exit: Arc<Exit>) -> Router {
 
 async fn lease(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ExitError> {
-    let owner = exit.authorize(&egress, bearer(&headers))?;
+    let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     let body = body.map_err(|e| ExitError::BadRequest(format!("request body: {e}")))?;
     let req: LeaseRequest = serde_json::from_slice(&body)
         .map_err(|e| ExitError::BadRequest(format!("request body is not a lease request: {e}")))?;
@@ -101,10 +109,11 @@ async fn lease(
 
 async fn release(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((egress, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    let owner = exit.authorize(&egress, bearer(&headers))?;
+    let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     let key = Key::from_base64(&key)
         .map_err(|e| ExitError::BadRequest(format!("{key:?} in the path: {e}")))?;
     exit.release(&egress, Some(&owner), &key).await?;
@@ -113,19 +122,21 @@ async fn release(
 
 async fn list(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    exit.authorize(&egress, bearer(&headers))?;
+    exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     Ok(Json(exit.list(&egress).await?).into_response())
 }
 
 async fn egress_info(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    exit.authorize(&egress, bearer(&headers))?;
+    exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     Ok(Json(exit.info(&egress).await?).into_response())
 }
 
@@ -147,6 +158,11 @@ async fn metrics(State(exit): State<Arc<Exit>>) -> Response {
             "wgexitd_leases_released_total",
             "Leases released.",
             &m.leases_released,
+        ),
+        (
+            "wgexitd_leases_collected_total",
+            "Leases of peers gone idle, collected.",
+            &m.leases_collected,
         ),
         (
             "wgexitd_auth_failures_total",
