@@ -6,3 +6,4 @@ mod world;
 mod daemon;
 mod egress;
 mod failures;
+mod restart;

@@ -74,11 +74,26 @@ pub struct World {
     daemon: Option<Child>,
     echo_stop: Arc<AtomicBool>,
     containers: Vec<Container>,
+    settings: Settings,
+}
+
+/// Knobs of a world's exit node beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Top-level `wgexitd.toml` lines (timeouts, intervals, ...).
+    pub daemon_extra: String,
+    /// Egress acme's pool instead of [`POOL`].
+    pub pool: Option<String>,
 }
 
 impl World {
     /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`.
     pub fn new() -> World {
+        World::with(Settings::default())
+    }
+
+    /// [`World::new`] with `settings` for the exit node.
+    pub fn with(settings: Settings) -> World {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}{n}", std::process::id() & 0xffff);
@@ -96,6 +111,7 @@ impl World {
             daemon: None,
             echo_stop: Arc::new(AtomicBool::new(false)),
             containers: Vec::new(),
+            settings,
         };
         for ns in [&w.isp, &w.exit, &w.host] {
             sh(&["ip", "netns", "add", ns]);
@@ -207,7 +223,8 @@ impl World {
         std::fs::write(self.path("other.token"), format!("{OTHER_TOKEN}\n")).unwrap();
         let wg2 = format!("{}o", self.id);
         let config = format!(
-            r#"state_dir = "{state}"
+            r#"{extra}
+state_dir = "{state}"
 backend = "userspace"
 
 [api]
@@ -217,7 +234,7 @@ listen = "{API}"
 name = "acme"
 ip = "{EGRESS_IP}"
 interface = "isp0"
-pool = "{POOL}"
+pool = "{pool}"
 wg_interface = "{wg}"
 listen_port = 51820
 endpoint = "198.51.100.2:51820"
@@ -233,6 +250,8 @@ listen_port = 51821
 endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
 "#,
+            extra = self.settings.daemon_extra,
+            pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             wg = self.wg_interface,
             tokens = self.path("acme.tokens").display(),
@@ -302,6 +321,52 @@ token_file = "{other_tokens}"
         std::fs::read_to_string(self.path("wgexitd.log")).unwrap_or_default()
     }
 
+    /// The daemon's pid, while it runs.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    /// The pid of the `wireguard-go` serving the exit node's device for egress acme.
+    pub fn exit_wireguard_go(&self) -> Option<u32> {
+        wgexit::wg::userspace::pid_of(&self.wg_interface)
+    }
+
+    /// `wg show IF dump` of egress acme's device in the exit node: per peer public key,
+    /// (latest handshake in seconds since the epoch, rx bytes).
+    pub fn exit_peer_stats(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.exit,
+            "wg",
+            "show",
+            &self.wg_interface,
+            "dump",
+        ])
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some((f[0].to_string(), (f[4].parse().ok()?, f[5].parse().ok()?)))
+        })
+        .collect()
+    }
+
+    /// The packet counter of the exit node's nftables rule commented `comment`
+    /// (e.g. "acme: anti-spoof").
+    pub fn nft_counter(&self, comment: &str) -> u64 {
+        let listing = sh(&[
+            "ip", "netns", "exec", &self.exit, "nft", "list", "table", "inet", "wgexitd",
+        ]);
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{comment}\"")))
+            .unwrap_or_else(|| panic!("no rule {comment:?} in {listing}"));
+        let rest = &line[line.find("packets ").expect("a counter") + "packets ".len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
     /// Stops the daemon with `signal` and waits for it.
     pub fn stop_daemon(&mut self, signal: nix::sys::signal::Signal) {
         if let Some(mut child) = self.daemon.take() {
@@ -313,6 +378,18 @@ token_file = "{other_tokens}"
 
     /// An API call from the host namespace through curl: (status, body).
     pub fn api_raw(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        self.api_with(method, path, token, None, &[])
+    }
+
+    /// An API call with an optional JSON body and extra curl arguments: (status, body).
+    pub fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        extra: &[&str],
+    ) -> (u16, String) {
         let url = format!("https://{API}{path}");
         let ca = self.ca_file();
         let mut args: Vec<String> = vec![
@@ -334,6 +411,11 @@ token_file = "{other_tokens}"
             args.push("-H".into());
             args.push(format!("Authorization: Bearer {t}"));
         }
+        if let Some(b) = body {
+            args.extend(["-H".into(), "Content-Type: application/json".into()]);
+            args.extend(["--data-binary".into(), b.into()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.push(url);
         let out = Command::new("ip").args(&args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use crate::api::{Attachment, LeaseRequest};
+use crate::cni::cleanup;
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::del::detach;
@@ -26,6 +27,14 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let netns_path = env.netns()?;
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
     let dir = StateDir::open(&conf.data_dir)?;
+    let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
+        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+    for gone in cleanup::stale_attachments(&dir, conf, Some(&client)).await {
+        eprintln!(
+            "wgexit: cleaned up {} {}: its netns is gone",
+            gone.container_id, gone.ifname
+        );
+    }
     if let Some(existing) = dir.load(container_id, ifname)? {
         return Err(CniError::new(
             Code::State,
@@ -35,8 +44,6 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             ),
         ));
     }
-    let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
-        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
     let backend = open_backend(conf.backend)?;
 
     let private_key = Key::generate_private().map_err(|e| {

@@ -1,6 +1,7 @@
 //! The CNI plugin: spec types and the commands.
 
 pub mod add;
+pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod del;

@@ -77,14 +77,11 @@ impl Activity {
     ) -> Option<Idle> {
         let rx_bytes = peer.map_or(0, |p| p.rx_bytes);
         let handshake = peer.and_then(|p| p.last_handshake);
-        let seen = self
-            .seen
-            .entry((egress.to_string(), *key))
-            .or_insert(Seen {
-                rx_bytes,
-                first_seen: now,
-                active_at: now,
-            });
+        let seen = self.seen.entry((egress.to_string(), *key)).or_insert(Seen {
+            rx_bytes,
+            first_seen: now,
+            active_at: now,
+        });
         if rx_bytes != seen.rx_bytes {
             seen.rx_bytes = rx_bytes;
             seen.active_at = now;
@@ -140,7 +137,10 @@ mod tests {
             assert_eq!(a.observe("e", &k, Some(&peer(32 * s, hs)), at(s), T), None);
         }
         // Silence: collected once peer_timeout has passed since bytes last moved (57).
-        assert_eq!(a.observe("e", &k, Some(&peer(32 * 57, hs)), at(60), T), None);
+        assert_eq!(
+            a.observe("e", &k, Some(&peer(32 * 57, hs)), at(60), T),
+            None
+        );
         assert_eq!(
             a.observe("e", &k, Some(&peer(32 * 57, hs)), at(67), T),
             Some(Idle::Silent(T.peer))

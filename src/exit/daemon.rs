@@ -168,7 +168,9 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         source,
     })?
     .handle(handle.clone())
-    .serve(http::router(exit.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>());
+    .serve(
+        http::router(exit.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    );
 
     let reconciler = tokio::spawn(reconcile_loop(exit.clone()));
     let collector = tokio::spawn(collect_loop(exit.clone()));

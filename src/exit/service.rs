@@ -1,8 +1,8 @@
 //! The exit node's operations, independent of HTTP: lease, release, list, reconcile.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use ipnet::Ipv4Net;
@@ -236,7 +236,9 @@ impl Exit {
                 };
                 match self.remove_lease(&mut registry, cfg, &key).await {
                     Ok(lease) => {
-                        self.metrics.leases_collected.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .leases_collected
+                            .fetch_add(1, Ordering::Relaxed);
                         out.push((lease, why));
                     }
                     Err(e) => {
