@@ -3,6 +3,7 @@
 
 mod world;
 
+mod collect;
 mod daemon;
 mod egress;
 mod failures;
