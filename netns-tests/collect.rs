@@ -13,6 +13,7 @@ fn short_timeouts() -> Settings {
         daemon_extra: "peer_timeout = 4\nfirst_handshake_timeout = 3\npersistent_keepalive = 1\ncollect_interval = 1\n".into(),
         // Five leasable addresses: reuse shows at once.
         pool: Some("100.96.0.0/29".into()),
+        ..Settings::default()
     }
 }
 

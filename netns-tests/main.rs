@@ -8,3 +8,4 @@ mod daemon;
 mod egress;
 mod failures;
 mod restart;
+mod security;

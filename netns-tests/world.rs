@@ -31,6 +31,8 @@ pub const HOST_IP: &str = "198.51.100.10";
 pub const POOL: &str = "100.96.0.0/24";
 pub const TOKEN: &str = "acme-token-0123456789abcdef";
 pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
+/// A second token of egress acme (another tenant team, say): same egress, other owner.
+pub const SECOND_TOKEN: &str = "acme-second-token-0123456789";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -84,6 +86,8 @@ pub struct Settings {
     pub daemon_extra: String,
     /// Egress acme's pool instead of [`POOL`].
     pub pool: Option<String>,
+    /// `RUST_LOG` for the daemon.
+    pub log_filter: Option<String>,
 }
 
 impl World {
@@ -217,7 +221,11 @@ impl World {
     }
 
     fn write_configs(&self) {
-        std::fs::write(self.path("acme.tokens"), format!("# acme\n{TOKEN}\n")).unwrap();
+        std::fs::write(
+            self.path("acme.tokens"),
+            format!("# acme\n{TOKEN}\n{SECOND_TOKEN}\n"),
+        )
+        .unwrap();
         std::fs::write(self.path("other.tokens"), format!("{OTHER_TOKEN}\n")).unwrap();
         std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(self.path("other.token"), format!("{OTHER_TOKEN}\n")).unwrap();
@@ -289,6 +297,7 @@ token_file = "{other_tokens}"
                 "--config",
             ])
             .arg(self.daemon_config())
+            .envs(self.settings.log_filter.as_ref().map(|f| ("RUST_LOG", f)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

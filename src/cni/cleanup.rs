@@ -10,14 +10,12 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::state::{AttachmentState, StateDir};
 
-/// `NSFS_MAGIC`: the file system of network namespace handles.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 /// Whether `path` no longer names a network namespace: it is gone, or what is left there is
 /// a plain file (a bind mount undone without removing its mount point).
 pub fn netns_gone(path: &Path) -> bool {
     match nix::sys::statfs::statfs(path) {
-        Ok(fs) => fs.filesystem_type().0 as i64 != NSFS_MAGIC,
+        // nsfs: the file system of namespace handles.
+        Ok(fs) => fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC,
         Err(nix::errno::Errno::ENOENT) => true,
         // Cannot tell (permissions, ...): not ours to judge.
         Err(_) => false,
