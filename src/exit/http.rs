@@ -65,6 +65,23 @@ impl IntoResponse for ExitError {
     }
 }
 
+/// A lease request body as the API takes it: JSON (serde_json limits nesting to 128 levels;
+/// the body is at most [`MAX_BODY_BYTES`]), no unknown fields, bounded fields, a usable key.
+pub fn decode_lease_request(body: &[u8]) -> Result<LeaseRequest, ExitError> {
+    let req: LeaseRequest = serde_json::from_slice(body)
+        .map_err(|e| ExitError::BadRequest(format!("request body is not a lease request: {e}")))?;
+    req.validate().map_err(ExitError::BadRequest)?;
+    Ok(req)
+}
+
+/// The `{public_key}` of a lease path (already percent-decoded by the router).
+pub fn decode_path_key(key: &str) -> Result<Key, ExitError> {
+    Key::from_base64(key).map_err(|e| {
+        let shown: String = key.chars().take(64).collect();
+        ExitError::BadRequest(format!("{shown:?} in the path: {e}"))
+    })
+}
+
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
@@ -101,8 +118,7 @@ async fn lease(
 ) -> Result<Response, ExitError> {
     let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     let body = body.map_err(|e| ExitError::BadRequest(format!("request body: {e}")))?;
-    let req: LeaseRequest = serde_json::from_slice(&body)
-        .map_err(|e| ExitError::BadRequest(format!("request body is not a lease request: {e}")))?;
+    let req = decode_lease_request(&body)?;
     let grant = exit.lease(&egress, &owner, req).await?;
     Ok(Json(grant).into_response())
 }
@@ -114,8 +130,7 @@ async fn release(
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
     let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
-    let key = Key::from_base64(&key)
-        .map_err(|e| ExitError::BadRequest(format!("{key:?} in the path: {e}")))?;
+    let key = decode_path_key(&key)?;
     exit.release(&egress, Some(&owner), &key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

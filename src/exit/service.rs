@@ -121,12 +121,7 @@ impl Exit {
         owner: &str,
         req: LeaseRequest,
     ) -> Result<LeaseGrant, ExitError> {
-        req.attachment.validate().map_err(ExitError::BadRequest)?;
-        if req.public_key.is_zero() {
-            return Err(ExitError::BadRequest(
-                "public_key must not be all zeros".into(),
-            ));
-        }
+        req.validate().map_err(ExitError::BadRequest)?;
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
