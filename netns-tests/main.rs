@@ -4,6 +4,7 @@
 mod world;
 
 mod collect;
+mod cycles;
 mod daemon;
 mod egress;
 mod failures;
