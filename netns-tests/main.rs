@@ -9,4 +9,6 @@ mod daemon;
 mod egress;
 mod failures;
 mod restart;
+mod runtimes;
 mod security;
+mod spec;

@@ -40,7 +40,16 @@ pub async fn stale_attachments(
         return Vec::new();
     };
     let mut cleaned = Vec::new();
-    for state in states.into_iter().filter(is_stale) {
+    for listed in states.into_iter().filter(is_stale) {
+        let (id, ifname) = (&listed.container_id, &listed.ifname);
+        let Ok(_lock) = dir.lock(id, ifname) else {
+            continue;
+        };
+        // Read again under the lock: a DEL may have finished meanwhile.
+        let Ok(Some(state)) = dir.load(id, ifname) else {
+            let _ = dir.remove(id, ifname);
+            continue;
+        };
         let client = client.filter(|_| state.egress == conf.egress);
         match detach(&state, client, dir).await {
             Ok(()) => cleaned.push(state),
