@@ -17,6 +17,18 @@ fn short_timeouts() -> Settings {
     }
 }
 
+/// Leases an address for `key` directly through the API, as no plugin: (status, body).
+fn post_lease(w: &World, key: &wgexit::keys::Key) -> (u16, String) {
+    let body = lease_body(key);
+    w.api_with(
+        "POST",
+        "/v1/egress/acme/leases",
+        Some(TOKEN),
+        Some(&body),
+        &[],
+    )
+}
+
 fn lease_body(key: &wgexit::keys::Key) -> String {
     serde_json::json!({ "public_key": key.to_base64(), "attachment": { "container_id": "direct", "ifname": "eth0", "host": "nowhere" } }).to_string()
 }
@@ -35,16 +47,7 @@ fn consistent_addresses(w: &World) -> HashSet<String> {
             leases.len(),
             "one address leased twice: {leases:?}"
         );
-        let allowed = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &w.exit,
-            "wg",
-            "show",
-            &w.wg_interface,
-            "allowed-ips",
-        ]);
+        let allowed = w.exit_wg_show("allowed-ips");
         if w.leases("acme", TOKEN) != leases {
             continue;
         }
@@ -94,25 +97,13 @@ fn a_vanished_host_is_collected_and_its_addresses_reused_while_live_ones_stay() 
     }
     // A lease whose peer never shows up.
     let never = wgexit::keys::Key::generate_private().unwrap().public();
-    let (code, body) = w.api_with(
-        "POST",
-        "/v1/egress/acme/leases",
-        Some(TOKEN),
-        Some(&lease_body(&never)),
-        &[],
-    );
+    let (code, body) = post_lease(&w, &never);
     assert_eq!(code, 200, "{body}");
     let held = consistent_addresses(&w);
     assert_eq!(held.len(), 5);
     // The pool is full now.
     let extra = wgexit::keys::Key::generate_private().unwrap().public();
-    let (code, body) = w.api_with(
-        "POST",
-        "/v1/egress/acme/leases",
-        Some(TOKEN),
-        Some(&lease_body(&extra)),
-        &[],
-    );
+    let (code, body) = post_lease(&w, &extra);
     assert_eq!(code, 503, "{body}");
 
     // The hosts of `gone` vanish without DEL: their namespaces go, and with the WireGuard
@@ -147,13 +138,7 @@ fn a_vanished_host_is_collected_and_its_addresses_reused_while_live_ones_stay() 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let churn = wgexit::keys::Key::generate_private().unwrap().public();
-        let (code, _) = w.api_with(
-            "POST",
-            "/v1/egress/acme/leases",
-            Some(TOKEN),
-            Some(&lease_body(&churn)),
-            &[],
-        );
+        let (code, _) = post_lease(&w, &churn);
         consistent_addresses(&w);
         if code == 200 {
             let path = format!("/v1/egress/acme/leases/{}", churn.to_base64_url());

@@ -343,23 +343,14 @@ token_file = "{other_tokens}"
     /// `wg show IF dump` of egress acme's device in the exit node: per peer public key,
     /// (latest handshake in seconds since the epoch, rx bytes).
     pub fn exit_peer_stats(&self) -> std::collections::HashMap<String, (u64, u64)> {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.exit,
-            "wg",
-            "show",
-            &self.wg_interface,
-            "dump",
-        ])
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            Some((f[0].to_string(), (f[4].parse().ok()?, f[5].parse().ok()?)))
-        })
-        .collect()
+        self.exit_wg_show("dump")
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                Some((f[0].to_string(), (f[4].parse().ok()?, f[5].parse().ok()?)))
+            })
+            .collect()
     }
 
     /// The packet counter of the exit node's nftables rule commented `comment`
@@ -440,8 +431,8 @@ token_file = "{other_tokens}"
         v["leases"].as_array().cloned().unwrap_or_default()
     }
 
-    /// Public keys of the exit node's WireGuard peers for egress acme.
-    pub fn exit_peers(&self) -> Vec<String> {
+    /// `wg show IF WHAT` of egress acme's device in the exit node.
+    pub fn exit_wg_show(&self, what: &str) -> String {
         sh(&[
             "ip",
             "netns",
@@ -450,12 +441,17 @@ token_file = "{other_tokens}"
             "wg",
             "show",
             &self.wg_interface,
-            "peers",
+            what,
         ])
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect()
+    }
+
+    /// Public keys of the exit node's WireGuard peers for egress acme.
+    pub fn exit_peers(&self) -> Vec<String> {
+        self.exit_wg_show("peers")
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// A new, empty container namespace.
