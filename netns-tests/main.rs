@@ -4,8 +4,12 @@
 mod world;
 
 mod backends;
+mod collect;
+mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod restart;
 mod runtimes;
+mod security;
 mod spec;
