@@ -118,6 +118,7 @@ pub async fn reconcile_egress<W: WireGuard>(
         link_err(LinkError::Netlink {
             what: "overlay address".into(),
             detail: e.to_string(),
+            errno: None,
         })
     })?;
     netlink

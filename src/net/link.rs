@@ -5,10 +5,10 @@ use std::net::Ipv4Addr;
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttr};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
 use super::netns::{Netns, NetnsError};
 
@@ -18,16 +18,37 @@ pub enum LinkError {
     Netns(#[from] NetnsError),
     #[error("cannot open a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
+    #[error("netlink needs a tokio runtime (internal error)")]
+    NoRuntime,
     #[error("link {0} does not exist")]
     NoSuchLink(String),
     #[error("{what}: {detail}")]
-    Netlink { what: String, detail: String },
+    Netlink {
+        what: String,
+        detail: String,
+        /// The kernel's errno, when the kernel refused.
+        errno: Option<i32>,
+    },
+}
+
+impl LinkError {
+    /// The kernel's errno, when the kernel refused the request.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            LinkError::Netlink { errno, .. } => *errno,
+            _ => None,
+        }
+    }
 }
 
 fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
     let what = what.into();
     move |e| LinkError::Netlink {
         what,
+        errno: match &e {
+            rtnetlink::Error::NetlinkError(m) => m.to_io().raw_os_error(),
+            _ => None,
+        },
         detail: match &e {
             rtnetlink::Error::NetlinkError(m) => match m.to_io() {
                 io if io.raw_os_error().is_some() => io.to_string(),
@@ -53,8 +74,11 @@ pub struct Netlink {
 impl Netlink {
     /// A handle on the namespace the calling thread is in. Must run inside a tokio runtime.
     pub fn current() -> Result<Netlink, LinkError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| LinkError::NoRuntime)?;
+        // Creating the connection registers its socket with the runtime's reactor.
+        let _guard = runtime.enter();
         let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
-        tokio::spawn(conn);
+        runtime.spawn(conn);
         Ok(Netlink { handle })
     }
 
@@ -65,6 +89,16 @@ impl Netlink {
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
         Ok(self.link_info(name).await?.map(|info| info.index))
+    }
+
+    /// Creates a kernel WireGuard link named `name` (down).
+    pub async fn add_wireguard(&self, name: &str) -> Result<(), LinkError> {
+        self.handle
+            .link()
+            .add(LinkWireguard::new(name).build())
+            .execute()
+            .await
+            .map_err(nl_err(format!("creating WireGuard link {name}")))
     }
 
     async fn require_index(&self, name: &str) -> Result<u32, LinkError> {
@@ -170,10 +204,18 @@ impl Netlink {
             index: msg.header.index,
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu: 0,
+            kind: None,
         };
         for attr in msg.attributes {
-            if let LinkAttribute::Mtu(mtu) = attr {
-                info.mtu = mtu;
+            match attr {
+                LinkAttribute::Mtu(mtu) => info.mtu = mtu,
+                LinkAttribute::LinkInfo(infos) => {
+                    info.kind = infos.into_iter().find_map(|i| match i {
+                        LinkInfoAttr::Kind(kind) => Some(kind),
+                        _ => None,
+                    });
+                }
+                _ => {}
             }
         }
         Ok(Some(info))
@@ -244,4 +286,6 @@ pub struct LinkInfo {
     pub index: u32,
     pub up: bool,
     pub mtu: u32,
+    /// `wireguard`, `tun` (wireguard-go), `veth`, ...; `None` for kinds without link info.
+    pub kind: Option<InfoKind>,
 }

@@ -20,13 +20,13 @@ use netlink_packet_wireguard::{
     WireguardPeerFlags,
 };
 use rtnetlink::packet_route::link::InfoKind;
-use rtnetlink::LinkWireguard;
 
-use super::link::{self, netlink_err, rtnl_errno};
+use super::link_err;
 use super::{
     validate_name, DeviceConfig, DeviceStatus, PeerConfig, PeerStatus, WgError, WireGuard,
 };
 use crate::keys::Key;
+use crate::net::Netlink;
 
 /// Room for the peers of one WG_CMD_SET_DEVICE message. `wg(8)` keeps its messages
 /// within a page or two as well; large peer sets are spread over several messages.
@@ -120,7 +120,7 @@ fn genl_family_exists(name: &str) -> std::io::Result<bool> {
 
 /// The kernel backend.
 pub struct KernelBackend {
-    route: rtnetlink::Handle,
+    route: Netlink,
     genl: GenetlinkHandle,
 }
 
@@ -128,7 +128,7 @@ impl KernelBackend {
     /// Opens rtnetlink and generic-netlink connections in the current thread's network
     /// namespace. Must run inside a tokio runtime.
     pub fn open() -> Result<KernelBackend, WgError> {
-        let route = link::route_connection()?;
+        let route = Netlink::current().map_err(link_err("rtnetlink"))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| WgError::NoRuntime)?;
         let _guard = runtime.enter();
         let (connection, genl, _) = genetlink::new_connection().map_err(|source| WgError::Io {
@@ -187,6 +187,13 @@ impl KernelBackend {
             self.set_device(name, attributes).await?;
         }
         Ok(())
+    }
+}
+
+fn netlink_err(name: &str, e: impl std::fmt::Display) -> WgError {
+    WgError::Netlink {
+        name: name.to_string(),
+        detail: e.to_string(),
     }
 }
 
@@ -375,23 +382,15 @@ fn handshake_time(seconds: i64, nanos: i64) -> Option<SystemTime> {
 impl WireGuard for KernelBackend {
     async fn create(&self, name: &str) -> Result<(), WgError> {
         validate_name(name)?;
-        match self
-            .route
-            .link()
-            .add(LinkWireguard::new(name).build())
-            .execute()
-            .await
-        {
+        match self.route.add_wireguard(name).await {
             Ok(()) => Ok(()),
-            Err(e) if rtnl_errno(&e) == Some(libc::EEXIST) => {
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
                 Err(WgError::AlreadyExists(name.to_string()))
             }
-            Err(e) if rtnl_errno(&e) == Some(libc::EOPNOTSUPP) => {
-                Err(WgError::KernelModuleMissing(
-                    "the kernel does not know link kind \"wireguard\"".to_string(),
-                ))
-            }
-            Err(e) => Err(netlink_err(name, e)),
+            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(WgError::KernelModuleMissing(
+                "the kernel does not know link kind \"wireguard\"".to_string(),
+            )),
+            Err(e) => Err(link_err(name)(e)),
         }
     }
 
@@ -467,17 +466,18 @@ impl WireGuard for KernelBackend {
     async fn exists(&self, name: &str) -> bool {
         validate_name(name).is_ok()
             && matches!(
-                link::find(&self.route, name).await,
-                Ok(Some(link::Link {
-                    kind: Some(InfoKind::Wireguard),
-                    ..
-                }))
+                self.route.link_info(name).await,
+                Ok(Some(info)) if info.kind == Some(InfoKind::Wireguard)
             )
     }
 
     async fn delete(&self, name: &str) -> Result<(), WgError> {
         validate_name(name)?;
-        link::delete(&self.route, name).await.map(|_| ())
+        self.route
+            .delete_link(name)
+            .await
+            .map(|_| ())
+            .map_err(link_err(name))
     }
 }
 

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use crate::keys::Key;
 
 pub mod kernel;
-mod link;
 pub mod uapi;
 pub mod userspace;
 
@@ -67,6 +66,17 @@ pub struct DeviceStatus {
     pub public_key: Option<Key>,
     pub listen_port: u16,
     pub peers: Vec<PeerStatus>,
+}
+
+/// A failed link operation on device `name`, as a [`WgError`].
+pub(crate) fn link_err(name: &str) -> impl FnOnce(crate::net::LinkError) -> WgError + '_ {
+    move |e| match e {
+        crate::net::LinkError::NoRuntime => WgError::NoRuntime,
+        e => WgError::Netlink {
+            name: name.to_string(),
+            detail: e.to_string(),
+        },
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,9 +21,10 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::Pid;
 
 use super::{
-    link, uapi, validate_name, DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard,
+    link_err, uapi, validate_name, DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard,
 };
 use crate::keys::Key;
+use crate::net::Netlink;
 
 /// How long `wireguard-go` may take to open its socket (it usually takes a few ms).
 const START_TIMEOUT: Duration = Duration::from_secs(3);
@@ -116,7 +117,7 @@ fn current_netns_id() -> io::Result<(u64, u64)> {
 /// The userspace backend: one `wireguard-go` per device.
 pub struct UserspaceBackend {
     binary: PathBuf,
-    route: rtnetlink::Handle,
+    route: Netlink,
     /// The namespace this backend was opened in; `wireguard-go` is started there even
     /// when a later call runs on a thread that is elsewhere.
     netns: OwnedFd,
@@ -140,7 +141,7 @@ impl UserspaceBackend {
         })?;
         Ok(UserspaceBackend {
             binary,
-            route: link::route_connection()?,
+            route: Netlink::current().map_err(link_err("rtnetlink"))?,
             netns: OwnedFd::from(file),
             netns_id: netns_id(&meta),
         })
@@ -161,7 +162,14 @@ impl UserspaceBackend {
     /// new device.
     pub async fn create_device(&self, name: &str) -> Result<u32, WgError> {
         validate_name(name)?;
-        if uapi::answers(name).await || link::find(&self.route, name).await?.is_some() {
+        if uapi::answers(name).await
+            || self
+                .route
+                .link_index(name)
+                .await
+                .map_err(link_err(name))?
+                .is_some()
+        {
             return Err(WgError::AlreadyExists(name.to_string()));
         }
         self.start(name).await
@@ -363,7 +371,7 @@ impl WireGuard for UserspaceBackend {
         validate_name(name)?;
         let pid = pid_of(name);
         // wireguard-go exits by itself once its interface is gone.
-        let deleted = link::delete(&self.route, name).await?;
+        let deleted = self.route.delete_link(name).await.map_err(link_err(name))?;
         if let Some(pid) = pid {
             let exited = deleted && wait_gone(pid, name, Duration::from_secs(1)).await;
             if !exited {
