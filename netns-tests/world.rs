@@ -71,6 +71,8 @@ pub struct World {
     pub exit: String,
     pub host: String,
     pub wg_interface: String,
+    /// The overlay pool of egress `acme`.
+    pub pool: String,
     daemon: Option<Child>,
     echo_stop: Arc<AtomicBool>,
     containers: Vec<Container>,
@@ -79,6 +81,11 @@ pub struct World {
 impl World {
     /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`.
     pub fn new() -> World {
+        World::with_pool(POOL)
+    }
+
+    /// Like [`World::new`], with `pool` as egress `acme`'s overlay pool.
+    pub fn with_pool(pool: &str) -> World {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}{n}", std::process::id() & 0xffff);
@@ -91,6 +98,7 @@ impl World {
             exit: format!("{id}-exit"),
             host: format!("{id}-host"),
             wg_interface: format!("{id}e"),
+            pool: pool.to_string(),
             id,
             dir,
             daemon: None,
@@ -217,7 +225,7 @@ listen = "{API}"
 name = "acme"
 ip = "{EGRESS_IP}"
 interface = "isp0"
-pool = "{POOL}"
+pool = "{pool}"
 wg_interface = "{wg}"
 listen_port = 51820
 endpoint = "198.51.100.2:51820"
@@ -235,6 +243,7 @@ token_file = "{other_tokens}"
 "#,
             state = self.state_dir().display(),
             wg = self.wg_interface,
+            pool = self.pool,
             tokens = self.path("acme.tokens").display(),
             other_tokens = self.path("other.tokens").display(),
         );
@@ -296,6 +305,11 @@ token_file = "{other_tokens}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The running daemon's pid (`ip netns exec` execs it, so it is the child's).
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
     }
 
     pub fn daemon_log(&self) -> String {
