@@ -1,6 +1,7 @@
 //! The exit-node daemon, `wgexitd`: WireGuard devices per egress, SNAT, the lease store and
 //! the HTTPS control API.
 
+pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod http;

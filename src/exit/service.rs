@@ -110,17 +110,25 @@ impl Exit {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
-        let (stored, new) = tokio::task::block_in_place(|| registry.lease(egress, &req, owner))?;
+        let (stored, new, durable) = registry.lease(egress, &req, owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since.
         let peer = exit_peer(req.public_key, stored.lease.address);
         if let Err(e) = self.backend.set_peer(&cfg.wg_interface, &peer).await {
             if new {
-                let _ =
-                    tokio::task::block_in_place(|| registry.release(egress, &req.public_key, None));
+                // Queued after the lease's own write, so the store ends without it.
+                let _ = registry.release(egress, &req.public_key, None);
             }
             return Err(e.into());
         }
         drop(registry);
+        // Durable before the API answers; the fsync is shared with concurrent requests and
+        // made without the registry lock.
+        if let Err(e) = durable.durable().await {
+            if new {
+                let _ = self.release(egress, None, &req.public_key).await;
+            }
+            return Err(LeaseError::Store(e).into());
+        }
         if new {
             self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -166,7 +174,9 @@ impl Exit {
             Some(_) => {}
         }
         self.backend.remove_peer(&cfg.wg_interface, key).await?;
-        let removed = tokio::task::block_in_place(|| registry.release(egress, key, owner))?;
+        let (removed, durable) = registry.release(egress, key, owner)?;
+        drop(registry);
+        durable.durable().await.map_err(LeaseError::Store)?;
         self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
         Ok(removed.lease)
     }
