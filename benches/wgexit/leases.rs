@@ -24,6 +24,36 @@ pub struct Burst {
     pub seconds: f64,
     pub per_second: f64,
     pub latency: Summary,
+    /// CPU time per lease (ms): the exit node's daemon, its wireguard-go, and the clients
+    /// (this process: TLS handshakes, JSON). Where a lease's cost goes.
+    pub cpu_ms_per_lease: CpuSplit,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct CpuSplit {
+    pub wgexitd: f64,
+    pub wireguard_go: f64,
+    pub clients: f64,
+}
+
+/// User + system CPU time of a process (or of this one with `None`), ms.
+fn cpu_ms(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".into(),
+    };
+    let ticks = 100.0; // USER_HZ
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = f.get(11)?.parse().ok()?;
+            let stime: f64 = f.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks * 1000.0)
+        })
+        .unwrap_or(0.0)
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +107,8 @@ fn burst(world: &World, t: &Target, count: usize, clients: usize) -> (Burst, Vec
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(Vec::with_capacity(count));
     let errors = Mutex::new(Vec::new());
+    let wg_pid = wgexit::wg::userspace::pid_of(&world.wg_interface);
+    let cpu_before = [cpu_ms(world.daemon_pid()), cpu_ms(wg_pid), cpu_ms(None)];
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..clients.min(count.max(1)) {
@@ -99,8 +131,10 @@ fn burst(world: &World, t: &Target, count: usize, clients: usize) -> (Burst, Vec
         }
     });
     let seconds = start.elapsed().as_secs_f64();
+    let cpu_after = [cpu_ms(world.daemon_pid()), cpu_ms(wg_pid), cpu_ms(None)];
     let samples = samples.into_inner().unwrap();
     let errors = errors.into_inner().unwrap();
+    let per = |i: usize| (cpu_after[i] - cpu_before[i]) / samples.len().max(1) as f64;
     (
         Burst {
             clients,
@@ -110,6 +144,11 @@ fn burst(world: &World, t: &Target, count: usize, clients: usize) -> (Burst, Vec
             seconds,
             per_second: samples.len() as f64 / seconds,
             latency: Summary::of(&samples),
+            cpu_ms_per_lease: CpuSplit {
+                wgexitd: per(0),
+                wireguard_go: per(1),
+                clients: per(2),
+            },
         },
         samples,
     )
@@ -159,8 +198,25 @@ pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
     let mut scale = vec![point(world, &t, live, sizes.first_peers)];
     live += sizes.first_peers;
 
+    let perf = sizes.perf.as_ref().and_then(|out| {
+        let pid = world.daemon_pid()?.to_string();
+        std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()
+    });
     let (throughput, throughput_samples) =
         burst(world, &t, sizes.throughput_leases, sizes.concurrency);
+    if let Some(mut perf) = perf {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(perf.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = perf.wait();
+    }
     eprintln!(
         "  {} leases in {:.1} s: {:.0}/s, p99 {:.1} ms, {} errors",
         throughput.leases,

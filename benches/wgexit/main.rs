@@ -37,6 +37,8 @@ pub struct Sizes {
     pub scale_samples: usize,
     pub iperf_secs: u32,
     pub iperf_rounds: usize,
+    /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
+    pub perf: Option<PathBuf>,
 }
 
 impl Sizes {
@@ -50,6 +52,7 @@ impl Sizes {
             scale_samples: 100,
             iperf_secs: 5,
             iperf_rounds: 3,
+            perf: None,
         }
     }
 
@@ -63,6 +66,7 @@ impl Sizes {
             scale_samples: 5,
             iperf_secs: 1,
             iperf_rounds: 1,
+            perf: None,
         }
     }
 }
@@ -90,6 +94,7 @@ fn main() {
                     .unwrap_or_default()
             }
             "--iperf-secs" => sizes.iperf_secs = num(it.next()) as u32,
+            "--perf" => sizes.perf = it.next().map(PathBuf::from),
             _ => {} // cargo bench passes --bench
         }
     }

@@ -233,6 +233,22 @@ impl Results {
                     String::new()
                 },
             );
+            let c = &t.cpu_ms_per_lease;
+            push(
+                "3",
+                "CPU per lease: wgexitd / wireguard-go / clients (ms)".into(),
+                format!(
+                    "{:.2} / {:.2} / {:.2}",
+                    c.wgexitd, c.wireguard_go, c.clients
+                ),
+                "—".into(),
+                "—".into(),
+                format!(
+                    "server-only bound on {} cores: {:.0}/s",
+                    self.machine.cpus,
+                    1000.0 * self.machine.cpus as f64 / (c.wgexitd + c.wireguard_go).max(1e-9)
+                ),
+            );
             if let Some(first) = l.scale.first() {
                 for p in &l.scale[1..] {
                     let r = p.latency.median / first.latency.median;
