@@ -6,3 +6,5 @@ mod world;
 mod daemon;
 mod egress;
 mod failures;
+mod runtimes;
+mod spec;

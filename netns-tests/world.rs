@@ -518,6 +518,11 @@ impl Drop for World {
         self.stop_daemon(nix::sys::signal::Signal::SIGKILL);
         self.echo_stop.store(true, Ordering::Relaxed);
         // Deleting a namespace deletes its links; wireguard-go exits when its link goes.
+        // The exit's userspace WireGuard processes live in the exit namespace and keep it
+        // alive: remove their links first (as `wgexitd teardown` would) so they exit.
+        for wg in [self.wg_interface.clone(), format!("{}o", self.id)] {
+            let _ = try_sh(&["ip", "-n", &self.exit, "link", "del", &wg]);
+        }
         let container_ns = self.containers.iter().map(|c| &c.netns);
         for ns in container_ns.chain([&self.host, &self.exit, &self.isp]) {
             let _ = try_sh(&["ip", "netns", "del", ns]);

@@ -13,7 +13,7 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
-use crate::cni::result::Attached;
+use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
 use crate::keys::Key;
@@ -26,6 +26,15 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let netns_path = env.netns()?;
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
     let dir = StateDir::open(&conf.data_dir)?;
+    let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
+        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+    let backend = open_backend(conf.backend)?;
+
+    let private_key = Key::generate_private().map_err(|e| {
+        CniError::new(Code::WireGuard, "cannot generate a key").with_details(e.to_string())
+    })?;
+    // From here on the attachment is ours alone: nothing above leaves a file behind.
+    let _lock = dir.lock(container_id, ifname)?;
     if let Some(existing) = dir.load(container_id, ifname)? {
         return Err(CniError::new(
             Code::State,
@@ -35,13 +44,6 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             ),
         ));
     }
-    let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
-        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
-    let backend = open_backend(conf.backend)?;
-
-    let private_key = Key::generate_private().map_err(|e| {
-        CniError::new(Code::WireGuard, "cannot generate a key").with_details(e.to_string())
-    })?;
     let mut state = AttachmentState {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
@@ -58,11 +60,16 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         in_netns: false,
         release_pending: false,
     };
-    dir.save_key(container_id, ifname, &private_key)?;
-    dir.save(&state)?;
+    if let Err(e) = dir
+        .save_key(container_id, ifname, &private_key)
+        .and_then(|()| dir.save(&state))
+    {
+        let _ = dir.remove(container_id, ifname);
+        return Err(e);
+    }
 
     match attach(env, conf, &client, &netns, &dir, &mut state, &private_key).await {
-        Ok(attached) => Ok(attached.to_result(&conf.cni_version)),
+        Ok(attached) => Ok(attached.to_result(&conf.cni_version, conf.raw.get("prevResult"))),
         Err(e) => {
             if let Err(undo) = detach(&state, Some(&client), &dir).await {
                 eprintln!("wgexit: undoing the failed ADD: {undo}");
@@ -153,7 +160,8 @@ async fn attach(
     Ok(Attached {
         ifname: ifname.clone(),
         sandbox: netns.path().to_path_buf(),
-        mac: None,
+        mac: conf.report_mac.then(|| pseudo_mac(&state.public_key)),
+        mtu: conf.mtu,
         address: grant.address,
         routes,
     })

@@ -12,6 +12,7 @@ use crate::wg::BackendKind;
 
 /// Spec versions this plugin speaks.
 pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+pub const LATEST_VERSION: &str = "1.1.0";
 
 pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/wgexit";
@@ -64,6 +65,12 @@ pub struct NetConf {
     pub routes: Routes,
     pub data_dir: PathBuf,
     pub handshake_timeout: Duration,
+    /// Report a pseudo MAC (derived from the public key) in the result: podman 4.3 refuses
+    /// sandbox interfaces without one; WireGuard links have no MAC.
+    pub report_mac: bool,
+    /// The container runs under gVisor (runsc), which takes addresses off the interfaces it
+    /// takes over: CHECK then accepts a link with no address.
+    pub gvisor: bool,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
     pub raw: Value,
 }
@@ -73,6 +80,21 @@ fn invalid(key: &str, msg: impl Into<String>) -> CniError {
         Code::InvalidConfig,
         format!("config key {key:?}: {}", msg.into()),
     )
+}
+
+/// A spec version as numbers, for comparisons; `None` if it is not `X.Y.Z`.
+pub fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(version)
+}
+
+/// Whether `version` is `min` or later (an unparsable version is not).
+pub fn at_least(version: &str, min: &str) -> bool {
+    match (parse_version(version), parse_version(min)) {
+        (Some(v), Some(m)) => v >= m,
+        _ => false,
+    }
 }
 
 /// The `cniVersion` of a config, best effort, for error output before it is checked.
@@ -182,6 +204,8 @@ impl NetConf {
             routes: field(&raw, "routes")?.unwrap_or_default(),
             data_dir,
             handshake_timeout,
+            report_mac: field(&raw, "reportMac")?.unwrap_or(false),
+            gvisor: field(&raw, "gvisor")?.unwrap_or(false),
             raw,
         })
     }
@@ -246,6 +270,17 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Auto);
         assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(Routes::Split.destinations().len(), 2);
+        assert!(!c.report_mac && !c.gvisor);
+    }
+
+    #[test]
+    fn versions_compare_numerically() {
+        assert!(at_least("1.1.0", "1.1.0"));
+        assert!(at_least("1.10.0", "1.2.0"));
+        assert!(!at_least("1.0.0", "1.1.0"));
+        assert!(!at_least("0.4.0", "1.0.0"));
+        assert!(!at_least("1.1", "1.0.0"));
+        assert_eq!(parse_version("1.1.0.0"), None);
     }
 
     #[test]
@@ -277,5 +312,7 @@ mod tests {
         }
         let e = parse(&VALID.replace("1.0.0", "0.2.0")).unwrap_err();
         assert_eq!(e.code, Code::IncompatibleVersion);
+        let e = parse(&VALID.replace("\"mtu\": 1420", "\"reportMac\": 1")).unwrap_err();
+        assert!(e.msg.contains("reportMac"), "{}", e.msg);
     }
 }

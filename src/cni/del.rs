@@ -14,8 +14,10 @@ pub async fn del(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let dir = StateDir::open(&conf.data_dir)?;
+    let _lock = dir.lock(container_id, ifname)?;
     let Some(state) = dir.load(container_id, ifname)? else {
-        return Ok(());
+        // Never added (or already deleted): only the lock file just made is left.
+        return dir.remove(container_id, ifname);
     };
     let client = match conf.token() {
         Ok(token) => Client::new(&conf.servers, &conf.ca_file, token).ok(),

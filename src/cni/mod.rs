@@ -1,18 +1,24 @@
 //! The CNI plugin: spec types and the commands.
 
 pub mod add;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod del;
 pub mod env;
 pub mod error;
+pub mod gc;
+pub mod oci_hook;
 pub mod result;
 pub mod state;
+pub mod status;
 
 use serde_json::{json, Value};
 
 use crate::cni::client::ClientError;
-use crate::cni::config::{version_of, NetConf, SUPPORTED_VERSIONS};
+use crate::cni::config::{
+    at_least, parse_version, version_of, NetConf, LATEST_VERSION, SUPPORTED_VERSIONS,
+};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::state::AttachmentState;
@@ -25,23 +31,62 @@ pub struct Outcome {
     pub exit_code: i32,
 }
 
+/// The commands of the spec, and the first spec version that has each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Status,
+    Gc,
+    Version,
+}
+
+impl Command {
+    pub fn parse(s: &str) -> Result<Command, CniError> {
+        Ok(match s {
+            "ADD" => Command::Add,
+            "DEL" => Command::Del,
+            "CHECK" => Command::Check,
+            "STATUS" => Command::Status,
+            "GC" => Command::Gc,
+            "VERSION" => Command::Version,
+            "" => return Err(CniError::new(Code::InvalidEnv, "CNI_COMMAND is not set")),
+            other => {
+                return Err(CniError::new(
+                    Code::InvalidEnv,
+                    format!(
+                    "CNI_COMMAND {other:?} is unknown; use ADD, DEL, CHECK, STATUS, GC or VERSION"
+                ),
+                ))
+            }
+        })
+    }
+
+    /// The spec version that introduced the command.
+    pub fn since(self) -> &'static str {
+        match self {
+            Command::Check => "0.4.0",
+            Command::Status | Command::Gc => "1.1.0",
+            _ => "0.1.0",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Add => "ADD",
+            Command::Del => "DEL",
+            Command::Check => "CHECK",
+            Command::Status => "STATUS",
+            Command::Gc => "GC",
+            Command::Version => "VERSION",
+        }
+    }
+}
+
 /// Runs one CNI command. `stdin` is the network config.
 pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
-    let version = version_of(stdin);
-    let result = match env.command.as_str() {
-        "VERSION" => Ok(Some(version_result(&version))),
-        "ADD" | "DEL" => match NetConf::parse(stdin) {
-            Err(e) => Err(e),
-            Ok(conf) if env.command == "ADD" => add::add(env, &conf).await.map(Some),
-            Ok(conf) => del::del(env, &conf).await.map(|()| None),
-        },
-        "" => Err(CniError::new(Code::InvalidEnv, "CNI_COMMAND is not set")),
-        other => Err(CniError::new(
-            Code::InvalidEnv,
-            format!("CNI_COMMAND {other:?} is not supported; use ADD, DEL or VERSION"),
-        )),
-    };
-    match result {
+    match dispatch(env, stdin).await {
         Ok(Some(v)) => Outcome {
             stdout: v.to_string(),
             exit_code: 0,
@@ -51,14 +96,54 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
             exit_code: 0,
         },
         Err(e) => Outcome {
-            stdout: e.to_json(&version),
+            stdout: e.to_json(&version_of(stdin)),
             exit_code: 1,
         },
     }
 }
 
-fn version_result(version: &str) -> Value {
-    json!({ "cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS })
+/// Runs one command: `Some(result)` for ADD and VERSION, `None` for the commands that print
+/// nothing on success.
+pub async fn dispatch(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, CniError> {
+    let command = Command::parse(&env.command)?;
+    if command == Command::Version {
+        return Ok(Some(version_result(stdin)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    if !at_least(&conf.cni_version, command.since()) {
+        // As the reference plugins answer: the config's version does not have the command.
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "config version {} does not allow {}: it is a CNI {} command",
+                conf.cni_version,
+                command.name(),
+                command.since()
+            ),
+        ));
+    }
+    match command {
+        Command::Add => add::add(env, &conf).await.map(Some),
+        Command::Del => del::del(env, &conf).await.map(|()| None),
+        Command::Check => check::check(env, &conf).await.map(|()| None),
+        Command::Status => status::status(&conf).map(|()| None),
+        Command::Gc => gc::gc(&conf).await.map(|()| None),
+        Command::Version => Ok(Some(version_result(stdin))),
+    }
+}
+
+/// VERSION's answer: `cniVersion` is the one asked for (the latest when none is).
+fn version_result(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .filter(|v| parse_version(v).is_some())
+        .unwrap_or_else(|| LATEST_VERSION.to_string());
+    json!({ "cniVersion": asked, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
 /// What `wgexit` prints when run by hand.

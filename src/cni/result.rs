@@ -1,9 +1,13 @@
-//! The ADD result, in the shape of the version asked for.
+//! The ADD result, in the shape of the version asked for, merged into a `prevResult` when
+//! wgexit is not the first plugin of a chain.
 
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+
+use crate::cni::config::at_least;
+use crate::keys::Key;
 
 /// What ADD made, independent of the spec version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,13 +15,31 @@ pub struct Attached {
     pub ifname: String,
     pub sandbox: PathBuf,
     pub mac: Option<String>,
+    pub mtu: u32,
     pub address: Ipv4Net,
     pub routes: Vec<Ipv4Net>,
 }
 
+/// A stable, locally administered unicast MAC derived from a WireGuard public key. A
+/// WireGuard link has no hardware address; this exists only for runtimes that refuse an
+/// interface without one (podman 4.3), and is reported only when `reportMac` asks for it.
+pub fn pseudo_mac(key: &Key) -> String {
+    use sha2::{Digest, Sha256};
+    let h = Sha256::digest(key.0);
+    let mut b = [0u8; 6];
+    b.copy_from_slice(&h[..6]);
+    b[0] = (b[0] & 0xfc) | 0x02;
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 impl Attached {
-    /// The result JSON for `cni_version` (0.4.0 adds `"version": "4"` to each IP).
-    pub fn to_result(&self, cni_version: &str) -> Value {
+    /// The result JSON for `cni_version`: 0.4.0 adds `"version": "4"` to each IP, 1.1.0 adds
+    /// the interface's `mtu`. With `prev` (the chain's `prevResult`, already in `cni_version`),
+    /// our interface, address and routes are appended to it and the rest passed on unchanged.
+    pub fn to_result(&self, cni_version: &str, prev: Option<&Value>) -> Value {
         let mut iface = json!({
             "name": self.ifname,
             "sandbox": self.sandbox.display().to_string(),
@@ -25,17 +47,34 @@ impl Attached {
         if let Some(mac) = &self.mac {
             iface["mac"] = json!(mac);
         }
-        let mut ip = json!({ "address": self.address.to_string(), "interface": 0 });
-        if cni_version.starts_with("0.") {
+        if at_least(cni_version, "1.1.0") {
+            iface["mtu"] = json!(self.mtu);
+        }
+        let mut result: Map<String, Value> =
+            prev.and_then(Value::as_object).cloned().unwrap_or_default();
+        let list = |result: &mut Map<String, Value>, key: &str| -> Vec<Value> {
+            match result.remove(key) {
+                Some(Value::Array(a)) => a,
+                _ => Vec::new(),
+            }
+        };
+        let mut interfaces = list(&mut result, "interfaces");
+        let mut ips = list(&mut result, "ips");
+        let mut routes = list(&mut result, "routes");
+        let index = interfaces.len();
+        interfaces.push(iface);
+        let mut ip = json!({ "address": self.address.to_string(), "interface": index });
+        if !at_least(cni_version, "1.0.0") {
             ip["version"] = json!("4");
         }
-        json!({
-            "cniVersion": cni_version,
-            "interfaces": [iface],
-            "ips": [ip],
-            "routes": self.routes.iter().map(|r| json!({ "dst": r.to_string() })).collect::<Vec<_>>(),
-            "dns": {},
-        })
+        ips.push(ip);
+        routes.extend(self.routes.iter().map(|r| json!({ "dst": r.to_string() })));
+        result.insert("cniVersion".into(), json!(cni_version));
+        result.insert("interfaces".into(), Value::Array(interfaces));
+        result.insert("ips".into(), Value::Array(ips));
+        result.insert("routes".into(), Value::Array(routes));
+        result.entry("dns").or_insert_with(|| json!({}));
+        Value::Object(result)
     }
 }
 
@@ -48,6 +87,7 @@ mod tests {
             ifname: "eth0".into(),
             sandbox: "/var/run/netns/c1".into(),
             mac: None,
+            mtu: 1420,
             address: "100.96.0.2/32".parse().unwrap(),
             routes: vec!["0.0.0.0/0".parse().unwrap()],
         }
@@ -55,10 +95,12 @@ mod tests {
 
     #[test]
     fn result_1_0_0() {
-        let r = attached().to_result("1.0.0");
+        let r = attached().to_result("1.0.0", None);
         assert_eq!(r["cniVersion"], "1.0.0");
         assert_eq!(r["interfaces"][0]["name"], "eth0");
         assert_eq!(r["interfaces"][0]["sandbox"], "/var/run/netns/c1");
+        assert!(r["interfaces"][0].get("mac").is_none());
+        assert!(r["interfaces"][0].get("mtu").is_none());
         assert_eq!(r["ips"][0]["address"], "100.96.0.2/32");
         assert_eq!(r["ips"][0]["interface"], 0);
         assert!(r["ips"][0].get("version").is_none());
@@ -66,7 +108,45 @@ mod tests {
     }
 
     #[test]
-    fn result_0_4_0_has_ip_versions() {
-        assert_eq!(attached().to_result("0.4.0")["ips"][0]["version"], "4");
+    fn result_0_4_0_has_ip_versions_and_1_1_0_mtu() {
+        assert_eq!(
+            attached().to_result("0.4.0", None)["ips"][0]["version"],
+            "4"
+        );
+        assert_eq!(
+            attached().to_result("1.1.0", None)["interfaces"][0]["mtu"],
+            1420
+        );
+    }
+
+    #[test]
+    fn appends_to_a_previous_result() {
+        let prev = json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": "veth1"}, {"name": "net1", "sandbox": "/var/run/netns/c1", "mac": "aa:bb:cc:dd:ee:ff"}],
+            "ips": [{"address": "10.1.0.5/24", "gateway": "10.1.0.1", "interface": 1}],
+            "routes": [{"dst": "10.9.0.0/16", "gw": "10.1.0.1"}],
+            "dns": {"nameservers": ["10.1.0.1"]}
+        });
+        let r = attached().to_result("1.0.0", Some(&prev));
+        assert_eq!(r["interfaces"].as_array().unwrap().len(), 3);
+        assert_eq!(r["interfaces"][1], prev["interfaces"][1]);
+        assert_eq!(r["interfaces"][2]["name"], "eth0");
+        assert_eq!(r["ips"][0], prev["ips"][0]);
+        assert_eq!(r["ips"][1]["interface"], 2);
+        assert_eq!(r["routes"][0], prev["routes"][0]);
+        assert_eq!(r["routes"][1]["dst"], "0.0.0.0/0");
+        assert_eq!(r["dns"], prev["dns"]);
+    }
+
+    #[test]
+    fn pseudo_mac_is_stable_local_unicast() {
+        let k = Key([7; 32]);
+        let mac = pseudo_mac(&k);
+        assert_eq!(mac, pseudo_mac(&k));
+        assert_ne!(mac, pseudo_mac(&Key([8; 32])));
+        let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+        assert_eq!(first & 0x03, 0x02, "{mac}");
+        assert_eq!(mac.len(), 17);
     }
 }

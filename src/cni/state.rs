@@ -4,10 +4,13 @@
 //! The record is written before anything is created and updated as ADD goes, so a DEL (or
 //! ADD's own undo) always knows what there is to remove, even after a crash mid-ADD.
 
+use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::cni::error::{CniError, Code};
@@ -46,6 +49,13 @@ pub struct AttachmentState {
     pub release_pending: bool,
 }
 
+/// An exclusive lock on one attachment (`<container>.<ifname>.lock` in `dataDir`, held with
+/// `flock`), so that commands for the same attachment run one at a time while commands for
+/// different containers run side by side. Released when dropped.
+pub struct AttachmentLock {
+    _file: Flock<File>,
+}
+
 /// The state directory.
 pub struct StateDir {
     dir: PathBuf,
@@ -75,6 +85,40 @@ impl StateDir {
     fn key_path(&self, container_id: &str, ifname: &str) -> PathBuf {
         self.dir
             .join(format!("{}.key", self.base(container_id, ifname)))
+    }
+
+    fn lock_path(&self, container_id: &str, ifname: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.lock", self.base(container_id, ifname)))
+    }
+
+    /// Waits for and takes the attachment's lock. [`StateDir::remove`] deletes the lock file
+    /// while holding it; a waiter that then gets the lock on the deleted file notices (the
+    /// path no longer names its file) and locks afresh, so two holders never overlap.
+    pub fn lock(&self, container_id: &str, ifname: &str) -> Result<AttachmentLock, CniError> {
+        let path = self.lock_path(container_id, ifname);
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| state_err("cannot open lock", &path, e))?;
+            let locked = Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| state_err("cannot lock", &path, e))?;
+            let held = locked
+                .metadata()
+                .map_err(|e| state_err("cannot stat lock", &path, e))?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
+                    return Ok(AttachmentLock { _file: locked })
+                }
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(state_err("cannot stat lock", &path, e)),
+            }
+        }
     }
 
     pub fn load(
@@ -112,11 +156,12 @@ impl StateDir {
         Key::from_base64(&text).map_err(|e| state_err("bad key in", &path, e))
     }
 
-    /// Removes the record and the key.
+    /// Removes the record, the key and the lock file. Call it holding the attachment's lock.
     pub fn remove(&self, container_id: &str, ifname: &str) -> Result<(), CniError> {
         for path in [
             self.key_path(container_id, ifname),
             self.record_path(container_id, ifname),
+            self.lock_path(container_id, ifname),
         ] {
             fsutil::remove_if_exists(&path).map_err(|e| state_err("cannot remove", &path, e))?;
         }
@@ -159,6 +204,36 @@ pub fn host_ifname(container_id: &str, ifname: &str, netns: &Path) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn lock_excludes_and_survives_removal() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = Arc::new(StateDir::open(t.path()).unwrap());
+        let inside = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let (dir, inside) = (dir.clone(), inside.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20 {
+                        let _lock = dir.lock("c", "eth0").unwrap();
+                        assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0, "two holders");
+                        std::thread::yield_now();
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                        // As DEL does: remove the lock file while holding it.
+                        dir.remove("c", "eth0").unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        // A different attachment's lock is independent.
+        let _a = dir.lock("a", "eth0").unwrap();
+        let _b = dir.lock("b", "eth0").unwrap();
+    }
 
     #[test]
     fn round_trip_private_and_removable() {
@@ -190,8 +265,11 @@ mod tests {
             let mode = f.unwrap().metadata().unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
+        let lock = dir.lock("c1", "eth0").unwrap();
         dir.remove("c1", "eth0").unwrap();
+        drop(lock);
         dir.remove("c1", "eth0").unwrap();
+        assert_eq!(std::fs::read_dir(t.path().join("d")).unwrap().count(), 0);
         assert_eq!(dir.load("c1", "eth0").unwrap(), None);
         assert!(s.host_ifname.len() <= 15);
         assert_ne!(

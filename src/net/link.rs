@@ -64,18 +64,7 @@ impl Netlink {
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(msg.header.index)),
-            Ok(None) => Ok(None),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(nl_err(format!("looking up link {name}"))(e)),
-        }
+        Ok(self.link_info(name).await?.map(|info| info.index))
     }
 
     async fn require_index(&self, name: &str) -> Result<u32, LinkError> {
