@@ -187,17 +187,8 @@ fn point(world: &World, t: &Target, peers_before: usize, samples: usize) -> Scal
     }
 }
 
-pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
-    let t = Target {
-        servers: vec![format!("https://{API}")],
-        ca: world.ca_file(),
-    };
-    let mut live = world.leases("acme", TOKEN).len();
-    let idle = memory(world);
-    // The first peers, one at a time: what "adding the first peer" costs.
-    let mut scale = vec![point(world, &t, live, sizes.first_peers)];
-    live += sizes.first_peers;
-
+/// Row 3's burst, recorded by `perf` when asked.
+fn throughput_burst(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64>) {
     let perf = sizes.perf.as_ref().and_then(|out| {
         let pid = world.daemon_pid()?.to_string();
         std::process::Command::new("perf")
@@ -209,7 +200,7 @@ pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
             .ok()
     });
     let (throughput, throughput_samples) =
-        burst(world, &t, sizes.throughput_leases, sizes.concurrency);
+        burst(world, t, sizes.throughput_leases, sizes.concurrency);
     if let Some(mut perf) = perf {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(perf.id() as i32),
@@ -225,9 +216,24 @@ pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
         throughput.latency.p99,
         throughput.errors
     );
-    live += throughput.leases;
+    (throughput, throughput_samples)
+}
 
-    for &target in &sizes.scale_points {
+pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
+    let t = Target {
+        servers: vec![format!("https://{API}")],
+        ca: world.ca_file(),
+    };
+    let mut live = world.leases("acme", TOKEN).len();
+    let idle = memory(world);
+    // The first peers, one at a time: what "adding the first peer" costs.
+    let mut scale = vec![point(world, &t, live, sizes.first_peers)];
+    live += sizes.first_peers;
+
+    // Fill to each size and take samples there; the throughput burst runs once, after
+    // the first size.
+    let mut throughput = None;
+    for (i, &target) in sizes.scale_points.iter().enumerate() {
         let fill = target.saturating_sub(live + sizes.scale_samples);
         if fill > 0 {
             let (b, _) = burst(world, &t, fill, sizes.concurrency);
@@ -244,7 +250,14 @@ pub fn run(world: &World, sizes: &Sizes) -> LeaseResults {
             p.wireguard_go_rss_kib / 1024
         );
         scale.push(p);
+        if i == 0 {
+            let (b, samples) = throughput_burst(world, &t, sizes);
+            live += b.leases;
+            throughput = Some((b, samples));
+        }
     }
+    let (throughput, throughput_samples) =
+        throughput.unwrap_or_else(|| throughput_burst(world, &t, sizes));
     LeaseResults {
         throughput,
         throughput_samples_ms: throughput_samples,
