@@ -3,8 +3,13 @@
 
 mod world;
 
+mod backends;
+mod collect;
+mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod restart;
 mod runtimes;
+mod security;
 mod spec;

@@ -31,8 +31,16 @@ pub const HOST_IP: &str = "198.51.100.10";
 pub const POOL: &str = "100.96.0.0/24";
 pub const TOKEN: &str = "acme-token-0123456789abcdef";
 pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
+/// A second token of egress acme (another tenant team, say): same egress, other owner.
+pub const SECOND_TOKEN: &str = "acme-second-token-0123456789";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The WireGuard backend of both sides, as configs name it: `$WGEXIT_TEST_BACKEND`, else
+/// "userspace" (these machines have no WireGuard module; the VM test sets "kernel").
+pub fn backend() -> String {
+    std::env::var("WGEXIT_TEST_BACKEND").unwrap_or_else(|_| "userspace".to_string())
+}
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
@@ -71,21 +79,49 @@ pub struct World {
     pub exit: String,
     pub host: String,
     pub wg_interface: String,
-    /// The overlay pool of egress `acme`.
-    pub pool: String,
+    /// The WireGuard backend both sides' configs name.
+    pub backend: String,
     daemon: Option<Child>,
     echo_stop: Arc<AtomicBool>,
     containers: Vec<Container>,
+    settings: Settings,
+}
+
+/// Knobs of a world's exit node beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// Top-level `wgexitd.toml` lines (timeouts, intervals, ...).
+    pub daemon_extra: String,
+    /// Egress acme's pool instead of [`POOL`].
+    pub pool: Option<String>,
+    /// `RUST_LOG` for the daemon.
+    pub log_filter: Option<String>,
 }
 
 impl World {
-    /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`.
+    /// Makes the namespaces, links and echo server, writes configs, and starts `wgexitd`,
+    /// with the backend of [`backend()`].
     pub fn new() -> World {
-        World::with_pool(POOL)
+        World::with(Settings::default())
     }
 
-    /// Like [`World::new`], with `pool` as egress `acme`'s overlay pool.
-    pub fn with_pool(pool: &str) -> World {
+    /// As [`World::new`], with `backend` ("auto", "kernel", "userspace") on both sides.
+    pub fn with_backend(backend: &str) -> World {
+        World::with_backend_and(backend, Settings::default())
+    }
+
+    /// [`World::new`] with `settings` for the exit node.
+    pub fn with(settings: Settings) -> World {
+        World::with_backend_and(&backend(), settings)
+    }
+
+    fn with_backend_and(backend: &str, mut settings: Settings) -> World {
+        if std::env::var_os("WGEXIT_TEST_WRONG_SERVER_KEY").is_some() {
+            // Keep the periodic reconcile from repairing the broken key mid-test.
+            settings
+                .daemon_extra
+                .push_str("\nreconcile_interval = 86400\n");
+        }
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}{n}", std::process::id() & 0xffff);
@@ -98,12 +134,13 @@ impl World {
             exit: format!("{id}-exit"),
             host: format!("{id}-host"),
             wg_interface: format!("{id}e"),
-            pool: pool.to_string(),
+            backend: backend.to_string(),
             id,
             dir,
             daemon: None,
             echo_stop: Arc::new(AtomicBool::new(false)),
             containers: Vec::new(),
+            settings,
         };
         for ns in [&w.isp, &w.exit, &w.host] {
             sh(&["ip", "netns", "add", ns]);
@@ -185,7 +222,22 @@ impl World {
         w.start_echo();
         w.write_configs();
         w.start_daemon();
+        if std::env::var_os("WGEXIT_TEST_WRONG_SERVER_KEY").is_some() {
+            w.break_server_key();
+        }
         w
+    }
+
+    /// Gives the exit node's WireGuard device a key other than the one the API hands out, so
+    /// no handshake can succeed (the world then sets a reconcile interval that never comes
+    /// round during a test, so the daemon does not repair it). The VM
+    /// test uses this to show that its scenario fails when the tunnel does not work.
+    fn break_server_key(&self) {
+        let key = wgexit::keys::Key::generate_private().unwrap().to_base64();
+        let path = self.path("wrong.key");
+        std::fs::write(&path, key).unwrap();
+        let path = path.display().to_string();
+        self.exit_wg(&["set", &self.wg_interface, "private-key", &path]);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -209,14 +261,19 @@ impl World {
     }
 
     fn write_configs(&self) {
-        std::fs::write(self.path("acme.tokens"), format!("# acme\n{TOKEN}\n")).unwrap();
+        std::fs::write(
+            self.path("acme.tokens"),
+            format!("# acme\n{TOKEN}\n{SECOND_TOKEN}\n"),
+        )
+        .unwrap();
         std::fs::write(self.path("other.tokens"), format!("{OTHER_TOKEN}\n")).unwrap();
         std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(self.path("other.token"), format!("{OTHER_TOKEN}\n")).unwrap();
         let wg2 = format!("{}o", self.id);
         let config = format!(
-            r#"state_dir = "{state}"
-backend = "userspace"
+            r#"{extra}
+state_dir = "{state}"
+backend = "{backend}"
 
 [api]
 listen = "{API}"
@@ -241,9 +298,11 @@ listen_port = 51821
 endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
 "#,
+            extra = self.settings.daemon_extra,
+            pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
+            backend = self.backend,
             wg = self.wg_interface,
-            pool = self.pool,
             tokens = self.path("acme.tokens").display(),
             other_tokens = self.path("other.tokens").display(),
         );
@@ -260,7 +319,7 @@ token_file = "{other_tokens}"
             "egress": egress,
             "tokenFile": self.path(&format!("{egress}.token")),
             "caFile": self.ca_file(),
-            "backend": "userspace",
+            "backend": self.backend,
             "mtu": 1420,
             "routes": "default",
             "dataDir": self.data_dir(),
@@ -279,6 +338,7 @@ token_file = "{other_tokens}"
                 "--config",
             ])
             .arg(self.daemon_config())
+            .envs(self.settings.log_filter.as_ref().map(|f| ("RUST_LOG", f)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -298,8 +358,9 @@ token_file = "{other_tokens}"
                     panic!("wgexitd exited ({status}): {}", self.daemon_log());
                 }
             }
+            // Generous: under the VM test's emulated CPU a first start takes seconds.
             assert!(
-                start.elapsed() < Duration::from_secs(15),
+                start.elapsed() < Duration::from_secs(60),
                 "wgexitd not ready: {}",
                 self.daemon_log()
             );
@@ -307,13 +368,45 @@ token_file = "{other_tokens}"
         }
     }
 
-    /// The running daemon's pid (`ip netns exec` execs it, so it is the child's).
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.path("wgexitd.log")).unwrap_or_default()
+    }
+
+    /// The daemon's pid, while it runs.
     pub fn daemon_pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(Child::id)
     }
 
-    pub fn daemon_log(&self) -> String {
-        std::fs::read_to_string(self.path("wgexitd.log")).unwrap_or_default()
+    /// The pid of the `wireguard-go` serving the exit node's device for egress acme.
+    pub fn exit_wireguard_go(&self) -> Option<u32> {
+        wgexit::wg::userspace::pid_of(&self.wg_interface)
+    }
+
+    /// `wg show IF dump` of egress acme's device in the exit node: per peer public key,
+    /// (latest handshake in seconds since the epoch, rx bytes).
+    pub fn exit_peer_stats(&self) -> std::collections::HashMap<String, (u64, u64)> {
+        self.exit_wg_show("dump")
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                Some((f[0].to_string(), (f[4].parse().ok()?, f[5].parse().ok()?)))
+            })
+            .collect()
+    }
+
+    /// The packet counter of the exit node's nftables rule commented `comment`
+    /// (e.g. "acme: anti-spoof").
+    pub fn nft_counter(&self, comment: &str) -> u64 {
+        let listing = sh(&[
+            "ip", "netns", "exec", &self.exit, "nft", "list", "table", "inet", "wgexitd",
+        ]);
+        let line = listing
+            .lines()
+            .find(|l| l.contains(&format!("comment \"{comment}\"")))
+            .unwrap_or_else(|| panic!("no rule {comment:?} in {listing}"));
+        let rest = &line[line.find("packets ").expect("a counter") + "packets ".len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
     /// Stops the daemon with `signal` and waits for it.
@@ -327,6 +420,18 @@ token_file = "{other_tokens}"
 
     /// An API call from the host namespace through curl: (status, body).
     pub fn api_raw(&self, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+        self.api_with(method, path, token, None, &[])
+    }
+
+    /// An API call with an optional JSON body and extra curl arguments: (status, body).
+    pub fn api_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        extra: &[&str],
+    ) -> (u16, String) {
         let url = format!("https://{API}{path}");
         let ca = self.ca_file();
         let mut args: Vec<String> = vec![
@@ -348,6 +453,11 @@ token_file = "{other_tokens}"
             args.push("-H".into());
             args.push(format!("Authorization: Bearer {t}"));
         }
+        if let Some(b) = body {
+            args.extend(["-H".into(), "Content-Type: application/json".into()]);
+            args.extend(["--data-binary".into(), b.into()]);
+        }
+        args.extend(extra.iter().map(|a| a.to_string()));
         args.push(url);
         let out = Command::new("ip").args(&args).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -363,22 +473,25 @@ token_file = "{other_tokens}"
         v["leases"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Runs `wg ARGS` in the exit node's namespace; returns stdout.
+    pub fn exit_wg(&self, args: &[&str]) -> String {
+        let mut command = vec!["ip", "netns", "exec", &self.exit, "wg"];
+        command.extend_from_slice(args);
+        sh(&command)
+    }
+
+    /// `wg show IF WHAT` of egress acme's device in the exit node.
+    pub fn exit_wg_show(&self, what: &str) -> String {
+        self.exit_wg(&["show", &self.wg_interface, what])
+    }
+
     /// Public keys of the exit node's WireGuard peers for egress acme.
     pub fn exit_peers(&self) -> Vec<String> {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.exit,
-            "wg",
-            "show",
-            &self.wg_interface,
-            "peers",
-        ])
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect()
+        self.exit_wg_show("peers")
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect()
     }
 
     /// A new, empty container namespace.

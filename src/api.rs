@@ -83,6 +83,17 @@ pub struct LeaseRequest {
     pub attachment: Attachment,
 }
 
+impl LeaseRequest {
+    /// What the server checks before leasing: bounded attachment, a usable key.
+    pub fn validate(&self) -> Result<(), String> {
+        self.attachment.validate()?;
+        if self.public_key.is_zero() {
+            return Err("public_key must not be all zeros".into());
+        }
+        Ok(())
+    }
+}
+
 /// A lease as the server keeps and lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {

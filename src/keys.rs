@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -46,13 +46,13 @@ impl Key {
         hex::encode(self.0)
     }
 
-    /// Accepts standard or URL-safe base64.
+    /// Accepts standard or URL-safe base64, padded or not.
     pub fn from_base64(s: &str) -> Result<Key, KeyParseError> {
         let s = s.trim();
-        let bytes = STANDARD
-            .decode(s)
-            .or_else(|_| URL_SAFE.decode(s))
-            .map_err(|_| KeyParseError)?;
+        let bytes = [STANDARD, URL_SAFE, STANDARD_NO_PAD, URL_SAFE_NO_PAD]
+            .iter()
+            .find_map(|engine| engine.decode(s).ok())
+            .ok_or(KeyParseError)?;
         Ok(Key(bytes.try_into().map_err(|_| KeyParseError)?))
     }
 

@@ -117,7 +117,10 @@ fn main() {
         machine.line()
     );
     let started = Instant::now();
-    let mut world = World::with_pool(BENCH_POOL);
+    let mut world = World::with(world::Settings {
+        pool: Some(BENCH_POOL.to_string()),
+        ..Default::default()
+    });
     let echo = cni::start_echo(&world);
     let mut results = report::Results::new(machine, smoke, sizes.clone());
 

@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use crate::api::{Attachment, LeaseRequest};
+use crate::cni::cleanup;
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::del::detach;
@@ -28,6 +29,12 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
         .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+    for gone in cleanup::stale_attachments(&dir, conf, Some(&client)).await {
+        eprintln!(
+            "wgexit: cleaned up {} {}: its netns is gone",
+            gone.container_id, gone.ifname
+        );
+    }
     let backend = open_backend(conf.backend)?;
 
     let private_key = Key::generate_private().map_err(|e| {

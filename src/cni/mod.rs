@@ -2,6 +2,7 @@
 
 pub mod add;
 pub mod check;
+pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod del;
@@ -198,6 +199,7 @@ pub(crate) fn client_error(what: &str, e: &ClientError) -> CniError {
         ClientError::Refused {
             status: 401 | 403, ..
         } => Code::Unauthorized,
+        ClientError::Refused { status: 429, .. } => Code::TryAgainLater,
         ClientError::Refused { status, .. } if *status >= 500 && *status != 503 => {
             Code::TryAgainLater
         }

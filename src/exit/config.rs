@@ -44,6 +44,10 @@ struct RawConfig {
     first_handshake_timeout: Option<u64>,
     #[serde(default)]
     persistent_keepalive: Option<u16>,
+    #[serde(default)]
+    reconcile_interval: Option<u64>,
+    #[serde(default)]
+    collect_interval: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +90,10 @@ pub struct Config {
     pub first_handshake_timeout: Duration,
     /// Keepalive handed to clients, seconds.
     pub persistent_keepalive: u16,
+    /// How often devices are checked against the store while running.
+    pub reconcile_interval: Duration,
+    /// How often idle leases are looked for.
+    pub collect_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +127,8 @@ impl EgressConfig {
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEPALIVE: u16 = 25;
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
 
 /// Linux interface names: 1..=15 bytes, no '/', whitespace or ':'.
@@ -130,6 +140,67 @@ pub fn valid_ifname(name: &str) -> bool {
         && !name
             .bytes()
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+}
+
+struct Timers {
+    peer_timeout: Duration,
+    first_handshake_timeout: Duration,
+    persistent_keepalive: u16,
+    reconcile_interval: Duration,
+    collect_interval: Duration,
+}
+
+/// The collection and reconcile timers, checked against each other: a live container's
+/// keepalives must come often enough that it is never taken for idle.
+fn timers(
+    raw: &RawConfig,
+    invalid: &impl Fn(String, String) -> ConfigError,
+) -> Result<Timers, ConfigError> {
+    let secs = |key: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => Err(invalid(key.into(), "must be at least 1 (seconds)".into())),
+        Some(n) => Ok(Duration::from_secs(n)),
+        None => Ok(default),
+    };
+    let peer_timeout = secs("peer_timeout", raw.peer_timeout, DEFAULT_PEER_TIMEOUT)?;
+    let first_handshake_timeout = secs(
+        "first_handshake_timeout",
+        raw.first_handshake_timeout,
+        DEFAULT_FIRST_HANDSHAKE_TIMEOUT,
+    )?;
+    let reconcile_interval = secs(
+        "reconcile_interval",
+        raw.reconcile_interval,
+        DEFAULT_RECONCILE_INTERVAL,
+    )?;
+    let collect_interval = secs(
+        "collect_interval",
+        raw.collect_interval,
+        DEFAULT_COLLECT_INTERVAL,
+    )?;
+    let persistent_keepalive = raw.persistent_keepalive.unwrap_or(DEFAULT_KEEPALIVE);
+    if persistent_keepalive == 0 {
+        return Err(invalid(
+            "persistent_keepalive".into(),
+            "must be at least 1: idle containers are kept alive by their keepalives, or collected"
+                .into(),
+        ));
+    }
+    if peer_timeout.as_secs() <= 2 * u64::from(persistent_keepalive) {
+        return Err(invalid(
+            "peer_timeout".into(),
+            format!(
+                "{} s must be more than twice persistent_keepalive ({persistent_keepalive} s), or live containers would be collected",
+                peer_timeout.as_secs()
+            ),
+        ));
+    }
+    Ok(Timers {
+        peer_timeout,
+        first_handshake_timeout,
+        persistent_keepalive,
+        reconcile_interval,
+        collect_interval,
+    })
 }
 
 impl Config {
@@ -152,6 +223,7 @@ impl Config {
             message,
         };
 
+        let timers = timers(&raw, &invalid)?;
         if !raw.state_dir.is_absolute() {
             return Err(invalid(
                 "state_dir".into(),
@@ -314,15 +386,11 @@ impl Config {
                 san: raw.api.san,
             },
             egress,
-            peer_timeout: raw
-                .peer_timeout
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_PEER_TIMEOUT),
-            first_handshake_timeout: raw
-                .first_handshake_timeout
-                .map(Duration::from_secs)
-                .unwrap_or(DEFAULT_FIRST_HANDSHAKE_TIMEOUT),
-            persistent_keepalive: raw.persistent_keepalive.unwrap_or(DEFAULT_KEEPALIVE),
+            peer_timeout: timers.peer_timeout,
+            first_handshake_timeout: timers.first_handshake_timeout,
+            persistent_keepalive: timers.persistent_keepalive,
+            reconcile_interval: timers.reconcile_interval,
+            collect_interval: timers.collect_interval,
         })
     }
 
@@ -371,6 +439,28 @@ token_file = "/etc/wgexitd/acme.tokens"
         assert_eq!(e.overlay_ip(), Ipv4Addr::new(100, 96, 0, 1));
         assert_eq!(e.mtu, DEFAULT_MTU);
         assert_eq!(c.peer_timeout, DEFAULT_PEER_TIMEOUT);
+        assert_eq!(c.collect_interval, DEFAULT_COLLECT_INTERVAL);
+        assert_eq!(c.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
+    }
+
+    #[test]
+    fn timers_can_be_short_but_must_fit_the_keepalive() {
+        let short = format!(
+            "peer_timeout = 4\nfirst_handshake_timeout = 2\npersistent_keepalive = 1\ncollect_interval = 1\nreconcile_interval = 1\n{VALID}"
+        );
+        let c = parse(&short).unwrap();
+        assert_eq!(c.peer_timeout, Duration::from_secs(4));
+        assert_eq!(c.first_handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.collect_interval, Duration::from_secs(1));
+        for (text, key) in [
+            ("peer_timeout = 50\n", "peer_timeout"),
+            ("persistent_keepalive = 0\n", "persistent_keepalive"),
+            ("collect_interval = 0\n", "collect_interval"),
+            ("first_handshake_timeout = 0\n", "first_handshake_timeout"),
+        ] {
+            let msg = err(&format!("{text}{VALID}"));
+            assert!(msg.contains(key), "{text:?}: {msg}");
+        }
     }
 
     #[test]

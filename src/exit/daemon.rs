@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::exit::collect::Activity;
 use crate::exit::config::{Config, ConfigError};
 use crate::exit::http;
 use crate::exit::nat::{Firewall, NatError, DEFAULT_TABLE};
@@ -19,9 +20,6 @@ use crate::fsutil;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
 use crate::wg::{Backend, WgError, WireGuard};
-
-/// How often devices are checked against the store while running.
-pub const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -173,28 +171,12 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     // delayed ACK (40 ms) before its second half goes out.
     .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
     .handle(handle.clone())
-    .serve(http::router(exit.clone()).into_make_service());
+    .serve(
+        http::router(exit.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    );
 
-    let reconciler = {
-        let exit = exit.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECONCILE_EVERY);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                match exit.reconcile().await {
-                    Ok(changes) => {
-                        for (egress, c) in changes {
-                            if c != Default::default() {
-                                tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
-                            }
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "reconcile failed"),
-                }
-            }
-        })
-    };
+    let reconciler = tokio::spawn(reconcile_loop(exit.clone()));
+    let collector = tokio::spawn(collect_loop(exit.clone()));
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -207,6 +189,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     };
     reconciler.abort();
+    collector.abort();
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -216,6 +199,43 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             addr: listen,
             source: std::io::Error::other(e.to_string()),
         }),
+    }
+}
+
+/// Every `reconcile_interval`: repairs devices that drifted from the store.
+async fn reconcile_loop(exit: Arc<Exit>) {
+    let mut tick = tokio::time::interval(exit.config.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match exit.reconcile().await {
+            Ok(changes) => {
+                for (egress, c) in changes {
+                    if c != Default::default() {
+                        tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
+                    }
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "reconcile failed"),
+        }
+    }
+}
+
+/// Every `collect_interval`: releases the leases of peers that have gone away.
+async fn collect_loop(exit: Arc<Exit>) {
+    let mut activity = Activity::default();
+    let mut tick = tokio::time::interval(exit.config.collect_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for (lease, why) in exit.collect(&mut activity).await {
+            tracing::info!(
+                egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,
+                container_id = %lease.attachment.container_id, host = %lease.attachment.host,
+                "idle lease collected: {why}"
+            );
+        }
     }
 }
 

@@ -1,12 +1,13 @@
 //! The HTTPS control API (routes in [`crate::api`]), mapping [`ExitError`]s to statuses.
 
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -33,6 +34,12 @@ impl IntoResponse for ExitError {
         let msg = self.to_string();
         match &self {
             ExitError::Unauthorized(_) => error(StatusCode::UNAUTHORIZED, "unauthorized", msg),
+            ExitError::RateLimited(retry) => {
+                let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limited", msg);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, retry.as_secs().max(1).into());
+                r
+            }
             ExitError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", msg),
             ExitError::Lease(LeaseError::UnknownEgress(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
@@ -56,6 +63,23 @@ impl IntoResponse for ExitError {
             }
         }
     }
+}
+
+/// A lease request body as the API takes it: JSON (serde_json limits nesting to 128 levels;
+/// the body is at most [`MAX_BODY_BYTES`]), no unknown fields, bounded fields, a usable key.
+pub fn decode_lease_request(body: &[u8]) -> Result<LeaseRequest, ExitError> {
+    let req: LeaseRequest = serde_json::from_slice(body)
+        .map_err(|e| ExitError::BadRequest(format!("request body is not a lease request: {e}")))?;
+    req.validate().map_err(ExitError::BadRequest)?;
+    Ok(req)
+}
+
+/// The `{public_key}` of a lease path (already percent-decoded by the router).
+pub fn decode_path_key(key: &str) -> Result<Key, ExitError> {
+    Key::from_base64(key).map_err(|e| {
+        let shown: String = key.chars().take(64).collect();
+        ExitError::BadRequest(format!("{shown:?} in the path: {e}"))
+    })
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -87,45 +111,47 @@ pub fn router(exit: Arc<Exit>) -> Router {
 
 async fn lease(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ExitError> {
-    let owner = exit.authorize(&egress, bearer(&headers))?;
+    let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     let body = body.map_err(|e| ExitError::BadRequest(format!("request body: {e}")))?;
-    let req: LeaseRequest = serde_json::from_slice(&body)
-        .map_err(|e| ExitError::BadRequest(format!("request body is not a lease request: {e}")))?;
+    let req = decode_lease_request(&body)?;
     let grant = exit.lease(&egress, &owner, req).await?;
     Ok(Json(grant).into_response())
 }
 
 async fn release(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path((egress, key)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    let owner = exit.authorize(&egress, bearer(&headers))?;
-    let key = Key::from_base64(&key)
-        .map_err(|e| ExitError::BadRequest(format!("{key:?} in the path: {e}")))?;
+    let owner = exit.authorize(peer.ip(), &egress, bearer(&headers))?;
+    let key = decode_path_key(&key)?;
     exit.release(&egress, Some(&owner), &key).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    exit.authorize(&egress, bearer(&headers))?;
+    exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     Ok(Json(exit.list(&egress).await?).into_response())
 }
 
 async fn egress_info(
     State(exit): State<Arc<Exit>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(egress): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ExitError> {
-    exit.authorize(&egress, bearer(&headers))?;
+    exit.authorize(peer.ip(), &egress, bearer(&headers))?;
     Ok(Json(exit.info(&egress).await?).into_response())
 }
 
@@ -147,6 +173,11 @@ async fn metrics(State(exit): State<Arc<Exit>>) -> Response {
             "wgexitd_leases_released_total",
             "Leases released.",
             &m.leases_released,
+        ),
+        (
+            "wgexitd_leases_collected_total",
+            "Leases of peers gone idle, collected.",
+            &m.leases_collected,
         ),
         (
             "wgexitd_auth_failures_total",

@@ -1,12 +1,14 @@
 //! The exit-node daemon, `wgexitd`: WireGuard devices per egress, SNAT, the lease store and
 //! the HTTPS control API.
 
+pub mod collect;
 pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod nat;
 pub mod pool;
+pub mod ratelimit;
 pub mod reconcile;
 pub mod registry;
 pub mod service;

@@ -328,4 +328,67 @@ mod tests {
             Err(LeaseError::PoolExhausted { .. })
         ));
     }
+
+    #[test]
+    fn concurrent_releases_and_leases_never_share_an_address() {
+        use std::collections::HashSet;
+        use std::sync::Mutex;
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&t.path().join("l.redb")).unwrap());
+        let (r, _) = Registry::load(&[egress("a", "100.96.0.0/29")], store.clone()).unwrap();
+        let r = Mutex::new(r);
+        let check = |r: &Registry| {
+            let addrs: Vec<_> = r
+                .egress("a")
+                .unwrap()
+                .leases()
+                .map(|l| l.lease.address)
+                .collect();
+            let distinct: HashSet<_> = addrs.iter().collect();
+            assert_eq!(
+                addrs.len(),
+                distinct.len(),
+                "an address leased twice: {addrs:?}"
+            );
+        };
+        std::thread::scope(|s| {
+            for t in 0..4u8 {
+                let r = &r;
+                s.spawn(move || {
+                    for i in 0..40u8 {
+                        let key = req(t * 64 + (i % 8));
+                        let mut g = r.lock().unwrap();
+                        // Leasing, releasing (as DEL or collection would) and leasing again
+                        // race with the other threads; the pool of 5 is always contended.
+                        match g.lease("a", &key, "o") {
+                            Ok(_) | Err(LeaseError::PoolExhausted { .. }) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                        check(&g);
+                        drop(g);
+                        std::thread::yield_now();
+                        let mut g = r.lock().unwrap();
+                        if i % 3 != 0 {
+                            let _ = g.release("a", &key.public_key, None);
+                        }
+                        check(&g);
+                    }
+                });
+            }
+        });
+        // The store says the same as memory.
+        let r = r.into_inner().unwrap();
+        let mut held: Vec<_> = r
+            .egress("a")
+            .unwrap()
+            .leases()
+            .map(|l| l.lease.clone())
+            .collect();
+        // Dropping the registry applies every queued write first.
+        drop(r);
+        let mut stored: Vec<_> = store.load().unwrap().into_iter().map(|l| l.lease).collect();
+        stored.sort_by_key(|l| l.address);
+        held.sort_by_key(|l| l.address);
+        assert_eq!(stored, held);
+    }
 }

@@ -1,25 +1,32 @@
 //! The exit node's operations, independent of HTTP: lease, release, list, reconcile.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
 
 use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
 
 use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
+use crate::exit::collect::{Activity, Idle, Timeouts};
+use crate::exit::commit::Pending;
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::nat::EgressRules;
+use crate::exit::ratelimit::FailedAuthLimiter;
 use crate::exit::reconcile::{exit_peer, reconcile_egress, Changes, ReconcileError};
 use crate::exit::registry::{LeaseError, Registry};
 use crate::exit::tokens::{owner_id, Tokens};
 use crate::keys::Key;
 use crate::net::Netlink;
-use crate::wg::{Backend, WgError, WireGuard};
+use crate::wg::{Backend, PeerStatus, WgError, WireGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExitError {
     #[error("token not accepted for egress {0:?} (or no such egress)")]
     Unauthorized(String),
+    #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
+    RateLimited(std::time::Duration),
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]
@@ -34,6 +41,7 @@ pub struct Metrics {
     pub leases_granted: AtomicU64,
     pub leases_renewed: AtomicU64,
     pub leases_released: AtomicU64,
+    pub leases_collected: AtomicU64,
     pub auth_failures: AtomicU64,
 }
 
@@ -47,6 +55,7 @@ pub struct Exit {
     public_keys: HashMap<String, Key>,
     tokens: HashMap<String, Tokens>,
     pub metrics: Metrics,
+    failed_auth: FailedAuthLimiter,
 }
 
 impl Exit {
@@ -71,6 +80,7 @@ impl Exit {
             public_keys,
             tokens,
             metrics: Metrics::default(),
+            failed_auth: FailedAuthLimiter::default(),
         }
     }
 
@@ -78,12 +88,23 @@ impl Exit {
         &self.backend
     }
 
-    /// Checks `token` against `egress`'s tokens; returns the owner id it stands for.
-    pub fn authorize(&self, egress: &str, token: Option<&str>) -> Result<String, ExitError> {
+    /// Checks `token` against `egress`'s tokens; returns the owner id it stands for. A
+    /// source that failed too often is refused before its token is looked at.
+    pub fn authorize(
+        &self,
+        source: IpAddr,
+        egress: &str,
+        token: Option<&str>,
+    ) -> Result<String, ExitError> {
+        let now = Instant::now();
+        self.failed_auth
+            .check(source, now)
+            .map_err(ExitError::RateLimited)?;
         match (self.tokens.get(egress), token) {
             (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
             _ => {
                 self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+                self.failed_auth.failed(source, now);
                 Err(ExitError::Unauthorized(egress.to_string()))
             }
         }
@@ -108,12 +129,7 @@ impl Exit {
         owner: &str,
         req: LeaseRequest,
     ) -> Result<LeaseGrant, ExitError> {
-        req.attachment.validate().map_err(ExitError::BadRequest)?;
-        if req.public_key.is_zero() {
-            return Err(ExitError::BadRequest(
-                "public_key must not be all zeros".into(),
-            ));
-        }
+        req.validate().map_err(ExitError::BadRequest)?;
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
@@ -180,12 +196,82 @@ impl Exit {
             }
             Some(_) => {}
         }
-        self.backend.remove_peer(&cfg.wg_interface, key).await?;
-        let (removed, durable) = registry.release(egress, key, owner)?;
+        let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable.durable().await.map_err(LeaseError::Store)?;
         self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
-        Ok(removed.lease)
+        Ok(removed)
+    }
+
+    /// Takes `key`'s peer off the device, then its lease out of the store and the pool.
+    /// Called with the registry locked, so the address is free for the next lease only once
+    /// no peer holds it any more: one address never reaches two peers. The removal is
+    /// durable once the returned [`Pending`] resolves; await it after letting the lock go.
+    async fn remove_lease(
+        &self,
+        registry: &mut Registry,
+        cfg: &EgressConfig,
+        key: &Key,
+    ) -> Result<(Lease, Pending), ExitError> {
+        self.backend.remove_peer(&cfg.wg_interface, key).await?;
+        let (removed, durable) = registry.release(&cfg.name, key, None)?;
+        Ok((removed.lease, durable))
+    }
+
+    /// Releases the leases whose peers have gone away (see [`crate::exit::collect`]).
+    /// Returns what was collected, with why.
+    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+        let timeouts = Timeouts {
+            peer: self.config.peer_timeout,
+            first_handshake: self.config.first_handshake_timeout,
+        };
+        let mut registry = self.registry.lock().await;
+        let mut removed = Vec::new();
+        for cfg in &self.config.egress {
+            let status = match self.backend.status(&cfg.wg_interface).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(egress = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
+                    continue;
+                }
+            };
+            let peers: HashMap<Key, &PeerStatus> =
+                status.peers.iter().map(|p| (p.public_key, p)).collect();
+            let leased: HashSet<Key> = match registry.egress(&cfg.name) {
+                Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
+                Err(_) => continue,
+            };
+            activity.retain(&cfg.name, &leased);
+            let now = SystemTime::now();
+            for key in leased {
+                let peer = peers.get(&key).copied();
+                let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
+                    continue;
+                };
+                match self.remove_lease(&mut registry, cfg, &key).await {
+                    Ok((lease, durable)) => removed.push((lease, why, durable)),
+                    Err(e) => {
+                        tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
+                    }
+                }
+            }
+        }
+        drop(registry);
+        let mut out = Vec::new();
+        for (lease, why, durable) in removed {
+            match durable.durable().await {
+                Ok(()) => {
+                    self.metrics
+                        .leases_collected
+                        .fetch_add(1, Ordering::Relaxed);
+                    out.push((lease, why));
+                }
+                Err(e) => {
+                    tracing::error!(egress = %lease.egress, public_key = %lease.public_key, error = %e, "collected an idle lease but could not write that to the store")
+                }
+            }
+        }
+        out
     }
 
     pub async fn list(&self, egress: &str) -> Result<LeaseList, ExitError> {

@@ -6,6 +6,7 @@
 //! with survives a crash. [`LeaseStore::apply`] commits many writes in one such transaction
 //! (see [`crate::exit::commit`]).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -71,6 +72,9 @@ impl RedbStore {
                 "{e} (is another wgexitd running with the same state_dir?)"
             ))
         })?;
+        // Leases name containers and hosts: owner-only, like every file under state_dir.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| err(format!("cannot make the store owner-only: {e}")))?;
         let store = RedbStore {
             db,
             path: path.to_path_buf(),

@@ -133,6 +133,16 @@ fn new_key() -> Key {
     Key::generate_private().unwrap()
 }
 
+/// The backend of the tests that run on either: `$WGEXIT_TEST_BACKEND` ("kernel" in the VM
+/// test, see netns-tests/vm/), else userspace.
+fn backend_under_test() -> BackendKind {
+    match std::env::var("WGEXIT_TEST_BACKEND").as_deref() {
+        Ok("kernel") => BackendKind::Kernel,
+        Ok("auto") => BackendKind::Auto,
+        _ => BackendKind::Userspace,
+    }
+}
+
 #[test]
 fn two_devices_handshake_and_ping_across_namespaces() {
     if !is_root() {
@@ -250,8 +260,8 @@ fn two_devices_handshake_and_ping_across_namespaces() {
     });
 }
 
-#[test]
-fn set_and_remove_peer_touch_one_peer() {
+/// Runs `test` with a new device of the backend under test, in a namespace of its own.
+fn with_device(test: impl AsyncFnOnce(&Backend, &str)) {
     if !is_root() {
         return;
     }
@@ -260,14 +270,21 @@ fn set_and_remove_peer_touch_one_peer() {
     let dev = world.device();
     enter(&ns);
     runtime().block_on(async {
-        let backend = Backend::open(BackendKind::Userspace).unwrap();
+        let backend = Backend::open(backend_under_test()).unwrap();
         backend.create(&dev).await.unwrap();
+        test(&backend, &dev).await;
+    });
+}
+
+#[test]
+fn set_and_remove_peer_touch_one_peer() {
+    with_device(async |backend, dev| {
         let (k1, k2, k3) = (new_key(), new_key(), new_key());
         let p1 = peer(&k1, Some("198.18.0.1:1000"), &["100.64.1.1/32"]);
         let p2 = peer(&k2, Some("198.18.0.2:2000"), &["100.64.1.2/32"]);
         backend
             .configure(
-                &dev,
+                dev,
                 &DeviceConfig {
                     private_key: new_key(),
                     listen_port: None,
@@ -285,15 +302,15 @@ fn set_and_remove_peer_touch_one_peer() {
                 &["100.64.1.3/32", "100.64.2.0/24"],
             )
         };
-        backend.set_peer(&dev, &p3).await.unwrap();
-        let peers = wg_show(&dev, "peers");
+        backend.set_peer(dev, &p3).await.unwrap();
+        let peers = wg_show(dev, "peers");
         assert_eq!(peers.lines().count(), 3, "{peers}");
-        assert!(wg_show(&dev, "persistent-keepalive").contains(&format!("{}\t25", k3.public())));
+        assert!(wg_show(dev, "persistent-keepalive").contains(&format!("{}\t25", k3.public())));
 
         // Updating p2 replaces its allowed IPs and endpoint, and nothing of p1.
         let p2b = peer(&k2, Some("198.18.0.22:2222"), &["100.64.1.22/32"]);
-        backend.set_peer(&dev, &p2b).await.unwrap();
-        let allowed = wg_show(&dev, "allowed-ips");
+        backend.set_peer(dev, &p2b).await.unwrap();
+        let allowed = wg_show(dev, "allowed-ips");
         assert!(
             allowed.contains(&format!("{}\t100.64.1.22/32", k2.public())),
             "{allowed}"
@@ -303,7 +320,7 @@ fn set_and_remove_peer_touch_one_peer() {
             allowed.contains(&format!("{}\t100.64.1.1/32", k1.public())),
             "{allowed}"
         );
-        let endpoints = wg_show(&dev, "endpoints");
+        let endpoints = wg_show(dev, "endpoints");
         assert!(
             endpoints.contains(&format!("{}\t198.18.0.1:1000", k1.public())),
             "{endpoints}"
@@ -313,15 +330,15 @@ fn set_and_remove_peer_touch_one_peer() {
             "{endpoints}"
         );
 
-        backend.remove_peer(&dev, &k1.public()).await.unwrap();
-        let peers = wg_show(&dev, "peers");
+        backend.remove_peer(dev, &k1.public()).await.unwrap();
+        let peers = wg_show(dev, "peers");
         assert_eq!(peers.lines().count(), 2, "{peers}");
         assert!(!peers.contains(&k1.public().to_base64()));
         // Removing an absent peer is fine and changes nothing.
-        backend.remove_peer(&dev, &k1.public()).await.unwrap();
-        assert_eq!(wg_show(&dev, "peers").lines().count(), 2);
+        backend.remove_peer(dev, &k1.public()).await.unwrap();
+        assert_eq!(wg_show(dev, "peers").lines().count(), 2);
 
-        let status = backend.status(&dev).await.unwrap();
+        let status = backend.status(dev).await.unwrap();
         let mut keys: Vec<Key> = status.peers.iter().map(|p| p.public_key).collect();
         keys.sort();
         let mut want = vec![k2.public(), k3.public()];
@@ -339,7 +356,7 @@ fn set_and_remove_peer_touch_one_peer() {
         let k4 = new_key();
         backend
             .configure(
-                &dev,
+                dev,
                 &DeviceConfig {
                     private_key: new_key(),
                     listen_port: Some(40000),
@@ -348,10 +365,66 @@ fn set_and_remove_peer_touch_one_peer() {
             )
             .await
             .unwrap();
-        assert_eq!(wg_show(&dev, "peers").trim(), k4.public().to_base64());
-        assert_eq!(wg_show(&dev, "listen-port").trim(), "40000");
+        assert_eq!(wg_show(dev, "peers").trim(), k4.public().to_base64());
+        assert_eq!(wg_show(dev, "listen-port").trim(), "40000");
 
-        backend.delete(&dev).await.unwrap();
+        backend.delete(dev).await.unwrap();
+    });
+}
+
+#[test]
+fn many_peers_and_allowed_ips_go_in_and_come_back() {
+    // More than one netlink message's worth, with one peer whose allowed IPs alone need
+    // several: what an exit node with many containers configures on a restart.
+    let ip = |i: usize| format!("100.{}.{}.{}/32", 64 + i / 65536, (i / 256) % 256, i % 256);
+    let mut peers: Vec<PeerConfig> = (0..300)
+        .map(|i| PeerConfig {
+            persistent_keepalive: Some(25),
+            ..peer(&new_key(), Some("198.18.0.1:51820"), &[&ip(i)])
+        })
+        .collect();
+    let wide: Vec<String> = (1000..1700).map(ip).collect();
+    let wide: Vec<&str> = wide.iter().map(String::as_str).collect();
+    peers.push(peer(&new_key(), None, &wide));
+    with_device(async |backend, dev| {
+        let private_key = new_key();
+        backend
+            .configure(
+                dev,
+                &DeviceConfig {
+                    private_key,
+                    listen_port: Some(40001),
+                    peers: peers.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        let status = backend.status(dev).await.unwrap();
+        assert_eq!(status.public_key, Some(private_key.public()));
+        assert_eq!(status.listen_port, 40001);
+        // Compared as sets: the kernel lists allowed IPs in its own order.
+        let sorted = |mut ips: Vec<IpNet>| {
+            ips.sort();
+            ips
+        };
+        let mut got: Vec<(Key, Vec<IpNet>)> = status
+            .peers
+            .into_iter()
+            .map(|p| (p.public_key, sorted(p.allowed_ips)))
+            .collect();
+        let mut want: Vec<(Key, Vec<IpNet>)> = peers
+            .iter()
+            .map(|p| (p.public_key, sorted(p.allowed_ips.clone())))
+            .collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got == want,
+            "the device's peers differ from those configured"
+        );
+        assert_eq!(wg_show(dev, "peers").lines().count(), peers.len());
+        backend.delete(dev).await.unwrap();
     });
 }
 
