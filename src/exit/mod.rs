@@ -2,6 +2,7 @@
 //! the HTTPS control API.
 
 pub mod collect;
+pub mod commit;
 pub mod config;
 pub mod daemon;
 pub mod http;

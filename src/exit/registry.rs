@@ -1,14 +1,17 @@
 //! The lease registry: which public key holds which address in which egress, kept in
 //! memory for speed and written through to the durable [`LeaseStore`] on every change.
+//! Writes go through a [`GroupCommit`]: a change is made in memory at once and returns a
+//! [`Pending`] that resolves when it is on disk; callers answer only after that.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::api::{Lease, LeaseRequest};
+use crate::exit::commit::{GroupCommit, Pending};
 use crate::exit::config::EgressConfig;
 use crate::exit::pool::Pool;
-use crate::exit::store::{LeaseStore, StoreError, StoredLease};
+use crate::exit::store::{LeaseStore, StoreError, StoredLease, Write};
 use crate::keys::Key;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +60,7 @@ impl EgressLeases {
 
 pub struct Registry {
     egresses: HashMap<String, EgressLeases>,
-    store: Arc<dyn LeaseStore>,
+    commit: GroupCommit,
 }
 
 fn now_secs() -> u64 {
@@ -105,7 +108,7 @@ impl Registry {
         Ok((
             Registry {
                 egresses: map,
-                store,
+                commit: GroupCommit::new(store),
             },
             misfits,
         ))
@@ -122,13 +125,14 @@ impl Registry {
     }
 
     /// Grants a lease, or returns the existing one for this public key (idempotent).
-    /// The lease is durable when this returns. The bool says whether it is new.
+    /// The bool says whether it is new. The lease is durable once the [`Pending`] resolves
+    /// (an existing lease is written again, so it is durable then too).
     pub fn lease(
         &mut self,
         egress: &str,
         req: &LeaseRequest,
         owner: &str,
-    ) -> Result<(StoredLease, bool), LeaseError> {
+    ) -> Result<(StoredLease, bool, Pending), LeaseError> {
         let e = self
             .egresses
             .get_mut(egress)
@@ -140,7 +144,8 @@ impl Registry {
                     key: req.public_key,
                 });
             }
-            return Ok((existing.clone(), false));
+            let pending = self.commit.submit(Write::Put(existing.clone()));
+            return Ok((existing.clone(), false, pending));
         }
         let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
             egress: egress.to_string(),
@@ -157,22 +162,19 @@ impl Registry {
             },
             owner: owner.to_string(),
         };
-        if let Err(err) = self.store.put(&stored) {
-            e.pool.release(address);
-            return Err(err.into());
-        }
+        let pending = self.commit.submit(Write::Put(stored.clone()));
         e.by_key.insert(req.public_key, stored.clone());
-        Ok((stored, true))
+        Ok((stored, true, pending))
     }
 
     /// Releases a lease made by `owner` (or by anyone when `owner` is `None`: the daemon's
-    /// own collection). Durable when this returns.
+    /// own collection). Durable once the [`Pending`] resolves.
     pub fn release(
         &mut self,
         egress: &str,
         key: &Key,
         owner: Option<&str>,
-    ) -> Result<StoredLease, LeaseError> {
+    ) -> Result<(StoredLease, Pending), LeaseError> {
         let e = self
             .egresses
             .get_mut(egress)
@@ -189,13 +191,16 @@ impl Registry {
                 key: *key,
             });
         }
-        self.store.remove(egress, key)?;
         let removed = e.by_key.remove(key).ok_or_else(|| LeaseError::NotFound {
             egress: egress.to_string(),
             key: *key,
         })?;
         e.pool.release(removed.lease.address);
-        Ok(removed)
+        let pending = self.commit.submit(Write::Remove {
+            egress: egress.to_string(),
+            public_key: *key,
+        });
+        Ok((removed, pending))
     }
 }
 
@@ -225,6 +230,29 @@ mod tests {
         }
     }
 
+    /// A lease, waited for until durable.
+    fn lease(
+        r: &mut Registry,
+        egress: &str,
+        req: &LeaseRequest,
+        owner: &str,
+    ) -> Result<(StoredLease, bool), LeaseError> {
+        let (l, new, pending) = r.lease(egress, req, owner)?;
+        pending.wait()?;
+        Ok((l, new))
+    }
+
+    fn release(
+        r: &mut Registry,
+        egress: &str,
+        key: &Key,
+        owner: Option<&str>,
+    ) -> Result<StoredLease, LeaseError> {
+        let (l, pending) = r.release(egress, key, owner)?;
+        pending.wait()?;
+        Ok(l)
+    }
+
     fn open(dir: &std::path::Path) -> Registry {
         let store = Arc::new(RedbStore::open(&dir.join("l.redb")).unwrap());
         let (r, misfits) = Registry::load(
@@ -240,9 +268,9 @@ mod tests {
     fn lease_is_idempotent_per_key_and_distinct_across_keys() {
         let t = tempfile::tempdir().unwrap();
         let mut r = open(t.path());
-        let (l1, new1) = r.lease("a", &req(1), "o").unwrap();
-        let (l1b, new1b) = r.lease("a", &req(1), "o").unwrap();
-        let (l2, _) = r.lease("a", &req(2), "o").unwrap();
+        let (l1, new1) = lease(&mut r, "a", &req(1), "o").unwrap();
+        let (l1b, new1b) = lease(&mut r, "a", &req(1), "o").unwrap();
+        let (l2, _) = lease(&mut r, "a", &req(2), "o").unwrap();
         assert!(new1 && !new1b);
         assert_eq!(l1, l1b);
         assert_ne!(l1.lease.address, l2.lease.address);
@@ -252,24 +280,24 @@ mod tests {
     fn owners_and_egresses_are_separate() {
         let t = tempfile::tempdir().unwrap();
         let mut r = open(t.path());
-        r.lease("a", &req(1), "alice").unwrap();
+        lease(&mut r, "a", &req(1), "alice").unwrap();
         assert!(matches!(
-            r.lease("a", &req(1), "mallory"),
+            lease(&mut r, "a", &req(1), "mallory"),
             Err(LeaseError::NotOwner { .. })
         ));
         assert!(matches!(
-            r.release("a", &Key([1; 32]), Some("mallory")),
+            release(&mut r, "a", &Key([1; 32]), Some("mallory")),
             Err(LeaseError::NotOwner { .. })
         ));
         assert!(matches!(
-            r.release("b", &Key([1; 32]), Some("alice")),
+            release(&mut r, "b", &Key([1; 32]), Some("alice")),
             Err(LeaseError::NotFound { .. })
         ));
         assert!(matches!(
-            r.lease("zzz", &req(1), "alice"),
+            lease(&mut r, "zzz", &req(1), "alice"),
             Err(LeaseError::UnknownEgress(_))
         ));
-        r.release("a", &Key([1; 32]), Some("alice")).unwrap();
+        release(&mut r, "a", &Key([1; 32]), Some("alice")).unwrap();
     }
 
     #[test]
@@ -279,24 +307,24 @@ mod tests {
         {
             let mut r = open(t.path());
             for n in 1..=3 {
-                before.push(r.lease("a", &req(n), "o").unwrap().0);
+                before.push(lease(&mut r, "a", &req(n), "o").unwrap().0);
             }
-            r.release("a", &Key([2; 32]), Some("o")).unwrap();
+            release(&mut r, "a", &Key([2; 32]), Some("o")).unwrap();
         }
         let mut r = open(t.path());
         assert_eq!(r.egress("a").unwrap().len(), 2);
-        assert_eq!(r.lease("a", &req(1), "o").unwrap().0, before[0]);
+        assert_eq!(lease(&mut r, "a", &req(1), "o").unwrap().0, before[0]);
         let taken: Vec<_> = [&before[0], &before[2]]
             .iter()
             .map(|l| l.lease.address)
             .collect();
         // The pool has 5 addresses; 2 are taken, so exactly 3 more can be leased.
         for n in 10..13 {
-            let (l, _) = r.lease("a", &req(n), "o").unwrap();
+            let (l, _) = lease(&mut r, "a", &req(n), "o").unwrap();
             assert!(!taken.contains(&l.lease.address));
         }
         assert!(matches!(
-            r.lease("a", &req(20), "o"),
+            lease(&mut r, "a", &req(20), "o"),
             Err(LeaseError::PoolExhausted { .. })
         ));
     }
@@ -350,13 +378,15 @@ mod tests {
         });
         // The store says the same as memory.
         let r = r.into_inner().unwrap();
-        let mut stored: Vec<_> = store.load().unwrap().into_iter().map(|l| l.lease).collect();
         let mut held: Vec<_> = r
             .egress("a")
             .unwrap()
             .leases()
             .map(|l| l.lease.clone())
             .collect();
+        // Dropping the registry applies every queued write first.
+        drop(r);
+        let mut stored: Vec<_> = store.load().unwrap().into_iter().map(|l| l.lease).collect();
         stored.sort_by_key(|l| l.address);
         held.sort_by_key(|l| l.address);
         assert_eq!(stored, held);

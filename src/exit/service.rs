@@ -10,6 +10,7 @@ use tokio::sync::Mutex;
 
 use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::collect::{Activity, Idle, Timeouts};
+use crate::exit::commit::Pending;
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::nat::EgressRules;
 use crate::exit::ratelimit::FailedAuthLimiter;
@@ -50,6 +51,8 @@ pub struct Exit {
     backend: Backend,
     netlink: Netlink,
     private_keys: HashMap<String, Key>,
+    /// Derived once: a Curve25519 scalar multiplication per lease showed in profiles.
+    public_keys: HashMap<String, Key>,
     tokens: HashMap<String, Tokens>,
     pub metrics: Metrics,
     failed_auth: FailedAuthLimiter,
@@ -64,12 +67,17 @@ impl Exit {
         private_keys: HashMap<String, Key>,
         tokens: HashMap<String, Tokens>,
     ) -> Exit {
+        let public_keys = private_keys
+            .iter()
+            .map(|(egress, key)| (egress.clone(), key.public()))
+            .collect();
         Exit {
             config,
             registry: Mutex::new(registry),
             backend,
             netlink,
             private_keys,
+            public_keys,
             tokens,
             metrics: Metrics::default(),
             failed_auth: FailedAuthLimiter::default(),
@@ -109,9 +117,9 @@ impl Exit {
     }
 
     fn server_public_key(&self, egress: &str) -> Result<Key, ExitError> {
-        self.private_keys
+        self.public_keys
             .get(egress)
-            .map(Key::public)
+            .copied()
             .ok_or_else(|| ExitError::Unauthorized(egress.to_string()))
     }
 
@@ -125,17 +133,25 @@ impl Exit {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
-        let (stored, new) = tokio::task::block_in_place(|| registry.lease(egress, &req, owner))?;
+        let (stored, new, durable) = registry.lease(egress, &req, owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since.
         let peer = exit_peer(req.public_key, stored.lease.address);
         if let Err(e) = self.backend.set_peer(&cfg.wg_interface, &peer).await {
             if new {
-                let _ =
-                    tokio::task::block_in_place(|| registry.release(egress, &req.public_key, None));
+                // Queued after the lease's own write, so the store ends without it.
+                let _ = registry.release(egress, &req.public_key, None);
             }
             return Err(e.into());
         }
         drop(registry);
+        // Durable before the API answers; the fsync is shared with concurrent requests and
+        // made without the registry lock.
+        if let Err(e) = durable.durable().await {
+            if new {
+                let _ = self.release(egress, None, &req.public_key).await;
+            }
+            return Err(LeaseError::Store(e).into());
+        }
         if new {
             self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -180,23 +196,26 @@ impl Exit {
             }
             Some(_) => {}
         }
-        let removed = self.remove_lease(&mut registry, cfg, key).await?;
+        let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
+        drop(registry);
+        durable.durable().await.map_err(LeaseError::Store)?;
         self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
         Ok(removed)
     }
 
     /// Takes `key`'s peer off the device, then its lease out of the store and the pool.
     /// Called with the registry locked, so the address is free for the next lease only once
-    /// no peer holds it any more: one address never reaches two peers.
+    /// no peer holds it any more: one address never reaches two peers. The removal is
+    /// durable once the returned [`Pending`] resolves; await it after letting the lock go.
     async fn remove_lease(
         &self,
         registry: &mut Registry,
         cfg: &EgressConfig,
         key: &Key,
-    ) -> Result<Lease, ExitError> {
+    ) -> Result<(Lease, Pending), ExitError> {
         self.backend.remove_peer(&cfg.wg_interface, key).await?;
-        let removed = tokio::task::block_in_place(|| registry.release(&cfg.name, key, None))?;
-        Ok(removed.lease)
+        let (removed, durable) = registry.release(&cfg.name, key, None)?;
+        Ok((removed.lease, durable))
     }
 
     /// Releases the leases whose peers have gone away (see [`crate::exit::collect`]).
@@ -207,7 +226,7 @@ impl Exit {
             first_handshake: self.config.first_handshake_timeout,
         };
         let mut registry = self.registry.lock().await;
-        let mut out = Vec::new();
+        let mut removed = Vec::new();
         for cfg in &self.config.egress {
             let status = match self.backend.status(&cfg.wg_interface).await {
                 Ok(s) => s,
@@ -230,15 +249,25 @@ impl Exit {
                     continue;
                 };
                 match self.remove_lease(&mut registry, cfg, &key).await {
-                    Ok(lease) => {
-                        self.metrics
-                            .leases_collected
-                            .fetch_add(1, Ordering::Relaxed);
-                        out.push((lease, why));
-                    }
+                    Ok((lease, durable)) => removed.push((lease, why, durable)),
                     Err(e) => {
                         tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
                     }
+                }
+            }
+        }
+        drop(registry);
+        let mut out = Vec::new();
+        for (lease, why, durable) in removed {
+            match durable.durable().await {
+                Ok(()) => {
+                    self.metrics
+                        .leases_collected
+                        .fetch_add(1, Ordering::Relaxed);
+                    out.push((lease, why));
+                }
+                Err(e) => {
+                    tracing::error!(egress = %lease.egress, public_key = %lease.public_key, error = %e, "collected an idle lease but could not write that to the store")
                 }
             }
         }

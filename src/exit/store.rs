@@ -3,7 +3,8 @@
 //! [`LeaseStore`] is the seam for other stores (an etcd-backed one can serve a pool of exit
 //! nodes); [`RedbStore`] is the embedded, crash-safe one: every `put`/`remove` is committed
 //! with `Durability::Immediate` (fsync) before it returns, so a lease the API has answered
-//! with survives a crash.
+//! with survives a crash. [`LeaseStore::apply`] commits many writes in one such transaction
+//! (see [`crate::exit::commit`]).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -22,14 +23,25 @@ pub struct StoredLease {
     pub owner: String,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("lease store {path}: {detail}")]
 pub struct StoreError {
     pub path: PathBuf,
     pub detail: String,
 }
 
+/// One change to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    Put(StoredLease),
+    Remove { egress: String, public_key: Key },
+}
+
 pub trait LeaseStore: Send + Sync {
+    /// Where the store lives, for messages.
+    fn path(&self) -> PathBuf;
+    /// Applies `writes` in order, durably, all or none.
+    fn apply(&self, writes: &[Write]) -> Result<(), StoreError>;
     /// Every stored lease.
     fn load(&self) -> Result<Vec<StoredLease>, StoreError>;
     /// Writes (or overwrites) a lease durably.
@@ -94,6 +106,36 @@ impl RedbStore {
 }
 
 impl LeaseStore for RedbStore {
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        let mut records = Vec::with_capacity(writes.len());
+        for w in writes {
+            records.push(match w {
+                Write::Put(lease) => (
+                    record_key(&lease.lease.egress, &lease.lease.public_key),
+                    Some(serde_json::to_vec(lease).map_err(|e| self.err(e))?),
+                ),
+                Write::Remove { egress, public_key } => (record_key(egress, public_key), None),
+            });
+        }
+        self.write(|t| {
+            for (key, value) in &records {
+                match value {
+                    Some(v) => {
+                        t.insert(key.as_str(), v.as_slice())?;
+                    }
+                    None => {
+                        t.remove(key.as_str())?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     fn load(&self) -> Result<Vec<StoredLease>, StoreError> {
         let txn = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = txn.open_table(LEASES).map_err(|e| self.err(e))?;
@@ -159,6 +201,26 @@ mod tests {
         let mut got = s.load().unwrap();
         got.sort_by(|x, y| x.lease.egress.cmp(&y.lease.egress));
         assert_eq!(got, vec![lease("a", 2), lease("b", 2)]);
+    }
+
+    #[test]
+    fn a_batch_applies_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("leases.redb")).unwrap();
+        let gone = Write::Remove {
+            egress: "a".into(),
+            public_key: Key([3; 32]),
+        };
+        s.apply(&[
+            Write::Put(lease("a", 2)),
+            Write::Put(lease("a", 3)),
+            gone,
+            Write::Put(lease("b", 4)),
+        ])
+        .unwrap();
+        let mut got = s.load().unwrap();
+        got.sort_by(|x, y| x.lease.egress.cmp(&y.lease.egress));
+        assert_eq!(got, vec![lease("a", 2), lease("b", 4)]);
     }
 
     #[test]

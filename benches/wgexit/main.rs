@@ -1,0 +1,183 @@
+//! `cargo bench --bench wgexit` (what `scripts/bench` runs): wgexit measured side by side with
+//! the best alternatives on this machine, in one run, inside the namespace test world of
+//! `netns-tests/world.rs`. Needs root. Rows:
+//!
+//! 1. CNI ADD / DEL latency, wgexit (userspace backend) against `ptp` + `host-local`;
+//! 2. the container's first request after ADD (share that succeed on the first try, latency);
+//! 3. lease throughput of one exit node with 64 concurrent clients, a new TLS connection each;
+//! 4. lease latency and memory at growing numbers of live peers;
+//! 5. tunnel throughput (iperf3) against the same WireGuard configured by hand with `wg-quick`,
+//!    and against a plain routed veth path.
+//!
+//! `-- --smoke` runs every row at a tiny size (seconds) so CI keeps this code working; it
+//! writes nothing under `bench/results/`.
+
+#[path = "../../netns-tests/world.rs"]
+mod world;
+
+mod cni;
+mod leases;
+mod report;
+mod stats;
+mod tunnel;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use world::World;
+
+/// How big a run is.
+#[derive(Debug, Clone)]
+pub struct Sizes {
+    pub containers: usize,
+    pub first_peers: usize,
+    pub throughput_leases: usize,
+    pub concurrency: usize,
+    pub scale_points: Vec<usize>,
+    pub scale_samples: usize,
+    pub iperf_secs: u32,
+    pub iperf_rounds: usize,
+    /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
+    pub perf: Option<PathBuf>,
+}
+
+impl Sizes {
+    fn full() -> Sizes {
+        Sizes {
+            containers: 60,
+            first_peers: 100,
+            throughput_leases: 6400,
+            concurrency: 64,
+            scale_points: vec![1_000, 10_000, 60_000],
+            scale_samples: 100,
+            iperf_secs: 5,
+            iperf_rounds: 3,
+            perf: None,
+        }
+    }
+
+    fn smoke() -> Sizes {
+        Sizes {
+            containers: 2,
+            first_peers: 5,
+            throughput_leases: 64,
+            concurrency: 8,
+            scale_points: vec![100],
+            scale_samples: 5,
+            iperf_secs: 1,
+            iperf_rounds: 1,
+            perf: None,
+        }
+    }
+}
+
+/// The overlay pool of the benchmark's egress: room for the 60k-peer row.
+pub const BENCH_POOL: &str = "100.96.0.0/16";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let mut sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
+    let mut out: Option<PathBuf> = None;
+    let mut only: Option<String> = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--out" => out = it.next().map(PathBuf::from),
+            "--only" => only = it.next().cloned(),
+            "--containers" => sizes.containers = num(it.next()),
+            "--leases" => sizes.throughput_leases = num(it.next()),
+            "--scale" => {
+                sizes.scale_points = it
+                    .next()
+                    .map(|s| s.split(',').map(|n| num(Some(&n.to_string()))).collect())
+                    .unwrap_or_default()
+            }
+            "--iperf-secs" => sizes.iperf_secs = num(it.next()) as u32,
+            "--perf" => sizes.perf = it.next().map(PathBuf::from),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    let out = out.unwrap_or_else(|| {
+        if smoke {
+            std::env::temp_dir().join(format!("wgexit-bench-smoke-{}", std::process::id()))
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results")
+        }
+    });
+    let wants = |row: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|r| r == row))
+    };
+
+    let machine = report::Machine::probe();
+    eprintln!(
+        "wgexit bench ({}) on {}",
+        if smoke { "smoke" } else { "full" },
+        machine.line()
+    );
+    let started = Instant::now();
+    let mut world = World::with(world::Settings {
+        pool: Some(BENCH_POOL.to_string()),
+        ..Default::default()
+    });
+    let echo = cni::start_echo(&world);
+    let mut results = report::Results::new(machine, smoke, sizes.clone());
+
+    if wants("1") || wants("2") {
+        eprintln!(
+            "[1,2] CNI ADD/DEL: {} containers each, wgexit and ptp",
+            sizes.containers
+        );
+        results.cni = Some(cni::run(&mut world, &echo, sizes.containers));
+    }
+    if wants("5") {
+        eprintln!(
+            "[5] tunnel throughput: iperf3 {} s x {} rounds",
+            sizes.iperf_secs, sizes.iperf_rounds
+        );
+        results.tunnel = Some(tunnel::run(&mut world, &sizes));
+    }
+    // After the tunnel row, so the tunnel is measured on an exit node that is not carrying
+    // 60k peers.
+    if wants("3") || wants("4") {
+        eprintln!(
+            "[3,4] leases: throughput with {} clients, then scale",
+            sizes.concurrency
+        );
+        results.leases = Some(leases::run(&world, &sizes));
+    }
+    results.seconds = started.elapsed().as_secs_f64();
+    drop(world);
+
+    let table = results.table();
+    println!("{table}");
+    if let Err(e) = results.write(&out) {
+        eprintln!("cannot write results to {}: {e}", out.display());
+        std::process::exit(1);
+    }
+    eprintln!("results in {} ({:.0} s)", out.display(), results.seconds);
+    if smoke {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+fn num(s: Option<&String>) -> usize {
+    s.and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("expected a number after an option");
+        std::process::exit(2)
+    })
+}
+
+/// Runs `f` on a new thread inside network namespace `ns` (a name under /var/run/netns).
+pub fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = PathBuf::from(format!("/var/run/netns/{ns}"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let netns = wgexit::net::Netns::open(&path).expect("open netns");
+            netns.run(f).expect("enter netns")
+        })
+        .join()
+        .expect("thread in netns")
+    })
+}
