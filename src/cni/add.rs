@@ -19,7 +19,7 @@ use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
-use crate::wg::{DeviceConfig, PeerConfig, WireGuard};
+use crate::wg::{Backend, DeviceConfig, PeerConfig, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let container_id = env.container_id()?;
@@ -75,7 +75,18 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         return Err(e);
     }
 
-    match attach(env, conf, &client, &netns, &dir, &mut state, &private_key).await {
+    match attach(
+        env,
+        conf,
+        &client,
+        &backend,
+        &netns,
+        &dir,
+        &mut state,
+        &private_key,
+    )
+    .await
+    {
         Ok(attached) => Ok(attached.to_result(&conf.cni_version, conf.raw.get("prevResult"))),
         Err(e) => {
             if let Err(undo) = detach(&state, Some(&client), &dir).await {
@@ -86,10 +97,12 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attach(
     env: &CniEnv,
     conf: &NetConf,
     client: &Client,
+    backend: &Backend,
     netns: &Netns,
     dir: &StateDir,
     state: &mut AttachmentState,
@@ -118,7 +131,6 @@ async fn attach(
     dir.save(state)?;
 
     // The link is born in this (the host's) namespace, so its UDP socket stays here.
-    let backend = open_backend(state.backend)?;
     let host = &state.host_ifname;
     backend
         .create(host)

@@ -4,14 +4,14 @@
 //! peer without a lease is removed, and a peer that is right is not touched (so its session
 //! and counters go on).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
-use crate::wg::{DeviceConfig, PeerConfig, WgError, WireGuard};
+use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -48,13 +48,35 @@ pub fn exit_peer(public_key: Key, address: std::net::Ipv4Addr) -> PeerConfig {
     }
 }
 
+/// Reads `egress`'s device: `None` when there is no working device. Done before the
+/// registry is locked, since a device with many peers takes a while to read.
+pub async fn read_device<W: WireGuard>(
+    wg: &W,
+    egress: &EgressConfig,
+) -> Result<Option<DeviceStatus>, ReconcileError> {
+    let name = egress.wg_interface.as_str();
+    if !wg.exists(name).await {
+        return Ok(None);
+    }
+    wg.status(name)
+        .await
+        .map(Some)
+        .map_err(|source| ReconcileError::Wg {
+            egress: egress.name.clone(),
+            source,
+        })
+}
+
 /// Brings `egress`'s device to: key `private_key`, its listen port, exactly `peers`, the
-/// exit's overlay address, its MTU, up.
+/// exit's overlay address, its MTU, up. `device` is what [`read_device`] saw; it may be a
+/// little older than `peers` (a lease made or released in between), which only costs a
+/// redundant, idempotent single-peer change.
 pub async fn reconcile_egress<W: WireGuard>(
     wg: &W,
     netlink: &Netlink,
     egress: &EgressConfig,
     private_key: &Key,
+    device: Option<DeviceStatus>,
     peers: &[PeerConfig],
 ) -> Result<Changes, ReconcileError> {
     let wg_err = |source| ReconcileError::Wg {
@@ -69,31 +91,29 @@ pub async fn reconcile_egress<W: WireGuard>(
         peers: peers.to_vec(),
     };
 
-    if !wg.exists(name).await {
-        // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
-        let _ = wg.delete(name).await;
-        wg.create(name).await.map_err(wg_err)?;
-        wg.configure(name, &full).await.map_err(wg_err)?;
-        changes.created_device = true;
-    } else {
-        let status = wg.status(name).await.map_err(wg_err)?;
-        if status.public_key != Some(private_key.public())
-            || status.listen_port != egress.listen_port
+    match device {
+        None => {
+            // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
+            let _ = wg.delete(name).await;
+            wg.create(name).await.map_err(wg_err)?;
+            wg.configure(name, &full).await.map_err(wg_err)?;
+            changes.created_device = true;
+        }
+        Some(status)
+            if status.public_key != Some(private_key.public())
+                || status.listen_port != egress.listen_port =>
         {
             wg.configure(name, &full).await.map_err(wg_err)?;
             changes.reconfigured_device = true;
-        } else {
-            let want: HashMap<Key, &PeerConfig> = peers.iter().map(|p| (p.public_key, p)).collect();
+        }
+        Some(status) => {
+            let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
             for have in &status.peers {
-                match want.get(&have.public_key) {
-                    Some(p) if sorted(&p.allowed_ips) == sorted(&have.allowed_ips) => {}
-                    Some(_) => {}
-                    None => {
-                        wg.remove_peer(name, &have.public_key)
-                            .await
-                            .map_err(wg_err)?;
-                        changes.peers_removed += 1;
-                    }
+                if !want.contains(&have.public_key) {
+                    wg.remove_peer(name, &have.public_key)
+                        .await
+                        .map_err(wg_err)?;
+                    changes.peers_removed += 1;
                 }
             }
             let have: HashMap<Key, Vec<IpNet>> = status

@@ -14,7 +14,7 @@ use crate::exit::commit::Pending;
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::nat::EgressRules;
 use crate::exit::ratelimit::FailedAuthLimiter;
-use crate::exit::reconcile::{exit_peer, reconcile_egress, Changes, ReconcileError};
+use crate::exit::reconcile::{exit_peer, read_device, reconcile_egress, Changes, ReconcileError};
 use crate::exit::registry::{LeaseError, Registry};
 use crate::exit::tokens::{owner_id, Tokens};
 use crate::keys::Key;
@@ -225,9 +225,10 @@ impl Exit {
             peer: self.config.peer_timeout,
             first_handshake: self.config.first_handshake_timeout,
         };
-        let mut registry = self.registry.lock().await;
         let mut removed = Vec::new();
         for cfg in &self.config.egress {
+            // Read without the lock (a device with many peers takes a while); a lease made
+            // since is simply not seen yet, and its first-handshake clock starts next time.
             let status = match self.backend.status(&cfg.wg_interface).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -237,6 +238,7 @@ impl Exit {
             };
             let peers: HashMap<Key, &PeerStatus> =
                 status.peers.iter().map(|p| (p.public_key, p)).collect();
+            let mut registry = self.registry.lock().await;
             let leased: HashSet<Key> = match registry.egress(&cfg.name) {
                 Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
                 Err(_) => continue,
@@ -256,7 +258,6 @@ impl Exit {
                 }
             }
         }
-        drop(registry);
         let mut out = Vec::new();
         for (lease, why, durable) in removed {
             match durable.durable().await {
@@ -313,9 +314,15 @@ impl Exit {
 
     /// Makes every egress's device match the store (see [`reconcile_egress`]).
     pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, ReconcileError> {
-        let registry = self.registry.lock().await;
         let mut out = Vec::new();
         for cfg in &self.config.egress {
+            let Some(key) = self.private_keys.get(&cfg.name) else {
+                continue;
+            };
+            // Read the device without the lock, so leases go on meanwhile; apply the
+            // (single-peer) changes with it, so none races a lease or a release.
+            let device = read_device(&self.backend, cfg).await?;
+            let registry = self.registry.lock().await;
             let peers: Vec<_> = registry
                 .egress(&cfg.name)
                 .map(|e| {
@@ -324,10 +331,9 @@ impl Exit {
                         .collect()
                 })
                 .unwrap_or_default();
-            let Some(key) = self.private_keys.get(&cfg.name) else {
-                continue;
-            };
-            let changes = reconcile_egress(&self.backend, &self.netlink, cfg, key, &peers).await?;
+            let changes =
+                reconcile_egress(&self.backend, &self.netlink, cfg, key, device, &peers).await?;
+            drop(registry);
             out.push((cfg.name.clone(), changes));
         }
         Ok(out)
