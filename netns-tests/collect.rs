@@ -88,7 +88,9 @@ fn metric(w: &World, name: &str) -> u64 {
 #[test]
 fn a_vanished_host_is_collected_and_its_addresses_reused_while_live_ones_stay() {
     let mut w = World::with(short_timeouts());
-    let conf = w.net_conf("acme");
+    let mut conf = w.net_conf("acme");
+    // Each ADD looks for attachments whose netns is gone (by default at most every 30 s).
+    conf["staleSweepInterval"] = serde_json::json!(0);
     let live = w.container("live");
     let gone: Vec<_> = (0..3).map(|i| w.container(&format!("gone{i}"))).collect();
     w.cni("ADD", &live, &conf).ok();

@@ -586,12 +586,14 @@ token_file = "{other_tokens}"
             .collect()
     }
 
-    /// Files in the plugin's dataDir.
+    /// Files in the plugin's dataDir, but for the one marker of when ADD last swept for
+    /// stale attachments (a single file, not per attachment).
     pub fn state_files(&self) -> Vec<String> {
         match std::fs::read_dir(self.data_dir()) {
             Ok(rd) => rd
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != ".stale-sweep")
                 .collect(),
             Err(_) => Vec::new(),
         }

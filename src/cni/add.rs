@@ -29,11 +29,13 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
         .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
-    for gone in cleanup::stale_attachments(&dir, conf, Some(&client)).await {
-        eprintln!(
-            "wgexit: cleaned up {} {}: its netns is gone",
-            gone.container_id, gone.ifname
-        );
+    if cleanup::sweep_due(&dir, conf.stale_sweep_interval) {
+        for gone in cleanup::stale_attachments(&dir, conf, Some(&client)).await {
+            eprintln!(
+                "wgexit: cleaned up {} {}: its netns is gone",
+                gone.container_id, gone.ifname
+            );
+        }
     }
     let backend = open_backend(conf.backend)?;
 

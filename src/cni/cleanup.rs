@@ -1,9 +1,12 @@
 //! Attachments left behind by containers that went away without a DEL (a runtime that
 //! crashed, a namespace removed by hand): their state is found by a netns that no longer
 //! exists, and undone like a DEL would (WireGuard device, `wireguard-go` process and
-//! socket, lease, state files). ADD runs this for its `dataDir` first; GC can reuse it.
+//! socket, lease, state files). ADD runs this for its `dataDir` first, at most once every
+//! `staleSweepInterval` (so a host with many containers does not read every state file at
+//! every container start); GC can reuse it.
 
 use std::path::Path;
+use std::time::{Duration, SystemTime};
 
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
@@ -20,6 +23,21 @@ pub fn netns_gone(path: &Path) -> bool {
         // Cannot tell (permissions, ...): not ours to judge.
         Err(_) => false,
     }
+}
+
+/// Whether ADD should sweep now: the last sweep recorded in `dir` is at least `every` old
+/// (or there was none). Records this one.
+pub fn sweep_due(dir: &StateDir, every: Duration) -> bool {
+    let marker = dir.sweep_marker();
+    let last = std::fs::metadata(&marker).and_then(|m| m.modified()).ok();
+    let due = match last {
+        Some(t) => SystemTime::now().duration_since(t).unwrap_or_default() >= every,
+        None => true,
+    };
+    if due {
+        let _ = crate::fsutil::write_private(&marker, b"");
+    }
+    due
 }
 
 /// Whether `state` belongs to a container whose namespace is gone.

@@ -17,6 +17,7 @@ pub const LATEST_VERSION: &str = "1.1.0";
 pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/wgexit";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_STALE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Which routes go through the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -71,6 +72,9 @@ pub struct NetConf {
     /// The container runs under gVisor (runsc), which takes addresses off the interfaces it
     /// takes over: CHECK then accepts a link with no address.
     pub gvisor: bool,
+    /// How often ADD looks for attachments whose netns is gone (`staleSweepInterval`,
+    /// seconds; 0: at every ADD). GC always does.
+    pub stale_sweep_interval: Duration,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
     pub raw: Value,
 }
@@ -206,6 +210,9 @@ impl NetConf {
             handshake_timeout,
             report_mac: field(&raw, "reportMac")?.unwrap_or(false),
             gvisor: field(&raw, "gvisor")?.unwrap_or(false),
+            stale_sweep_interval: field::<u64>(&raw, "staleSweepInterval")?
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_STALE_SWEEP_INTERVAL),
             raw,
         })
     }

@@ -77,6 +77,11 @@ impl StateDir {
         format!("{container_id}.{ifname}")
     }
 
+    /// When ADD last looked for stale attachments (see [`crate::cni::cleanup::sweep_due`]).
+    pub fn sweep_marker(&self) -> PathBuf {
+        self.dir.join(".stale-sweep")
+    }
+
     fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
         self.dir
             .join(format!("{}.json", self.base(container_id, ifname)))
