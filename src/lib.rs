@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cni;
+pub mod crypto;
 pub mod exit;
 pub mod fsutil;
 pub mod keys;
