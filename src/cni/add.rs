@@ -16,12 +16,14 @@ use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
+use crate::cni::trace::Steps;
 use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
 use crate::wg::{Backend, DeviceConfig, PeerConfig, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
+    let mut steps = Steps::from_env();
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let netns_path = env.netns()?;
@@ -38,6 +40,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
     }
     let backend = open_backend(conf.backend)?;
+    steps.done("config, state dir, client, sweep, backend");
 
     let private_key = Key::generate_private().map_err(|e| {
         CniError::new(Code::WireGuard, "cannot generate a key").with_details(e.to_string())
@@ -77,6 +80,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         return Err(e);
     }
 
+    steps.done("key, lock, state");
     match attach(
         env,
         conf,
@@ -86,6 +90,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         &dir,
         &mut state,
         &private_key,
+        &mut steps,
     )
     .await
     {
@@ -109,6 +114,7 @@ async fn attach(
     dir: &StateDir,
     state: &mut AttachmentState,
     private_key: &Key,
+    steps: &mut Steps,
 ) -> Result<Attached, CniError> {
     let mut args: std::collections::BTreeMap<String, String> = env.args.clone();
     args.extend(conf.args());
@@ -123,44 +129,40 @@ async fn attach(
             args,
         },
     };
-    let (server, grant) = client
-        .lease(&conf.egress, &request)
-        .map_err(|e| client_error("leasing an address", &e))?;
-    state.server = Some(server);
-    state.address = Some(grant.address);
-    state.exit_public_key = Some(grant.server_public_key);
-    state.endpoint = Some(grant.endpoint);
-    dir.save(state)?;
-
-    // The link is born in this (the host's) namespace, so its UDP socket stays here.
-    let host = &state.host_ifname;
-    backend
-        .create(host)
+    // The lease travels to the exit node while the link is made: neither needs the other,
+    // and moving a TUN device between namespaces alone takes the kernel 15-20 ms.
+    let lease = tokio::task::spawn_blocking({
+        let (client, egress) = (client.clone(), conf.egress.clone());
+        move || client.lease(&egress, &request)
+    });
+    let made = make_link(backend, netns, dir, state, private_key, steps).await;
+    let leased = lease
         .await
-        .map_err(|e| wg_error("creating the WireGuard link", e))?;
+        .map_err(|e| CniError::new(Code::Io, "leasing an address").with_details(e.to_string()))?;
+    // Record a granted lease before anything else can fail, so that the undo releases it.
+    if let Ok((server, grant)) = &leased {
+        state.server = Some(server.clone());
+        state.address = Some(grant.address);
+        state.exit_public_key = Some(grant.server_public_key);
+        state.endpoint = Some(grant.endpoint);
+        dir.save(state)?;
+    }
+    made?;
+    let (_, grant) = leased.map_err(|e| client_error("leasing an address", &e))?;
+    steps.done("lease (made alongside)");
+
     let routes = conf.routes.destinations();
-    let device = DeviceConfig {
-        private_key: *private_key,
-        listen_port: None,
-        peers: vec![PeerConfig {
-            public_key: grant.server_public_key,
-            endpoint: Some(grant.endpoint),
-            allowed_ips: routes.iter().copied().map(IpNet::V4).collect(),
-            persistent_keepalive: Some(grant.persistent_keepalive),
-        }],
+    let exit_peer = PeerConfig {
+        public_key: grant.server_public_key,
+        endpoint: Some(grant.endpoint),
+        allowed_ips: routes.iter().copied().map(IpNet::V4).collect(),
+        persistent_keepalive: Some(grant.persistent_keepalive),
     };
-    backend
-        .configure(host, &device)
+    let (wg, name) = wg_handle(state, Some(netns))?;
+    wg.set_peer(&name, &exit_peer)
         .await
-        .map_err(|e| wg_error("configuring the WireGuard link", e))?;
-
-    let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
-    host_nl
-        .move_to_netns(host, netns, &state.ifname)
-        .await
-        .map_err(|e| link_error("moving the link into the container", e))?;
-    state.in_netns = true;
-    dir.save(state)?;
+        .map_err(|e| wg_error("configuring the exit node as the peer", e))?;
+    steps.done("peer");
 
     let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let ifname = &state.ifname;
@@ -176,7 +178,9 @@ async fn attach(
             .map_err(|e| link_error("adding the route", e))?;
     }
 
-    wait_for_handshake(state, netns, conf.handshake_timeout).await?;
+    steps.done("address, MTU, up, routes");
+    wait_for_handshake(state, &wg, &name, conf.handshake_timeout).await?;
+    steps.done("first handshake");
 
     Ok(Attached {
         ifname: ifname.clone(),
@@ -188,17 +192,54 @@ async fn attach(
     })
 }
 
+/// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
+/// gives it its private key and moves it into the container as `ifname`.
+async fn make_link(
+    backend: &Backend,
+    netns: &Netns,
+    dir: &StateDir,
+    state: &mut AttachmentState,
+    private_key: &Key,
+    steps: &mut Steps,
+) -> Result<(), CniError> {
+    let host = &state.host_ifname;
+    backend
+        .create(host)
+        .await
+        .map_err(|e| wg_error("creating the WireGuard link", e))?;
+    steps.done("create WireGuard link");
+    let device = DeviceConfig {
+        private_key: *private_key,
+        listen_port: None,
+        peers: Vec::new(),
+    };
+    backend
+        .configure(host, &device)
+        .await
+        .map_err(|e| wg_error("configuring the WireGuard link", e))?;
+    steps.done("configure it");
+    let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
+    host_nl
+        .move_to_netns(host, netns, &state.ifname)
+        .await
+        .map_err(|e| link_error("moving the link into the container", e))?;
+    state.in_netns = true;
+    dir.save(state)?;
+    steps.done("move into the container");
+    Ok(())
+}
+
 /// Waits until the exit node answered a handshake, so the container's first packet works.
 async fn wait_for_handshake(
     state: &AttachmentState,
-    netns: &Netns,
+    backend: &Backend,
+    name: &str,
     timeout: Duration,
 ) -> Result<(), CniError> {
-    let (backend, name) = wg_handle(state, Some(netns))?;
     let start = Instant::now();
     loop {
         let status = backend
-            .status(&name)
+            .status(name)
             .await
             .map_err(|e| wg_error("reading the WireGuard link", e))?;
         if status.peers.iter().any(|p| p.last_handshake.is_some()) {
@@ -214,6 +255,6 @@ async fn wait_for_handshake(
                 ),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -41,7 +41,9 @@ impl ClientError {
     }
 }
 
-/// A client for one or more exit servers of one egress.
+/// A client for one or more exit servers of one egress. Cloning is cheap (the connection
+/// settings are shared).
+#[derive(Clone)]
 pub struct Client {
     agent: Agent,
     servers: Vec<String>,

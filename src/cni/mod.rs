@@ -13,6 +13,7 @@ pub mod oci_hook;
 pub mod result;
 pub mod state;
 pub mod status;
+pub mod trace;
 
 use serde_json::{json, Value};
 
