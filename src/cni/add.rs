@@ -17,7 +17,7 @@ use crate::cni::error::{CniError, Code};
 use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
-use crate::cni::{client_error, link_error, open_backend, wg_error, wg_handle};
+use crate::cni::{client_error, container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
 use crate::wg::{Backend, DeviceConfig, PeerConfig, WireGuard};
@@ -81,13 +81,17 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
 
     steps.done("key, lock, state");
+    let place = Place {
+        backend: &backend,
+        netns: &netns,
+        dir: &dir,
+    };
+    let request = lease_request(env, conf, &state);
     match attach(
-        env,
         conf,
         &client,
-        &backend,
-        &netns,
-        &dir,
+        &place,
+        request,
         &mut state,
         &private_key,
         &mut steps,
@@ -104,21 +108,20 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn attach(
-    env: &CniEnv,
-    conf: &NetConf,
-    client: &Client,
-    backend: &Backend,
-    netns: &Netns,
-    dir: &StateDir,
-    state: &mut AttachmentState,
-    private_key: &Key,
-    steps: &mut Steps,
-) -> Result<Attached, CniError> {
-    let mut args: std::collections::BTreeMap<String, String> = env.args.clone();
+/// Where ADD puts things: the host's WireGuard backend, the container's namespace, the
+/// state directory.
+struct Place<'a> {
+    backend: &'a Backend,
+    netns: &'a Netns,
+    dir: &'a StateDir,
+}
+
+/// What the exit node is asked for: an address for this public key, with what the runtime
+/// told us about the container.
+fn lease_request(env: &CniEnv, conf: &NetConf, state: &AttachmentState) -> LeaseRequest {
+    let mut args = env.args.clone();
     args.extend(conf.args());
-    let request = LeaseRequest {
+    LeaseRequest {
         public_key: state.public_key,
         attachment: Attachment {
             container_id: state.container_id.clone(),
@@ -128,14 +131,30 @@ async fn attach(
                 .unwrap_or_default(),
             args,
         },
-    };
+    }
+}
+
+async fn attach(
+    conf: &NetConf,
+    client: &Client,
+    place: &Place<'_>,
+    request: LeaseRequest,
+    state: &mut AttachmentState,
+    private_key: &Key,
+    steps: &mut Steps,
+) -> Result<Attached, CniError> {
+    let Place {
+        backend,
+        netns,
+        dir,
+    } = *place;
     // The lease travels to the exit node while the link is made: neither needs the other,
     // and moving a TUN device between namespaces alone takes the kernel 15-20 ms.
     let lease = tokio::task::spawn_blocking({
         let (client, egress) = (client.clone(), conf.egress.clone());
         move || client.lease(&egress, &request)
     });
-    let made = make_link(backend, netns, dir, state, private_key, steps).await;
+    let made = make_link(place, state, private_key, steps).await;
     let leased = lease
         .await
         .map_err(|e| CniError::new(Code::Io, "leasing an address").with_details(e.to_string()))?;
@@ -158,8 +177,9 @@ async fn attach(
         allowed_ips: routes.iter().copied().map(IpNet::V4).collect(),
         persistent_keepalive: Some(grant.persistent_keepalive),
     };
-    let (wg, name) = wg_handle(state, Some(netns))?;
-    wg.set_peer(&name, &exit_peer)
+    let (in_container, name) = container_device(state, netns)?;
+    let wg = in_container.as_ref().unwrap_or(backend);
+    wg.set_peer(name, &exit_peer)
         .await
         .map_err(|e| wg_error("configuring the exit node as the peer", e))?;
     steps.done("peer");
@@ -179,7 +199,7 @@ async fn attach(
     }
 
     steps.done("address, MTU, up, routes");
-    wait_for_handshake(state, &wg, &name, conf.handshake_timeout).await?;
+    wait_for_handshake(state, wg, name, conf.handshake_timeout).await?;
     steps.done("first handshake");
 
     Ok(Attached {
@@ -195,13 +215,16 @@ async fn attach(
 /// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
 /// gives it its private key and moves it into the container as `ifname`.
 async fn make_link(
-    backend: &Backend,
-    netns: &Netns,
-    dir: &StateDir,
+    place: &Place<'_>,
     state: &mut AttachmentState,
     private_key: &Key,
     steps: &mut Steps,
 ) -> Result<(), CniError> {
+    let Place {
+        backend,
+        netns,
+        dir,
+    } = *place;
     let host = &state.host_ifname;
     backend
         .create(host)

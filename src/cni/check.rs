@@ -11,7 +11,7 @@ use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::state::StateDir;
-use crate::cni::{link_error, wg_error, wg_handle};
+use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::net::{Netlink, Netns};
 use crate::wg::WireGuard;
 
@@ -137,9 +137,13 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
     }
 
-    let (backend, name) = wg_handle(&state, Some(&netns))?;
+    let (in_container, name) = container_device(&state, &netns)?;
+    let backend = match in_container {
+        Some(b) => b,
+        None => open_backend(state.backend)?,
+    };
     let status = backend
-        .status(&name)
+        .status(name)
         .await
         .map_err(|e| wg_error(&format!("reading WireGuard on {ifname}"), e))?;
     if status.public_key.is_some_and(|k| k != state.public_key) {

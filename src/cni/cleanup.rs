@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::del::detach;
+use crate::cni::error::CniError;
 use crate::cni::state::{AttachmentState, StateDir};
 
 /// Whether `path` no longer names a network namespace: it is gone, or what is left there is
@@ -45,45 +46,64 @@ pub fn is_stale(state: &AttachmentState) -> bool {
     state.netns.as_deref().is_some_and(netns_gone)
 }
 
-/// Undoes every attachment in `dir` whose netns is gone. Leases are released with `client`
-/// when they were made for `conf`'s egress (the only ones its token can release); the others
-/// are kept with `releasePending` and left to the exit node's idle collection. Returns the
+/// Undoes every attachment in `dir` that `pick` selects, each under its lock and judged
+/// again on its state as read under the lock (a DEL may have finished meanwhile). Leases
+/// are released with `client` when they were made for `conf`'s egress (the only ones its
+/// token can release); the others are kept with `releasePending` and left to the exit
+/// node's idle collection. Returns the attachments undone, and the first failure.
+pub async fn detach_each(
+    dir: &StateDir,
+    conf: &NetConf,
+    client: Option<&Client>,
+    pick: impl Fn(&AttachmentState) -> bool,
+) -> (Vec<AttachmentState>, Option<CniError>) {
+    let mut done = Vec::new();
+    let mut first_error = None;
+    let listed = match dir.list() {
+        Ok(l) => l,
+        Err(e) => return (done, Some(e)),
+    };
+    for listed in listed.into_iter().filter(|s| pick(s)) {
+        let (id, ifname) = (&listed.container_id, &listed.ifname);
+        let _lock = match dir.lock(id, ifname) {
+            Ok(lock) => lock,
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        let state = match dir.load(id, ifname) {
+            Ok(Some(state)) if pick(&state) => state,
+            Ok(Some(_)) => continue,
+            Ok(None) => {
+                let _ = dir.remove(id, ifname);
+                continue;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+                continue;
+            }
+        };
+        let client = client.filter(|_| state.egress == conf.egress);
+        match detach(&state, client, dir).await {
+            Ok(()) => done.push(state),
+            Err(e) => {
+                eprintln!("wgexit: cleaning up {id} {ifname}: {e}");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    (done, first_error)
+}
+
+/// Undoes every attachment in `dir` whose netns is gone (see [`detach_each`]). Returns the
 /// attachments cleaned up.
 pub async fn stale_attachments(
     dir: &StateDir,
     conf: &NetConf,
     client: Option<&Client>,
 ) -> Vec<AttachmentState> {
-    let Ok(states) = dir.list() else {
-        return Vec::new();
-    };
-    let mut cleaned = Vec::new();
-    for listed in states.into_iter().filter(is_stale) {
-        let (id, ifname) = (&listed.container_id, &listed.ifname);
-        let Ok(_lock) = dir.lock(id, ifname) else {
-            continue;
-        };
-        // Read again under the lock: a DEL may have finished meanwhile.
-        let Ok(Some(state)) = dir.load(id, ifname) else {
-            let _ = dir.remove(id, ifname);
-            continue;
-        };
-        let client = client.filter(|_| state.egress == conf.egress);
-        match detach(&state, client, dir).await {
-            Ok(()) => cleaned.push(state),
-            Err(e) => eprintln!(
-                "wgexit: cleaning up {} {} (netns {} is gone): {e}",
-                state.container_id,
-                state.ifname,
-                state
-                    .netns
-                    .as_deref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
-            ),
-        }
-    }
-    cleaned
+    detach_each(dir, conf, client, is_stale).await.0
 }
 
 #[cfg(test)]

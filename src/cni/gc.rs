@@ -7,11 +7,11 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::cni::cleanup::detach_each;
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
-use crate::cni::del::detach;
 use crate::cni::error::{CniError, Code};
-use crate::cni::state::StateDir;
+use crate::cni::state::{AttachmentState, StateDir};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -47,27 +47,14 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
         .token()
         .ok()
         .and_then(|t| Client::new(&conf.servers, &conf.ca_file, t).ok());
-    let mut first_error = None;
-    for listed in dir.list()? {
-        if listed.network != conf.name {
-            continue;
-        }
-        let (id, ifname) = (listed.container_id.clone(), listed.ifname.clone());
-        let _lock = dir.lock(&id, &ifname)?;
-        // Read again under the lock: a DEL may have finished meanwhile.
-        let Some(state) = dir.load(&id, &ifname)? else {
-            dir.remove(&id, &ifname)?;
-            continue;
-        };
-        if valid.contains(&(id.clone(), ifname.clone())) && !state.release_pending {
-            continue;
-        }
-        if let Err(e) = detach(&state, client.as_ref(), &dir).await {
-            eprintln!("wgexit: GC of {id}/{ifname}: {e}");
-            first_error.get_or_insert(e);
-        }
+    let unused = |s: &AttachmentState| {
+        s.network == conf.name
+            && (s.release_pending || !valid.contains(&(s.container_id.clone(), s.ifname.clone())))
+    };
+    match detach_each(&dir, conf, client.as_ref(), unused).await {
+        (_, Some(e)) => Err(e),
+        (_, None) => Ok(()),
     }
-    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

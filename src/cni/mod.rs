@@ -161,21 +161,22 @@ pub(crate) fn open_backend(kind: BackendKind) -> Result<Backend, CniError> {
     Backend::open(kind).map_err(|e| wg_error("opening the WireGuard backend", e))
 }
 
-/// A backend and device name through which the attachment's device can be read once it is
-/// in the container: the kernel's lives in the container's namespace under `ifname`; a
-/// userspace device is reached through its socket, named after the host-side name.
-pub(crate) fn wg_handle(
-    state: &AttachmentState,
-    netns: Option<&Netns>,
-) -> Result<(Backend, String), CniError> {
-    match (state.backend, netns) {
-        (BackendKind::Kernel, Some(netns)) => {
+/// How the attachment's device is reached once it is in the container: a kernel device
+/// lives in the container's namespace under `ifname`, so it needs a backend opened there
+/// (returned); a userspace device answers on its socket, named after the host-side name, to
+/// the host's backend (`None`: use that one).
+pub(crate) fn container_device<'a>(
+    state: &'a AttachmentState,
+    netns: &Netns,
+) -> Result<(Option<Backend>, &'a str), CniError> {
+    match state.backend {
+        BackendKind::Kernel => {
             let backend = netns
                 .run(|| open_backend(BackendKind::Kernel))
                 .map_err(|e| link_error("entering the container's netns", e))??;
-            Ok((backend, state.ifname.clone()))
+            Ok((Some(backend), &state.ifname))
         }
-        (kind, _) => Ok((open_backend(kind)?, state.host_ifname.clone())),
+        _ => Ok((None, &state.host_ifname)),
     }
 }
 

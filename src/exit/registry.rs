@@ -167,6 +167,30 @@ impl Registry {
         Ok((stored, true, pending))
     }
 
+    /// The lease of `key`, if `owner` may release it (`None`: anyone may, i.e. the daemon's
+    /// own collection).
+    pub fn releasable(
+        &self,
+        egress: &str,
+        key: &Key,
+        owner: Option<&str>,
+    ) -> Result<&StoredLease, LeaseError> {
+        let existing = self
+            .egress(egress)?
+            .get(key)
+            .ok_or_else(|| LeaseError::NotFound {
+                egress: egress.to_string(),
+                key: *key,
+            })?;
+        if owner.is_some_and(|o| o != existing.owner) {
+            return Err(LeaseError::NotOwner {
+                egress: egress.to_string(),
+                key: *key,
+            });
+        }
+        Ok(existing)
+    }
+
     /// Releases a lease made by `owner` (or by anyone when `owner` is `None`: the daemon's
     /// own collection). Durable once the [`Pending`] resolves.
     pub fn release(
@@ -175,22 +199,11 @@ impl Registry {
         key: &Key,
         owner: Option<&str>,
     ) -> Result<(StoredLease, Pending), LeaseError> {
+        self.releasable(egress, key, owner)?;
         let e = self
             .egresses
             .get_mut(egress)
             .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
-        let Some(existing) = e.by_key.get(key) else {
-            return Err(LeaseError::NotFound {
-                egress: egress.to_string(),
-                key: *key,
-            });
-        };
-        if owner.is_some_and(|o| o != existing.owner) {
-            return Err(LeaseError::NotOwner {
-                egress: egress.to_string(),
-                key: *key,
-            });
-        }
         let removed = e.by_key.remove(key).ok_or_else(|| LeaseError::NotFound {
             egress: egress.to_string(),
             key: *key,

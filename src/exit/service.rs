@@ -178,24 +178,7 @@ impl Exit {
         let cfg = self.egress_config(egress)?;
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
-        let current = registry.egress(egress)?.get(key).cloned();
-        match &current {
-            None => {
-                return Err(LeaseError::NotFound {
-                    egress: egress.to_string(),
-                    key: *key,
-                }
-                .into())
-            }
-            Some(l) if owner.is_some_and(|o| o != l.owner) => {
-                return Err(LeaseError::NotOwner {
-                    egress: egress.to_string(),
-                    key: *key,
-                }
-                .into())
-            }
-            Some(_) => {}
-        }
+        registry.releasable(egress, key, owner)?;
         let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable.durable().await.map_err(LeaseError::Store)?;

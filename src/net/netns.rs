@@ -60,6 +60,21 @@ impl Netns {
         &self.path
     }
 
+    /// Whether the calling thread is in this namespace now.
+    pub fn is_current(&self) -> Result<bool, NetnsError> {
+        use std::os::unix::fs::MetadataExt;
+        let id = |file: &File, path: &Path| {
+            file.metadata()
+                .map(|m| (m.dev(), m.ino()))
+                .map_err(|source| NetnsError::Open {
+                    path: path.to_path_buf(),
+                    source,
+                })
+        };
+        let current = Netns::current()?;
+        Ok(id(&self.file, &self.path)? == id(&current.file, &current.path)?)
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

@@ -9,7 +9,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -24,7 +23,7 @@ use super::{
     link_err, uapi, validate_name, DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard,
 };
 use crate::keys::Key;
-use crate::net::Netlink;
+use crate::net::{Netlink, Netns, NetnsError};
 
 /// How long `wireguard-go` may take to open its socket (it usually takes a few ms).
 const START_TIMEOUT: Duration = Duration::from_secs(3);
@@ -105,13 +104,11 @@ pub fn pid_of(name: &str) -> Option<u32> {
         .find(|&pid| is_wireguard_go_for(pid, name))
 }
 
-/// Identity of a network namespace file, to tell whether the current thread is in it.
-fn netns_id(meta: &fs::Metadata) -> (u64, u64) {
-    (meta.dev(), meta.ino())
-}
-
-fn current_netns_id() -> io::Result<(u64, u64)> {
-    fs::metadata("/proc/thread-self/ns/net").map(|m| netns_id(&m))
+fn netns_err(e: NetnsError) -> WgError {
+    WgError::Io {
+        name: "netns".to_string(),
+        source: std::io::Error::other(e.to_string()),
+    }
 }
 
 /// The userspace backend: one `wireguard-go` per device.
@@ -120,8 +117,7 @@ pub struct UserspaceBackend {
     route: Netlink,
     /// The namespace this backend was opened in; `wireguard-go` is started there even
     /// when a later call runs on a thread that is elsewhere.
-    netns: OwnedFd,
-    netns_id: (u64, u64),
+    netns: Netns,
 }
 
 impl UserspaceBackend {
@@ -131,19 +127,10 @@ impl UserspaceBackend {
         let binary = find_wireguard_go().ok_or_else(|| {
             WgError::WireguardGoMissing("not found on PATH nor in /usr/bin".to_string())
         })?;
-        let file = File::open("/proc/thread-self/ns/net").map_err(|source| WgError::Io {
-            name: "netns".to_string(),
-            source,
-        })?;
-        let meta = file.metadata().map_err(|source| WgError::Io {
-            name: "netns".to_string(),
-            source,
-        })?;
         Ok(UserspaceBackend {
             binary,
             route: Netlink::current().map_err(link_err("rtnetlink"))?,
-            netns: OwnedFd::from(file),
-            netns_id: netns_id(&meta),
+            netns: Netns::current().map_err(netns_err)?,
         })
     }
 
@@ -196,10 +183,10 @@ impl UserspaceBackend {
         let child_out = log_file.try_clone().map_err(io_err)?;
         let child_err = log_file.try_clone().map_err(io_err)?;
 
-        let netns_fd = if current_netns_id().map_err(io_err)? == self.netns_id {
+        let netns_fd = if self.netns.is_current().map_err(netns_err)? {
             None
         } else {
-            Some(self.netns.as_raw_fd())
+            Some(self.netns.raw_fd())
         };
 
         let mut command = Command::new(&self.binary);
