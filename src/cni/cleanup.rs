@@ -3,7 +3,7 @@
 //! exists, and undone like a DEL would (WireGuard device, `wireguard-go` process and
 //! socket, lease, state files). ADD runs this for its `dataDir` first, at most once every
 //! `staleSweepInterval` (so a host with many containers does not read every state file at
-//! every container start); GC can reuse it.
+//! every container start). GC uses the same [`detach_each`] with its own selection.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
