@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::cni::error::{CniError, Code};
-use crate::exit::config::valid_ifname;
+use crate::net::IfName;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CniEnv {
@@ -59,12 +59,8 @@ impl CniEnv {
             .ifname
             .as_deref()
             .ok_or_else(|| CniError::new(Code::InvalidEnv, "CNI_IFNAME is not set"))?;
-        if !valid_ifname(name) {
-            return Err(CniError::new(
-                Code::InvalidEnv,
-                format!("CNI_IFNAME {name:?} is not a valid interface name (1-15 characters)"),
-            ));
-        }
+        IfName::new(name)
+            .map_err(|e| CniError::new(Code::InvalidEnv, format!("CNI_IFNAME: {e}")))?;
         Ok(name)
     }
 

@@ -1,7 +1,9 @@
 //! Network namespaces, links, addresses and routes, through rtnetlink.
 
+pub mod ifname;
 pub mod link;
 pub mod netns;
 
+pub use ifname::{IfName, InvalidIfName, MAX_IFNAME_LEN};
 pub use link::{LinkError, Netlink};
 pub use netns::{Netns, NetnsError, NetnsGuard};

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::Key;
+use crate::net::IfName;
 
 pub mod kernel;
 pub mod uapi;
@@ -91,7 +92,7 @@ pub enum WgError {
     NoSuchDevice(String),
     #[error("WireGuard device {0} already exists")]
     AlreadyExists(String),
-    #[error("{0:?} is not a usable interface name (1 to 15 characters from A-Z a-z 0-9 _ . -, not \".\" or \"..\")")]
+    #[error("{0:?} is not a valid interface name (1 to 15 bytes; not \".\" or \"..\"; no '/', ':' or whitespace)")]
     InvalidName(String),
     #[error("WireGuard backends must be opened inside a tokio runtime")]
     NoRuntime,
@@ -128,24 +129,12 @@ pub trait WireGuard {
     async fn delete(&self, name: &str) -> Result<(), WgError>;
 }
 
-/// Longest interface name Linux accepts (IFNAMSIZ - 1).
-pub const MAX_NAME_LEN: usize = 15;
-
-/// Checks that `name` is a valid Linux interface name that is also safe as a file name
-/// under `/var/run/wireguard/`.
+/// Checks that `name` is an interface name the kernel accepts (see [`IfName`]); such a
+/// name is also safe as a file name under `/var/run/wireguard/`.
 pub fn validate_name(name: &str) -> Result<(), WgError> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(WgError::InvalidName(name.to_string()))
-    }
+    IfName::new(name)
+        .map(|_| ())
+        .map_err(|e| WgError::InvalidName(e.0))
 }
 
 /// An opened backend of either kind.
@@ -203,53 +192,42 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// Calls the same method on whichever backend this is.
+macro_rules! on_backend {
+    ($self:ident, $b:ident => $call:expr) => {
+        match $self {
+            Backend::Kernel($b) => $call,
+            Backend::Userspace($b) => $call,
+        }
+    };
+}
+
 impl WireGuard for Backend {
     async fn create(&self, name: &str) -> Result<(), WgError> {
-        match self {
-            Backend::Kernel(b) => b.create(name).await,
-            Backend::Userspace(b) => b.create(name).await,
-        }
+        on_backend!(self, b => b.create(name).await)
     }
 
     async fn configure(&self, name: &str, config: &DeviceConfig) -> Result<(), WgError> {
-        match self {
-            Backend::Kernel(b) => b.configure(name, config).await,
-            Backend::Userspace(b) => b.configure(name, config).await,
-        }
+        on_backend!(self, b => b.configure(name, config).await)
     }
 
     async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
-        match self {
-            Backend::Kernel(b) => b.set_peer(name, peer).await,
-            Backend::Userspace(b) => b.set_peer(name, peer).await,
-        }
+        on_backend!(self, b => b.set_peer(name, peer).await)
     }
 
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError> {
-        match self {
-            Backend::Kernel(b) => b.remove_peer(name, public_key).await,
-            Backend::Userspace(b) => b.remove_peer(name, public_key).await,
-        }
+        on_backend!(self, b => b.remove_peer(name, public_key).await)
     }
 
     async fn status(&self, name: &str) -> Result<DeviceStatus, WgError> {
-        match self {
-            Backend::Kernel(b) => b.status(name).await,
-            Backend::Userspace(b) => b.status(name).await,
-        }
+        on_backend!(self, b => b.status(name).await)
     }
 
     async fn exists(&self, name: &str) -> bool {
-        match self {
-            Backend::Kernel(b) => b.exists(name).await,
-            Backend::Userspace(b) => b.exists(name).await,
-        }
+        on_backend!(self, b => b.exists(name).await)
     }
 
     async fn delete(&self, name: &str) -> Result<(), WgError> {
-        match self {
-            Backend::Kernel(b) => b.delete(name).await,
-            Backend::Userspace(b) => b.delete(name).await,
-        }
+        on_backend!(self, b => b.delete(name).await)
     }
 }

@@ -162,14 +162,12 @@ impl UserspaceBackend {
         self.start(name).await
     }
 
+    /// Runs `wireguard-go` for `name` in this backend's namespace and waits until it serves
+    /// its UAPI socket.
     async fn start(&self, name: &str) -> Result<u32, WgError> {
         let io_err = |source| WgError::Io {
             name: name.to_string(),
             source,
-        };
-        let failed = |detail: String| WgError::WireguardGoFailed {
-            name: name.to_string(),
-            detail,
         };
         fs::create_dir_all(uapi::SOCKET_DIR).map_err(io_err)?;
         let log_file = OpenOptions::new()
@@ -180,15 +178,22 @@ impl UserspaceBackend {
             .mode(0o600)
             .open(log_path(name))
             .map_err(io_err)?;
+        let child = self.spawn(name, &log_file)?;
+        wait_until_serving(name, child, log_file).await
+    }
+
+    fn spawn(&self, name: &str, log_file: &File) -> Result<Child, WgError> {
+        let io_err = |source| WgError::Io {
+            name: name.to_string(),
+            source,
+        };
         let child_out = log_file.try_clone().map_err(io_err)?;
         let child_err = log_file.try_clone().map_err(io_err)?;
-
         let netns_fd = if self.netns.is_current().map_err(netns_err)? {
             None
         } else {
             Some(self.netns.raw_fd())
         };
-
         let mut command = Command::new(&self.binary);
         command
             .arg(name)
@@ -214,46 +219,57 @@ impl UserspaceBackend {
                 Ok(())
             });
         }
-        let mut child = command
-            .spawn()
-            .map_err(|e| failed(format!("cannot run {}: {e}", self.binary.display())))?;
-        let pid = child.id();
-
-        let deadline = Instant::now() + START_TIMEOUT;
-        let socket = uapi::socket_path(name);
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    let detail = format!("it exited ({status}): {}", log_tail(log_file));
-                    let _ = fs::remove_file(log_path(name));
-                    return Err(failed(detail));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    reap(child);
-                    return Err(failed(format!("cannot watch it: {e}")));
-                }
-            }
-            if listener_pid(&socket).await == Some(pid) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let detail = format!(
-                    "{} did not appear within {START_TIMEOUT:?}: {}",
-                    socket.display(),
-                    log_tail(log_file)
-                );
-                let _ = fs::remove_file(log_path(name));
-                return Err(failed(detail));
-            }
-            tokio::time::sleep(START_POLL).await;
-        }
-        reap(child);
-        tracing::debug!(device = name, pid, "wireguard-go started");
-        Ok(pid)
+        command.spawn().map_err(|e| WgError::WireguardGoFailed {
+            name: name.to_string(),
+            detail: format!("cannot run {}: {e}", self.binary.display()),
+        })
     }
+}
+
+/// Waits, bounded, until `child` serves `name`'s UAPI socket; returns its pid. A child that
+/// exits or does not serve in time is reported with the tail of its log.
+async fn wait_until_serving(name: &str, mut child: Child, log_file: File) -> Result<u32, WgError> {
+    let failed = |detail: String| {
+        let _ = fs::remove_file(log_path(name));
+        WgError::WireguardGoFailed {
+            name: name.to_string(),
+            detail,
+        }
+    };
+    let pid = child.id();
+    let deadline = Instant::now() + START_TIMEOUT;
+    let socket = uapi::socket_path(name);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                return Err(failed(format!(
+                    "it exited ({status}): {}",
+                    log_tail(log_file)
+                )))
+            }
+            Ok(None) => {}
+            Err(e) => {
+                reap(child);
+                return Err(failed(format!("cannot watch it: {e}")));
+            }
+        }
+        if listener_pid(&socket).await == Some(pid) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(failed(format!(
+                "{} did not appear within {START_TIMEOUT:?}: {}",
+                socket.display(),
+                log_tail(log_file)
+            )));
+        }
+        tokio::time::sleep(START_POLL).await;
+    }
+    reap(child);
+    tracing::debug!(device = name, pid, "wireguard-go started");
+    Ok(pid)
 }
 
 /// Who listens on a unix socket, or `None` if nobody does (yet).
@@ -315,14 +331,10 @@ fn signal(pid: u32, sig: Signal) {
 }
 
 fn remove_if_exists(path: &Path, name: &str) -> Result<(), WgError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(WgError::Io {
-            name: name.to_string(),
-            source,
-        }),
-    }
+    crate::fsutil::remove_if_exists(path).map_err(|source| WgError::Io {
+        name: name.to_string(),
+        source,
+    })
 }
 
 impl WireGuard for UserspaceBackend {
