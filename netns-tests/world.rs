@@ -593,7 +593,7 @@ token_file = "{other_tokens}"
             Ok(rd) => rd
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != ".stale-sweep")
+                .filter(|n| n != ".stale-check")
                 .collect(),
             Err(_) => Vec::new(),
         }

@@ -8,13 +8,13 @@ use ipnet::IpNet;
 use serde_json::Value;
 
 use crate::api::{Attachment, LeaseRequest};
-use crate::cni::cleanup;
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::result::{pseudo_mac, Attached};
+use crate::cni::stale;
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
 use crate::cni::{client_error, container_device, link_error, open_backend, wg_error};
@@ -31,8 +31,8 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
         .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
-    if cleanup::sweep_due(&dir, conf.stale_sweep_interval) {
-        for gone in cleanup::stale_attachments(&dir, conf, Some(&client)).await {
+    if stale::check_due(&dir, conf.stale_check_interval) {
+        for gone in stale::stale_attachments(&dir, conf, Some(&client)).await {
             eprintln!(
                 "wgexit: cleaned up {} {}: its netns is gone",
                 gone.container_id, gone.ifname
@@ -40,7 +40,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
     }
     let backend = open_backend(conf.backend)?;
-    steps.done("config, state dir, client, sweep, backend");
+    steps.done("config, state dir, client, stale check, backend");
 
     let private_key = Key::generate_private().map_err(|e| {
         CniError::new(Code::WireGuard, "cannot generate a key").with_details(e.to_string())
@@ -186,7 +186,7 @@ async fn attach(
 
     let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let ifname = &state.ifname;
-    nl.add_address(ifname, IpNet::V4(grant.address))
+    nl.add_address(ifname, grant.address)
         .await
         .map_err(|e| link_error("adding the address", e))?;
     nl.set_up(ifname, Some(conf.mtu))

@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
-use crate::cni::state::StateDir;
+use crate::cni::state::{AttachmentState, StateDir};
 use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::net::{Netlink, Netns};
 use crate::wg::WireGuard;
@@ -92,19 +92,30 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     if let Some(address) = state.address {
-        if !want.addresses.contains(&IpNet::V4(address)) {
+        if !want.addresses.contains(&address) {
             return Err(failed(format!(
                 "prevResult does not list the leased address {address} on {ifname}"
             )));
         }
     }
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
-    let nl = Netlink::in_netns(&netns).map_err(|e| link_error("netlink in the container", e))?;
+    check_link(&netns, ifname, &want, conf).await?;
+    check_device(&state, &netns, ifname).await
+}
+
+/// The container's link: there, up, with the expected addresses and routes.
+async fn check_link(
+    netns: &Netns,
+    ifname: &str,
+    want: &Expected,
+    conf: &NetConf,
+) -> Result<(), CniError> {
+    let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let link = nl
         .link_info(ifname)
         .await
         .map_err(|e| link_error("reading the container's link", e))?
-        .ok_or_else(|| failed(format!("no link {ifname} in {}", netns_path.display())))?;
+        .ok_or_else(|| failed(format!("no link {ifname} in {}", netns.path().display())))?;
     if !link.up {
         return Err(failed(format!("link {ifname} is down")));
     }
@@ -116,12 +127,10 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
     // the routes that used them: its own network stack holds both.
     let served_by_gvisor = conf.gvisor && have.is_empty();
     if !served_by_gvisor {
-        for a in &want.addresses {
-            if !have.contains(a) {
-                return Err(failed(format!(
-                    "address {a} is missing on {ifname} (it has {have:?})"
-                )));
-            }
+        if let Some(a) = want.addresses.iter().find(|a| !have.contains(a)) {
+            return Err(failed(format!(
+                "address {a} is missing on {ifname} (it has {have:?})"
+            )));
         }
     }
     let routes = nl
@@ -136,8 +145,17 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             return Err(failed(format!("route {dst} via {ifname} is missing")));
         }
     }
+    Ok(())
+}
 
-    let (in_container, name) = container_device(&state, &netns)?;
+/// The WireGuard device: the leased key, the exit node as its peer at the leased endpoint,
+/// and a recent handshake.
+async fn check_device(
+    state: &AttachmentState,
+    netns: &Netns,
+    ifname: &str,
+) -> Result<(), CniError> {
+    let (in_container, name) = container_device(state, netns)?;
     let backend = match in_container {
         Some(b) => b,
         None => open_backend(state.backend)?,

@@ -50,10 +50,10 @@ pub struct Client {
     token: String,
 }
 
-/// One round trip's outcome.
-enum Outcome<T> {
-    Ok(T),
-    NoContent,
+/// What a successful round trip answered.
+enum Body<T> {
+    Json(T),
+    Empty,
 }
 
 impl Client {
@@ -99,8 +99,8 @@ impl Client {
     /// to the next server, other failures are final.
     fn each_server<T>(
         &self,
-        call: impl Fn(&str) -> Result<Outcome<T>, ClientError>,
-    ) -> Result<(String, Outcome<T>), ClientError> {
+        call: impl Fn(&str) -> Result<Body<T>, ClientError>,
+    ) -> Result<(String, Body<T>), ClientError> {
         let mut last = None;
         for server in &self.servers {
             match call(server.trim_end_matches('/')) {
@@ -121,7 +121,7 @@ impl Client {
         method: &str,
         path: &str,
         body: Option<&LeaseRequest>,
-    ) -> Result<Outcome<T>, ClientError> {
+    ) -> Result<Body<T>, ClientError> {
         let url = format!("{server}{path}");
         let auth = format!("Bearer {}", self.token);
         let result = match (method, body) {
@@ -140,7 +140,7 @@ impl Client {
         let mut resp = result.map_err(|e| classify(server, e))?;
         let status = resp.status().as_u16();
         if status == 204 {
-            return Ok(Outcome::NoContent);
+            return Ok(Body::Empty);
         }
         let body = resp
             .body_mut()
@@ -150,7 +150,7 @@ impl Client {
             .map_err(|e| classify(server, e))?;
         if (200..300).contains(&status) {
             serde_json::from_slice(&body)
-                .map(Outcome::Ok)
+                .map(Body::Json)
                 .map_err(|e| ClientError::Protocol {
                     server: server.to_string(),
                     detail: format!("{status} with a body that is not the expected JSON: {e}"),
@@ -176,8 +176,8 @@ impl Client {
     ) -> Result<(String, LeaseGrant), ClientError> {
         let path = api::leases_path(egress);
         match self.each_server(|s| self.request(s, "POST", &path, Some(req)))? {
-            (server, Outcome::Ok(grant)) => Ok((server, grant)),
-            (server, Outcome::NoContent) => Err(ClientError::Protocol {
+            (server, Body::Json(grant)) => Ok((server, grant)),
+            (server, Body::Empty) => Err(ClientError::Protocol {
                 server,
                 detail: "lease answered with no body".into(),
             }),
@@ -199,8 +199,8 @@ impl Client {
     pub fn egress_info(&self, egress: &str) -> Result<EgressInfo, ClientError> {
         let path = api::egress_path(egress);
         match self.each_server(|s| self.request(s, "GET", &path, None))? {
-            (_, Outcome::Ok(info)) => Ok(info),
-            (server, Outcome::NoContent) => Err(ClientError::Protocol {
+            (_, Body::Json(info)) => Ok(info),
+            (server, Body::Empty) => Err(ClientError::Protocol {
                 server,
                 detail: "no body".into(),
             }),

@@ -74,7 +74,7 @@ pub struct NetConf {
     pub gvisor: bool,
     /// How often ADD looks for attachments whose netns is gone (`staleSweepInterval`,
     /// seconds; 0: at every ADD). GC always does.
-    pub stale_sweep_interval: Duration,
+    pub stale_check_interval: Duration,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
     pub raw: Value,
 }
@@ -114,88 +114,123 @@ pub fn version_of(bytes: &[u8]) -> String {
         .unwrap_or_else(|| "1.0.0".to_string())
 }
 
+/// The config as JSON, an object.
+fn json_object(bytes: &[u8]) -> Result<Value, CniError> {
+    let raw: Value = serde_json::from_slice(bytes).map_err(|e| {
+        CniError::new(Code::Decode, "network config on stdin is not valid JSON")
+            .with_details(e.to_string())
+    })?;
+    if !raw.is_object() {
+        return Err(CniError::new(
+            Code::InvalidConfig,
+            "network config must be a JSON object",
+        ));
+    }
+    Ok(raw)
+}
+
+fn supported_version(raw: &Value) -> Result<String, CniError> {
+    let cni_version: String =
+        field(raw, "cniVersion")?.ok_or_else(|| invalid("cniVersion", "missing"))?;
+    if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
+        return Err(CniError::new(
+            Code::IncompatibleVersion,
+            format!(
+                "cniVersion {cni_version:?} is not supported; wgexit speaks {}",
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    Ok(cni_version)
+}
+
+/// `servers`: at least one, each an https:// URL.
+fn servers(raw: &Value) -> Result<Vec<String>, CniError> {
+    let servers: Vec<String> = field(raw, "servers")?.unwrap_or_default();
+    if servers.is_empty() {
+        return Err(invalid(
+            "servers",
+            "list at least one exit server, e.g. [\"https://198.51.100.2:7443\"]",
+        ));
+    }
+    if let Some(s) = servers.iter().find(|s| !s.starts_with("https://")) {
+        return Err(invalid(
+            "servers",
+            format!("{s:?} must be an https:// URL (the API is TLS only)"),
+        ));
+    }
+    Ok(servers)
+}
+
+fn egress(raw: &Value) -> Result<String, CniError> {
+    let egress: String = field(raw, "egress")?.ok_or_else(|| invalid("egress", "missing"))?;
+    if !valid_egress_name(&egress) {
+        return Err(invalid(
+            "egress",
+            format!("{egress:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(egress)
+}
+
+/// `tokenFile` and `caFile`, both required.
+fn credentials(raw: &Value) -> Result<(PathBuf, PathBuf), CniError> {
+    let token_file: PathBuf = field(raw, "tokenFile")?.ok_or_else(|| {
+        invalid(
+            "tokenFile",
+            "missing: the file holding this egress's bearer token",
+        )
+    })?;
+    let ca_file: PathBuf = field(raw, "caFile")?.ok_or_else(|| {
+        invalid(
+            "caFile",
+            "missing: the exit node's CA certificate (its state_dir/tls/ca.pem); verification is never skipped",
+        )
+    })?;
+    Ok((token_file, ca_file))
+}
+
+fn mtu(raw: &Value) -> Result<u32, CniError> {
+    let mtu = field(raw, "mtu")?.unwrap_or(DEFAULT_MTU);
+    if !(1280..=9000).contains(&mtu) {
+        return Err(invalid("mtu", format!("{mtu} is outside 1280..=9000")));
+    }
+    Ok(mtu)
+}
+
+fn data_dir(raw: &Value) -> Result<PathBuf, CniError> {
+    let data_dir =
+        field::<PathBuf>(raw, "dataDir")?.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    if !data_dir.is_absolute() {
+        return Err(invalid("dataDir", "must be an absolute path"));
+    }
+    Ok(data_dir)
+}
+
+fn handshake_timeout(raw: &Value) -> Result<Duration, CniError> {
+    match field::<u64>(raw, "handshakeTimeout")? {
+        None => Ok(DEFAULT_HANDSHAKE_TIMEOUT),
+        Some(ms) if (1..=60_000).contains(&ms) => Ok(Duration::from_millis(ms)),
+        Some(ms) => Err(invalid(
+            "handshakeTimeout",
+            format!("{ms} ms is outside 1..=60000"),
+        )),
+    }
+}
+
 impl NetConf {
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-        let raw: Value = serde_json::from_slice(bytes).map_err(|e| {
-            CniError::new(Code::Decode, "network config on stdin is not valid JSON")
-                .with_details(e.to_string())
-        })?;
-        if !raw.is_object() {
-            return Err(CniError::new(
-                Code::InvalidConfig,
-                "network config must be a JSON object",
-            ));
-        }
-        let cni_version: String =
-            field(&raw, "cniVersion")?.ok_or_else(|| invalid("cniVersion", "missing"))?;
-        if !SUPPORTED_VERSIONS.contains(&cni_version.as_str()) {
-            return Err(CniError::new(
-                Code::IncompatibleVersion,
-                format!(
-                    "cniVersion {cni_version:?} is not supported; wgexit speaks {}",
-                    SUPPORTED_VERSIONS.join(", ")
-                ),
-            ));
-        }
+        let raw = json_object(bytes)?;
+        let cni_version = supported_version(&raw)?;
         let name = field::<String>(&raw, "name")?
             .filter(|n| !n.is_empty())
             .ok_or_else(|| invalid("name", "missing"))?;
         if field::<String>(&raw, "type")?.is_some_and(|t| t != "wgexit") {
             return Err(invalid("type", "must be \"wgexit\""));
         }
-        let servers: Vec<String> = field(&raw, "servers")?.unwrap_or_default();
-        if servers.is_empty() {
-            return Err(invalid(
-                "servers",
-                "list at least one exit server, e.g. [\"https://198.51.100.2:7443\"]",
-            ));
-        }
-        for s in &servers {
-            if !s.starts_with("https://") {
-                return Err(invalid(
-                    "servers",
-                    format!("{s:?} must be an https:// URL (the API is TLS only)"),
-                ));
-            }
-        }
-        let egress: String = field(&raw, "egress")?.ok_or_else(|| invalid("egress", "missing"))?;
-        if !valid_egress_name(&egress) {
-            return Err(invalid(
-                "egress",
-                format!("{egress:?} must be 1-64 letters, digits, '-', '_' or '.'"),
-            ));
-        }
-        let token_file: PathBuf = field(&raw, "tokenFile")?.ok_or_else(|| {
-            invalid(
-                "tokenFile",
-                "missing: the file holding this egress's bearer token",
-            )
-        })?;
-        let ca_file: PathBuf = field(&raw, "caFile")?.ok_or_else(|| {
-            invalid(
-                "caFile",
-                "missing: the exit node's CA certificate (its state_dir/tls/ca.pem); verification is never skipped",
-            )
-        })?;
-        let mtu = field(&raw, "mtu")?.unwrap_or(DEFAULT_MTU);
-        if !(1280..=9000).contains(&mtu) {
-            return Err(invalid("mtu", format!("{mtu} is outside 1280..=9000")));
-        }
-        let data_dir =
-            field::<PathBuf>(&raw, "dataDir")?.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-        if !data_dir.is_absolute() {
-            return Err(invalid("dataDir", "must be an absolute path"));
-        }
-        let handshake_timeout = match field::<u64>(&raw, "handshakeTimeout")? {
-            None => DEFAULT_HANDSHAKE_TIMEOUT,
-            Some(ms) if (1..=60_000).contains(&ms) => Duration::from_millis(ms),
-            Some(ms) => {
-                return Err(invalid(
-                    "handshakeTimeout",
-                    format!("{ms} ms is outside 1..=60000"),
-                ))
-            }
-        };
+        let servers = servers(&raw)?;
+        let egress = egress(&raw)?;
+        let (token_file, ca_file) = credentials(&raw)?;
         Ok(NetConf {
             cni_version,
             name,
@@ -204,13 +239,13 @@ impl NetConf {
             token_file,
             ca_file,
             backend: field(&raw, "backend")?.unwrap_or_default(),
-            mtu,
+            mtu: mtu(&raw)?,
             routes: field(&raw, "routes")?.unwrap_or_default(),
-            data_dir,
-            handshake_timeout,
+            data_dir: data_dir(&raw)?,
+            handshake_timeout: handshake_timeout(&raw)?,
             report_mac: field(&raw, "reportMac")?.unwrap_or(false),
             gvisor: field(&raw, "gvisor")?.unwrap_or(false),
-            stale_sweep_interval: field::<u64>(&raw, "staleSweepInterval")?
+            stale_check_interval: field::<u64>(&raw, "staleSweepInterval")?
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_STALE_SWEEP_INTERVAL),
             raw,

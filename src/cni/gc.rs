@@ -7,10 +7,10 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cni::cleanup::detach_each;
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::error::{CniError, Code};
+use crate::cni::stale::detach_each;
 use crate::cni::state::{AttachmentState, StateDir};
 
 #[derive(Deserialize)]

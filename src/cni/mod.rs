@@ -2,7 +2,6 @@
 
 pub mod add;
 pub mod check;
-pub mod cleanup;
 pub mod client;
 pub mod config;
 pub mod del;
@@ -11,6 +10,7 @@ pub mod error;
 pub mod gc;
 pub mod oci_hook;
 pub mod result;
+pub mod stale;
 pub mod state;
 pub mod status;
 pub mod trace;

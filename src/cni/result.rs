@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net};
 use serde_json::{json, Map, Value};
 
 use crate::cni::config::at_least;
@@ -16,7 +16,7 @@ pub struct Attached {
     pub sandbox: PathBuf,
     pub mac: Option<String>,
     pub mtu: u32,
-    pub address: Ipv4Net,
+    pub address: IpNet,
     pub routes: Vec<Ipv4Net>,
 }
 
@@ -65,7 +65,11 @@ impl Attached {
         interfaces.push(iface);
         let mut ip = json!({ "address": self.address.to_string(), "interface": index });
         if !at_least(cni_version, "1.0.0") {
-            ip["version"] = json!("4");
+            ip["version"] = json!(if self.address.addr().is_ipv4() {
+                "4"
+            } else {
+                "6"
+            });
         }
         ips.push(ip);
         routes.extend(self.routes.iter().map(|r| json!({ "dst": r.to_string() })));

@@ -26,10 +26,11 @@ pub fn netns_gone(path: &Path) -> bool {
     }
 }
 
-/// Whether ADD should sweep now: the last sweep recorded in `dir` is at least `every` old
+/// Whether ADD should look for stale attachments now: the last look recorded in `dir` is at
+/// least `every` old
 /// (or there was none). Records this one.
-pub fn sweep_due(dir: &StateDir, every: Duration) -> bool {
-    let marker = dir.sweep_marker();
+pub fn check_due(dir: &StateDir, every: Duration) -> bool {
+    let marker = dir.stale_check_marker();
     let last = std::fs::metadata(&marker).and_then(|m| m.modified()).ok();
     let due = match last {
         Some(t) => SystemTime::now().duration_since(t).unwrap_or_default() >= every,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +36,7 @@ pub struct AttachmentState {
     #[serde(default)]
     pub server: Option<String>,
     #[serde(default)]
-    pub address: Option<Ipv4Net>,
+    pub address: Option<IpNet>,
     #[serde(default)]
     pub exit_public_key: Option<Key>,
     #[serde(default)]
@@ -77,9 +77,9 @@ impl StateDir {
         format!("{container_id}.{ifname}")
     }
 
-    /// When ADD last looked for stale attachments (see [`crate::cni::cleanup::sweep_due`]).
-    pub fn sweep_marker(&self) -> PathBuf {
-        self.dir.join(".stale-sweep")
+    /// When ADD last looked for stale attachments (see [`crate::cni::stale::check_due`]).
+    pub fn stale_check_marker(&self) -> PathBuf {
+        self.dir.join(".stale-check")
     }
 
     fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
