@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use wgexit::cni::config::{version_of, NetConf};
 use wgexit::cni::error::CniError;
+use wgexit::exit::api::http::{decode_lease_request, decode_path_key};
+use wgexit::exit::api::tokens::Tokens;
 use wgexit::exit::config::Config as ExitConfig;
-use wgexit::exit::http::{decode_lease_request, decode_path_key};
-use wgexit::exit::tokens::Tokens;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -16,9 +16,9 @@
 //! Errors answer with an [`ApiError`] body.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::keys::Key;
@@ -99,7 +99,7 @@ impl LeaseRequest {
 pub struct Lease {
     pub egress: String,
     pub public_key: Key,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     /// Unix seconds.
     pub created_at: u64,
     pub attachment: Attachment,
@@ -109,16 +109,16 @@ pub struct Lease {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseGrant {
     pub lease: Lease,
-    /// The leased overlay address as a /32.
-    pub address: Ipv4Net,
+    /// The leased overlay address as a host network (/32 or /128).
+    pub address: IpNet,
     /// The exit node's WireGuard public key for this egress.
     pub server_public_key: Key,
     /// Where to send WireGuard UDP.
     pub endpoint: SocketAddr,
     /// The exit node's own overlay address.
-    pub gateway: Ipv4Addr,
+    pub gateway: IpAddr,
     /// The static IP traffic leaves from.
-    pub egress_ip: Ipv4Addr,
+    pub egress_ip: IpAddr,
     /// Keepalive the client should use, seconds.
     pub persistent_keepalive: u16,
 }
@@ -132,10 +132,10 @@ pub struct LeaseList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressInfo {
     pub name: String,
-    pub egress_ip: Ipv4Addr,
+    pub egress_ip: IpAddr,
     pub endpoint: SocketAddr,
     pub server_public_key: Key,
-    pub pool: Ipv4Net,
+    pub pool: IpNet,
     pub leases: usize,
     pub capacity: usize,
 }

@@ -8,6 +8,8 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use crate::api::valid_egress_name;
+use crate::exit::leases::pool::Pool;
+use crate::net::IfName;
 use crate::wg::BackendKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -108,9 +110,9 @@ pub struct ApiConfig {
 pub struct EgressConfig {
     pub name: String,
     pub ip: Ipv4Addr,
-    pub interface: String,
+    pub interface: IfName,
     pub pool: Ipv4Net,
-    pub wg_interface: String,
+    pub wg_interface: IfName,
     pub listen_port: u16,
     pub endpoint: SocketAddr,
     pub token_file: PathBuf,
@@ -118,9 +120,9 @@ pub struct EgressConfig {
 }
 
 impl EgressConfig {
-    /// The exit node's own address in the pool: the network's first host.
+    /// The exit node's own address in the pool.
     pub fn overlay_ip(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::from(self.pool.network()) + 1)
+        Pool::gateway(self.pool)
     }
 }
 
@@ -130,17 +132,6 @@ pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
-
-/// Linux interface names: 1..=15 bytes, no '/', whitespace or ':'.
-pub fn valid_ifname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name != "."
-        && name != ".."
-        && !name
-            .bytes()
-            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
-}
 
 struct Timers {
     peer_timeout: Duration,
@@ -152,10 +143,7 @@ struct Timers {
 
 /// The collection and reconcile timers, checked against each other: a live container's
 /// keepalives must come often enough that it is never taken for idle.
-fn timers(
-    raw: &RawConfig,
-    invalid: &impl Fn(String, String) -> ConfigError,
-) -> Result<Timers, ConfigError> {
+fn timers(raw: &RawConfig, invalid: &Invalid) -> Result<Timers, ConfigError> {
     let secs = |key: &str, v: Option<u64>, default: Duration| match v {
         Some(0) => Err(invalid(key.into(), "must be at least 1 (seconds)".into())),
         Some(n) => Ok(Duration::from_secs(n)),
@@ -203,6 +191,189 @@ fn timers(
     })
 }
 
+type Invalid<'a> = dyn Fn(String, String) -> ConfigError + 'a;
+
+fn api_config(raw: RawApi, invalid: &Invalid) -> Result<ApiConfig, ConfigError> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        invalid(
+            "api.listen".into(),
+            format!(
+                "{:?} is not an address:port (e.g. \"198.51.100.2:7443\")",
+                raw.listen
+            ),
+        )
+    })?;
+    let tls_files = match (raw.cert, raw.key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "api.key".into(),
+                "api.cert is set, so api.key must be set too".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "api.cert".into(),
+                "api.key is set, so api.cert must be set too".into(),
+            ))
+        }
+    };
+    Ok(ApiConfig {
+        listen,
+        tls_files,
+        san: raw.san,
+    })
+}
+
+/// Every `[[egress]]`, each checked alone and then against the ones before it.
+fn egresses(raw: Vec<RawEgress>, invalid: &Invalid) -> Result<Vec<EgressConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "egress".into(),
+            "at least one [[egress]] table is needed".into(),
+        ));
+    }
+    let mut out: Vec<EgressConfig> = Vec::new();
+    for (i, e) in raw.into_iter().enumerate() {
+        let e = egress(i, e, invalid)?;
+        check_no_clash(i, &e, &out, invalid)?;
+        out.push(e);
+    }
+    Ok(out)
+}
+
+fn parsed<T: std::str::FromStr>(
+    invalid: &Invalid,
+    key: String,
+    value: &str,
+    what: &str,
+) -> Result<T, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not {what}")))
+}
+
+fn ifname(invalid: &Invalid, key: String, value: &str) -> Result<IfName, ConfigError> {
+    IfName::new(value).map_err(|e| invalid(key, e.to_string()))
+}
+
+fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, ConfigError> {
+    let key = |k: &str| format!("egress[{i}].{k}");
+    if !valid_egress_name(&e.name) {
+        return Err(invalid(
+            key("name"),
+            format!(
+                "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                e.name
+            ),
+        ));
+    }
+    let ip = parsed(
+        invalid,
+        key("ip"),
+        &e.ip,
+        "an IPv4 address (e.g. \"203.0.113.77\")",
+    )?;
+    let pool = overlay_pool(invalid, key("pool"), &e.pool)?;
+    if e.listen_port == 0 {
+        return Err(invalid(key("listen_port"), "must not be 0".into()));
+    }
+    let endpoint = parsed(
+        invalid,
+        key("endpoint"),
+        &e.endpoint,
+        "an address:port (e.g. \"198.51.100.2:51820\")",
+    )?;
+    let mtu = e.mtu.unwrap_or(DEFAULT_MTU);
+    if !(1280..=9000).contains(&mtu) {
+        return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
+    }
+    Ok(EgressConfig {
+        interface: ifname(invalid, key("interface"), &e.interface)?,
+        wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
+        name: e.name,
+        ip,
+        pool,
+        listen_port: e.listen_port,
+        endpoint,
+        token_file: e.token_file,
+        mtu,
+    })
+}
+
+fn overlay_pool(invalid: &Invalid, key: String, value: &str) -> Result<Ipv4Net, ConfigError> {
+    let pool: Ipv4Net = parsed(
+        invalid,
+        key.clone(),
+        value,
+        "an IPv4 network (e.g. \"100.96.0.0/20\")",
+    )?;
+    if pool != pool.trunc() {
+        return Err(invalid(
+            key,
+            format!("{pool} has host bits set; did you mean {}?", pool.trunc()),
+        ));
+    }
+    if pool.prefix_len() > 29 {
+        return Err(invalid(
+            key,
+            format!("{pool} is too small: use a /29 or larger"),
+        ));
+    }
+    Ok(pool)
+}
+
+/// Names, WireGuard interfaces, ports and pools are each one egress's own.
+fn check_no_clash(
+    i: usize,
+    e: &EgressConfig,
+    before: &[EgressConfig],
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    let key = |k: &str| format!("egress[{i}].{k}");
+    for (j, other) in before.iter().enumerate() {
+        let clash = |what: &str| {
+            invalid(
+                key(what),
+                format!("is the same as egress[{j}].{what} ({})", other.name),
+            )
+        };
+        if other.name == e.name {
+            return Err(clash("name"));
+        }
+        if other.wg_interface == e.wg_interface {
+            return Err(clash("wg_interface"));
+        }
+        if other.listen_port == e.listen_port {
+            return Err(clash("listen_port"));
+        }
+        if other.pool.contains(&e.pool) || e.pool.contains(&other.pool) {
+            return Err(invalid(
+                key("pool"),
+                format!("{} overlaps egress[{j}].pool {}", e.pool, other.pool),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_listen_outside_pools(
+    api: &ApiConfig,
+    egress: &[EgressConfig],
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    if let IpAddr::V4(a) = api.listen.ip() {
+        if let Some(e) = egress.iter().find(|e| e.pool.contains(&a)) {
+            return Err(invalid(
+                "api.listen".into(),
+                format!("{a} lies inside egress {}'s pool {}", e.name, e.pool),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -222,7 +393,6 @@ impl Config {
             key,
             message,
         };
-
         let timers = timers(&raw, &invalid)?;
         if !raw.state_dir.is_absolute() {
             return Err(invalid(
@@ -230,161 +400,14 @@ impl Config {
                 format!("{:?} must be an absolute path", raw.state_dir),
             ));
         }
-        let listen: SocketAddr = raw.api.listen.parse().map_err(|_| {
-            invalid(
-                "api.listen".into(),
-                format!(
-                    "{:?} is not an address:port (e.g. \"198.51.100.2:7443\")",
-                    raw.api.listen
-                ),
-            )
-        })?;
-        let tls_files = match (raw.api.cert, raw.api.key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            (None, None) => None,
-            (Some(_), None) => {
-                return Err(invalid(
-                    "api.key".into(),
-                    "api.cert is set, so api.key must be set too".into(),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "api.cert".into(),
-                    "api.key is set, so api.cert must be set too".into(),
-                ))
-            }
-        };
-        if raw.egress.is_empty() {
-            return Err(invalid(
-                "egress".into(),
-                "at least one [[egress]] table is needed".into(),
-            ));
-        }
-
-        let mut egress: Vec<EgressConfig> = Vec::new();
-        for (i, e) in raw.egress.into_iter().enumerate() {
-            let key = |k: &str| format!("egress[{i}].{k}");
-            if !valid_egress_name(&e.name) {
-                return Err(invalid(
-                    key("name"),
-                    format!(
-                        "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
-                        e.name
-                    ),
-                ));
-            }
-            let ip: Ipv4Addr = e.ip.parse().map_err(|_| {
-                invalid(
-                    key("ip"),
-                    format!("{:?} is not an IPv4 address (e.g. \"203.0.113.77\")", e.ip),
-                )
-            })?;
-            if !valid_ifname(&e.interface) {
-                return Err(invalid(
-                    key("interface"),
-                    format!("{:?} is not a valid interface name", e.interface),
-                ));
-            }
-            let pool: Ipv4Net = e.pool.parse().map_err(|_| {
-                invalid(
-                    key("pool"),
-                    format!(
-                        "{:?} is not an IPv4 network (e.g. \"100.96.0.0/20\")",
-                        e.pool
-                    ),
-                )
-            })?;
-            if pool != pool.trunc() {
-                return Err(invalid(
-                    key("pool"),
-                    format!("{pool} has host bits set; did you mean {}?", pool.trunc()),
-                ));
-            }
-            if pool.prefix_len() > 29 {
-                return Err(invalid(
-                    key("pool"),
-                    format!("{pool} is too small: use a /29 or larger"),
-                ));
-            }
-            if !valid_ifname(&e.wg_interface) {
-                return Err(invalid(
-                    key("wg_interface"),
-                    format!(
-                        "{:?} is not a valid interface name (1-15 characters)",
-                        e.wg_interface
-                    ),
-                ));
-            }
-            if e.listen_port == 0 {
-                return Err(invalid(key("listen_port"), "must not be 0".into()));
-            }
-            let endpoint: SocketAddr = e.endpoint.parse().map_err(|_| {
-                invalid(
-                    key("endpoint"),
-                    format!(
-                        "{:?} is not an address:port (e.g. \"198.51.100.2:51820\")",
-                        e.endpoint
-                    ),
-                )
-            })?;
-            let mtu = e.mtu.unwrap_or(DEFAULT_MTU);
-            if !(1280..=9000).contains(&mtu) {
-                return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
-            }
-            for (j, other) in egress.iter().enumerate() {
-                let clash = |what: &str| {
-                    invalid(
-                        key(what),
-                        format!("is the same as egress[{j}].{what} ({})", other.name),
-                    )
-                };
-                if other.name == e.name {
-                    return Err(clash("name"));
-                }
-                if other.wg_interface == e.wg_interface {
-                    return Err(clash("wg_interface"));
-                }
-                if other.listen_port == e.listen_port {
-                    return Err(clash("listen_port"));
-                }
-                if other.pool.contains(&pool) || pool.contains(&other.pool) {
-                    return Err(invalid(
-                        key("pool"),
-                        format!("{pool} overlaps egress[{j}].pool {}", other.pool),
-                    ));
-                }
-            }
-            egress.push(EgressConfig {
-                name: e.name,
-                ip,
-                interface: e.interface,
-                pool,
-                wg_interface: e.wg_interface,
-                listen_port: e.listen_port,
-                endpoint,
-                token_file: e.token_file,
-                mtu,
-            });
-        }
-        if let IpAddr::V4(a) = listen.ip() {
-            if let Some(e) = egress.iter().find(|e| e.pool.contains(&a)) {
-                return Err(invalid(
-                    "api.listen".into(),
-                    format!("{a} lies inside egress {}'s pool {}", e.name, e.pool),
-                ));
-            }
-        }
-
+        let api = api_config(raw.api, &invalid)?;
+        let egress = egresses(raw.egress, &invalid)?;
+        check_listen_outside_pools(&api, &egress, &invalid)?;
         Ok(Config {
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
             backend: raw.backend,
-            api: ApiConfig {
-                listen,
-                tls_files,
-                san: raw.api.san,
-            },
+            api,
             egress,
             peer_timeout: timers.peer_timeout,
             first_handshake_timeout: timers.first_handshake_timeout,
@@ -400,8 +423,23 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An egress as tests of other modules need one.
+    pub fn egress(name: &str, pool: &str) -> EgressConfig {
+        EgressConfig {
+            name: name.into(),
+            ip: "203.0.113.77".parse().unwrap(),
+            interface: IfName::new("isp0").unwrap(),
+            pool: pool.parse().unwrap(),
+            wg_interface: IfName::new(&format!("wg-{name}")).unwrap(),
+            listen_port: 51820,
+            endpoint: "198.51.100.2:51820".parse().unwrap(),
+            token_file: "/dev/null".into(),
+            mtu: 1420,
+        }
+    }
 
     const VALID: &str = r#"
 state_dir = "/var/lib/wgexitd"

@@ -1,25 +1,22 @@
-//! `wgexitd serve` and `wgexitd teardown`.
+//! `wgexitd serve`, `teardown` and `check-config`.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::exit::collect::Activity;
+use crate::exit::api::auth::Authorizer;
+use crate::exit::api::tls::{self, TlsError};
+use crate::exit::api::tokens::TokenError;
+use crate::exit::api::{http, ApiState};
 use crate::exit::config::{Config, ConfigError};
-use crate::exit::http;
-use crate::exit::nat::{Firewall, NatError, DEFAULT_TABLE};
-use crate::exit::reconcile::ReconcileError;
-use crate::exit::registry::Registry;
-use crate::exit::service::{rules_for, Exit};
-use crate::exit::store::{LeaseStore, RedbStore, StoreError};
-use crate::exit::sysctl::{self, SysctlError};
-use crate::exit::tls::{self, TlsError};
-use crate::exit::tokens::{TokenError, Tokens};
+use crate::exit::dataplane::{Dataplane, DataplaneError, HostDataplane};
+use crate::exit::identity::{Identities, IdentityError};
+use crate::exit::leases::collect::Activity;
+use crate::exit::leases::redb::RedbStore;
+use crate::exit::leases::registry::Registry;
+use crate::exit::leases::service::LeaseService;
+use crate::exit::leases::store::{LeaseStore, StoreError, Write};
 use crate::fsutil;
-use crate::keys::Key;
-use crate::net::{LinkError, Netlink};
-use crate::wg::{Backend, WgError, WireGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -30,15 +27,9 @@ pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
-    Wg(#[from] WgError),
+    Identity(#[from] IdentityError),
     #[error(transparent)]
-    Link(#[from] LinkError),
-    #[error(transparent)]
-    Reconcile(#[from] ReconcileError),
-    #[error(transparent)]
-    Nat(#[from] NatError),
-    #[error(transparent)]
-    Sysctl(#[from] SysctlError),
+    Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("{path}: {source}")]
@@ -55,98 +46,72 @@ pub enum DaemonError {
     },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
-    move |source| DaemonError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-/// The egress's WireGuard private key, made on first start and kept in `state_dir/keys`.
-fn egress_private_key(state_dir: &Path, egress: &str) -> Result<Key, DaemonError> {
-    let dir = state_dir.join("keys");
-    fsutil::private_dir(&dir).map_err(io_err(&dir))?;
-    let path = dir.join(format!("{egress}.key"));
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Key::from_base64(&text).map_err(|e| DaemonError::Io {
-            path: path.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Key::generate_private().map_err(|e| DaemonError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
-            fsutil::write_private(&path, format!("{key}\n").as_bytes()).map_err(io_err(&path))?;
-            Ok(key)
-        }
-        Err(e) => Err(io_err(&path)(e)),
-    }
-}
-
 /// Checks what `serve` would read before touching anything: the token files.
 pub fn check(config: &Config) -> Result<(), DaemonError> {
-    load_tokens(config).map(|_| ())
+    Authorizer::load(config)?;
+    Ok(())
 }
 
-fn load_tokens(config: &Config) -> Result<HashMap<String, Tokens>, DaemonError> {
-    let mut tokens = HashMap::new();
-    for e in &config.egress {
-        tokens.insert(e.name.clone(), Tokens::load(&e.token_file)?);
-    }
-    Ok(tokens)
-}
-
-/// Everything `serve` sets up before it answers requests: nothing is written before the
-/// token files have been read, and the network is touched last.
-pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfig>), DaemonError> {
-    let tokens = load_tokens(&config)?;
-    fsutil::private_dir(&config.state_dir).map_err(io_err(&config.state_dir))?;
-    let mut keys = HashMap::new();
-    for e in &config.egress {
-        keys.insert(
-            e.name.clone(),
-            egress_private_key(&config.state_dir, &e.name)?,
+/// The lease registry over the store, with the stored leases that no longer fit the config
+/// (egress gone, pool changed) removed from the store and reported.
+fn open_leases(config: &Config) -> Result<Registry, DaemonError> {
+    let store: Arc<dyn LeaseStore> =
+        Arc::new(RedbStore::open(&config.state_dir.join("leases.redb"))?);
+    let (registry, misfits) = Registry::load(&config.egress, store.clone())?;
+    let mut removals = Vec::new();
+    for m in misfits {
+        tracing::warn!(
+            egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
+            "stored lease does not fit the current config (egress gone or pool changed); dropping it"
         );
+        removals.push(Write::Delete {
+            egress: m.lease.egress,
+            public_key: m.lease.public_key,
+            owner: None,
+        });
     }
+    if !removals.is_empty() {
+        store.apply(&removals)?;
+    }
+    Ok(registry)
+}
+
+/// Everything `serve` sets up before it answers requests, in order: config (read already)
+/// → tokens → store → identities → dataplane → API's TLS. Nothing is written before the
+/// token files have been read, and the network is touched last.
+pub async fn start(
+    config: Config,
+) -> Result<(Arc<ApiState>, Arc<rustls::ServerConfig>), DaemonError> {
+    let auth = Authorizer::load(&config)?;
+    fsutil::private_dir(&config.state_dir).map_err(|source| DaemonError::Io {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    let registry = open_leases(&config)?;
+    let identities = Identities::load_or_create(&config.state_dir, &config.egress)?;
     let (cert, key) = match &config.api.tls_files {
         Some((c, k)) => (c.clone(), k.clone()),
         None => tls::ensure_generated(&config.state_dir, &config.api)?,
     };
     let tls_config = tls::server_config(&cert, &key)?;
 
-    let store: Arc<dyn LeaseStore> =
-        Arc::new(RedbStore::open(&config.state_dir.join("leases.redb"))?);
-    let (registry, misfits) = Registry::load(&config.egress, store.clone())?;
-    for m in misfits {
-        tracing::warn!(
-            egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
-            "stored lease does not fit the current config (egress gone or pool changed); dropping it"
-        );
-        store.remove(&m.lease.egress, &m.lease.public_key)?;
-    }
-
-    let backend = Backend::open(config.backend)?;
-    tracing::info!(backend = ?backend.kind(), "WireGuard backend");
-    let netlink = Netlink::current()?;
-    let exit = Arc::new(Exit::new(config, registry, backend, netlink, keys, tokens));
-
-    for (egress, changes) in exit.reconcile().await? {
+    let dataplane = HostDataplane::open(config.backend)?;
+    tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
+    let service = Arc::new(LeaseService::new(config, registry, dataplane, identities));
+    for (egress, changes) in service.reconcile().await? {
         tracing::info!(%egress, ?changes, "WireGuard device reconciled");
     }
-    sysctl::ensure(&["net", "ipv4", "ip_forward"], "1")?;
-    for e in &exit.config.egress {
-        sysctl::prepare_exit(&e.wg_interface)?;
-    }
-    let rules: Vec<_> = exit.config.egress.iter().map(rules_for).collect();
-    Firewall::new(DEFAULT_TABLE).apply(&rules)?;
-    Ok((exit, tls_config))
+    service
+        .dataplane()
+        .apply_rules(&service.config.egress)
+        .await?;
+    Ok((Arc::new(ApiState { service, auth }), tls_config))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
     let listen = config.api.listen;
-    let (exit, tls_config) = start(config).await?;
+    let (api, tls_config) = start(config).await?;
 
     let listener = std::net::TcpListener::bind(listen).map_err(|source| DaemonError::Listen {
         addr: listen,
@@ -171,12 +136,10 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     // delayed ACK (40 ms) before its second half goes out.
     .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
     .handle(handle.clone())
-    .serve(
-        http::router(exit.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    );
+    .serve(http::router(api.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>());
 
-    let reconciler = tokio::spawn(reconcile_loop(exit.clone()));
-    let collector = tokio::spawn(collect_loop(exit.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
+    let collector = tokio::spawn(collect_loop(api.service.clone()));
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -203,13 +166,13 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 }
 
 /// Every `reconcile_interval`: repairs devices that drifted from the store.
-async fn reconcile_loop(exit: Arc<Exit>) {
-    let mut tick = tokio::time::interval(exit.config.reconcile_interval);
+async fn reconcile_loop(service: Arc<LeaseService>) {
+    let mut tick = tokio::time::interval(service.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        match exit.reconcile().await {
+        match service.reconcile().await {
             Ok(changes) => {
                 for (egress, c) in changes {
                     if c != Default::default() {
@@ -223,13 +186,13 @@ async fn reconcile_loop(exit: Arc<Exit>) {
 }
 
 /// Every `collect_interval`: releases the leases of peers that have gone away.
-async fn collect_loop(exit: Arc<Exit>) {
+async fn collect_loop(service: Arc<LeaseService>) {
     let mut activity = Activity::default();
-    let mut tick = tokio::time::interval(exit.config.collect_interval);
+    let mut tick = tokio::time::interval(service.config.collect_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for (lease, why) in exit.collect(&mut activity).await {
+        for (lease, why) in service.collect(&mut activity).await {
             tracing::info!(
                 egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,
                 container_id = %lease.attachment.container_id, host = %lease.attachment.host,
@@ -260,12 +223,8 @@ async fn wait_for_signal() {
 /// Removes the nftables table and every egress's WireGuard interface. Leases stay in the
 /// store, so a later `serve` brings the same tunnels back.
 pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
-    Firewall::new(DEFAULT_TABLE).teardown()?;
-    let backend = Backend::open(config.backend)?;
-    let netlink = Netlink::current()?;
-    for e in &config.egress {
-        backend.delete(&e.wg_interface).await?;
-        netlink.delete_link(&e.wg_interface).await?;
-    }
+    HostDataplane::open(config.backend)?
+        .teardown(&config.egress)
+        .await?;
     Ok(())
 }

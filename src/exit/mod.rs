@@ -1,18 +1,13 @@
-//! The exit-node daemon, `wgexitd`: WireGuard devices per egress, SNAT, the lease store and
-//! the HTTPS control API.
+//! The exit-node daemon, `wgexitd`.
+//!
+//! A request's path: [`api`] (HTTPS, tokens) → [`leases`] (the lease service, its registry
+//! and durable store) → [`dataplane`] (the WireGuard device's peers, firewall, sysctls).
+//! [`daemon`] starts them in that order's reverse need: config → store → identities →
+//! dataplane → API, and runs the reconcile and collection loops.
 
-pub mod collect;
-pub mod commit;
+pub mod api;
 pub mod config;
 pub mod daemon;
-pub mod http;
-pub mod nat;
-pub mod pool;
-pub mod ratelimit;
-pub mod reconcile;
-pub mod registry;
-pub mod service;
-pub mod store;
-pub mod sysctl;
-pub mod tls;
-pub mod tokens;
+pub mod dataplane;
+pub mod identity;
+pub mod leases;

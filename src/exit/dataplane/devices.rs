@@ -1,4 +1,4 @@
-//! Making an egress's WireGuard device match the config and the lease store.
+//! An egress's WireGuard device, made to match the config and the leases.
 //!
 //! Idempotent and minimal: a device that is right is left alone, a missing peer is added, a
 //! peer without a lease is removed, and a peer that is right is not touched (so its session
@@ -8,26 +8,12 @@ use std::collections::{HashMap, HashSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
+use super::DataplaneError;
+use crate::api::Lease;
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
-use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReconcileError {
-    #[error("egress {egress}: {source}")]
-    Wg {
-        egress: String,
-        #[source]
-        source: WgError,
-    },
-    #[error("egress {egress}: {source}")]
-    Link {
-        egress: String,
-        #[source]
-        source: LinkError,
-    },
-}
+use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
 
 /// What a reconcile pass changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -38,22 +24,21 @@ pub struct Changes {
     pub peers_removed: usize,
 }
 
-/// The exit node's peer entry for a leased address.
-pub fn exit_peer(public_key: Key, address: std::net::Ipv4Addr) -> PeerConfig {
+/// The exit node's peer entry for a lease: its key, routed to its address.
+pub fn peer_of(lease: &Lease) -> PeerConfig {
     PeerConfig {
-        public_key,
+        public_key: lease.public_key,
         endpoint: None,
-        allowed_ips: vec![IpNet::V4(Ipv4Net::from(address))],
+        allowed_ips: vec![IpNet::from(lease.address)],
         persistent_keepalive: None,
     }
 }
 
-/// Reads `egress`'s device: `None` when there is no working device. Done before the
-/// registry is locked, since a device with many peers takes a while to read.
+/// Reads `egress`'s device: `None` when there is no working device.
 pub async fn read_device<W: WireGuard>(
     wg: &W,
     egress: &EgressConfig,
-) -> Result<Option<DeviceStatus>, ReconcileError> {
+) -> Result<Option<DeviceStatus>, DataplaneError> {
     let name = egress.wg_interface.as_str();
     if !wg.exists(name).await {
         return Ok(None);
@@ -61,28 +46,22 @@ pub async fn read_device<W: WireGuard>(
     wg.status(name)
         .await
         .map(Some)
-        .map_err(|source| ReconcileError::Wg {
-            egress: egress.name.clone(),
-            source,
-        })
+        .map_err(DataplaneError::wg(egress))
 }
 
 /// Brings `egress`'s device to: key `private_key`, its listen port, exactly `peers`, the
 /// exit's overlay address, its MTU, up. `device` is what [`read_device`] saw; it may be a
 /// little older than `peers` (a lease made or released in between), which only costs a
 /// redundant, idempotent single-peer change.
-pub async fn reconcile_egress<W: WireGuard>(
+pub async fn reconcile_device<W: WireGuard>(
     wg: &W,
     netlink: &Netlink,
     egress: &EgressConfig,
     private_key: &Key,
     device: Option<DeviceStatus>,
     peers: &[PeerConfig],
-) -> Result<Changes, ReconcileError> {
-    let wg_err = |source| ReconcileError::Wg {
-        egress: egress.name.clone(),
-        source,
-    };
+) -> Result<Changes, DataplaneError> {
+    let wg_err = DataplaneError::wg(egress);
     let mut changes = Changes::default();
     let name = egress.wg_interface.as_str();
     let full = DeviceConfig {
@@ -130,10 +109,7 @@ pub async fn reconcile_egress<W: WireGuard>(
         }
     }
 
-    let link_err = |source| ReconcileError::Link {
-        egress: egress.name.clone(),
-        source,
-    };
+    let link_err = DataplaneError::link(egress);
     let overlay = Ipv4Net::new(egress.overlay_ip(), egress.pool.prefix_len()).map_err(|e| {
         link_err(LinkError::Netlink {
             what: "overlay address".into(),

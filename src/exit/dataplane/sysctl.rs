@@ -29,9 +29,13 @@ pub fn ensure(parts: &[&str], value: &str) -> Result<(), SysctlError> {
     })
 }
 
-/// Forwarding on, and loose reverse-path filtering on the WireGuard interface (the kernel
-/// uses the larger of `all` and the interface's value, so 2 is loose whatever `all` says).
-pub fn prepare_exit(wg_interface: &str) -> Result<(), SysctlError> {
-    ensure(&["net", "ipv4", "ip_forward"], "1")?;
+/// IPv4 forwarding on. Only once the firewall's rules are in place.
+pub fn forward() -> Result<(), SysctlError> {
+    ensure(&["net", "ipv4", "ip_forward"], "1")
+}
+
+/// Loose reverse-path filtering on a WireGuard interface (the kernel uses the larger of
+/// `all` and the interface's value, so 2 is loose whatever `all` says).
+pub fn loose_rp_filter(wg_interface: &str) -> Result<(), SysctlError> {
     ensure(&["net", "ipv4", "conf", wg_interface, "rp_filter"], "2")
 }

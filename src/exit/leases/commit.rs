@@ -14,49 +14,60 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
-use crate::exit::store::{LeaseStore, StoreError, Write};
+use super::store::{LeaseStore, Refusal, StoreError, Write};
 
 /// Most writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
 
-type Job = (Write, oneshot::Sender<Result<(), StoreError>>);
+/// Why a queued write did not take effect: the store failed, or refused its condition.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+}
+
+type Job = (Write, oneshot::Sender<Result<(), CommitError>>);
 
 pub struct GroupCommit {
     queue: Option<mpsc::Sender<Job>>,
     worker: Option<JoinHandle<()>>,
-    path: std::path::PathBuf,
+    store: String,
 }
 
 /// A queued write; [`Pending::durable`] resolves once it is on disk (or failed).
 #[must_use = "a write is durable only once `durable` or `wait` returns Ok"]
 pub struct Pending {
-    rx: Result<oneshot::Receiver<Result<(), StoreError>>, StoreError>,
+    rx: Result<oneshot::Receiver<Result<(), CommitError>>, StoreError>,
+    store: String,
 }
 
 impl Pending {
-    pub async fn durable(self) -> Result<(), StoreError> {
+    pub async fn durable(self) -> Result<(), CommitError> {
         let rx = self.rx?;
-        rx.await.unwrap_or_else(|_| Err(stopped()))
+        rx.await.unwrap_or_else(|_| Err(stopped(self.store)))
     }
 
     /// Blocking form of [`Pending::durable`], for code outside the runtime.
-    pub fn wait(self) -> Result<(), StoreError> {
+    pub fn wait(self) -> Result<(), CommitError> {
         let rx = self.rx?;
-        rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+        rx.blocking_recv()
+            .unwrap_or_else(|_| Err(stopped(self.store)))
     }
 }
 
-fn stopped() -> StoreError {
-    StoreError {
-        path: Default::default(),
+fn stopped(store: String) -> CommitError {
+    CommitError::Store(StoreError {
+        store,
         detail: "the lease store's writer stopped".into(),
-    }
+    })
 }
 
 impl GroupCommit {
     pub fn new(store: Arc<dyn LeaseStore>) -> GroupCommit {
         let (tx, rx) = mpsc::channel::<Job>();
-        let path = store.path();
+        let name = store.name();
         let worker = std::thread::Builder::new()
             .name("lease-commit".into())
             .spawn(move || {
@@ -69,9 +80,17 @@ impl GroupCommit {
                         }
                     }
                     let (writes, waiters): (Vec<Write>, Vec<_>) = batch.into_iter().unzip();
-                    let result = store.apply(&writes);
-                    for w in waiters {
-                        let _ = w.send(result.clone());
+                    match store.apply(&writes) {
+                        Ok(applied) => {
+                            for (w, outcome) in waiters.into_iter().zip(applied) {
+                                let _ = w.send(outcome.map_err(CommitError::from));
+                            }
+                        }
+                        Err(e) => {
+                            for w in waiters {
+                                let _ = w.send(Err(e.clone().into()));
+                            }
+                        }
                     }
                 }
             });
@@ -79,14 +98,14 @@ impl GroupCommit {
             Ok(worker) => GroupCommit {
                 queue: Some(tx),
                 worker: Some(worker),
-                path,
+                store: name,
             },
             Err(e) => {
                 tracing::error!(error = %e, "cannot start the lease store's writer");
                 GroupCommit {
                     queue: None,
                     worker: None,
-                    path,
+                    store: name,
                 }
             }
         }
@@ -105,10 +124,11 @@ impl GroupCommit {
                 Ok(rx)
             } else {
                 Err(StoreError {
-                    path: self.path.clone(),
+                    store: self.store.clone(),
                     detail: "the lease store's writer is not running".into(),
                 })
             },
+            store: self.store.clone(),
         }
     }
 }

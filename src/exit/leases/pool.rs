@@ -5,7 +5,7 @@
 //! stopped, so a just-released address is the last to be reused.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
 
@@ -26,8 +26,18 @@ impl Pool {
         }
     }
 
+    /// The exit node's own address in `net`: its first host. Never leased.
+    pub fn gateway(net: Ipv4Net) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(net.network()) + 1)
+    }
+
     fn first_leasable(net: Ipv4Net) -> u32 {
-        u32::from(net.network()) + 2
+        u32::from(Pool::gateway(net)) + 1
+    }
+
+    /// The network addresses are leased from.
+    pub fn net(&self) -> Ipv4Net {
+        self.net
     }
 
     fn last_leasable(net: Ipv4Net) -> u32 {
@@ -44,19 +54,26 @@ impl Pool {
     }
 
     /// Whether `addr` may be leased from this pool at all.
-    pub fn leasable(&self, addr: Ipv4Addr) -> bool {
-        let a = u32::from(addr);
-        (Pool::first_leasable(self.net)..=Pool::last_leasable(self.net)).contains(&a)
+    pub fn leasable(&self, addr: IpAddr) -> bool {
+        let IpAddr::V4(a) = addr else {
+            return false;
+        };
+        (Pool::first_leasable(self.net)..=Pool::last_leasable(self.net)).contains(&u32::from(a))
     }
 
     /// Records `addr` as taken (when loading stored leases). False if it cannot be leased
     /// or is taken already.
-    pub fn mark_used(&mut self, addr: Ipv4Addr) -> bool {
-        self.leasable(addr) && self.used.insert(u32::from(addr))
+    pub fn mark_used(&mut self, addr: IpAddr) -> bool {
+        match addr {
+            IpAddr::V4(a) if self.leasable(addr) => self.used.insert(u32::from(a)),
+            _ => false,
+        }
     }
 
-    pub fn release(&mut self, addr: Ipv4Addr) {
-        self.used.remove(&u32::from(addr));
+    pub fn release(&mut self, addr: IpAddr) {
+        if let IpAddr::V4(a) = addr {
+            self.used.remove(&u32::from(a));
+        }
     }
 
     /// Takes the next free address, or `None` when the pool is full.
@@ -106,9 +123,10 @@ mod tests {
         let want: Vec<Ipv4Addr> = (2..=6).map(|i| Ipv4Addr::new(100, 96, 0, i)).collect();
         assert_eq!(got, want);
         assert_eq!(p.allocate(), None);
-        assert!(!p.leasable(Ipv4Addr::new(100, 96, 0, 0)));
-        assert!(!p.leasable(Ipv4Addr::new(100, 96, 0, 1)));
-        assert!(!p.leasable(Ipv4Addr::new(100, 96, 0, 7)));
+        assert_eq!(Pool::gateway(p.net()), Ipv4Addr::new(100, 96, 0, 1));
+        for host in [0, 1, 7] {
+            assert!(!p.leasable(Ipv4Addr::new(100, 96, 0, host).into()));
+        }
     }
 
     #[test]
@@ -116,7 +134,7 @@ mod tests {
         let mut p = pool("100.96.0.0/29");
         let a = p.allocate().unwrap();
         let b = p.allocate().unwrap();
-        p.release(a);
+        p.release(a.into());
         let c = p.allocate().unwrap();
         assert_ne!(c, a);
         assert_ne!(c, b);
@@ -128,9 +146,9 @@ mod tests {
     #[test]
     fn never_hands_out_an_address_twice() {
         let mut p = pool("100.96.0.0/24");
-        assert!(p.mark_used(Ipv4Addr::new(100, 96, 0, 2)));
-        assert!(!p.mark_used(Ipv4Addr::new(100, 96, 0, 2)));
-        assert!(p.mark_used(Ipv4Addr::new(100, 96, 0, 9)));
+        assert!(p.mark_used(Ipv4Addr::new(100, 96, 0, 2).into()));
+        assert!(!p.mark_used(Ipv4Addr::new(100, 96, 0, 2).into()));
+        assert!(p.mark_used(Ipv4Addr::new(100, 96, 0, 9).into()));
         let mut seen = BTreeSet::new();
         while let Some(a) = p.allocate() {
             assert!(seen.insert(a), "{a} twice");

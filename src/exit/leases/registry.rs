@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::commit::{CommitError, GroupCommit, Pending};
+use super::pool::Pool;
+use super::store::{LeaseStore, StoreError, StoredLease, Write};
 use crate::api::{Lease, LeaseRequest};
-use crate::exit::commit::{GroupCommit, Pending};
 use crate::exit::config::EgressConfig;
-use crate::exit::pool::Pool;
-use crate::exit::store::{LeaseStore, StoreError, StoredLease, Write};
 use crate::keys::Key;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +29,18 @@ pub enum LeaseError {
     #[error("egress {egress}: the lease for {key} was made with another token")]
     NotOwner { egress: String, key: Key },
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Store(#[from] CommitError),
+}
+
+impl From<StoreError> for LeaseError {
+    fn from(e: StoreError) -> LeaseError {
+        LeaseError::Store(e.into())
+    }
 }
 
 /// One egress's leases.
 #[derive(Debug)]
 pub struct EgressLeases {
-    pub config: EgressConfig,
     pool: Pool,
     by_key: HashMap<Key, StoredLease>,
 }
@@ -71,9 +76,9 @@ fn now_secs() -> u64 {
 }
 
 impl Registry {
-    /// Builds the registry from the config and what the store holds. Stored leases that
-    /// no longer fit (unknown egress, address outside the pool, duplicate address) are
-    /// returned separately so the caller can report and drop them.
+    /// Builds the registry from the config's egresses (their names and pools) and what
+    /// the store holds. Stored leases that no longer fit (unknown egress, address outside
+    /// the pool, duplicate address) are returned separately so the caller can report them.
     pub fn load(
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
@@ -84,7 +89,6 @@ impl Registry {
                 (
                     e.name.clone(),
                     EgressLeases {
-                        config: e.clone(),
                         pool: Pool::new(e.pool),
                         by_key: HashMap::new(),
                     },
@@ -120,8 +124,9 @@ impl Registry {
             .ok_or_else(|| LeaseError::UnknownEgress(name.to_string()))
     }
 
-    pub fn egresses(&self) -> impl Iterator<Item = &EgressLeases> {
-        self.egresses.values()
+    /// Every egress's name and leases.
+    pub fn egresses(&self) -> impl Iterator<Item = (&str, &EgressLeases)> {
+        self.egresses.iter().map(|(name, e)| (name.as_str(), e))
     }
 
     /// Grants a lease, or returns the existing one for this public key (idempotent).
@@ -144,25 +149,29 @@ impl Registry {
                     key: req.public_key,
                 });
             }
-            let pending = self.commit.submit(Write::Put(existing.clone()));
+            let pending = self.commit.submit(Write::Keep {
+                egress: egress.to_string(),
+                public_key: req.public_key,
+                owner: owner.to_string(),
+            });
             return Ok((existing.clone(), false, pending));
         }
         let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
             egress: egress.to_string(),
-            pool: e.config.pool.to_string(),
+            pool: e.pool.net().to_string(),
             in_use: e.pool.in_use(),
         })?;
         let stored = StoredLease {
             lease: Lease {
                 egress: egress.to_string(),
                 public_key: req.public_key,
-                address,
+                address: address.into(),
                 created_at: now_secs(),
                 attachment: req.attachment.clone(),
             },
             owner: owner.to_string(),
         };
-        let pending = self.commit.submit(Write::Put(stored.clone()));
+        let pending = self.commit.submit(Write::Create(stored.clone()));
         e.by_key.insert(req.public_key, stored.clone());
         Ok((stored, true, pending))
     }
@@ -209,32 +218,36 @@ impl Registry {
             key: *key,
         })?;
         e.pool.release(removed.lease.address);
-        let pending = self.commit.submit(Write::Remove {
+        let pending = self.commit.submit(Write::Delete {
             egress: egress.to_string(),
             public_key: *key,
+            owner: owner.map(String::from),
         });
         Ok((removed, pending))
+    }
+
+    /// Drops `key`'s lease from memory only: for a lease whose creation the store refused,
+    /// so the store holds nothing to delete.
+    pub fn forget(&mut self, egress: &str, key: &Key) {
+        if let Some(e) = self.egresses.get_mut(egress) {
+            if let Some(removed) = e.by_key.remove(key) {
+                e.pool.release(removed.lease.address);
+            }
+        }
+    }
+
+    /// Submits a write straight to the store, in order with the registry's own (e.g. to
+    /// delete a stored lease that no longer fits the config).
+    pub fn submit(&self, write: Write) -> Pending {
+        self.commit.submit(write)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::store::RedbStore;
-
-    fn egress(name: &str, pool: &str) -> EgressConfig {
-        EgressConfig {
-            name: name.into(),
-            ip: "203.0.113.77".parse().unwrap(),
-            interface: "isp0".into(),
-            pool: pool.parse().unwrap(),
-            wg_interface: format!("wg-{name}"),
-            listen_port: 51820,
-            endpoint: "198.51.100.2:51820".parse().unwrap(),
-            token_file: "/dev/null".into(),
-            mtu: 1420,
-        }
-    }
+    use crate::exit::config::tests::egress;
+    use crate::exit::leases::redb::RedbStore;
 
     fn req(n: u8) -> LeaseRequest {
         LeaseRequest {
@@ -251,7 +264,7 @@ mod tests {
         owner: &str,
     ) -> Result<(StoredLease, bool), LeaseError> {
         let (l, new, pending) = r.lease(egress, req, owner)?;
-        pending.wait()?;
+        pending.wait().map_err(LeaseError::Store)?;
         Ok((l, new))
     }
 
@@ -262,7 +275,7 @@ mod tests {
         owner: Option<&str>,
     ) -> Result<StoredLease, LeaseError> {
         let (l, pending) = r.release(egress, key, owner)?;
-        pending.wait()?;
+        pending.wait().map_err(LeaseError::Store)?;
         Ok(l)
     }
 

@@ -1,142 +1,109 @@
-//! The exit node's operations, independent of HTTP: lease, release, list, reconcile.
+//! The lease service: what the API asks of the exit node, independent of HTTP and of tokens.
+//!
+//! It keeps the [`Registry`] (and through it the store) and the [`Dataplane`] in step: a
+//! lease is programmed on the device before it is answered, a release takes the peer off
+//! the device before the address is free again, and [`LeaseService::reconcile`] makes every
+//! device match the store.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use tokio::sync::Mutex;
 
+use super::collect::{Activity, Idle, Timeouts};
+use super::commit::{CommitError, Pending};
+use super::registry::{LeaseError, Registry};
+use super::store::{Refusal, StoredLease};
 use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
-use crate::exit::collect::{Activity, Idle, Timeouts};
-use crate::exit::commit::Pending;
 use crate::exit::config::{Config, EgressConfig};
-use crate::exit::nat::EgressRules;
-use crate::exit::ratelimit::FailedAuthLimiter;
-use crate::exit::reconcile::{exit_peer, read_device, reconcile_egress, Changes, ReconcileError};
-use crate::exit::registry::{LeaseError, Registry};
-use crate::exit::tokens::{owner_id, Tokens};
+use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane};
+use crate::exit::identity::Identities;
 use crate::keys::Key;
-use crate::net::Netlink;
-use crate::wg::{Backend, PeerStatus, WgError, WireGuard};
+use crate::wg::PeerStatus;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExitError {
-    #[error("token not accepted for egress {0:?} (or no such egress)")]
-    Unauthorized(String),
-    #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
-    RateLimited(std::time::Duration),
-    #[error("{0}")]
-    BadRequest(String),
+pub enum ServiceError {
     #[error(transparent)]
     Lease(#[from] LeaseError),
-    #[error("WireGuard: {0}")]
-    Wg(#[from] WgError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+impl From<CommitError> for ServiceError {
+    fn from(e: CommitError) -> ServiceError {
+        ServiceError::Lease(LeaseError::Store(e))
+    }
 }
 
 /// Counters exported on `/metrics`.
 #[derive(Debug, Default)]
-pub struct Metrics {
-    pub leases_granted: AtomicU64,
-    pub leases_renewed: AtomicU64,
-    pub leases_released: AtomicU64,
-    pub leases_collected: AtomicU64,
-    pub auth_failures: AtomicU64,
+pub struct LeaseCounters {
+    pub granted: AtomicU64,
+    pub renewed: AtomicU64,
+    pub released: AtomicU64,
+    pub collected: AtomicU64,
 }
 
-pub struct Exit {
+fn count(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+pub struct LeaseService<D = HostDataplane> {
     pub config: Config,
     registry: Mutex<Registry>,
-    backend: Backend,
-    netlink: Netlink,
-    private_keys: HashMap<String, Key>,
-    /// Derived once: a Curve25519 scalar multiplication per lease showed in profiles.
-    public_keys: HashMap<String, Key>,
-    tokens: HashMap<String, Tokens>,
-    pub metrics: Metrics,
-    failed_auth: FailedAuthLimiter,
+    dataplane: D,
+    identities: Identities,
+    pub counters: LeaseCounters,
 }
 
-impl Exit {
+impl<D: Dataplane> LeaseService<D> {
     pub fn new(
         config: Config,
         registry: Registry,
-        backend: Backend,
-        netlink: Netlink,
-        private_keys: HashMap<String, Key>,
-        tokens: HashMap<String, Tokens>,
-    ) -> Exit {
-        let public_keys = private_keys
-            .iter()
-            .map(|(egress, key)| (egress.clone(), key.public()))
-            .collect();
-        Exit {
+        dataplane: D,
+        identities: Identities,
+    ) -> LeaseService<D> {
+        LeaseService {
             config,
             registry: Mutex::new(registry),
-            backend,
-            netlink,
-            private_keys,
-            public_keys,
-            tokens,
-            metrics: Metrics::default(),
-            failed_auth: FailedAuthLimiter::default(),
+            dataplane,
+            identities,
+            counters: LeaseCounters::default(),
         }
     }
 
-    pub fn backend(&self) -> &Backend {
-        &self.backend
+    pub fn dataplane(&self) -> &D {
+        &self.dataplane
     }
 
-    /// Checks `token` against `egress`'s tokens; returns the owner id it stands for. A
-    /// source that failed too often is refused before its token is looked at.
-    pub fn authorize(
-        &self,
-        source: IpAddr,
-        egress: &str,
-        token: Option<&str>,
-    ) -> Result<String, ExitError> {
-        let now = Instant::now();
-        self.failed_auth
-            .check(source, now)
-            .map_err(ExitError::RateLimited)?;
-        match (self.tokens.get(egress), token) {
-            (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
-            _ => {
-                self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
-                self.failed_auth.failed(source, now);
-                Err(ExitError::Unauthorized(egress.to_string()))
-            }
-        }
-    }
-
-    fn egress_config(&self, egress: &str) -> Result<&EgressConfig, ExitError> {
+    fn egress_config(&self, egress: &str) -> Result<&EgressConfig, LeaseError> {
         self.config
             .egress(egress)
-            .ok_or_else(|| ExitError::Unauthorized(egress.to_string()))
+            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
     }
 
-    fn server_public_key(&self, egress: &str) -> Result<Key, ExitError> {
-        self.public_keys
-            .get(egress)
-            .copied()
-            .ok_or_else(|| ExitError::Unauthorized(egress.to_string()))
+    fn server_public_key(&self, egress: &str) -> Result<Key, LeaseError> {
+        self.identities
+            .public(egress)
+            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
     }
 
+    /// Grants `owner` a lease in `egress` for `req`'s key (or returns the one it holds), with
+    /// its peer on the device and the lease durable before it returns.
     pub async fn lease(
         &self,
         egress: &str,
         owner: &str,
         req: LeaseRequest,
-    ) -> Result<LeaseGrant, ExitError> {
-        req.validate().map_err(ExitError::BadRequest)?;
+    ) -> Result<LeaseGrant, ServiceError> {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
         let (stored, new, durable) = registry.lease(egress, &req, owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since.
-        let peer = exit_peer(req.public_key, stored.lease.address);
-        if let Err(e) = self.backend.set_peer(&cfg.wg_interface, &peer).await {
+        if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
             if new {
                 // Queued after the lease's own write, so the store ends without it.
                 let _ = registry.release(egress, &req.public_key, None);
@@ -148,24 +115,37 @@ impl Exit {
         // made without the registry lock.
         if let Err(e) = durable.durable().await {
             if new {
-                let _ = self.release(egress, None, &req.public_key).await;
+                self.undo_new_lease(cfg, &stored, &e).await;
             }
-            return Err(LeaseError::Store(e).into());
+            return Err(e.into());
         }
-        if new {
-            self.metrics.leases_granted.fetch_add(1, Ordering::Relaxed);
+        count(if new {
+            &self.counters.granted
         } else {
-            self.metrics.leases_renewed.fetch_add(1, Ordering::Relaxed);
-        }
+            &self.counters.renewed
+        });
         Ok(LeaseGrant {
-            address: Ipv4Net::from(stored.lease.address),
+            address: IpNet::from(stored.lease.address),
             lease: stored.lease,
             server_public_key,
             endpoint: cfg.endpoint,
-            gateway: cfg.overlay_ip(),
-            egress_ip: cfg.ip,
+            gateway: cfg.overlay_ip().into(),
+            egress_ip: cfg.ip.into(),
             persistent_keepalive: self.config.persistent_keepalive,
         })
+    }
+
+    /// Takes back a new lease whose write failed: the store refused it (it holds nothing
+    /// to delete) or could not write it (it may, so it is deleted too).
+    async fn undo_new_lease(&self, cfg: &EgressConfig, stored: &StoredLease, why: &CommitError) {
+        let key = &stored.lease.public_key;
+        if matches!(why, CommitError::Refused(_)) {
+            let mut registry = self.registry.lock().await;
+            let _ = self.dataplane.remove_peer(cfg, key).await;
+            registry.forget(&cfg.name, key);
+        } else {
+            let _ = self.release(&cfg.name, None, key).await;
+        }
     }
 
     /// Releases a lease made with the same token; `owner: None` releases any (collection).
@@ -174,80 +154,45 @@ impl Exit {
         egress: &str,
         owner: Option<&str>,
         key: &Key,
-    ) -> Result<Lease, ExitError> {
+    ) -> Result<Lease, ServiceError> {
         let cfg = self.egress_config(egress)?;
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
         registry.releasable(egress, key, owner)?;
         let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
-        durable.durable().await.map_err(LeaseError::Store)?;
-        self.metrics.leases_released.fetch_add(1, Ordering::Relaxed);
+        durable_removal(durable).await?;
+        count(&self.counters.released);
         Ok(removed)
     }
 
-    /// Takes `key`'s peer off the device, then its lease out of the store and the pool.
-    /// Called with the registry locked, so the address is free for the next lease only once
-    /// no peer holds it any more: one address never reaches two peers. The removal is
-    /// durable once the returned [`Pending`] resolves; await it after letting the lock go.
+    /// Takes `key`'s peer off the device, then its lease out of the registry. Called with
+    /// the registry locked, so the address is free for the next lease only once no peer
+    /// holds it any more: one address never reaches two peers. The removal is durable once
+    /// the returned [`Pending`] resolves; await it after letting the lock go.
     async fn remove_lease(
         &self,
         registry: &mut Registry,
         cfg: &EgressConfig,
         key: &Key,
-    ) -> Result<(Lease, Pending), ExitError> {
-        self.backend.remove_peer(&cfg.wg_interface, key).await?;
+    ) -> Result<(Lease, Pending), ServiceError> {
+        self.dataplane.remove_peer(cfg, key).await?;
         let (removed, durable) = registry.release(&cfg.name, key, None)?;
         Ok((removed.lease, durable))
     }
 
-    /// Releases the leases whose peers have gone away (see [`crate::exit::collect`]).
+    /// Releases the leases whose peers have gone away (see [`super::collect`]).
     /// Returns what was collected, with why.
     pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
-        let timeouts = Timeouts {
-            peer: self.config.peer_timeout,
-            first_handshake: self.config.first_handshake_timeout,
-        };
         let mut removed = Vec::new();
         for cfg in &self.config.egress {
-            // Read without the lock (a device with many peers takes a while); a lease made
-            // since is simply not seen yet, and its first-handshake clock starts next time.
-            let status = match self.backend.status(&cfg.wg_interface).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(egress = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
-                    continue;
-                }
-            };
-            let peers: HashMap<Key, &PeerStatus> =
-                status.peers.iter().map(|p| (p.public_key, p)).collect();
-            let mut registry = self.registry.lock().await;
-            let leased: HashSet<Key> = match registry.egress(&cfg.name) {
-                Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
-                Err(_) => continue,
-            };
-            activity.retain(&cfg.name, &leased);
-            let now = SystemTime::now();
-            for key in leased {
-                let peer = peers.get(&key).copied();
-                let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
-                    continue;
-                };
-                match self.remove_lease(&mut registry, cfg, &key).await {
-                    Ok((lease, durable)) => removed.push((lease, why, durable)),
-                    Err(e) => {
-                        tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
-                    }
-                }
-            }
+            removed.extend(self.collect_egress(cfg, activity).await);
         }
         let mut out = Vec::new();
         for (lease, why, durable) in removed {
-            match durable.durable().await {
+            match durable_removal(durable).await {
                 Ok(()) => {
-                    self.metrics
-                        .leases_collected
-                        .fetch_add(1, Ordering::Relaxed);
+                    count(&self.counters.collected);
                     out.push((lease, why));
                 }
                 Err(e) => {
@@ -258,7 +203,49 @@ impl Exit {
         out
     }
 
-    pub async fn list(&self, egress: &str) -> Result<LeaseList, ExitError> {
+    async fn collect_egress(
+        &self,
+        cfg: &EgressConfig,
+        activity: &mut Activity,
+    ) -> Vec<(Lease, Idle, Pending)> {
+        let timeouts = Timeouts {
+            peer: self.config.peer_timeout,
+            first_handshake: self.config.first_handshake_timeout,
+        };
+        // Read without the lock (a device with many peers takes a while); a lease made
+        // since is simply not seen yet, and its first-handshake clock starts next time.
+        let status = match self.dataplane.device(cfg).await {
+            Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(egress = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
+                return Vec::new();
+            }
+        };
+        let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
+        let mut registry = self.registry.lock().await;
+        let leased: HashSet<Key> = match registry.egress(&cfg.name) {
+            Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
+            Err(_) => return Vec::new(),
+        };
+        activity.retain(&cfg.name, &leased);
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        for key in leased {
+            let peer = peers.get(&key).copied();
+            let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
+                continue;
+            };
+            match self.remove_lease(&mut registry, cfg, &key).await {
+                Ok((lease, durable)) => removed.push((lease, why, durable)),
+                Err(e) => {
+                    tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
+                }
+            }
+        }
+        removed
+    }
+
+    pub async fn list(&self, egress: &str) -> Result<LeaseList, LeaseError> {
         let registry = self.registry.lock().await;
         let mut leases: Vec<Lease> = registry
             .egress(egress)?
@@ -269,72 +256,62 @@ impl Exit {
         Ok(LeaseList { leases })
     }
 
-    pub async fn info(&self, egress: &str) -> Result<EgressInfo, ExitError> {
+    pub async fn info(&self, egress: &str) -> Result<EgressInfo, LeaseError> {
         let cfg = self.egress_config(egress)?;
         let registry = self.registry.lock().await;
         let e = registry.egress(egress)?;
         Ok(EgressInfo {
             name: cfg.name.clone(),
-            egress_ip: cfg.ip,
+            egress_ip: cfg.ip.into(),
             endpoint: cfg.endpoint,
             server_public_key: self.server_public_key(egress)?,
-            pool: cfg.pool,
+            pool: cfg.pool.into(),
             leases: e.len(),
             capacity: e.capacity(),
         })
     }
 
-    /// Lease counts per egress, for metrics.
+    /// Lease counts and capacity per egress, for metrics.
     pub async fn lease_counts(&self) -> Vec<(String, usize, usize)> {
         let registry = self.registry.lock().await;
         let mut out: Vec<_> = registry
             .egresses()
-            .map(|e| (e.config.name.clone(), e.len(), e.capacity()))
+            .map(|(name, e)| (name.to_string(), e.len(), e.capacity()))
             .collect();
         out.sort();
         out
     }
 
-    /// Makes every egress's device match the store (see [`reconcile_egress`]).
-    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, ReconcileError> {
+    /// Makes every egress's device match the store.
+    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, DataplaneError> {
         let mut out = Vec::new();
         for cfg in &self.config.egress {
-            let Some(key) = self.private_keys.get(&cfg.name) else {
+            let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
             // Read the device without the lock, so leases go on meanwhile; apply the
             // (single-peer) changes with it, so none races a lease or a release.
-            let device = read_device(&self.backend, cfg).await?;
+            let seen = self.dataplane.device(cfg).await?;
             let registry = self.registry.lock().await;
-            let peers: Vec<_> = registry
+            let leases: Vec<&Lease> = registry
                 .egress(&cfg.name)
-                .map(|e| {
-                    e.leases()
-                        .map(|l| exit_peer(l.lease.public_key, l.lease.address))
-                        .collect()
-                })
+                .map(|e| e.leases().map(|l| &l.lease).collect())
                 .unwrap_or_default();
-            let changes =
-                reconcile_egress(&self.backend, &self.netlink, cfg, key, device, &peers).await?;
+            let changes = self
+                .dataplane
+                .reconcile_device(cfg, identity, seen, &leases)
+                .await?;
             drop(registry);
             out.push((cfg.name.clone(), changes));
         }
         Ok(out)
     }
-
-    /// The nftables rules every egress needs.
-    pub fn firewall_rules(&self) -> Vec<EgressRules> {
-        self.config.egress.iter().map(rules_for).collect()
-    }
 }
 
-pub fn rules_for(e: &EgressConfig) -> EgressRules {
-    EgressRules {
-        name: e.name.clone(),
-        wg_interface: e.wg_interface.clone(),
-        uplink: e.interface.clone(),
-        pool: e.pool,
-        overlay_ip: e.overlay_ip(),
-        egress_ip: e.ip,
+/// Waits for a release's write; a lease the store no longer holds is released all the same.
+async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
+    match pending.durable().await {
+        Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
+        other => other,
     }
 }

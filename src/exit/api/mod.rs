@@ -1,0 +1,21 @@
+//! The HTTPS control API: routes ([`http`]), who may call them ([`auth`], [`tokens`],
+//! [`ratelimit`]), the TLS material ([`tls`]) and the `/metrics` text ([`metrics`]).
+//! Wire types are shared with the plugin in [`crate::api`].
+
+pub mod auth;
+pub mod http;
+pub mod metrics;
+pub mod ratelimit;
+pub mod tls;
+pub mod tokens;
+
+use std::sync::Arc;
+
+use crate::exit::dataplane::HostDataplane;
+use crate::exit::leases::service::LeaseService;
+
+/// What the routes work with.
+pub struct ApiState<D = HostDataplane> {
+    pub service: Arc<LeaseService<D>>,
+    pub auth: auth::Authorizer,
+}
