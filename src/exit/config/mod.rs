@@ -1,14 +1,16 @@
-//! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key.
+//! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
+//! per kind of table: [`egress`].
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+pub mod egress;
+
+pub use egress::EgressConfig;
+
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
 use serde::Deserialize;
 
-use crate::api::valid_egress_name;
-use crate::exit::leases::pool::Pool;
 use crate::net::IfName;
 use crate::wg::BackendKind;
 
@@ -39,7 +41,7 @@ struct RawConfig {
     backend: BackendKind,
     api: RawApi,
     #[serde(default)]
-    egress: Vec<RawEgress>,
+    egress: Vec<egress::RawEgress>,
     #[serde(default)]
     peer_timeout: Option<u64>,
     #[serde(default)]
@@ -61,21 +63,6 @@ struct RawApi {
     /// Extra names or addresses for the generated server certificate.
     #[serde(default)]
     san: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEgress {
-    name: String,
-    ip: String,
-    interface: String,
-    pool: String,
-    wg_interface: String,
-    listen_port: u16,
-    endpoint: String,
-    token_file: PathBuf,
-    #[serde(default)]
-    mtu: Option<u32>,
 }
 
 /// A checked config.
@@ -104,26 +91,6 @@ pub struct ApiConfig {
     /// Certificate and key files; when absent, generated under `state_dir/tls`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     pub san: Vec<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EgressConfig {
-    pub name: String,
-    pub ip: Ipv4Addr,
-    pub interface: IfName,
-    pub pool: Ipv4Net,
-    pub wg_interface: IfName,
-    pub listen_port: u16,
-    pub endpoint: SocketAddr,
-    pub token_file: PathBuf,
-    pub mtu: u32,
-}
-
-impl EgressConfig {
-    /// The exit node's own address in the pool.
-    pub fn overlay_ip(&self) -> Ipv4Addr {
-        Pool::gateway(self.pool)
-    }
 }
 
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
@@ -191,7 +158,7 @@ fn timers(raw: &RawConfig, invalid: &Invalid) -> Result<Timers, ConfigError> {
     })
 }
 
-type Invalid<'a> = dyn Fn(String, String) -> ConfigError + 'a;
+pub(super) type Invalid<'a> = dyn Fn(String, String) -> ConfigError + 'a;
 
 fn api_config(raw: RawApi, invalid: &Invalid) -> Result<ApiConfig, ConfigError> {
     let listen: SocketAddr = raw.listen.parse().map_err(|_| {
@@ -226,24 +193,7 @@ fn api_config(raw: RawApi, invalid: &Invalid) -> Result<ApiConfig, ConfigError> 
     })
 }
 
-/// Every `[[egress]]`, each checked alone and then against the ones before it.
-fn egresses(raw: Vec<RawEgress>, invalid: &Invalid) -> Result<Vec<EgressConfig>, ConfigError> {
-    if raw.is_empty() {
-        return Err(invalid(
-            "egress".into(),
-            "at least one [[egress]] table is needed".into(),
-        ));
-    }
-    let mut out: Vec<EgressConfig> = Vec::new();
-    for (i, e) in raw.into_iter().enumerate() {
-        let e = egress(i, e, invalid)?;
-        check_no_clash(i, &e, &out, invalid)?;
-        out.push(e);
-    }
-    Ok(out)
-}
-
-fn parsed<T: std::str::FromStr>(
+pub(super) fn parsed<T: std::str::FromStr>(
     invalid: &Invalid,
     key: String,
     value: &str,
@@ -254,108 +204,8 @@ fn parsed<T: std::str::FromStr>(
         .map_err(|_| invalid(key, format!("{value:?} is not {what}")))
 }
 
-fn ifname(invalid: &Invalid, key: String, value: &str) -> Result<IfName, ConfigError> {
+pub(super) fn ifname(invalid: &Invalid, key: String, value: &str) -> Result<IfName, ConfigError> {
     IfName::new(value).map_err(|e| invalid(key, e.to_string()))
-}
-
-fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, ConfigError> {
-    let key = |k: &str| format!("egress[{i}].{k}");
-    if !valid_egress_name(&e.name) {
-        return Err(invalid(
-            key("name"),
-            format!(
-                "{:?} must be 1-64 characters of letters, digits, '-', '_' or '.'",
-                e.name
-            ),
-        ));
-    }
-    let ip = parsed(
-        invalid,
-        key("ip"),
-        &e.ip,
-        "an IPv4 address (e.g. \"203.0.113.77\")",
-    )?;
-    let pool = overlay_pool(invalid, key("pool"), &e.pool)?;
-    if e.listen_port == 0 {
-        return Err(invalid(key("listen_port"), "must not be 0".into()));
-    }
-    let endpoint = parsed(
-        invalid,
-        key("endpoint"),
-        &e.endpoint,
-        "an address:port (e.g. \"198.51.100.2:51820\")",
-    )?;
-    let mtu = e.mtu.unwrap_or(DEFAULT_MTU);
-    if !(1280..=9000).contains(&mtu) {
-        return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
-    }
-    Ok(EgressConfig {
-        interface: ifname(invalid, key("interface"), &e.interface)?,
-        wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
-        name: e.name,
-        ip,
-        pool,
-        listen_port: e.listen_port,
-        endpoint,
-        token_file: e.token_file,
-        mtu,
-    })
-}
-
-fn overlay_pool(invalid: &Invalid, key: String, value: &str) -> Result<Ipv4Net, ConfigError> {
-    let pool: Ipv4Net = parsed(
-        invalid,
-        key.clone(),
-        value,
-        "an IPv4 network (e.g. \"100.96.0.0/20\")",
-    )?;
-    if pool != pool.trunc() {
-        return Err(invalid(
-            key,
-            format!("{pool} has host bits set; did you mean {}?", pool.trunc()),
-        ));
-    }
-    if pool.prefix_len() > 29 {
-        return Err(invalid(
-            key,
-            format!("{pool} is too small: use a /29 or larger"),
-        ));
-    }
-    Ok(pool)
-}
-
-/// Names, WireGuard interfaces, ports and pools are each one egress's own.
-fn check_no_clash(
-    i: usize,
-    e: &EgressConfig,
-    before: &[EgressConfig],
-    invalid: &Invalid,
-) -> Result<(), ConfigError> {
-    let key = |k: &str| format!("egress[{i}].{k}");
-    for (j, other) in before.iter().enumerate() {
-        let clash = |what: &str| {
-            invalid(
-                key(what),
-                format!("is the same as egress[{j}].{what} ({})", other.name),
-            )
-        };
-        if other.name == e.name {
-            return Err(clash("name"));
-        }
-        if other.wg_interface == e.wg_interface {
-            return Err(clash("wg_interface"));
-        }
-        if other.listen_port == e.listen_port {
-            return Err(clash("listen_port"));
-        }
-        if other.pool.contains(&e.pool) || e.pool.contains(&other.pool) {
-            return Err(invalid(
-                key("pool"),
-                format!("{} overlaps egress[{j}].pool {}", e.pool, other.pool),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn check_listen_outside_pools(
@@ -401,7 +251,7 @@ impl Config {
             ));
         }
         let api = api_config(raw.api, &invalid)?;
-        let egress = egresses(raw.egress, &invalid)?;
+        let egress = egress::egresses(raw.egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
         Ok(Config {
             path: path.to_path_buf(),
@@ -474,7 +324,7 @@ token_file = "/etc/wgexitd/acme.tokens"
         assert_eq!(c.api.listen, "198.51.100.2:7443".parse().unwrap());
         assert_eq!(c.api.tls_files, None);
         let e = &c.egress[0];
-        assert_eq!(e.overlay_ip(), Ipv4Addr::new(100, 96, 0, 1));
+        assert_eq!(e.overlay_ip(), std::net::Ipv4Addr::new(100, 96, 0, 1));
         assert_eq!(e.mtu, DEFAULT_MTU);
         assert_eq!(c.peer_timeout, DEFAULT_PEER_TIMEOUT);
         assert_eq!(c.collect_interval, DEFAULT_COLLECT_INTERVAL);
