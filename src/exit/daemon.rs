@@ -98,8 +98,8 @@ pub async fn start(
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
     let service = Arc::new(LeaseService::new(config, registry, dataplane, identities));
-    for (egress, changes) in service.reconcile().await? {
-        tracing::info!(%egress, ?changes, "WireGuard device reconciled");
+    for (egress, changes) in service.reconcile().await {
+        tracing::info!(%egress, changes = ?changes?, "WireGuard device reconciled");
     }
     service
         .dataplane()
@@ -172,15 +172,18 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        match service.reconcile().await {
-            Ok(changes) => {
-                for (egress, c) in changes {
-                    if c != Default::default() {
-                        tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
-                    }
+        for (egress, changes) in service.reconcile().await {
+            match changes {
+                Ok(c) if c == Default::default() => {}
+                Ok(c) => {
+                    tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired")
+                }
+                // E.g. a wireguard-go too busy to answer: its device and sessions are left
+                // alone, and the next round looks again.
+                Err(e) => {
+                    tracing::warn!(%egress, error = %e, "cannot reconcile this round; skipped")
                 }
             }
-            Err(e) => tracing::error!(error = %e, "reconcile failed"),
         }
     }
 }

@@ -165,7 +165,7 @@ impl KernelBackend {
 
     /// Sends `peers` in as many WG_CMD_SET_DEVICE messages as needed; `first` holds the
     /// device attributes that go with the first message only.
-    async fn set_peers(
+    async fn send_peers(
         &self,
         name: &str,
         first: Vec<WireguardAttribute>,
@@ -403,13 +403,12 @@ impl WireGuard for KernelBackend {
         if let Some(port) = config.listen_port {
             device.push(WireguardAttribute::ListenPort(port));
         }
-        self.set_peers(name, device, &config.peers).await
+        self.send_peers(name, device, &config.peers).await
     }
 
-    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
+    async fn set_peers(&self, name: &str, peers: &[PeerConfig]) -> Result<(), WgError> {
         validate_name(name)?;
-        self.set_peers(name, Vec::new(), std::slice::from_ref(peer))
-            .await
+        self.send_peers(name, Vec::new(), peers).await
     }
 
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError> {

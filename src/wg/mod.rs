@@ -118,8 +118,13 @@ pub trait WireGuard {
     async fn create(&self, name: &str) -> Result<(), WgError>;
     /// Sets private key and listen port, and replaces the peer set with `config.peers`.
     async fn configure(&self, name: &str, config: &DeviceConfig) -> Result<(), WgError>;
+    /// Adds peers, or updates those whose key is already there, in one request where the
+    /// backend allows; the other peers are left alone.
+    async fn set_peers(&self, name: &str, peers: &[PeerConfig]) -> Result<(), WgError>;
     /// Adds a peer, or updates it if its key is already there.
-    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError>;
+    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
+        self.set_peers(name, std::slice::from_ref(peer)).await
+    }
     /// Removes a peer; not an error if it is not there.
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError>;
     async fn status(&self, name: &str) -> Result<DeviceStatus, WgError>;
@@ -211,8 +216,8 @@ impl WireGuard for Backend {
         on_backend!(self, b => b.configure(name, config).await)
     }
 
-    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
-        on_backend!(self, b => b.set_peer(name, peer).await)
+    async fn set_peers(&self, name: &str, peers: &[PeerConfig]) -> Result<(), WgError> {
+        on_backend!(self, b => b.set_peers(name, peers).await)
     }
 
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError> {

@@ -218,10 +218,12 @@ pub fn set_device_request(config: &DeviceConfig) -> String {
     out
 }
 
-/// `set=1` request that adds or updates exactly one peer, leaving the others alone.
-pub fn set_peer_request(peer: &PeerConfig) -> String {
+/// `set=1` request that adds or updates `peers`, leaving the others alone.
+pub fn set_peers_request(peers: &[PeerConfig]) -> String {
     let mut out = String::from("set=1\n");
-    push_peer_lines(&mut out, peer);
+    for peer in peers {
+        push_peer_lines(&mut out, peer);
+    }
     out.push('\n');
     out
 }
@@ -449,7 +451,7 @@ mod tests {
             persistent_keepalive: Some(25),
         };
         assert_eq!(
-            set_peer_request(&peer),
+            set_peers_request(std::slice::from_ref(&peer)),
             format!(
                 "set=1\npublic_key={}\nreplace_allowed_ips=true\nendpoint=198.18.0.1:51820\n\
                  persistent_keepalive_interval=25\nallowed_ip=100.64.0.2/32\n\n",
@@ -463,7 +465,7 @@ mod tests {
             ..peer.clone()
         };
         assert_eq!(
-            set_peer_request(&bare),
+            set_peers_request(std::slice::from_ref(&bare)),
             format!(
                 "set=1\npublic_key={}\nreplace_allowed_ips=true\npersistent_keepalive_interval=0\n\n",
                 key(1).to_hex()

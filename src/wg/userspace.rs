@@ -347,9 +347,9 @@ impl WireGuard for UserspaceBackend {
         uapi::set(name, &uapi::set_device_request(config)).await
     }
 
-    async fn set_peer(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
+    async fn set_peers(&self, name: &str, peers: &[PeerConfig]) -> Result<(), WgError> {
         validate_name(name)?;
-        uapi::set(name, &uapi::set_peer_request(peer)).await
+        uapi::set(name, &uapi::set_peers_request(peers)).await
     }
 
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError> {

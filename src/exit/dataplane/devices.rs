@@ -8,12 +8,11 @@ use std::collections::{HashMap, HashSet};
 
 use ipnet::{IpNet, Ipv4Net};
 
-use super::DataplaneError;
-use crate::api::Lease;
+use super::{DataplaneError, Peer};
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
-use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
+use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard};
 
 /// What a reconcile pass changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -24,29 +23,62 @@ pub struct Changes {
     pub peers_removed: usize,
 }
 
-/// The exit node's peer entry for a lease: its key, routed to its address.
-pub fn peer_of(lease: &Lease) -> PeerConfig {
+/// The exit node's peer entry for a lease: its key, routed to its address, at its last
+/// known endpoint.
+pub fn peer_config(peer: &Peer) -> PeerConfig {
     PeerConfig {
-        public_key: lease.public_key,
-        endpoint: None,
-        allowed_ips: vec![IpNet::from(lease.address)],
+        public_key: peer.public_key,
+        endpoint: peer.endpoint,
+        allowed_ips: vec![IpNet::from(peer.address)],
         persistent_keepalive: None,
     }
 }
 
-/// Reads `egress`'s device: `None` when there is no working device.
+/// Starts a handshake with each of `peers` that has an endpoint, without waiting for the
+/// client: a peer given a keepalive on an up device sends one at once, and with no session
+/// yet that is a handshake initiation; the keepalive is then taken off again.
+async fn initiate_handshakes<W: WireGuard>(
+    wg: &W,
+    egress: &EgressConfig,
+    peers: &[&Peer],
+) -> Result<(), DataplaneError> {
+    let with_endpoint: Vec<PeerConfig> = peers
+        .iter()
+        .filter(|p| p.endpoint.is_some())
+        .map(|p| peer_config(p))
+        .collect();
+    if with_endpoint.is_empty() {
+        return Ok(());
+    }
+    let kicked: Vec<PeerConfig> = with_endpoint
+        .iter()
+        .map(|p| PeerConfig {
+            persistent_keepalive: Some(1),
+            ..p.clone()
+        })
+        .collect();
+    let name = &egress.wg_interface;
+    wg.set_peers(name, &kicked)
+        .await
+        .map_err(DataplaneError::wg(egress))?;
+    wg.set_peers(name, &with_endpoint)
+        .await
+        .map_err(DataplaneError::wg(egress))
+}
+
+/// Reads `egress`'s device: `None` only when the backend answers that there is no working
+/// device (no link, or no `wireguard-go` behind it). A device that is slow to answer (a
+/// UAPI timeout) is an error, so the caller skips this round instead of recreating a device
+/// that is merely busy and dropping every session on it.
 pub async fn read_device<W: WireGuard>(
     wg: &W,
     egress: &EgressConfig,
 ) -> Result<Option<DeviceStatus>, DataplaneError> {
-    let name = egress.wg_interface.as_str();
-    if !wg.exists(name).await {
-        return Ok(None);
+    match wg.status(&egress.wg_interface).await {
+        Ok(status) => Ok(Some(status)),
+        Err(WgError::NoSuchDevice(_)) => Ok(None),
+        Err(e) => Err(DataplaneError::wg(egress)(e)),
     }
-    wg.status(name)
-        .await
-        .map(Some)
-        .map_err(DataplaneError::wg(egress))
 }
 
 /// Brings `egress`'s device to: key `private_key`, its listen port, exactly `peers`, the
@@ -59,57 +91,89 @@ pub async fn reconcile_device<W: WireGuard>(
     egress: &EgressConfig,
     private_key: &Key,
     device: Option<DeviceStatus>,
-    peers: &[PeerConfig],
+    peers: &[Peer],
 ) -> Result<Changes, DataplaneError> {
     let wg_err = DataplaneError::wg(egress);
     let mut changes = Changes::default();
     let name = egress.wg_interface.as_str();
-    let full = DeviceConfig {
+    let full = || DeviceConfig {
         private_key: *private_key,
         listen_port: Some(egress.listen_port),
-        peers: peers.to_vec(),
+        peers: peers.iter().map(peer_config).collect(),
     };
-
-    match device {
+    // The peers this pass makes anew: they get a handshake from our side once the device is up.
+    let made: Vec<&Peer> = match device {
         None => {
             // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
             let _ = wg.delete(name).await;
             wg.create(name).await.map_err(wg_err)?;
-            wg.configure(name, &full).await.map_err(wg_err)?;
+            wg.configure(name, &full()).await.map_err(wg_err)?;
             changes.created_device = true;
+            peers.iter().collect()
         }
         Some(status)
             if status.public_key != Some(private_key.public())
                 || status.listen_port != egress.listen_port =>
         {
-            wg.configure(name, &full).await.map_err(wg_err)?;
+            wg.configure(name, &full()).await.map_err(wg_err)?;
             changes.reconfigured_device = true;
+            peers.iter().collect()
         }
         Some(status) => {
-            let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
-            for have in &status.peers {
-                if !want.contains(&have.public_key) {
-                    wg.remove_peer(name, &have.public_key)
-                        .await
-                        .map_err(wg_err)?;
-                    changes.peers_removed += 1;
-                }
-            }
-            let have: HashMap<Key, Vec<IpNet>> = status
-                .peers
-                .iter()
-                .map(|p| (p.public_key, sorted(&p.allowed_ips)))
-                .collect();
-            for p in peers {
-                if have.get(&p.public_key) != Some(&sorted(&p.allowed_ips)) {
-                    wg.set_peer(name, p).await.map_err(wg_err)?;
-                    changes.peers_added += 1;
-                }
-            }
+            let (missing, removed) = sync_peers(wg, egress, &status, peers).await?;
+            changes.peers_added = missing.len();
+            changes.peers_removed = removed;
+            missing
         }
-    }
+    };
+    bring_up(netlink, egress).await?;
+    initiate_handshakes(wg, egress, &made).await?;
+    Ok(changes)
+}
 
+/// Removes the device's peers that hold no lease and adds (in one request) the leased ones
+/// it lacks or has with other addresses. Returns those added, and how many were removed.
+async fn sync_peers<'p, W: WireGuard>(
+    wg: &W,
+    egress: &EgressConfig,
+    status: &DeviceStatus,
+    peers: &'p [Peer],
+) -> Result<(Vec<&'p Peer>, usize), DataplaneError> {
+    let name = egress.wg_interface.as_str();
+    let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
+    let mut removed = 0;
+    for have in status
+        .peers
+        .iter()
+        .filter(|p| !want.contains(&p.public_key))
+    {
+        wg.remove_peer(name, &have.public_key)
+            .await
+            .map_err(DataplaneError::wg(egress))?;
+        removed += 1;
+    }
+    let have: HashMap<Key, Vec<IpNet>> = status
+        .peers
+        .iter()
+        .map(|p| (p.public_key, sorted(&p.allowed_ips)))
+        .collect();
+    let missing: Vec<&Peer> = peers
+        .iter()
+        .filter(|p| have.get(&p.public_key) != Some(&vec![IpNet::from(p.address)]))
+        .collect();
+    if !missing.is_empty() {
+        let configs: Vec<PeerConfig> = missing.iter().map(|p| peer_config(p)).collect();
+        wg.set_peers(name, &configs)
+            .await
+            .map_err(DataplaneError::wg(egress))?;
+    }
+    Ok((missing, removed))
+}
+
+/// The exit node's overlay address on the device, its MTU, up.
+async fn bring_up(netlink: &Netlink, egress: &EgressConfig) -> Result<(), DataplaneError> {
     let link_err = DataplaneError::link(egress);
+    let name = egress.wg_interface.as_str();
     let overlay = Ipv4Net::new(egress.overlay_ip(), egress.pool.prefix_len()).map_err(|e| {
         link_err(LinkError::Netlink {
             what: "overlay address".into(),
@@ -124,8 +188,7 @@ pub async fn reconcile_device<W: WireGuard>(
     netlink
         .set_up(name, Some(egress.mtu))
         .await
-        .map_err(link_err)?;
-    Ok(changes)
+        .map_err(link_err)
 }
 
 fn sorted(ips: &[IpNet]) -> Vec<IpNet> {

@@ -10,7 +10,8 @@ pub mod devices;
 pub mod firewall;
 pub mod sysctl;
 
-use crate::api::Lease;
+use std::net::{IpAddr, SocketAddr};
+
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
@@ -64,24 +65,36 @@ impl DataplaneError {
     }
 }
 
+/// A leased peer as the dataplane programs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub public_key: Key,
+    /// Its overlay address: the one address it may send from and is routed.
+    pub address: IpAddr,
+    /// Where it was last seen, if known: set on a peer made anew so the exit node can start
+    /// the handshake itself instead of waiting for the client's rekey.
+    pub endpoint: Option<SocketAddr>,
+}
+
 /// What the lease service needs from a data path.
 #[allow(async_fn_in_trait)]
 pub trait Dataplane: Send + Sync {
     /// `egress`'s device as it is: `None` when there is no working device. Called without
     /// the registry locked, since a device with many peers takes a while to read.
     async fn device(&self, egress: &EgressConfig) -> Result<Option<DeviceStatus>, DataplaneError>;
-    /// Brings `egress`'s device to its identity, its port, exactly the peers of `leases`, its
-    /// overlay address, MTU and up. `seen` is what [`Dataplane::device`] returned a moment
-    /// ago; it may lag `leases` a little, which only costs an idempotent peer change.
+    /// Brings `egress`'s device to its identity, its port, exactly `peers`, its overlay
+    /// address, MTU and up; peers it had to make anew whose endpoint is known are sent a
+    /// handshake at once. `seen` is what [`Dataplane::device`] returned a moment ago; it may
+    /// lag `peers` a little, which only costs an idempotent peer change.
     async fn reconcile_device(
         &self,
         egress: &EgressConfig,
         identity: &Key,
         seen: Option<DeviceStatus>,
-        leases: &[&Lease],
+        peers: &[Peer],
     ) -> Result<Changes, DataplaneError>;
-    /// Adds (or updates) the peer of `lease`.
-    async fn add_peer(&self, egress: &EgressConfig, lease: &Lease) -> Result<(), DataplaneError>;
+    /// Adds (or updates) a peer.
+    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
     async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError>;
     /// Forwarding and firewall rules for `egresses`, the rules in place before forwarding.
@@ -135,16 +148,14 @@ impl Dataplane for HostDataplane {
         egress: &EgressConfig,
         identity: &Key,
         seen: Option<DeviceStatus>,
-        leases: &[&Lease],
+        peers: &[Peer],
     ) -> Result<Changes, DataplaneError> {
-        let peers: Vec<_> = leases.iter().map(|l| devices::peer_of(l)).collect();
-        devices::reconcile_device(&self.backend, &self.netlink, egress, identity, seen, &peers)
-            .await
+        devices::reconcile_device(&self.backend, &self.netlink, egress, identity, seen, peers).await
     }
 
-    async fn add_peer(&self, egress: &EgressConfig, lease: &Lease) -> Result<(), DataplaneError> {
+    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError> {
         self.backend
-            .set_peer(&egress.wg_interface, &devices::peer_of(lease))
+            .set_peer(&egress.wg_interface, &devices::peer_config(peer))
             .await
             .map_err(DataplaneError::wg(egress))
     }

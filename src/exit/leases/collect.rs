@@ -5,17 +5,21 @@
 //! received-bytes counter: the keepalive the exit node hands out (`persistent_keepalive`)
 //! moves it every few seconds for as long as the container's host is up.
 //!
-//! * A peer that was ever heard from is idle once neither a handshake nor received bytes
-//!   have been seen for `peer_timeout`.
-//! * A peer never heard from (no handshake, nothing received) is idle `first_handshake_timeout`
-//!   after this process first looked at it.
+//! * A peer that was heard from is idle once neither a handshake nor received bytes have
+//!   been seen for `peer_timeout`.
+//! * A peer not heard from is idle `first_handshake_timeout` after the last moment it could
+//!   have handshaken: when this process first looked at it, or when the peer or its device
+//!   was made anew (the peer missing from the device, its counters gone backwards, its
+//!   handshake gone). A reboot, an `ip link del` or a reconcile that re-adds peers thus
+//!   restarts the clock instead of getting every idle container's lease collected.
 //!
 //! What this process has not watched itself it does not hold against a peer: after a restart
-//! every peer gets the full timeout again, counted from the restart (a host that vanished
-//! while the daemon was down is collected one timeout after the daemon is back).
+//! every peer gets the full timeout again, counted from the restart. Time is measured with
+//! the monotonic clock; the device's wall-clock handshake times are turned into ages.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::keys::Key;
 use crate::wg::PeerStatus;
@@ -44,24 +48,100 @@ pub struct Timeouts {
     pub first_handshake: Duration,
 }
 
+/// The moment of an observation: monotonic for measuring, wall-clock for the device's
+/// handshake times.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: SystemTime,
+}
+
+impl Now {
+    pub fn current() -> Now {
+        Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    /// When, on the monotonic clock, a wall-clock moment was (never later than now).
+    fn mono_of(&self, t: SystemTime) -> Instant {
+        let age = self.wall.duration_since(t).unwrap_or_default();
+        self.mono.checked_sub(age).unwrap_or(self.mono)
+    }
+}
+
 #[derive(Debug)]
 struct Seen {
     rx_bytes: u64,
-    first_seen: SystemTime,
-    active_at: SystemTime,
+    handshake: Option<SystemTime>,
+    /// The last moment the peer could have handshaken from scratch.
+    since: Instant,
+    /// The last evidence of life, if any since `since`.
+    heard_at: Option<Instant>,
+}
+
+impl Seen {
+    /// This process's first look: history from before it counts as heard, from now.
+    fn first_look(peer: Option<&PeerStatus>, now: Now) -> Seen {
+        let mut seen = Seen::restart(peer, now);
+        if seen.rx_bytes > 0 || seen.handshake.is_some() {
+            seen.heard_at = Some(now.mono);
+        }
+        seen
+    }
+
+    /// The peer (or its device) made anew: it could handshake from now on.
+    fn restart(peer: Option<&PeerStatus>, now: Now) -> Seen {
+        Seen {
+            rx_bytes: peer.map_or(0, |p| p.rx_bytes),
+            handshake: peer.and_then(|p| p.last_handshake),
+            since: now.mono,
+            heard_at: None,
+        }
+    }
+
+    /// Whether `peer` shows the peer or its device was made anew since the last look.
+    fn restarted(&self, peer: Option<&PeerStatus>) -> bool {
+        match peer {
+            None => true,
+            Some(p) => {
+                p.rx_bytes < self.rx_bytes
+                    || (self.handshake.is_some() && p.last_handshake.is_none())
+            }
+        }
+    }
+
+    /// Takes in what the device says now.
+    fn update(&mut self, peer: &PeerStatus, now: Now) {
+        if peer.rx_bytes != self.rx_bytes {
+            self.rx_bytes = peer.rx_bytes;
+            self.heard_at = Some(now.mono);
+        }
+        if let Some(h) = peer.last_handshake {
+            if self.handshake != Some(h) {
+                self.handshake = Some(h);
+                let at = now.mono_of(h).max(self.since);
+                self.heard_at = Some(self.heard_at.map_or(at, |t| t.max(at)));
+            }
+        }
+    }
+
+    fn idle(&self, now: Now, timeouts: Timeouts) -> Option<Idle> {
+        match self.heard_at {
+            Some(t) => {
+                (now.mono.duration_since(t) >= timeouts.peer).then_some(Idle::Silent(timeouts.peer))
+            }
+            None => (now.mono.duration_since(self.since) >= timeouts.first_handshake)
+                .then_some(Idle::NeverHandshaken(timeouts.first_handshake)),
+        }
+    }
 }
 
 /// What the collector has observed of each peer, by (egress, public key).
 #[derive(Debug, Default)]
 pub struct Activity {
     seen: HashMap<(String, Key), Seen>,
-}
-
-fn later(a: SystemTime, b: Option<SystemTime>) -> SystemTime {
-    match b {
-        Some(b) if b > a => b,
-        _ => a,
-    }
 }
 
 impl Activity {
@@ -72,27 +152,25 @@ impl Activity {
         egress: &str,
         key: &Key,
         peer: Option<&PeerStatus>,
-        now: SystemTime,
+        now: Now,
         timeouts: Timeouts,
     ) -> Option<Idle> {
-        let rx_bytes = peer.map_or(0, |p| p.rx_bytes);
-        let handshake = peer.and_then(|p| p.last_handshake);
-        let seen = self.seen.entry((egress.to_string(), *key)).or_insert(Seen {
-            rx_bytes,
-            first_seen: now,
-            active_at: now,
-        });
-        if rx_bytes != seen.rx_bytes {
-            seen.rx_bytes = rx_bytes;
-            seen.active_at = now;
-        }
-        let elapsed = |since: SystemTime| now.duration_since(since).unwrap_or_default();
-        if handshake.is_some() || rx_bytes > 0 {
-            let last = later(later(seen.first_seen, Some(seen.active_at)), handshake);
-            (elapsed(last) >= timeouts.peer).then_some(Idle::Silent(timeouts.peer))
-        } else {
-            (elapsed(seen.first_seen) >= timeouts.first_handshake)
-                .then_some(Idle::NeverHandshaken(timeouts.first_handshake))
+        let seen = match self.seen.entry((egress.to_string(), *key)) {
+            Entry::Vacant(v) => {
+                v.insert(Seen::first_look(peer, now));
+                return None;
+            }
+            Entry::Occupied(o) => o.into_mut(),
+        };
+        match peer {
+            Some(peer) if !seen.restarted(Some(peer)) => {
+                seen.update(peer, now);
+                seen.idle(now, timeouts)
+            }
+            _ => {
+                *seen = Seen::restart(peer, now);
+                None
+            }
         }
     }
 
@@ -127,6 +205,15 @@ mod tests {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
     }
 
+    /// `s` seconds into the test, on both clocks.
+    fn now(s: u64) -> Now {
+        static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        Now {
+            mono: *BASE.get_or_init(Instant::now) + Duration::from_secs(s),
+            wall: at(s),
+        }
+    }
+
     #[test]
     fn keepalives_keep_a_peer_whose_handshake_is_old() {
         let mut a = Activity::default();
@@ -134,15 +221,15 @@ mod tests {
         let hs = Some(at(0));
         for s in (0..60).step_by(3) {
             // Only the byte counter moves; the handshake stays at 0.
-            assert_eq!(a.observe("e", &k, Some(&peer(32 * s, hs)), at(s), T), None);
+            assert_eq!(a.observe("e", &k, Some(&peer(32 * s, hs)), now(s), T), None);
         }
         // Silence: collected once peer_timeout has passed since bytes last moved (57).
         assert_eq!(
-            a.observe("e", &k, Some(&peer(32 * 57, hs)), at(60), T),
+            a.observe("e", &k, Some(&peer(32 * 57, hs)), now(60), T),
             None
         );
         assert_eq!(
-            a.observe("e", &k, Some(&peer(32 * 57, hs)), at(67), T),
+            a.observe("e", &k, Some(&peer(32 * 57, hs)), now(67), T),
             Some(Idle::Silent(T.peer))
         );
     }
@@ -151,14 +238,14 @@ mod tests {
     fn a_peer_never_heard_from_goes_after_the_first_handshake_timeout() {
         let mut a = Activity::default();
         let k = Key([2; 32]);
-        assert_eq!(a.observe("e", &k, None, at(0), T), None);
-        assert_eq!(a.observe("e", &k, Some(&peer(0, None)), at(4), T), None);
+        assert_eq!(a.observe("e", &k, None, now(0), T), None);
+        assert_eq!(a.observe("e", &k, Some(&peer(0, None)), now(4), T), None);
         assert_eq!(
-            a.observe("e", &k, Some(&peer(0, None)), at(5), T),
+            a.observe("e", &k, Some(&peer(0, None)), now(5), T),
             Some(Idle::NeverHandshaken(T.first_handshake))
         );
         // The same peer in another egress is another lease.
-        assert_eq!(a.observe("f", &k, None, at(5), T), None);
+        assert_eq!(a.observe("f", &k, None, now(5), T), None);
     }
 
     #[test]
@@ -167,17 +254,23 @@ mod tests {
         let k = Key([3; 32]);
         // The last handshake was an hour before this process started.
         let old = Some(at(0));
-        assert_eq!(a.observe("e", &k, Some(&peer(100, old)), at(3600), T), None);
-        assert_eq!(a.observe("e", &k, Some(&peer(100, old)), at(3609), T), None);
         assert_eq!(
-            a.observe("e", &k, Some(&peer(100, old)), at(3610), T),
+            a.observe("e", &k, Some(&peer(100, old)), now(3600), T),
+            None
+        );
+        assert_eq!(
+            a.observe("e", &k, Some(&peer(100, old)), now(3609), T),
+            None
+        );
+        assert_eq!(
+            a.observe("e", &k, Some(&peer(100, old)), now(3610), T),
             Some(Idle::Silent(T.peer))
         );
         // A fresh handshake counts even if bytes did not move.
         let mut b = Activity::default();
-        b.observe("e", &k, Some(&peer(100, old)), at(0), T);
+        b.observe("e", &k, Some(&peer(100, old)), now(0), T);
         assert_eq!(
-            b.observe("e", &k, Some(&peer(100, Some(at(8)))), at(15), T),
+            b.observe("e", &k, Some(&peer(100, Some(at(8)))), now(15), T),
             None
         );
     }
@@ -186,8 +279,53 @@ mod tests {
     fn forgotten_peers_start_over() {
         let mut a = Activity::default();
         let k = Key([4; 32]);
-        a.observe("e", &k, None, at(0), T);
+        a.observe("e", &k, None, now(0), T);
         a.retain("e", &HashSet::new());
-        assert_eq!(a.observe("e", &k, None, at(5), T), None);
+        assert_eq!(a.observe("e", &k, None, now(5), T), None);
+    }
+
+    #[test]
+    fn a_recreated_device_restarts_the_clock() {
+        let mut a = Activity::default();
+        let k = Key([5; 32]);
+        // Alive until 100: bytes move, a handshake at 90.
+        for s in (0..=100).step_by(5) {
+            assert_eq!(
+                a.observe(
+                    "e",
+                    &k,
+                    Some(&peer(100 + s, Some(at(90.min(s))))),
+                    now(s),
+                    T
+                ),
+                None
+            );
+        }
+        // At 101 the device is made anew: counters at zero, no handshake. Not collected
+        // at once, but first_handshake_timeout later if nothing comes.
+        assert_eq!(a.observe("e", &k, Some(&peer(0, None)), now(101), T), None);
+        assert_eq!(a.observe("e", &k, Some(&peer(0, None)), now(105), T), None);
+        assert_eq!(
+            a.observe("e", &k, Some(&peer(0, None)), now(106), T),
+            Some(Idle::NeverHandshaken(T.first_handshake))
+        );
+        // A peer missing from the device (about to be re-added) restarts it too.
+        let mut b = Activity::default();
+        b.observe("e", &k, Some(&peer(10, Some(at(0)))), now(0), T);
+        assert_eq!(b.observe("e", &k, None, now(9), T), None);
+        assert_eq!(b.observe("e", &k, Some(&peer(0, None)), now(13), T), None);
+        // ... and a handshake after the re-add is life.
+        assert_eq!(
+            b.observe("e", &k, Some(&peer(148, Some(at(14)))), now(15), T),
+            None
+        );
+        assert_eq!(
+            b.observe("e", &k, Some(&peer(148, Some(at(14)))), now(23), T),
+            None
+        );
+        assert_eq!(
+            b.observe("e", &k, Some(&peer(148, Some(at(14)))), now(25), T),
+            Some(Idle::Silent(T.peer))
+        );
     }
 }

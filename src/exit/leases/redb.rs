@@ -173,15 +173,8 @@ impl RedbStore {
         t: &mut Tables,
         w: &Write,
     ) -> Result<Result<(), super::store::Refusal>, StoreError> {
-        let egress = match w {
-            Write::Create(l) => l.lease.egress.as_str(),
-            Write::Keep { egress, .. } | Write::Delete { egress, .. } => egress.as_str(),
-        };
+        let (egress, &key) = w.lease_id();
         // Read what the condition needs first (any read error fails the batch).
-        let key = match w {
-            Write::Create(l) => l.lease.public_key,
-            Write::Keep { public_key, .. } | Write::Delete { public_key, .. } => *public_key,
-        };
         let existing = self.lease_in(t, egress, &key)?;
         let holder = match w {
             Write::Create(l) => self.holder_in(t, egress, &l.lease.address)?,
@@ -201,6 +194,13 @@ impl RedbStore {
                         address_key(egress, &l.lease.address).as_str(),
                         key.0.as_slice(),
                     )
+                    .map_err(|e| self.err(e))?;
+            }
+            (Write::Seen { endpoint, .. }, Some(mut seen)) => {
+                seen.endpoint = Some(*endpoint);
+                let value = serde_json::to_vec(&seen).map_err(|e| self.err(e))?;
+                t.leases
+                    .insert(lease_key(egress, &key).as_str(), value.as_slice())
                     .map_err(|e| self.err(e))?;
             }
             (Write::Delete { .. }, Some(old)) => {
@@ -271,6 +271,7 @@ mod tests {
                 },
             },
             owner: "o".into(),
+            endpoint: None,
         }
     }
 

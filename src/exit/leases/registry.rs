@@ -4,6 +4,7 @@
 //! [`Pending`] that resolves when it is on disk; callers answer only after that.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -170,6 +171,7 @@ impl Registry {
                 attachment: req.attachment.clone(),
             },
             owner: owner.to_string(),
+            endpoint: None,
         };
         let pending = self.commit.submit(Write::Create(stored.clone()));
         e.by_key.insert(req.public_key, stored.clone());
@@ -224,6 +226,25 @@ impl Registry {
             owner: owner.map(String::from),
         });
         Ok((removed, pending))
+    }
+
+    /// Records that `key`'s peer was seen at `endpoint`; a write only when that changed.
+    pub fn note_endpoint(
+        &mut self,
+        egress: &str,
+        key: &Key,
+        endpoint: SocketAddr,
+    ) -> Option<Pending> {
+        let lease = self.egresses.get_mut(egress)?.by_key.get_mut(key)?;
+        if lease.endpoint == Some(endpoint) {
+            return None;
+        }
+        lease.endpoint = Some(endpoint);
+        Some(self.commit.submit(Write::Seen {
+            egress: egress.to_string(),
+            public_key: *key,
+            endpoint,
+        }))
     }
 
     /// Drops `key`'s lease from memory only: for a lease whose creation the store refused,

@@ -7,18 +7,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
 
 use ipnet::IpNet;
 use tokio::sync::Mutex;
 
-use super::collect::{Activity, Idle, Timeouts};
+use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::config::{Config, EgressConfig};
-use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane};
+use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
 use crate::exit::identity::Identities;
 use crate::keys::Key;
 use crate::wg::PeerStatus;
@@ -103,7 +102,7 @@ impl<D: Dataplane> LeaseService<D> {
         let mut registry = self.registry.lock().await;
         let (stored, new, durable) = registry.lease(egress, &req, owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since.
-        if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
+        if let Err(e) = self.dataplane.add_peer(cfg, &peer_of(&stored)).await {
             if new {
                 // Queued after the lease's own write, so the store ends without it.
                 let _ = registry.release(egress, &req.public_key, None);
@@ -228,10 +227,14 @@ impl<D: Dataplane> LeaseService<D> {
             Err(_) => return Vec::new(),
         };
         activity.retain(&cfg.name, &leased);
-        let now = SystemTime::now();
+        let now = Now::current();
         let mut removed = Vec::new();
         for key in leased {
             let peer = peers.get(&key).copied();
+            if let Some(endpoint) = peer.and_then(|p| p.endpoint) {
+                // Not awaited: an endpoint is a hint, written with the next batch.
+                drop(registry.note_endpoint(&cfg.name, &key, endpoint));
+            }
             let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
                 continue;
             };
@@ -282,29 +285,44 @@ impl<D: Dataplane> LeaseService<D> {
         out
     }
 
-    /// Makes every egress's device match the store.
-    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, DataplaneError> {
+    /// Makes every egress's device match the store; says what changed, or why an egress
+    /// was skipped this time.
+    pub async fn reconcile(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
         let mut out = Vec::new();
         for cfg in &self.config.egress {
             let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
-            // Read the device without the lock, so leases go on meanwhile; apply the
-            // (single-peer) changes with it, so none races a lease or a release.
-            let seen = self.dataplane.device(cfg).await?;
-            let registry = self.registry.lock().await;
-            let leases: Vec<&Lease> = registry
-                .egress(&cfg.name)
-                .map(|e| e.leases().map(|l| &l.lease).collect())
-                .unwrap_or_default();
-            let changes = self
-                .dataplane
-                .reconcile_device(cfg, identity, seen, &leases)
-                .await?;
-            drop(registry);
-            out.push((cfg.name.clone(), changes));
+            out.push((cfg.name.clone(), self.reconcile_egress(cfg, identity).await));
         }
-        Ok(out)
+        out
+    }
+
+    async fn reconcile_egress(
+        &self,
+        cfg: &EgressConfig,
+        identity: &Key,
+    ) -> Result<Changes, DataplaneError> {
+        // Read the device without the lock, so leases go on meanwhile; apply the changes
+        // with it, so none races a lease or a release.
+        let seen = self.dataplane.device(cfg).await?;
+        let registry = self.registry.lock().await;
+        let peers: Vec<Peer> = registry
+            .egress(&cfg.name)
+            .map(|e| e.leases().map(peer_of).collect())
+            .unwrap_or_default();
+        self.dataplane
+            .reconcile_device(cfg, identity, seen, &peers)
+            .await
+    }
+}
+
+/// The dataplane's view of a lease.
+fn peer_of(l: &StoredLease) -> Peer {
+    Peer {
+        public_key: l.lease.public_key,
+        address: l.lease.address,
+        endpoint: l.endpoint,
     }
 }
 

@@ -8,7 +8,7 @@
 //!
 //! [`RedbStore`](super::redb::RedbStore) is the embedded store, the default.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +21,10 @@ pub struct StoredLease {
     pub lease: Lease,
     /// [`crate::exit::api::tokens::owner_id`] of the token that made the lease.
     pub owner: String,
+    /// Where the peer's packets last came from, as far as an exit node saw: after a device
+    /// is made anew the exit node sets it and starts the handshake itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +47,12 @@ pub enum Write {
         public_key: Key,
         owner: String,
     },
+    /// Records where a lease's peer was last seen; refused when the lease is absent.
+    Seen {
+        egress: String,
+        public_key: Key,
+        endpoint: SocketAddr,
+    },
     /// Deletes a lease; refused when it is absent or, with an `owner`, made by another.
     Delete {
         egress: String,
@@ -52,6 +62,22 @@ pub enum Write {
 }
 
 impl Write {
+    /// The egress and public key of the lease it is about.
+    pub fn lease_id(&self) -> (&str, &Key) {
+        match self {
+            Write::Create(l) => (&l.lease.egress, &l.lease.public_key),
+            Write::Keep {
+                egress, public_key, ..
+            }
+            | Write::Seen {
+                egress, public_key, ..
+            }
+            | Write::Delete {
+                egress, public_key, ..
+            } => (egress, public_key),
+        }
+    }
+
     /// Whether applying it can change the store.
     pub fn mutates(&self) -> bool {
         !matches!(self, Write::Keep { .. })
@@ -110,6 +136,7 @@ pub fn check(
         Write::Delete {
             public_key, owner, ..
         } => owned_by(lease_of(public_key), public_key, owner.as_deref()),
+        Write::Seen { public_key, .. } => owned_by(lease_of(public_key), public_key, None),
     }
 }
 
