@@ -3,6 +3,7 @@
 
 mod world;
 
+mod attachments;
 mod backends;
 mod collect;
 mod cycles;
