@@ -5,7 +5,7 @@
 
 use serde_json::{json, Value};
 
-use crate::world::{CniOutput, Container, World, EGRESS_IP, TOKEN};
+use crate::world::{sh, CniOutput, Container, World, EGRESS_IP, TOKEN};
 
 /// Runs the plugin for container ID `id` on `ifname` in `c`'s namespace.
 fn cni(w: &World, command: &str, id: &str, ifname: &str, c: &Container, conf: &Value) -> CniOutput {
@@ -123,5 +123,73 @@ fn state_an_earlier_version_wrote_is_found_by_check_del_and_gc() {
     assert_eq!(w.links(&collected.0.netns), vec!["lo"]);
     assert!(w.leases("acme", TOKEN).is_empty());
     assert!(w.exit_peers().is_empty());
+    assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+}
+
+/// Makes `c`'s namespace path name a new namespace (as `/proc/<pid>/ns/net` does once the
+/// PID is reused) holding a link of the attachment's name, `eth0`.
+fn replace_namespace(c: &Container) {
+    sh(&["ip", "netns", "del", &c.netns]);
+    sh(&["ip", "netns", "add", &c.netns]);
+    sh(&["ip", "-n", &c.netns, "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "-n", &c.netns, "link", "add", "eth0", "type", "bridge",
+    ]);
+}
+
+#[test]
+fn del_touches_no_link_in_a_namespace_that_replaced_the_attached_one() {
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let c = w.container("swap");
+    let result = w.cni("ADD", &c, &conf).ok();
+    assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
+    replace_namespace(&c);
+
+    // CHECK says the path names another namespace.
+    let (code, msg) = w.cni("CHECK", &c, &with(&conf, "prevResult", result)).err();
+    assert_eq!(code, 107, "{msg}");
+    assert!(msg.contains("another network namespace"), "{msg}");
+
+    // DEL leaves the newcomer's eth0 alone, and still releases the lease and the state.
+    let out = w.cni("DEL", &c, &conf);
+    out.ok_empty();
+    assert_eq!(w.links(&c.netns), vec!["lo", "eth0"]);
+    assert!(
+        out.stderr.contains("now names another network namespace"),
+        "{}",
+        out.stderr
+    );
+    assert!(w.leases("acme", TOKEN).is_empty());
+    assert!(w.exit_peers().is_empty());
+    assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+    let socket = format!("/var/run/wireguard/{}.sock", c.host_ifname("eth0"));
+    assert!(!std::path::Path::new(&socket).exists(), "{socket} left");
+}
+
+#[test]
+fn the_stale_sweep_counts_a_replaced_namespace_as_gone_and_leaves_its_links() {
+    let mut w = World::new();
+    let mut conf = w.net_conf("acme");
+    conf["staleSweepInterval"] = json!(0);
+    let reused = w.container("reused");
+    let next = w.container("next");
+    w.cni("ADD", &reused, &conf).ok();
+    replace_namespace(&reused);
+
+    // The next ADD sweeps: the replaced attachment's lease and state go, the link of the
+    // namespace now at its path stays.
+    let out = w.cni("ADD", &next, &conf);
+    out.ok();
+    assert!(
+        out.stderr
+            .contains(&format!("cleaned up {} eth0", reused.id)),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(w.links(&reused.netns), vec!["lo", "eth0"]);
+    assert_eq!(w.leases("acme", TOKEN).len(), 1);
+    assert_eq!(w.echo_from(&next).unwrap(), EGRESS_IP);
+    w.cni("DEL", &next, &conf).ok_empty();
     assert!(w.state_files().is_empty(), "{:?}", w.state_files());
 }

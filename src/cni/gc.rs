@@ -113,6 +113,7 @@ mod tests {
             container_id: container_id.into(),
             ifname: "eth0".into(),
             netns: None,
+            netns_id: None,
             network: network.into(),
             egress: "acme".into(),
             host_ifname: "wgx0".into(),

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::cni::error::{CniError, Code};
 use crate::fsutil;
 use crate::keys::Key;
+use crate::net::NetnsId;
 use crate::wg::BackendKind;
 
 /// What wgexit made for one attachment.
@@ -33,6 +34,10 @@ pub struct AttachmentState {
     pub container_id: String,
     pub ifname: String,
     pub netns: Option<PathBuf>,
+    /// The identity of the namespace ADD attached to (records of earlier versions have
+    /// none): DEL touches links at `netns` only while that path still names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<NetnsId>,
     pub network: String,
     pub egress: String,
     /// The WireGuard link's name while it is in the host namespace; for the userspace
@@ -338,6 +343,10 @@ mod tests {
             container_id: container_id.into(),
             ifname: ifname.into(),
             netns: Some(netns.into()),
+            netns_id: Some(NetnsId {
+                dev: 4,
+                ino: 4026532000,
+            }),
             network: "egress".into(),
             egress: "acme".into(),
             host_ifname: host_ifname(container_id, ifname, netns),
@@ -444,6 +453,7 @@ mod tests {
             container_id: "c1".into(),
             ifname: "eth0".into(),
             netns: Some("/var/run/netns/x".into()),
+            netns_id: None,
             network: "egress".into(),
             egress: "acme".into(),
             host_ifname: host_ifname("c1", "eth0", Path::new("/var/run/netns/x")),

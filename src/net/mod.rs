@@ -4,4 +4,4 @@ pub mod link;
 pub mod netns;
 
 pub use link::{LinkError, Netlink};
-pub use netns::{Netns, NetnsError, NetnsGuard};
+pub use netns::{Netns, NetnsError, NetnsGuard, NetnsId};
