@@ -165,6 +165,22 @@ fn del_touches_no_link_in_a_namespace_that_replaced_the_attached_one() {
     assert!(w.state_files().is_empty(), "{:?}", w.state_files());
     let socket = format!("/var/run/wireguard/{}.sock", c.host_ifname("eth0"));
     assert!(!std::path::Path::new(&socket).exists(), "{socket} left");
+
+    // A DEL whose CNI_NETNS names another namespace with an eth0: the attachment's own link
+    // goes, that one stays.
+    let d = w.container("other");
+    w.cni("ADD", &d, &conf).ok();
+    let out = w.cni_raw(
+        "DEL",
+        &d.id,
+        Some(&c.netns_path),
+        "eth0",
+        conf.to_string().as_bytes(),
+    );
+    out.ok_empty();
+    assert_eq!(w.links(&c.netns), vec!["lo", "eth0"]);
+    assert_eq!(w.links(&d.netns), vec!["lo"]);
+    assert!(w.leases("acme", TOKEN).is_empty());
 }
 
 #[test]
