@@ -3,12 +3,14 @@
 
 mod world;
 
+mod attachments;
 mod backends;
 mod collect;
 mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod readiness;
 mod restart;
 mod runtimes;
 mod security;

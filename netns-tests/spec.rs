@@ -200,6 +200,51 @@ fn gc_removes_what_the_runtime_no_longer_lists() {
 }
 
 #[test]
+fn gc_without_the_valid_attachments_key_detaches_nothing() {
+    let mut w = World::new();
+    let conf = conf_at(&w, "1.1.0");
+    let a = w.container("gca");
+    let b = w.container("gcb");
+    run(&w, "ADD", &a, &conf).ok();
+    run(&w, "ADD", &b, &conf).ok();
+    let files = w.state_files();
+
+    // No list at all: every attachment stays, and GC says why on stderr.
+    let out = run(&w, "GC", &a, &conf);
+    out.ok_empty();
+    for c in [&a, &b] {
+        assert_eq!(w.echo_from(c).unwrap(), EGRESS_IP);
+        assert_eq!(w.links(&c.netns), vec!["lo", "eth0"]);
+    }
+    assert!(
+        out.stderr.contains("no attachment detached"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(w.leases("acme", TOKEN).len(), 2);
+    assert_eq!(w.exit_peers().len(), 2);
+    assert_eq!(
+        w.state_files().into_iter().collect::<BTreeSet<_>>(),
+        files.into_iter().collect::<BTreeSet<_>>()
+    );
+
+    // An explicit empty list: every attachment goes.
+    let out = run(
+        &w,
+        "GC",
+        &a,
+        &with(&conf, "cni.dev/valid-attachments", json!([])),
+    );
+    out.ok_empty();
+    assert!(w.leases("acme", TOKEN).is_empty());
+    assert!(w.exit_peers().is_empty());
+    assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+    for c in [&a, &b] {
+        assert_eq!(w.links(&c.netns), vec!["lo"]);
+    }
+}
+
+#[test]
 fn gc_retries_a_release_that_failed_at_del() {
     let mut w = World::new();
     let conf = conf_at(&w, "1.1.0");

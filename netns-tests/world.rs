@@ -599,15 +599,20 @@ token_file = "{other_tokens}"
         }
     }
 
+    /// Starts the echo server and returns once it listens: its socket is bound and listening
+    /// before the thread reports ready, so the first connection is accepted.
     fn start_echo(&self) {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
         let stop = self.echo_stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("enter isp");
-            let listener = TcpListener::bind(ECHO).expect("bind echo");
+            let listener = match TcpListener::bind(ECHO) {
+                Ok(l) => l,
+                Err(e) => return ready_tx.send(Err(e.to_string())).unwrap(),
+            };
             listener.set_nonblocking(true).unwrap();
-            ready_tx.send(()).unwrap();
+            ready_tx.send(Ok(())).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut s, peer)) => {
@@ -622,9 +627,11 @@ token_file = "{other_tokens}"
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("echo server");
+        match ready_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("echo server in {}: cannot listen on {ECHO}: {e}", self.isp),
+            Err(e) => panic!("echo server in {} not listening within 5 s: {e}", self.isp),
+        }
     }
 }
 

@@ -196,21 +196,28 @@ pub fn run(world: &mut World, sizes: &Sizes) -> TunnelResults {
     .expect("ADD");
     let (hand, exit_conf, hand_conf) = hand_tunnel(world);
 
-    // Wait for the iperf3 server.
+    // Wait for the iperf3 server (its listening socket: a probe connection would count as a
+    // failed test run on its side).
     let start = Instant::now();
-    while !try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &world.isp,
-        "ss",
-        "-Htln",
-        "sport = :5201",
-    ])
-    .stdout
-    .starts_with(b"LISTEN")
-        && start.elapsed() < Duration::from_secs(5)
-    {
+    let listening = || {
+        try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &world.isp,
+            "ss",
+            "-Htln",
+            "sport = :5201",
+        ])
+        .stdout
+        .starts_with(b"LISTEN")
+    };
+    while !listening() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "iperf3 -s in {} is not listening on port 5201 after 30 s",
+            world.isp
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 

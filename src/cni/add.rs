@@ -34,7 +34,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     if stale::check_due(&dir, conf.stale_check_interval) {
         for gone in stale::stale_attachments(&dir, conf, Some(&client)).await {
             eprintln!(
-                "wgexit: cleaned up {} {}: its netns is gone",
+                "wgexit: cleaned up {} {}: the network namespace it was attached to is gone",
                 gone.container_id, gone.ifname
             );
         }
@@ -60,6 +60,11 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         container_id: container_id.to_string(),
         ifname: ifname.to_string(),
         netns: Some(netns_path.clone()),
+        netns_id: Some(
+            netns
+                .id()
+                .map_err(|e| link_error("cannot use CNI_NETNS", e))?,
+        ),
         network: conf.name.clone(),
         egress: conf.egress.clone(),
         host_ifname: host_ifname(container_id, ifname, netns_path),

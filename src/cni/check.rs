@@ -8,6 +8,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde_json::Value;
 
 use crate::cni::config::NetConf;
+use crate::cni::del::attached_here;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::state::{AttachmentState, StateDir};
@@ -99,6 +100,12 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         }
     }
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
+    if !attached_here(&state, &netns)? {
+        return Err(failed(format!(
+            "{} names another network namespace than the one ADD attached {ifname} to",
+            netns_path.display()
+        )));
+    }
     check_link(&netns, ifname, &want, conf).await?;
     check_device(&state, &netns, ifname).await
 }

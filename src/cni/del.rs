@@ -35,20 +35,7 @@ pub async fn detach(
     dir: &StateDir,
 ) -> Result<(), CniError> {
     if state.in_netns {
-        if let Some(path) = &state.netns {
-            match Netns::open(path) {
-                Ok(netns) => {
-                    let nl = Netlink::in_netns(&netns)
-                        .map_err(|e| link_error("netlink in the container", e))?;
-                    nl.delete_link(&state.ifname)
-                        .await
-                        .map_err(|e| link_error("deleting the container's link", e))?;
-                }
-                // The namespace is gone, and the link with it.
-                Err(NetnsError::NotFound { .. }) => {}
-                Err(e) => return Err(link_error("cannot use the container's netns", e)),
-            }
-        }
+        delete_container_link(state).await?;
     }
     // The link may still be in the host namespace (ADD failed before the move), and a
     // userspace device has a process and a socket to clean up either way.
@@ -77,4 +64,47 @@ pub async fn detach(
         }
     }
     dir.remove(&state.container_id, &state.ifname)
+}
+
+/// Deletes the attachment's link in the container, if the namespace ADD attached to is
+/// still at the recorded path.
+async fn delete_container_link(state: &AttachmentState) -> Result<(), CniError> {
+    let Some(path) = &state.netns else {
+        return Ok(());
+    };
+    match Netns::open(path) {
+        Ok(netns) if attached_here(state, &netns)? => {
+            let nl =
+                Netlink::in_netns(&netns).map_err(|e| link_error("netlink in the container", e))?;
+            nl.delete_link(&state.ifname)
+                .await
+                .map_err(|e| link_error("deleting the container's link", e))?;
+            Ok(())
+        }
+        // The namespace ADD attached to is gone (the path now names another one: a PID
+        // reused, a mount replaced), and the link with it; what is there now is not ours.
+        Ok(_) => {
+            eprintln!(
+                "wgexit: {} now names another network namespace than the one container {} was attached to; no link touched there",
+                path.display(),
+                state.container_id
+            );
+            Ok(())
+        }
+        // The namespace is gone, and the link with it.
+        Err(NetnsError::NotFound { .. }) => Ok(()),
+        Err(e) => Err(link_error("cannot use the container's netns", e)),
+    }
+}
+
+/// Whether `netns` is the namespace ADD attached `state` to. A record without the
+/// namespace's identity (written by an earlier version) trusts its path, as that version did.
+pub fn attached_here(state: &AttachmentState, netns: &Netns) -> Result<bool, CniError> {
+    match state.netns_id {
+        Some(recorded) => Ok(netns
+            .id()
+            .map_err(|e| link_error("cannot use the container's netns", e))?
+            == recorded),
+        None => Ok(true),
+    }
 }

@@ -1,6 +1,8 @@
 //! GC (spec 1.1.0): every attachment of this network recorded in `dataDir` that is not in
 //! `cni.dev/valid-attachments` (or the older `cni.dev/attachments`) is detached: link removed,
-//! lease released, state forgotten. Leases whose release failed at DEL are retried.
+//! lease released, state forgotten. Only an explicit list, possibly empty, is acted on: a GC
+//! without either key detaches nothing (and says so on stderr). Leases whose release failed
+//! at DEL are retried either way: their attachments are already gone.
 
 use std::collections::BTreeSet;
 
@@ -21,37 +23,54 @@ struct ValidAttachment {
     ifname: String,
 }
 
-/// The (container, ifname) pairs the runtime still uses.
-pub fn valid_attachments(raw: &Value) -> Result<BTreeSet<(String, String)>, CniError> {
-    let list = raw
+/// The (container, ifname) pairs the runtime still uses; `None` when the config lists none
+/// (neither key is there), which is not the same as an empty list.
+pub fn valid_attachments(raw: &Value) -> Result<Option<BTreeSet<(String, String)>>, CniError> {
+    let Some(list) = raw
         .get("cni.dev/valid-attachments")
         .or_else(|| raw.get("cni.dev/attachments"))
-        .cloned()
-        .unwrap_or(Value::Array(Vec::new()));
-    let list: Vec<ValidAttachment> = serde_json::from_value(list).map_err(|e| {
+    else {
+        return Ok(None);
+    };
+    let list: Vec<ValidAttachment> = serde_json::from_value(list.clone()).map_err(|e| {
         CniError::new(
             Code::InvalidConfig,
             format!("config key \"cni.dev/valid-attachments\": {e}"),
         )
     })?;
-    Ok(list
-        .into_iter()
-        .map(|a| (a.container_id, a.ifname))
-        .collect())
+    Ok(Some(
+        list.into_iter()
+            .map(|a| (a.container_id, a.ifname))
+            .collect(),
+    ))
+}
+
+/// Whether GC undoes `state`: an attachment of `network` whose lease release is pending, or
+/// one missing from the runtime's list when there is a list.
+pub fn collected(
+    state: &AttachmentState,
+    network: &str,
+    valid: Option<&BTreeSet<(String, String)>>,
+) -> bool {
+    let unlisted =
+        || valid.is_some_and(|v| !v.contains(&(state.container_id.clone(), state.ifname.clone())));
+    state.network == network && (state.release_pending || unlisted())
 }
 
 pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
     let valid = valid_attachments(&conf.raw)?;
+    if valid.is_none() {
+        eprintln!(
+            "wgexit: GC without \"cni.dev/valid-attachments\" (or \"cni.dev/attachments\") in the config: no attachment detached; only lease releases that failed at DEL are retried"
+        );
+    }
     let dir = StateDir::open(&conf.data_dir)?;
     let client = conf
         .token()
         .ok()
         .and_then(|t| Client::new(&conf.servers, &conf.ca_file, t).ok());
-    let unused = |s: &AttachmentState| {
-        s.network == conf.name
-            && (s.release_pending || !valid.contains(&(s.container_id.clone(), s.ifname.clone())))
-    };
-    match detach_each(&dir, conf, client.as_ref(), unused).await {
+    let pick = |s: &AttachmentState| collected(s, &conf.name, valid.as_ref());
+    match detach_each(&dir, conf, client.as_ref(), pick).await {
         (_, Some(e)) => Err(e),
         (_, None) => Ok(()),
     }
@@ -67,16 +86,62 @@ mod tests {
         let v = json!({"cni.dev/valid-attachments": [{"containerID": "a", "ifname": "eth0"}]});
         assert!(valid_attachments(&v)
             .unwrap()
+            .unwrap()
             .contains(&("a".into(), "eth0".into())));
         let v = json!({"cni.dev/attachments": [{"containerID": "b", "ifname": "net1"}]});
         assert!(valid_attachments(&v)
             .unwrap()
+            .unwrap()
             .contains(&("b".into(), "net1".into())));
-        assert!(valid_attachments(&json!({})).unwrap().is_empty());
         let bad = json!({"cni.dev/valid-attachments": [{"ifname": "eth0"}]});
         assert_eq!(
             valid_attachments(&bad).unwrap_err().code,
             Code::InvalidConfig
         );
+    }
+
+    #[test]
+    fn no_list_is_not_an_empty_list() {
+        assert_eq!(valid_attachments(&json!({})).unwrap(), None);
+        let empty = json!({"cni.dev/valid-attachments": []});
+        assert_eq!(valid_attachments(&empty).unwrap(), Some(BTreeSet::new()));
+    }
+
+    fn state(container_id: &str, network: &str, release_pending: bool) -> AttachmentState {
+        let key = crate::keys::Key::generate_private().unwrap();
+        AttachmentState {
+            container_id: container_id.into(),
+            ifname: "eth0".into(),
+            netns: None,
+            netns_id: None,
+            network: network.into(),
+            egress: "acme".into(),
+            host_ifname: "wgx0".into(),
+            backend: crate::wg::BackendKind::Userspace,
+            public_key: key.public(),
+            server: None,
+            address: None,
+            exit_public_key: None,
+            endpoint: None,
+            in_netns: true,
+            release_pending,
+        }
+    }
+
+    #[test]
+    fn only_a_list_collects_and_only_this_networks_attachments() {
+        let live = state("a", "egress", false);
+        let pending = state("b", "egress", true);
+        let elsewhere = state("c", "other", false);
+        let listed: BTreeSet<_> = [("a".to_string(), "eth0".to_string())].into();
+        let empty = BTreeSet::new();
+        // No list: nothing live is collected; a pending release is retried.
+        assert!(!collected(&live, "egress", None));
+        assert!(collected(&pending, "egress", None));
+        // A list: what it names stays, the rest of this network goes.
+        assert!(!collected(&live, "egress", Some(&listed)));
+        assert!(collected(&live, "egress", Some(&empty)));
+        assert!(collected(&pending, "egress", Some(&listed)));
+        assert!(!collected(&elsewhere, "egress", Some(&empty)));
     }
 }

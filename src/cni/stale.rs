@@ -13,6 +13,7 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::error::CniError;
 use crate::cni::state::{AttachmentState, StateDir};
+use crate::net::Netns;
 
 /// Whether `path` no longer names a network namespace: it is gone, or what is left there is
 /// a plain file (a bind mount undone without removing its mount point).
@@ -42,9 +43,23 @@ pub fn check_due(dir: &StateDir, every: Duration) -> bool {
     due
 }
 
-/// Whether `state` belongs to a container whose namespace is gone.
+/// Whether `state` belongs to a container whose namespace is gone: its path names no
+/// namespace, or (when the record has its identity) another namespace than the one ADD
+/// attached to, as `/proc/<pid>/ns/net` does once the PID is reused.
 pub fn is_stale(state: &AttachmentState) -> bool {
-    state.netns.as_deref().is_some_and(netns_gone)
+    let Some(path) = state.netns.as_deref() else {
+        return false;
+    };
+    if netns_gone(path) {
+        return true;
+    }
+    let Some(recorded) = state.netns_id else {
+        return false;
+    };
+    // Cannot tell (permissions, a race with its removal, ...): not ours to judge.
+    Netns::open(path)
+        .and_then(|netns| netns.id())
+        .is_ok_and(|now| now != recorded)
 }
 
 /// Undoes every attachment in `dir` that `pick` selects, each under its lock and judged
@@ -110,6 +125,41 @@ pub async fn stale_attachments(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_naming_another_namespace_is_stale() {
+        let netns = Path::new("/proc/self/ns/net");
+        let here = Netns::open(netns).unwrap().id().unwrap();
+        let key = crate::keys::Key::generate_private().unwrap();
+        let mut state = AttachmentState {
+            container_id: "c".into(),
+            ifname: "eth0".into(),
+            netns: Some(netns.into()),
+            netns_id: Some(here),
+            network: "egress".into(),
+            egress: "acme".into(),
+            host_ifname: "wgx0".into(),
+            backend: crate::wg::BackendKind::Userspace,
+            public_key: key.public(),
+            server: None,
+            address: None,
+            exit_public_key: None,
+            endpoint: None,
+            in_netns: true,
+            release_pending: false,
+        };
+        assert!(!is_stale(&state));
+        state.netns_id = Some(crate::net::NetnsId {
+            ino: here.ino + 1,
+            ..here
+        });
+        assert!(is_stale(&state));
+        // An earlier version's record, without the identity: only a vanished path counts.
+        state.netns_id = None;
+        assert!(!is_stale(&state));
+        state.netns = Some("/nonexistent/ns".into());
+        assert!(is_stale(&state));
+    }
 
     #[test]
     fn only_missing_or_unmounted_namespaces_are_gone() {

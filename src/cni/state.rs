@@ -1,6 +1,14 @@
 //! Per-attachment state under `dataDir`: one JSON record and one private key per
 //! (container, interface), both 0600 in a 0700 directory, written atomically.
 //!
+//! Files are named `<container>.<ifname>.{json,key,lock}` with both names escaped (every
+//! byte but letters, digits, `_` and `-` as `%XX`), so the one unescaped `.` between them
+//! tells any two attachments apart: container `a.b` with interface `c` is `a%2Eb.c`,
+//! container `a` with interface `b.c` is `a.b%2Ec`. Ordinary names (hex container IDs,
+//! `eth0`) need no escaping, so their files keep the names earlier versions gave them; a
+//! record under an earlier version's ambiguous name is found, checked to be the one asked
+//! for, and moved to its new name (see [`StateDir::load`]).
+//!
 //! The record is written before anything is created and updated as ADD goes, so a DEL (or
 //! ADD's own undo) always knows what there is to remove, even after a crash mid-ADD.
 
@@ -16,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::cni::error::{CniError, Code};
 use crate::fsutil;
 use crate::keys::Key;
+use crate::net::NetnsId;
 use crate::wg::BackendKind;
 
 /// What wgexit made for one attachment.
@@ -25,6 +34,10 @@ pub struct AttachmentState {
     pub container_id: String,
     pub ifname: String,
     pub netns: Option<PathBuf>,
+    /// The identity of the namespace ADD attached to (records of earlier versions have
+    /// none): DEL touches links at `netns` only while that path still names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_id: Option<NetnsId>,
     pub network: String,
     pub egress: String,
     /// The WireGuard link's name while it is in the host namespace; for the userspace
@@ -74,7 +87,7 @@ impl StateDir {
     }
 
     fn base(&self, container_id: &str, ifname: &str) -> String {
-        format!("{container_id}.{ifname}")
+        file_base(container_id, ifname)
     }
 
     /// When ADD last looked for stale attachments (see [`crate::cni::stale::check_due`]).
@@ -126,19 +139,66 @@ impl StateDir {
         }
     }
 
+    /// The record of (`container_id`, `ifname`), if there is one. A record whose contents
+    /// name another attachment is refused. A record an earlier version wrote under its
+    /// ambiguous `<container>.<ifname>` name is used when it is this attachment's, and moved
+    /// (with its key) to the unambiguous name; one that is the other attachment's is left
+    /// alone. Call it holding the attachment's lock.
     pub fn load(
         &self,
         container_id: &str,
         ifname: &str,
     ) -> Result<Option<AttachmentState>, CniError> {
         let path = self.record_path(container_id, ifname);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| state_err("unreadable state file", &path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(state_err("cannot read", &path, e)),
+        if let Some(state) = read_record(&path)? {
+            if !state.is_of(container_id, ifname) {
+                return Err(state_err(
+                    "state file",
+                    &path,
+                    format!(
+                        "it holds the attachment of container {} on {}, not of {container_id} on {ifname}",
+                        state.container_id, state.ifname
+                    ),
+                ));
+            }
+            return Ok(Some(state));
         }
+        self.adopt_legacy(container_id, ifname)
+    }
+
+    /// Finds this attachment's record under an earlier version's name and moves it, with its
+    /// key, to the current name.
+    fn adopt_legacy(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<AttachmentState>, CniError> {
+        let legacy = format!("{container_id}.{ifname}");
+        if legacy == self.base(container_id, ifname) {
+            return Ok(None);
+        }
+        let legacy_record = self.dir.join(format!("{legacy}.json"));
+        let Some(state) = read_record(&legacy_record)? else {
+            return Ok(None);
+        };
+        if !state.is_of(container_id, ifname) {
+            return Ok(None);
+        }
+        let legacy_key = self.dir.join(format!("{legacy}.key"));
+        let moves = [
+            (legacy_key, self.key_path(container_id, ifname)),
+            (legacy_record, self.record_path(container_id, ifname)),
+        ];
+        for (from, to) in moves {
+            match std::fs::rename(&from, &to) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(state_err("cannot rename", &from, e))
+                }
+                _ => {}
+            }
+        }
+        let _ = fsutil::remove_if_exists(&self.dir.join(format!("{legacy}.lock")));
+        Ok(Some(state))
     }
 
     pub fn save(&self, state: &AttachmentState) -> Result<(), CniError> {
@@ -173,23 +233,59 @@ impl StateDir {
         Ok(())
     }
 
-    /// Every attachment recorded here.
+    /// Every attachment recorded here (each once, under whichever name it is recorded).
     pub fn list(&self) -> Result<Vec<AttachmentState>, CniError> {
         let entries =
             std::fs::read_dir(&self.dir).map_err(|e| state_err("cannot list", &self.dir, e))?;
-        let mut out = Vec::new();
+        let mut out = std::collections::BTreeMap::new();
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "json") {
-                if let Ok(bytes) = std::fs::read(&path) {
-                    if let Ok(state) = serde_json::from_slice(&bytes) {
-                        out.push(state);
-                    }
+                if let Ok(Some(state)) = read_record(&path) {
+                    let id = (state.container_id.clone(), state.ifname.clone());
+                    out.insert(id, state);
                 }
             }
         }
-        Ok(out)
+        Ok(out.into_values().collect())
     }
+}
+
+impl AttachmentState {
+    /// Whether this is the record of (`container_id`, `ifname`).
+    pub fn is_of(&self, container_id: &str, ifname: &str) -> bool {
+        self.container_id == container_id && self.ifname == ifname
+    }
+}
+
+/// The record at `path`, `None` when there is no file.
+fn read_record(path: &Path) -> Result<Option<AttachmentState>, CniError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| state_err("unreadable state file", path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(state_err("cannot read", path, e)),
+    }
+}
+
+/// A name as one part of a file name: letters, digits, `_` and `-` as they are, every other
+/// byte as `%XX`. The result never holds a `.`, and different names give different results.
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The attachment's file names without their extension: `<container>.<ifname>`, escaped.
+fn file_base(container_id: &str, ifname: &str) -> String {
+    format!("{}.{}", escape(container_id), escape(ifname))
 }
 
 /// The name of the link while it is in the host namespace: unique per attachment, stable
@@ -240,6 +336,114 @@ mod tests {
         let _b = dir.lock("b", "eth0").unwrap();
     }
 
+    fn record(container_id: &str, ifname: &str) -> (AttachmentState, Key) {
+        let key = Key::generate_private().unwrap();
+        let netns = Path::new("/var/run/netns/x");
+        let state = AttachmentState {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+            netns: Some(netns.into()),
+            netns_id: Some(NetnsId {
+                dev: 4,
+                ino: 4026532000,
+            }),
+            network: "egress".into(),
+            egress: "acme".into(),
+            host_ifname: host_ifname(container_id, ifname, netns),
+            backend: BackendKind::Userspace,
+            public_key: key.public(),
+            server: None,
+            address: None,
+            exit_public_key: None,
+            endpoint: None,
+            in_netns: false,
+            release_pending: false,
+        };
+        (state, key)
+    }
+
+    fn files(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn file_names_tell_every_attachment_apart() {
+        assert_eq!(file_base("a.b", "c"), "a%2Eb.c");
+        assert_eq!(file_base("a", "b.c"), "a.b%2Ec");
+        assert_eq!(file_base("a%2Eb", "c"), "a%252Eb.c");
+        assert_eq!(file_base("x", "ü@"), "x.%C3%BC%40");
+        // What runtimes pass (hex IDs, eth0) keeps the name earlier versions gave it.
+        let id = "0123456789abcdef-x_y";
+        assert_eq!(file_base(id, "eth0"), format!("{id}.eth0"));
+        let names = [("a.b", "c"), ("a", "b.c"), ("a.b.c", "d"), ("a", "b.c.d")];
+        let bases: std::collections::BTreeSet<_> =
+            names.iter().map(|(c, i)| file_base(c, i)).collect();
+        assert_eq!(bases.len(), names.len());
+        assert!(bases.iter().all(|b| b.matches('.').count() == 1));
+    }
+
+    #[test]
+    fn colliding_names_live_side_by_side() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(t.path()).unwrap();
+        let (one, one_key) = record("a.b", "c");
+        let (two, two_key) = record("a", "b.c");
+        for (s, k) in [(&one, &one_key), (&two, &two_key)] {
+            let _lock = dir.lock(&s.container_id, &s.ifname).unwrap();
+            dir.save_key(&s.container_id, &s.ifname, k).unwrap();
+            dir.save(s).unwrap();
+        }
+        assert_eq!(dir.load("a.b", "c").unwrap(), Some(one.clone()));
+        assert_eq!(dir.load("a", "b.c").unwrap(), Some(two.clone()));
+        assert_eq!(dir.load_key("a", "b.c").unwrap(), two_key);
+        assert_eq!(dir.list().unwrap().len(), 2);
+        dir.remove("a.b", "c").unwrap();
+        assert_eq!(dir.load("a.b", "c").unwrap(), None);
+        assert_eq!(dir.load("a", "b.c").unwrap(), Some(two));
+        assert_eq!(dir.load_key("a", "b.c").unwrap(), two_key);
+    }
+
+    #[test]
+    fn an_earlier_versions_record_is_found_checked_and_renamed() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(t.path()).unwrap();
+        // What an earlier version wrote for container "a.b" on "c": "a.b.c.*", a name that
+        // container "a" on "b.c" would have had too.
+        let (old, key) = record("a.b", "c");
+        let json = serde_json::to_vec(&old).unwrap();
+        std::fs::write(t.path().join("a.b.c.json"), json).unwrap();
+        std::fs::write(t.path().join("a.b.c.key"), format!("{key}\n")).unwrap();
+        std::fs::write(t.path().join("a.b.c.lock"), "").unwrap();
+        assert_eq!(dir.list().unwrap(), vec![old.clone()]);
+        // Not the other attachment's: left where it is.
+        assert_eq!(dir.load("a", "b.c").unwrap(), None);
+        assert_eq!(files(t.path()), ["a.b.c.json", "a.b.c.key", "a.b.c.lock"]);
+        // Its own: found, and moved to the unambiguous name with its key.
+        assert_eq!(dir.load("a.b", "c").unwrap(), Some(old.clone()));
+        assert_eq!(files(t.path()), ["a%2Eb.c.json", "a%2Eb.c.key"]);
+        assert_eq!(dir.load_key("a.b", "c").unwrap(), key);
+        assert_eq!(dir.load("a.b", "c").unwrap(), Some(old));
+        dir.remove("a.b", "c").unwrap();
+        assert!(files(t.path()).is_empty());
+    }
+
+    #[test]
+    fn a_record_of_another_attachment_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = StateDir::open(t.path()).unwrap();
+        let (other, _) = record("b", "eth0");
+        let json = serde_json::to_vec(&other).unwrap();
+        std::fs::write(t.path().join("a.eth0.json"), json).unwrap();
+        let e = dir.load("a", "eth0").unwrap_err();
+        assert_eq!(e.code, Code::State);
+        assert!(e.to_string().contains("container b on eth0"), "{e}");
+    }
+
     #[test]
     fn round_trip_private_and_removable() {
         let t = tempfile::tempdir().unwrap();
@@ -249,6 +453,7 @@ mod tests {
             container_id: "c1".into(),
             ifname: "eth0".into(),
             netns: Some("/var/run/netns/x".into()),
+            netns_id: None,
             network: "egress".into(),
             egress: "acme".into(),
             host_ifname: host_ifname("c1", "eth0", Path::new("/var/run/netns/x")),

@@ -6,4 +6,4 @@ pub mod netns;
 
 pub use ifname::{IfName, InvalidIfName, MAX_IFNAME_LEN};
 pub use link::{LinkError, Netlink};
-pub use netns::{Netns, NetnsError, NetnsGuard};
+pub use netns::{Netns, NetnsError, NetnsGuard, NetnsId};

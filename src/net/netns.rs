@@ -27,6 +27,22 @@ pub enum NetnsError {
     },
 }
 
+/// What tells one network namespace from another for as long as it lives: the device and
+/// inode of its nsfs file, the same through every path and descriptor that names it. A path
+/// such as `/proc/<pid>/ns/net` or a bind mount can come to name another namespace (the
+/// process ended and its PID was reused, the mount was replaced); the identity cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl std::fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}] on device {}", self.ino, self.dev)
+    }
+}
+
 /// An open handle on a network namespace.
 #[derive(Debug)]
 pub struct Netns {
@@ -60,19 +76,24 @@ impl Netns {
         &self.path
     }
 
+    /// The identity of this namespace.
+    pub fn id(&self) -> Result<NetnsId, NetnsError> {
+        use std::os::unix::fs::MetadataExt;
+        self.file
+            .metadata()
+            .map(|m| NetnsId {
+                dev: m.dev(),
+                ino: m.ino(),
+            })
+            .map_err(|source| NetnsError::Open {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Whether the calling thread is in this namespace now.
     pub fn is_current(&self) -> Result<bool, NetnsError> {
-        use std::os::unix::fs::MetadataExt;
-        let id = |file: &File, path: &Path| {
-            file.metadata()
-                .map(|m| (m.dev(), m.ino()))
-                .map_err(|source| NetnsError::Open {
-                    path: path.to_path_buf(),
-                    source,
-                })
-        };
-        let current = Netns::current()?;
-        Ok(id(&self.file, &self.path)? == id(&current.file, &current.path)?)
+        Ok(self.id()? == Netns::current()?.id()?)
     }
 
     pub fn raw_fd(&self) -> RawFd {
