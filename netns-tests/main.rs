@@ -11,6 +11,7 @@ mod daemon;
 mod egress;
 mod failures;
 mod readiness;
+mod recovery;
 mod restart;
 mod runtimes;
 mod security;

@@ -553,6 +553,11 @@ token_file = "{other_tokens}"
 
     /// An HTTP request from `c` to the echo server: the source address it saw.
     pub fn echo_from(&self, c: &Container) -> Result<String, String> {
+        self.echo_from_within(c, Duration::from_secs(5))
+    }
+
+    /// [`World::echo_from`], giving up after `limit`.
+    pub fn echo_from_within(&self, c: &Container, limit: Duration) -> Result<String, String> {
         let (host, port) = ECHO.split_once(':').unwrap();
         let out = try_sh(&[
             "ip",
@@ -562,7 +567,7 @@ token_file = "{other_tokens}"
             "curl",
             "-s",
             "-m",
-            "5",
+            &format!("{:.1}", limit.as_secs_f64()),
             &format!("http://{host}:{port}/"),
         ]);
         if out.status.success() {
