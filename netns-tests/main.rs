@@ -6,6 +6,7 @@ mod world;
 mod attachments;
 mod backends;
 mod collect;
+mod config_change;
 mod cycles;
 mod daemon;
 mod egress;

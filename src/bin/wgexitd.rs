@@ -30,8 +30,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Check a config (and the token files it names) and exit.
+    /// Check a config (and the token files it names), report stored leases it has no
+    /// egress for, and exit.
     CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Stored leases.
+    Leases {
+        #[command(subcommand)]
+        command: LeasesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeasesCommand {
+    /// Delete the stored leases the config has no place for (egress renamed or removed,
+    /// pool changed); they are kept until this is run.
+    Prune {
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -49,7 +65,10 @@ fn main() -> ExitCode {
 
     let (Command::Serve { config }
     | Command::Teardown { config }
-    | Command::CheckConfig { config }) = &cli.command;
+    | Command::CheckConfig { config }
+    | Command::Leases {
+        command: LeasesCommand::Prune { config },
+    }) = &cli.command;
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -72,8 +91,23 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve { .. } => daemon::serve(config).await,
             Command::Teardown { .. } => daemon::teardown(&config).await,
-            Command::CheckConfig { .. } => daemon::check(&config).map(|()| {
+            Command::CheckConfig { .. } => daemon::check(&config).await.map(|misfits| {
                 println!("{}: ok", config.path.display());
+                for m in &misfits {
+                    println!(
+                        "stored lease without a place in this config (kept; `wgexitd leases prune` removes it): egress {} address {} key {} container {}",
+                        m.lease.egress, m.lease.address, m.lease.public_key, m.lease.attachment.container_id
+                    );
+                }
+            }),
+            Command::Leases { .. } => daemon::prune(&config).await.map(|pruned| {
+                for m in &pruned {
+                    println!(
+                        "pruned: egress {} address {} key {}",
+                        m.lease.egress, m.lease.address, m.lease.public_key
+                    );
+                }
+                println!("{} stored lease(s) pruned", pruned.len());
             }),
         }
     });

@@ -9,13 +9,14 @@ use crate::exit::api::tls::{self, TlsError};
 use crate::exit::api::tokens::TokenError;
 use crate::exit::api::{http, ApiState};
 use crate::exit::config::{Config, ConfigError};
+use crate::exit::control::{self, ControlError};
 use crate::exit::dataplane::{Dataplane, DataplaneError, HostDataplane};
 use crate::exit::identity::{Identities, IdentityError};
 use crate::exit::leases::collect::Activity;
 use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
-use crate::exit::leases::store::{LeaseStore, StoreError, Write};
+use crate::exit::leases::store::{LeaseStore, StoreError, StoredLease};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum DaemonError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -46,34 +49,38 @@ pub enum DaemonError {
     },
 }
 
-/// Checks what `serve` would read before touching anything: the token files.
-pub fn check(config: &Config) -> Result<(), DaemonError> {
+/// Checks what `serve` would read before touching anything (the token files), and reports
+/// the stored leases this config would leave without an egress.
+pub async fn check(config: &Config) -> Result<Vec<StoredLease>, DaemonError> {
     Authorizer::load(config)?;
-    Ok(())
+    let misfits = control::misfits(config).await?;
+    report_misfits(&misfits);
+    Ok(misfits)
 }
 
-/// The lease registry over the store, with the stored leases that no longer fit the config
-/// (egress gone, pool changed) removed from the store and reported.
-fn open_leases(config: &Config) -> Result<Registry, DaemonError> {
+/// `wgexitd leases prune`: deletes the stored leases that do not fit the config.
+pub async fn prune(config: &Config) -> Result<Vec<StoredLease>, DaemonError> {
+    Ok(control::prune(config).await?)
+}
+
+/// The lease registry over the store, and the stored leases the config has no place for:
+/// kept in the store (restoring the config brings them back) and reported.
+fn open_leases(config: &Config) -> Result<(Registry, Vec<StoredLease>), DaemonError> {
     let store: Arc<dyn LeaseStore> =
         Arc::new(RedbStore::open(&config.state_dir.join("leases.redb"))?);
-    let (registry, misfits) = Registry::load(&config.egress, store.clone())?;
-    let mut removals = Vec::new();
+    let (registry, misfits) = Registry::load(&config.egress, store)?;
+    report_misfits(&misfits);
+    Ok((registry, misfits))
+}
+
+fn report_misfits(misfits: &[StoredLease]) {
     for m in misfits {
         tracing::warn!(
             egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
-            "stored lease does not fit the current config (egress gone or pool changed); dropping it"
+            container_id = %m.lease.attachment.container_id,
+            "stored lease does not fit the config (egress renamed or removed, or pool changed); kept: restore the config to bring it back, or remove it with `wgexitd leases prune`"
         );
-        removals.push(Write::Delete {
-            egress: m.lease.egress,
-            public_key: m.lease.public_key,
-            owner: None,
-        });
     }
-    if !removals.is_empty() {
-        store.apply(&removals)?;
-    }
-    Ok(registry)
 }
 
 /// Everything `serve` sets up before it answers requests, in order: config (read already)
@@ -87,7 +94,7 @@ pub async fn start(
         path: config.state_dir.clone(),
         source,
     })?;
-    let registry = open_leases(&config)?;
+    let leases = open_leases(&config)?;
     let identities = Identities::load_or_create(&config.state_dir, &config.egress)?;
     let (cert, key) = match &config.api.tls_files {
         Some((c, k)) => (c.clone(), k.clone()),
@@ -97,7 +104,7 @@ pub async fn start(
 
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
-    let service = Arc::new(LeaseService::new(config, registry, dataplane, identities));
+    let service = Arc::new(LeaseService::new(config, leases, dataplane, identities));
     for (egress, changes) in service.reconcile().await {
         tracing::info!(%egress, changes = ?changes?, "WireGuard device reconciled");
     }
@@ -138,6 +145,10 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     .handle(handle.clone())
     .serve(http::router(api.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>());
 
+    let control = tokio::spawn(control::serve(
+        control::bind(&api.service.config.state_dir)?,
+        api.service.clone(),
+    ));
     let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
     let collector = tokio::spawn(collect_loop(api.service.clone()));
 
@@ -153,6 +164,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     };
     reconciler.abort();
     collector.abort();
+    control.abort();
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,

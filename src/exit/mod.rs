@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod identity;

@@ -69,6 +69,43 @@ pub struct Registry {
     commit: GroupCommit,
 }
 
+/// Sorts stored leases into the config's egresses, each address marked in its pool. What
+/// does not fit is returned apart: a lease of an egress no longer configured (renamed or
+/// removed), one whose address is outside its egress's pool now, or a second lease of one
+/// address. Such leases are kept, never dropped silently: restoring the config brings
+/// them back, and `wgexitd leases prune` removes them on request.
+pub fn place(
+    egresses: &[EgressConfig],
+    stored: Vec<StoredLease>,
+) -> (HashMap<String, EgressLeases>, Vec<StoredLease>) {
+    let mut map: HashMap<String, EgressLeases> = egresses
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                EgressLeases {
+                    pool: Pool::new(e.pool),
+                    by_key: HashMap::new(),
+                },
+            )
+        })
+        .collect();
+    let mut misfits = Vec::new();
+    for lease in stored {
+        let Some(e) = map.get_mut(&lease.lease.egress) else {
+            misfits.push(lease);
+            continue;
+        };
+        if e.by_key.contains_key(&lease.lease.public_key) || !e.pool.mark_used(lease.lease.address)
+        {
+            misfits.push(lease);
+            continue;
+        }
+        e.by_key.insert(lease.lease.public_key, lease);
+    }
+    (map, misfits)
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -78,41 +115,16 @@ fn now_secs() -> u64 {
 
 impl Registry {
     /// Builds the registry from the config's egresses (their names and pools) and what
-    /// the store holds. Stored leases that no longer fit (unknown egress, address outside
-    /// the pool, duplicate address) are returned separately so the caller can report them.
+    /// the store holds. Stored leases that do not fit (see [`place`]) stay in the store
+    /// untouched and are returned, for the caller to report.
     pub fn load(
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
     ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
-        let mut map: HashMap<String, EgressLeases> = egresses
-            .iter()
-            .map(|e| {
-                (
-                    e.name.clone(),
-                    EgressLeases {
-                        pool: Pool::new(e.pool),
-                        by_key: HashMap::new(),
-                    },
-                )
-            })
-            .collect();
-        let mut misfits = Vec::new();
-        for stored in store.load()? {
-            let Some(e) = map.get_mut(&stored.lease.egress) else {
-                misfits.push(stored);
-                continue;
-            };
-            if e.by_key.contains_key(&stored.lease.public_key)
-                || !e.pool.mark_used(stored.lease.address)
-            {
-                misfits.push(stored);
-                continue;
-            }
-            e.by_key.insert(stored.lease.public_key, stored);
-        }
+        let (egresses, misfits) = place(egresses, store.load()?);
         Ok((
             Registry {
-                egresses: map,
+                egresses,
                 commit: GroupCommit::new(store),
             },
             misfits,

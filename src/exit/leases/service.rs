@@ -52,6 +52,8 @@ fn count(counter: &AtomicU64) {
 pub struct LeaseService<D = HostDataplane> {
     pub config: Config,
     registry: Mutex<Registry>,
+    /// Stored leases this config has no place for; kept until pruned.
+    misfits: Mutex<Vec<StoredLease>>,
     dataplane: D,
     identities: Identities,
     pub counters: LeaseCounters,
@@ -60,13 +62,14 @@ pub struct LeaseService<D = HostDataplane> {
 impl<D: Dataplane> LeaseService<D> {
     pub fn new(
         config: Config,
-        registry: Registry,
+        (registry, misfits): (Registry, Vec<StoredLease>),
         dataplane: D,
         identities: Identities,
     ) -> LeaseService<D> {
         LeaseService {
             config,
             registry: Mutex::new(registry),
+            misfits: Mutex::new(misfits),
             dataplane,
             identities,
             counters: LeaseCounters::default(),
@@ -227,14 +230,11 @@ impl<D: Dataplane> LeaseService<D> {
             Err(_) => return Vec::new(),
         };
         activity.retain(&cfg.name, &leased);
+        note_endpoints(&mut registry, cfg, status.iter());
         let now = Now::current();
         let mut removed = Vec::new();
         for key in leased {
             let peer = peers.get(&key).copied();
-            if let Some(endpoint) = peer.and_then(|p| p.endpoint) {
-                // Not awaited: an endpoint is a hint, written with the next batch.
-                drop(registry.note_endpoint(&cfg.name, &key, endpoint));
-            }
             let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
                 continue;
             };
@@ -274,6 +274,40 @@ impl<D: Dataplane> LeaseService<D> {
         })
     }
 
+    /// Every stored lease: those of the config's egresses and the misfits.
+    pub async fn stored_leases(&self) -> Vec<StoredLease> {
+        let registry = self.registry.lock().await;
+        let mut out: Vec<StoredLease> = registry
+            .egresses()
+            .flat_map(|(_, e)| e.leases().cloned())
+            .collect();
+        out.extend(self.misfits.lock().await.iter().cloned());
+        out
+    }
+
+    /// Deletes the stored leases that do not fit the config; returns them.
+    pub async fn prune(&self) -> Result<Vec<StoredLease>, CommitError> {
+        let mut misfits = self.misfits.lock().await;
+        let pending: Vec<Pending> = {
+            let registry = self.registry.lock().await;
+            misfits
+                .iter()
+                .map(|m| registry.submit(crate::exit::control::delete_of(m)))
+                .collect()
+        };
+        for p in pending {
+            match p.durable().await {
+                Ok(()) | Err(CommitError::Refused(Refusal::Absent(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let pruned = std::mem::take(&mut *misfits);
+        for m in &pruned {
+            tracing::info!(egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key, "stored lease pruned");
+        }
+        Ok(pruned)
+    }
+
     /// Lease counts and capacity per egress, for metrics.
     pub async fn lease_counts(&self) -> Vec<(String, usize, usize)> {
         let registry = self.registry.lock().await;
@@ -306,7 +340,8 @@ impl<D: Dataplane> LeaseService<D> {
         // Read the device without the lock, so leases go on meanwhile; apply the changes
         // with it, so none races a lease or a release.
         let seen = self.dataplane.device(cfg).await?;
-        let registry = self.registry.lock().await;
+        let mut registry = self.registry.lock().await;
+        note_endpoints(&mut registry, cfg, seen.iter().flat_map(|d| &d.peers));
         let peers: Vec<Peer> = registry
             .egress(&cfg.name)
             .map(|e| e.leases().map(peer_of).collect())
@@ -314,6 +349,20 @@ impl<D: Dataplane> LeaseService<D> {
         self.dataplane
             .reconcile_device(cfg, identity, seen, &peers)
             .await
+    }
+}
+
+/// Records where the device last heard from each peer. Not awaited: an endpoint is a
+/// hint, written with the next batch.
+fn note_endpoints<'a>(
+    registry: &mut Registry,
+    cfg: &EgressConfig,
+    peers: impl Iterator<Item = &'a PeerStatus>,
+) {
+    for p in peers {
+        if let Some(endpoint) = p.endpoint {
+            drop(registry.note_endpoint(&cfg.name, &p.public_key, endpoint));
+        }
     }
 }
 
