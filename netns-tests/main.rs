@@ -17,3 +17,4 @@ mod restart;
 mod runtimes;
 mod security;
 mod spec;
+mod tokens;

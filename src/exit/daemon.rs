@@ -149,6 +149,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         control::bind(&api.service.config.state_dir)?,
         api.service.clone(),
     ));
+    let reloader = tokio::spawn(token_reload_loop(api.clone()));
     let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
     let collector = tokio::spawn(collect_loop(api.service.clone()));
 
@@ -162,6 +163,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             server.await
         }
     };
+    reloader.abort();
     reconciler.abort();
     collector.abort();
     control.abort();
@@ -174,6 +176,24 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             addr: listen,
             source: std::io::Error::other(e.to_string()),
         }),
+    }
+}
+
+/// How often token files are checked for changes.
+const TOKEN_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Re-reads token files on SIGHUP, and those that changed every [`TOKEN_CHECK_INTERVAL`].
+async fn token_reload_loop(api: Arc<ApiState>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(TOKEN_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        api.auth.reload(forced);
     }
 }
 

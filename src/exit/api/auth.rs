@@ -1,13 +1,15 @@
-//! Who may call the API: bearer tokens scoped to one egress, with failed attempts limited
-//! per source address.
+//! Who may call the API: bearer tokens scoped to one egress, re-read when their files
+//! change, with failed attempts limited per source address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::ratelimit::FailedAuthLimiter;
-use super::tokens::{owner_id, TokenError, Tokens};
+use super::tokens::{TokenError, Tokens};
 use crate::exit::config::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +20,29 @@ pub enum AuthError {
     RateLimited(Duration),
 }
 
+/// One egress's token file and what was read from it.
+struct TokenFile {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    tokens: Tokens,
+}
+
+impl TokenFile {
+    fn read(path: &PathBuf) -> Result<TokenFile, TokenError> {
+        Ok(TokenFile {
+            path: path.clone(),
+            modified: modified(path),
+            tokens: Tokens::load(path)?,
+        })
+    }
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
 pub struct Authorizer {
-    tokens: HashMap<String, Tokens>,
+    files: RwLock<HashMap<String, TokenFile>>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
     pub failures: AtomicU64,
@@ -28,36 +51,66 @@ pub struct Authorizer {
 impl Authorizer {
     /// Reads every egress's token file.
     pub fn load(config: &Config) -> Result<Authorizer, TokenError> {
-        let mut tokens = HashMap::new();
+        let mut files = HashMap::new();
         for e in &config.egress {
-            tokens.insert(e.name.clone(), Tokens::load(&e.token_file)?);
+            files.insert(e.name.clone(), TokenFile::read(&e.token_file)?);
         }
         Ok(Authorizer {
-            tokens,
+            files: RwLock::new(files),
             failed: FailedAuthLimiter::default(),
             failures: AtomicU64::new(0),
         })
     }
 
-    /// Checks `token` against `egress`'s tokens; returns the owner id it stands for. A
-    /// source that failed too often is refused before its token is looked at.
+    /// Re-reads the token files that changed since they were read (`force`: all of them).
+    /// A file that cannot be read or holds no valid token keeps its previous tokens, so a
+    /// half-written edit locks nobody out; the error is logged.
+    pub fn reload(&self, force: bool) {
+        let stale: Vec<(String, PathBuf)> = match self.files.read() {
+            Ok(files) => files
+                .iter()
+                .filter(|(_, f)| force || modified(&f.path) != f.modified)
+                .map(|(egress, f)| (egress.clone(), f.path.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (egress, path) in stale {
+            match TokenFile::read(&path) {
+                Ok(file) => {
+                    if let Ok(mut files) = self.files.write() {
+                        files.insert(egress.clone(), file);
+                    }
+                    tracing::info!(%egress, path = %path.display(), "token file re-read");
+                }
+                Err(e) => {
+                    tracing::error!(%egress, error = %e, "token file not re-read; the tokens read before stay valid")
+                }
+            }
+        }
+    }
+
+    /// Checks `token` against `egress`'s tokens; returns the owner it stands for. A valid
+    /// token is always let through; a wrong one counts against its source address, which
+    /// gets 429 instead of 401 once it has failed too often.
     pub fn authorize(
         &self,
         source: IpAddr,
         egress: &str,
         token: Option<&str>,
     ) -> Result<String, AuthError> {
+        let owner = token.and_then(|t| {
+            let files = self.files.read().ok()?;
+            files.get(egress)?.tokens.owner(t).map(String::from)
+        });
+        if let Some(owner) = owner {
+            return Ok(owner);
+        }
+        self.failures.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         self.failed
             .check(source, now)
             .map_err(AuthError::RateLimited)?;
-        match (self.tokens.get(egress), token) {
-            (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
-            _ => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                self.failed.failed(source, now);
-                Err(AuthError::Unauthorized(egress.to_string()))
-            }
-        }
+        self.failed.failed(source, now);
+        Err(AuthError::Unauthorized(egress.to_string()))
     }
 }

@@ -76,6 +76,9 @@ impl IntoResponse for RequestError {
             RequestError::Lease(LeaseError::PoolExhausted { .. }) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", msg)
             }
+            RequestError::Lease(LeaseError::QuotaExceeded { .. }) => {
+                error(StatusCode::CONFLICT, "quota_exceeded", msg)
+            }
             RequestError::Lease(LeaseError::NotFound { .. }) => {
                 error(StatusCode::NOT_FOUND, "not_found", msg)
             }
@@ -198,7 +201,7 @@ async fn release(
 }
 
 async fn list(State(api): Shared, caller: Caller) -> Result<Response, RequestError> {
-    Ok(Json(api.service.list(&caller.egress).await?).into_response())
+    Ok(Json(api.service.list(&caller.egress, &caller.owner).await?).into_response())
 }
 
 async fn egress_info(State(api): Shared, caller: Caller) -> Result<Response, RequestError> {

@@ -1,6 +1,7 @@
 //! Failed authentication, limited per source address: a token bucket per IP that only
-//! failures drain. While a source's bucket is empty every request from it that needs a token
-//! is answered 429 before the token is looked at, so guessing gets no answers at all.
+//! failures drain. While a source's bucket is empty its wrong tokens are answered 429 (with
+//! `Retry-After`) instead of 401; a right token from it is still served, so one tenant's
+//! bad token does not lock out its neighbours behind the same address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,7 +1,10 @@
 //! Bearer tokens: read from each egress's `token_file`, compared in constant time.
 //!
-//! Only SHA-256 digests are kept in memory; the owner of a lease is recorded as a short
-//! digest of the token that made it, never the token.
+//! A line is a token, or `name:token`. A named token's leases belong to its name, so the
+//! token can be rotated (the line's secret replaced, the file re-read on SIGHUP or when it
+//! changes) and the new one releases the leases the old one made. An unnamed token's leases
+//! belong to a short digest of the token itself. Only SHA-256 digests are kept in memory;
+//! no token is ever recorded or logged.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,15 +26,24 @@ pub enum TokenError {
     TooShort { path: PathBuf, line: usize },
 }
 
-/// The accepted tokens of one egress.
+/// The accepted tokens of one egress, each with the owner its leases belong to.
 #[derive(Clone)]
 pub struct Tokens {
-    digests: Vec<[u8; 32]>,
+    accepted: Vec<([u8; 32], String)>,
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tokens({} accepted)", self.digests.len())
+        write!(f, "Tokens({} accepted)", self.accepted.len())
+    }
+}
+
+/// A token line's name (if it has one) and secret: `name:secret` when what precedes the
+/// first ':' is a plain name (letters, digits, '-', '_', '.'; at most 64), else all secret.
+pub fn split_line(line: &str) -> (Option<&str>, &str) {
+    match line.split_once(':') {
+        Some((name, secret)) if crate::api::valid_egress_name(name) => (Some(name), secret),
+        _ => (None, line),
     }
 }
 
@@ -39,9 +51,15 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A stable, non-reversible name for a token: who owns a lease.
+/// Who owns the leases an unnamed token makes: a stable, non-reversible name for it.
 pub fn owner_id(token: &str) -> String {
     hex::encode(&digest(token)[..12])
+}
+
+/// Who owns the leases a named token makes: its name (marked, so that no digest is
+/// mistaken for it).
+pub fn named_owner(name: &str) -> String {
+    format!("@{name}")
 }
 
 impl Tokens {
@@ -62,35 +80,46 @@ impl Tokens {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Tokens, TokenError> {
-        let mut digests = Vec::new();
+        let mut accepted = Vec::new();
         for (i, line) in text.lines().enumerate() {
-            let token = line.trim();
-            if token.is_empty() || token.starts_with('#') {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            let (name, token) = split_line(line);
             if token.len() < 16 {
                 return Err(TokenError::TooShort {
                     path: path.to_path_buf(),
                     line: i + 1,
                 });
             }
-            digests.push(digest(token));
+            let owner = name.map_or_else(|| owner_id(token), named_owner);
+            accepted.push((digest(token), owner));
         }
-        if digests.is_empty() {
+        if accepted.is_empty() {
             return Err(TokenError::Empty {
                 path: path.to_path_buf(),
             });
         }
-        Ok(Tokens { digests })
+        Ok(Tokens { accepted })
     }
 
-    /// Whether `token` is one of ours. Every stored digest is compared, in constant time.
-    pub fn accepts(&self, token: &str) -> bool {
+    /// The owner `token` stands for, if it is one of ours. Every stored digest is
+    /// compared, in constant time.
+    pub fn owner(&self, token: &str) -> Option<&str> {
         let d = digest(token);
-        self.digests
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, known| acc | known.ct_eq(&d))
-            .into()
+        let mut found = None;
+        for (known, owner) in &self.accepted {
+            if bool::from(known.ct_eq(&d)) {
+                found = Some(owner.as_str());
+            }
+        }
+        found
+    }
+
+    /// Whether `token` is one of ours.
+    pub fn accepts(&self, token: &str) -> bool {
+        self.owner(token).is_some()
     }
 }
 
@@ -120,6 +149,23 @@ mod tests {
         ));
         assert!(matches!(
             Tokens::parse(Path::new("t"), "short\n"),
+            Err(TokenError::TooShort { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_named_token_owns_by_its_name_so_rotation_keeps_the_owner() {
+        let old = Tokens::parse(Path::new("t"), "team-a:old-secret-0123456789\n").unwrap();
+        let new = Tokens::parse(Path::new("t"), "team-a:new-secret-0123456789\n").unwrap();
+        assert_eq!(old.owner("old-secret-0123456789"), Some("@team-a"));
+        assert_eq!(new.owner("new-secret-0123456789"), Some("@team-a"));
+        assert_eq!(new.owner("old-secret-0123456789"), None);
+        // The whole line is not a token; a line whose prefix is no name is all token.
+        assert_eq!(new.owner("team-a:new-secret-0123456789"), None);
+        let plain = Tokens::parse(Path::new("t"), "a/b:c-0123456789abcdef\n").unwrap();
+        assert!(plain.accepts("a/b:c-0123456789abcdef"));
+        assert!(matches!(
+            Tokens::parse(Path::new("t"), "team-a:short\n"),
             Err(TokenError::TooShort { line: 1, .. })
         ));
     }

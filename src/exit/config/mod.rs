@@ -52,6 +52,8 @@ struct RawConfig {
     reconcile_interval: Option<u64>,
     #[serde(default)]
     collect_interval: Option<u64>,
+    #[serde(default)]
+    max_leases_per_owner: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +85,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// How often idle leases are looked for.
     pub collect_interval: Duration,
+    /// Most leases one token (its owner) may hold per egress.
+    pub max_leases_per_owner: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +103,7 @@ pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
+pub const DEFAULT_MAX_LEASES_PER_OWNER: usize = 16384;
 
 struct Timers {
     peer_timeout: Duration,
@@ -264,6 +269,15 @@ impl Config {
             persistent_keepalive: timers.persistent_keepalive,
             reconcile_interval: timers.reconcile_interval,
             collect_interval: timers.collect_interval,
+            max_leases_per_owner: match raw.max_leases_per_owner {
+                Some(0) => {
+                    return Err(invalid(
+                        "max_leases_per_owner".into(),
+                        "must be at least 1".into(),
+                    ))
+                }
+                n => n.unwrap_or(DEFAULT_MAX_LEASES_PER_OWNER),
+            },
         })
     }
 

@@ -25,6 +25,8 @@ pub enum LeaseError {
         pool: String,
         in_use: usize,
     },
+    #[error("egress {egress}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node")]
+    QuotaExceeded { egress: String, max: usize },
     #[error("egress {egress}: no lease for public key {key}")]
     NotFound { egress: String, key: Key },
     #[error("egress {egress}: the lease for {key} was made with another token")]
@@ -44,9 +46,43 @@ impl From<StoreError> for LeaseError {
 pub struct EgressLeases {
     pool: Pool,
     by_key: HashMap<Key, StoredLease>,
+    /// Leases per owner, for the quota.
+    per_owner: HashMap<String, usize>,
 }
 
 impl EgressLeases {
+    fn new(pool: Pool) -> EgressLeases {
+        EgressLeases {
+            pool,
+            by_key: HashMap::new(),
+            per_owner: HashMap::new(),
+        }
+    }
+
+    /// Adds a lease whose address is taken in the pool already.
+    fn insert(&mut self, lease: StoredLease) {
+        *self.per_owner.entry(lease.owner.clone()).or_default() += 1;
+        self.by_key.insert(lease.lease.public_key, lease);
+    }
+
+    /// Removes `key`'s lease and frees its address.
+    fn remove(&mut self, key: &Key) -> Option<StoredLease> {
+        let removed = self.by_key.remove(key)?;
+        self.pool.release(removed.lease.address);
+        if let Some(n) = self.per_owner.get_mut(&removed.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&removed.owner);
+            }
+        }
+        Some(removed)
+    }
+
+    /// How many leases `owner` holds here.
+    pub fn held_by(&self, owner: &str) -> usize {
+        self.per_owner.get(owner).copied().unwrap_or(0)
+    }
+
     pub fn leases(&self) -> impl Iterator<Item = &StoredLease> {
         self.by_key.values()
     }
@@ -80,15 +116,7 @@ pub fn place(
 ) -> (HashMap<String, EgressLeases>, Vec<StoredLease>) {
     let mut map: HashMap<String, EgressLeases> = egresses
         .iter()
-        .map(|e| {
-            (
-                e.name.clone(),
-                EgressLeases {
-                    pool: Pool::new(e.pool),
-                    by_key: HashMap::new(),
-                },
-            )
-        })
+        .map(|e| (e.name.clone(), EgressLeases::new(Pool::new(e.pool))))
         .collect();
     let mut misfits = Vec::new();
     for lease in stored {
@@ -101,7 +129,7 @@ pub fn place(
             misfits.push(lease);
             continue;
         }
-        e.by_key.insert(lease.lease.public_key, lease);
+        e.insert(lease);
     }
     (map, misfits)
 }
@@ -145,11 +173,13 @@ impl Registry {
     /// Grants a lease, or returns the existing one for this public key (idempotent).
     /// The bool says whether it is new. The lease is durable once the [`Pending`] resolves
     /// (an existing lease is written again, so it is durable then too).
+    /// A new lease is refused when `owner` holds `max_per_owner` already.
     pub fn lease(
         &mut self,
         egress: &str,
         req: &LeaseRequest,
         owner: &str,
+        max_per_owner: usize,
     ) -> Result<(StoredLease, bool, Pending), LeaseError> {
         let e = self
             .egresses
@@ -169,6 +199,12 @@ impl Registry {
             });
             return Ok((existing.clone(), false, pending));
         }
+        if e.held_by(owner) >= max_per_owner {
+            return Err(LeaseError::QuotaExceeded {
+                egress: egress.to_string(),
+                max: max_per_owner,
+            });
+        }
         let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
             egress: egress.to_string(),
             pool: e.pool.net().to_string(),
@@ -186,7 +222,7 @@ impl Registry {
             endpoint: None,
         };
         let pending = self.commit.submit(Write::Create(stored.clone()));
-        e.by_key.insert(req.public_key, stored.clone());
+        e.insert(stored.clone());
         Ok((stored, true, pending))
     }
 
@@ -227,11 +263,10 @@ impl Registry {
             .egresses
             .get_mut(egress)
             .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
-        let removed = e.by_key.remove(key).ok_or_else(|| LeaseError::NotFound {
+        let removed = e.remove(key).ok_or_else(|| LeaseError::NotFound {
             egress: egress.to_string(),
             key: *key,
         })?;
-        e.pool.release(removed.lease.address);
         let pending = self.commit.submit(Write::Delete {
             egress: egress.to_string(),
             public_key: *key,
@@ -263,9 +298,7 @@ impl Registry {
     /// so the store holds nothing to delete.
     pub fn forget(&mut self, egress: &str, key: &Key) {
         if let Some(e) = self.egresses.get_mut(egress) {
-            if let Some(removed) = e.by_key.remove(key) {
-                e.pool.release(removed.lease.address);
-            }
+            e.remove(key);
         }
     }
 
@@ -296,7 +329,7 @@ mod tests {
         req: &LeaseRequest,
         owner: &str,
     ) -> Result<(StoredLease, bool), LeaseError> {
-        let (l, new, pending) = r.lease(egress, req, owner)?;
+        let (l, new, pending) = r.lease(egress, req, owner, usize::MAX)?;
         pending.wait().map_err(LeaseError::Store)?;
         Ok((l, new))
     }
@@ -333,6 +366,25 @@ mod tests {
         assert!(new1 && !new1b);
         assert_eq!(l1, l1b);
         assert_ne!(l1.lease.address, l2.lease.address);
+    }
+
+    #[test]
+    fn an_owner_gets_at_most_its_quota() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        for n in 1..=2 {
+            r.lease("a", &req(n), "alice", 2).unwrap().2.wait().unwrap();
+        }
+        assert!(matches!(
+            r.lease("a", &req(3), "alice", 2),
+            Err(LeaseError::QuotaExceeded { max: 2, .. })
+        ));
+        // Others are not held to alice's count, renewing is not a new lease, and a
+        // release makes room.
+        r.lease("a", &req(4), "bob", 2).unwrap().2.wait().unwrap();
+        r.lease("a", &req(1), "alice", 2).unwrap().2.wait().unwrap();
+        release(&mut r, "a", &Key([1; 32]), Some("alice")).unwrap();
+        r.lease("a", &req(3), "alice", 2).unwrap().2.wait().unwrap();
     }
 
     #[test]
@@ -419,7 +471,7 @@ mod tests {
                         let mut g = r.lock().unwrap();
                         // Leasing, releasing (as DEL or collection would) and leasing again
                         // race with the other threads; the pool of 5 is always contended.
-                        match g.lease("a", &key, "o") {
+                        match g.lease("a", &key, "o", usize::MAX) {
                             Ok(_) | Err(LeaseError::PoolExhausted { .. }) => {}
                             Err(e) => panic!("{e}"),
                         }

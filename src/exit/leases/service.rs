@@ -103,7 +103,8 @@ impl<D: Dataplane> LeaseService<D> {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
-        let (stored, new, durable) = registry.lease(egress, &req, owner)?;
+        let (stored, new, durable) =
+            registry.lease(egress, &req, owner, self.config.max_leases_per_owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since.
         if let Err(e) = self.dataplane.add_peer(cfg, &peer_of(&stored)).await {
             if new {
@@ -248,11 +249,13 @@ impl<D: Dataplane> LeaseService<D> {
         removed
     }
 
-    pub async fn list(&self, egress: &str) -> Result<LeaseList, LeaseError> {
+    /// The leases `owner` made in `egress`.
+    pub async fn list(&self, egress: &str, owner: &str) -> Result<LeaseList, LeaseError> {
         let registry = self.registry.lock().await;
         let mut leases: Vec<Lease> = registry
             .egress(egress)?
             .leases()
+            .filter(|l| l.owner == owner)
             .map(|l| l.lease.clone())
             .collect();
         leases.sort_by_key(|l| l.address);
