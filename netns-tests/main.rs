@@ -3,6 +3,7 @@
 
 mod world;
 
+mod api_limits;
 mod attachments;
 mod backends;
 mod collect;

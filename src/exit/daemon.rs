@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::exit::api::auth::Authorizer;
 use crate::exit::api::tls::{self, TlsError};
 use crate::exit::api::tokens::TokenError;
-use crate::exit::api::{http, ApiState};
+use crate::exit::api::{http, limits, ApiState};
 use crate::exit::config::{Config, ConfigError};
 use crate::exit::control::{self, ControlError};
 use crate::exit::dataplane::{Dataplane, DataplaneError, HostDataplane};
@@ -131,19 +131,12 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             source,
         })?;
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(
-        listener,
-        axum_server::tls_rustls::RustlsConfig::from_config(tls_config),
-    )
-    .map_err(|source| DaemonError::Listen {
-        addr: listen,
-        source,
-    })?
-    // Without TCP_NODELAY a response written in two TLS records waits for the client's
-    // delayed ACK (40 ms) before its second half goes out.
-    .map(|tls| tls.acceptor(axum_server::accept::NoDelayAcceptor::new()))
-    .handle(handle.clone())
-    .serve(http::router(api.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>());
+    let server = api_server(listener, tls_config, &api, handle.clone()).map_err(|source| {
+        DaemonError::Listen {
+            addr: listen,
+            source,
+        }
+    })?;
 
     let control = tokio::spawn(control::serve(
         control::bind(&api.service.config.state_dir)?,
@@ -177,6 +170,42 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             source: std::io::Error::other(e.to_string()),
         }),
     }
+}
+
+/// The HTTPS API on `listener`, with its limits (see [`limits`]).
+fn api_server(
+    listener: std::net::TcpListener,
+    tls_config: Arc<rustls::ServerConfig>,
+    api: &Arc<ApiState>,
+    handle: axum_server::Handle<std::net::SocketAddr>,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let limits = &api.service.config.api;
+    let (max, header, idle) = (
+        limits.max_connections,
+        limits.header_timeout,
+        limits.idle_timeout,
+    );
+    let mut server = axum_server::from_tcp_rustls(
+        listener,
+        axum_server::tls_rustls::RustlsConfig::from_config(tls_config),
+    )?
+    .map(|tls| {
+        // Without TCP_NODELAY a response written in two TLS records waits for the client's
+        // delayed ACK (40 ms) before its second half goes out.
+        let tls = tls
+            .handshake_timeout(header)
+            .acceptor(axum_server::accept::NoDelayAcceptor::new());
+        limits::CappedAcceptor::new(tls, max, idle)
+    })
+    .handle(handle);
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header);
+    Ok(server.serve(
+        http::router(api.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    ))
 }
 
 /// How often token files are checked for changes.

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
 pub mod tls;

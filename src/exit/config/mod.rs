@@ -65,6 +65,12 @@ struct RawApi {
     /// Extra names or addresses for the generated server certificate.
     #[serde(default)]
     san: Vec<String>,
+    #[serde(default)]
+    max_connections: Option<usize>,
+    #[serde(default)]
+    header_timeout: Option<u64>,
+    #[serde(default)]
+    idle_timeout: Option<u64>,
 }
 
 /// A checked config.
@@ -95,8 +101,17 @@ pub struct ApiConfig {
     /// Certificate and key files; when absent, generated under `state_dir/tls`.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     pub san: Vec<String>,
+    /// Connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has for its TLS handshake and then for a request's headers.
+    pub header_timeout: Duration,
+    /// A connection with no traffic for this long is closed.
+    pub idle_timeout: Duration,
 }
 
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_KEEPALIVE: u16 = 25;
@@ -191,10 +206,29 @@ fn api_config(raw: RawApi, invalid: &Invalid) -> Result<ApiConfig, ConfigError> 
             ))
         }
     };
+    let secs = |key: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => Err(invalid(
+            format!("api.{key}"),
+            "must be at least 1 (seconds)".into(),
+        )),
+        Some(n) => Ok(Duration::from_secs(n)),
+        None => Ok(default),
+    };
     Ok(ApiConfig {
         listen,
         tls_files,
         san: raw.san,
+        max_connections: match raw.max_connections {
+            Some(0) => {
+                return Err(invalid(
+                    "api.max_connections".into(),
+                    "must be at least 1".into(),
+                ))
+            }
+            n => n.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+        },
+        header_timeout: secs("header_timeout", raw.header_timeout, DEFAULT_HEADER_TIMEOUT)?,
+        idle_timeout: secs("idle_timeout", raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
     })
 }
 
