@@ -124,3 +124,53 @@ fn del_succeeds_when_the_netns_is_gone() {
         .ok_empty();
     assert!(w.leases("acme", TOKEN).is_empty());
 }
+
+/// `wg set` on container `c`'s device, as a process with CAP_NET_ADMIN in it could: the
+/// kernel's device is in the container; wireguard-go's is reached through its UAPI socket,
+/// named after the host-side link.
+fn wg_set_in_container(c: &crate::world::Container, args: &[&str]) {
+    let host_name = c.host_ifname("eth0");
+    let mut all: Vec<&str> = if crate::world::backend() == "kernel" {
+        vec!["ip", "netns", "exec", &c.netns, "wg", "set", "eth0"]
+    } else {
+        vec!["wg", "set", &host_name]
+    };
+    all.extend_from_slice(args);
+    sh(&all);
+}
+
+#[test]
+fn check_reports_a_device_changed_from_inside_the_container() {
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let with_prev = |r: &serde_json::Value| {
+        let mut c = conf.clone();
+        c["prevResult"] = r.clone();
+        c
+    };
+    let stranger = wgexit::keys::Key::generate_private()
+        .unwrap()
+        .public()
+        .to_base64();
+    // A peer added.
+    let c = w.container("chk1");
+    let r = w.cni("ADD", &c, &conf).ok();
+    w.cni("CHECK", &c, &with_prev(&r)).ok_empty();
+    wg_set_in_container(&c, &["peer", &stranger, "allowed-ips", "198.18.9.9/32"]);
+    let (code, msg) = w.cni("CHECK", &c, &with_prev(&r)).err();
+    assert_eq!(code, 107, "{msg}");
+    assert!(msg.contains("peers ADD did not set"), "{msg}");
+    // The listen port changed, and a fwmark set.
+    let c = w.container("chk2");
+    let r = w.cni("ADD", &c, &conf).ok();
+    wg_set_in_container(&c, &["listen-port", "40123"]);
+    let (code, msg) = w.cni("CHECK", &c, &with_prev(&r)).err();
+    assert_eq!(code, 107, "{msg}");
+    assert!(msg.contains("listens on UDP port 40123"), "{msg}");
+    let c = w.container("chk3");
+    let r = w.cni("ADD", &c, &conf).ok();
+    wg_set_in_container(&c, &["fwmark", "0x77"]);
+    let (code, msg) = w.cni("CHECK", &c, &with_prev(&r)).err();
+    assert_eq!(code, 107, "{msg}");
+    assert!(msg.contains("fwmark 0x77"), "{msg}");
+}

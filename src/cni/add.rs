@@ -20,7 +20,7 @@ use crate::cni::trace::Steps;
 use crate::cni::{client_error, container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
-use crate::wg::{Backend, DeviceConfig, PeerConfig, WireGuard};
+use crate::wg::{Backend, DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let mut steps = Steps::from_env();
@@ -74,6 +74,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         address: None,
         exit_public_key: None,
         endpoint: None,
+        listen_port: None,
         in_netns: false,
         release_pending: false,
     };
@@ -204,7 +205,10 @@ async fn attach(
     }
 
     steps.done("address, MTU, up, routes");
-    wait_for_handshake(state, wg, name, conf.handshake_timeout).await?;
+    let status = wait_for_handshake(state, wg, name, conf.handshake_timeout).await?;
+    // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
+    state.listen_port = Some(status.listen_port);
+    place.dir.save(state)?;
     steps.done("first handshake");
 
     Ok(Attached {
@@ -263,7 +267,7 @@ async fn wait_for_handshake(
     backend: &Backend,
     name: &str,
     timeout: Duration,
-) -> Result<(), CniError> {
+) -> Result<DeviceStatus, CniError> {
     let start = Instant::now();
     loop {
         let status = backend
@@ -271,7 +275,7 @@ async fn wait_for_handshake(
             .await
             .map_err(|e| wg_error("reading the WireGuard link", e))?;
         if status.peers.iter().any(|p| p.last_handshake.is_some()) {
-            return Ok(());
+            return Ok(status);
         }
         if start.elapsed() >= timeout {
             return Err(CniError::new(

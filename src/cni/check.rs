@@ -14,7 +14,7 @@ use crate::cni::error::{CniError, Code};
 use crate::cni::state::{AttachmentState, StateDir};
 use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::net::{Netlink, Netns};
-use crate::wg::WireGuard;
+use crate::wg::{DeviceStatus, WireGuard};
 
 /// WireGuard drops a session this long after its handshake (REJECT_AFTER_TIME); with the
 /// keepalive the exit node hands out, a live tunnel re-handshakes well within it.
@@ -155,6 +155,45 @@ async fn check_link(
     Ok(())
 }
 
+/// What a process with CAP_NET_ADMIN in the container could have changed: the key, the
+/// peers (exactly the exit node), the listen port, the fwmark.
+fn check_device_settings(
+    state: &AttachmentState,
+    status: &DeviceStatus,
+    ifname: &str,
+) -> Result<(), CniError> {
+    if status.public_key.is_some_and(|k| k != state.public_key) {
+        return Err(failed(format!(
+            "{ifname} has another key than the one leased"
+        )));
+    }
+    let strangers: Vec<String> = status
+        .peers
+        .iter()
+        .filter(|p| Some(p.public_key) != state.exit_public_key)
+        .map(|p| p.public_key.to_string())
+        .collect();
+    if !strangers.is_empty() {
+        return Err(failed(format!(
+            "{ifname} has peers ADD did not set: {}",
+            strangers.join(", ")
+        )));
+    }
+    if let Some(port) = state.listen_port.filter(|p| *p != status.listen_port) {
+        return Err(failed(format!(
+            "{ifname} listens on UDP port {}, not {port} as ADD left it",
+            status.listen_port
+        )));
+    }
+    if status.fwmark != 0 {
+        return Err(failed(format!(
+            "{ifname} has fwmark {:#x}; ADD sets none",
+            status.fwmark
+        )));
+    }
+    Ok(())
+}
+
 /// The WireGuard device: the leased key, the exit node as its peer at the leased endpoint,
 /// and a recent handshake.
 async fn check_device(
@@ -171,11 +210,7 @@ async fn check_device(
         .status(name)
         .await
         .map_err(|e| wg_error(&format!("reading WireGuard on {ifname}"), e))?;
-    if status.public_key.is_some_and(|k| k != state.public_key) {
-        return Err(failed(format!(
-            "{ifname} has another key than the one leased"
-        )));
-    }
+    check_device_settings(state, &status, ifname)?;
     let peer = status
         .peers
         .iter()

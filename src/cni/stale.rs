@@ -145,6 +145,7 @@ mod tests {
             address: None,
             exit_public_key: None,
             endpoint: None,
+            listen_port: None,
             in_netns: true,
             release_pending: false,
         };

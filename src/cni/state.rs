@@ -54,6 +54,9 @@ pub struct AttachmentState {
     pub exit_public_key: Option<Key>,
     #[serde(default)]
     pub endpoint: Option<SocketAddr>,
+    /// The UDP port the device listens on, as it was when ADD finished (CHECK compares).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
     /// Whether the link has been moved into the container (so DEL must delete it there).
     #[serde(default)]
     pub in_netns: bool,
@@ -356,6 +359,7 @@ mod tests {
             address: None,
             exit_public_key: None,
             endpoint: None,
+            listen_port: None,
             in_netns: false,
             release_pending: false,
         };
@@ -463,6 +467,7 @@ mod tests {
             address: None,
             exit_public_key: None,
             endpoint: None,
+            listen_port: None,
             in_netns: false,
             release_pending: false,
         };

@@ -318,6 +318,7 @@ fn merge_dump_message(status: &mut DeviceStatus, message: WireguardMessage) {
                 status.public_key = (!key.is_zero()).then_some(key);
             }
             WireguardAttribute::ListenPort(p) => status.listen_port = p,
+            WireguardAttribute::Fwmark(m) => status.fwmark = m,
             WireguardAttribute::Peers(peers) => {
                 for peer in peers {
                     merge_peer(status, peer);
@@ -439,6 +440,7 @@ impl WireGuard for KernelBackend {
         let mut status = DeviceStatus {
             public_key: None,
             listen_port: 0,
+            fwmark: 0,
             peers: Vec::new(),
         };
         let mut seen = false;
@@ -505,6 +507,7 @@ mod tests {
         let mut status = DeviceStatus {
             public_key: None,
             listen_port: 0,
+            fwmark: 0,
             peers: Vec::new(),
         };
         for batch in batches {

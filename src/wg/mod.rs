@@ -66,6 +66,8 @@ pub struct PeerStatus {
 pub struct DeviceStatus {
     pub public_key: Option<Key>,
     pub listen_port: u16,
+    /// The mark on the device's UDP packets; 0 when none.
+    pub fwmark: u32,
     pub peers: Vec<PeerStatus>,
 }
 

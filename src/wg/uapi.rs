@@ -106,6 +106,7 @@ impl PeerBuilder {
 pub fn parse_get_reply(reply: &str) -> Result<DeviceStatus, ParseError> {
     let mut private_key: Option<Key> = None;
     let mut listen_port = 0u16;
+    let mut fwmark = 0u32;
     let mut peers = Vec::new();
     let mut peer: Option<PeerBuilder> = None;
     let mut errno: Option<i64> = None;
@@ -124,7 +125,7 @@ pub fn parse_get_reply(reply: &str) -> Result<DeviceStatus, ParseError> {
                 private_key = (!k.is_zero()).then_some(k);
             }
             "listen_port" => listen_port = num(key, value)?,
-            "fwmark" => {}
+            "fwmark" => fwmark = num(key, value)?,
             "public_key" => {
                 if let Some(done) = peer.take().and_then(PeerBuilder::finish) {
                     peers.push(done);
@@ -167,6 +168,7 @@ pub fn parse_get_reply(reply: &str) -> Result<DeviceStatus, ParseError> {
         Some(0) => Ok(DeviceStatus {
             public_key: private_key.map(|k| k.public()),
             listen_port,
+            fwmark,
             peers,
         }),
         Some(e) => Err(ParseError::Errno(e)),
