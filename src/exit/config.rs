@@ -8,6 +8,7 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 
 use crate::api::valid_egress_name;
+use crate::exit::policy::{Policy, Rule, Verdict};
 use crate::wg::BackendKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,20 @@ struct RawEgress {
     token_file: PathBuf,
     #[serde(default)]
     mtu: Option<u32>,
+    #[serde(default)]
+    policy: Option<RawPolicy>,
+}
+
+/// `[egress.policy]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    private: Option<String>,
+    default: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 /// A checked config.
@@ -115,6 +130,7 @@ pub struct EgressConfig {
     pub endpoint: SocketAddr,
     pub token_file: PathBuf,
     pub mtu: u32,
+    pub policy: Policy,
 }
 
 impl EgressConfig {
@@ -140,6 +156,40 @@ pub fn valid_ifname(name: &str) -> bool {
         && !name
             .bytes()
             .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+}
+
+/// `[egress.policy]`, checked; `key` is the policy's key (`egress[0].policy`).
+fn policy(
+    raw: Option<RawPolicy>,
+    key: &str,
+    invalid: &impl Fn(String, String) -> ConfigError,
+) -> Result<Policy, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Policy::default());
+    };
+    let mut policy = Policy::default();
+    for (name, text, verdict) in [
+        ("private", raw.private, &mut policy.private),
+        ("default", raw.default, &mut policy.default),
+    ] {
+        if let Some(text) = text {
+            *verdict = text
+                .parse::<Verdict>()
+                .map_err(|e| invalid(format!("{key}.{name}"), e))?;
+        }
+    }
+    for (name, texts, rules) in [
+        ("allow", raw.allow, &mut policy.allow),
+        ("deny", raw.deny, &mut policy.deny),
+    ] {
+        for (j, text) in texts.into_iter().enumerate() {
+            let rule = text
+                .parse::<Rule>()
+                .map_err(|e| invalid(format!("{key}.{name}[{j}]"), format!("{text:?}: {e}")))?;
+            rules.push(rule);
+        }
+    }
+    Ok(policy)
 }
 
 struct Timers {
@@ -355,6 +405,7 @@ impl Config {
                     ));
                 }
             }
+            let policy = policy(e.policy, &key("policy"), &invalid)?;
             egress.push(EgressConfig {
                 name: e.name,
                 ip,
@@ -365,6 +416,7 @@ impl Config {
                 endpoint,
                 token_file: e.token_file,
                 mtu,
+                policy,
             });
         }
         if let IpAddr::V4(a) = listen.ip() {
@@ -510,6 +562,40 @@ token_file = "/etc/wgexitd/acme.tokens"
             let msg = err(&VALID.replace(from, to));
             assert!(msg.contains(key), "{to:?}: {msg:?} should name {key}");
         }
+    }
+
+    #[test]
+    fn policy_is_parsed_and_bad_rules_are_named() {
+        assert_eq!(parse(VALID).unwrap().egress[0].policy, Policy::default());
+        let with = format!(
+            "{VALID}\n[egress.policy]\nprivate = \"allow\"\ndefault = \"deny\"\n\
+             allow = [\"198.18.9.0/24 tcp/443\"]\ndeny = [\"tcp/25\", \"2001:db8:bad::/48\"]\n"
+        );
+        let p = parse(&with).unwrap().egress[0].policy.clone();
+        assert_eq!(p.private, Verdict::Allow);
+        assert_eq!(p.default, Verdict::Deny);
+        assert_eq!(p.allow, vec!["198.18.9.0/24 tcp/443".parse().unwrap()]);
+        assert_eq!(p.deny.len(), 2);
+        for (bad, key) in [
+            (
+                "deny = [\"tcp/25\", \"198.18.7.1/24\"]",
+                "egress[0].policy.deny[1]",
+            ),
+            ("allow = [\"udp/9-1\"]", "egress[0].policy.allow[0]"),
+            ("private = \"maybe\"", "egress[0].policy.private"),
+            ("default = \"no\"", "egress[0].policy.default"),
+            ("typo = 1", "typo"),
+        ] {
+            let msg = err(&format!("{VALID}\n[egress.policy]\n{bad}\n"));
+            assert!(msg.contains(key), "{bad}: {msg}");
+        }
+        let msg = err(&format!(
+            "{VALID}\n[egress.policy]\ndeny = [\"tcp/25\", \"198.18.7.1/24\"]\n"
+        ));
+        assert!(
+            msg.contains("198.18.7.1/24") && msg.contains("host bits"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use crate::exit::collect::Activity;
 use crate::exit::config::{Config, ConfigError};
+use crate::exit::firewall::{
+    EgressRules, Firewall, FirewallError, RoutingGuard, Verification, DEFAULT_TABLE,
+};
 use crate::exit::http;
-use crate::exit::nat::{Firewall, NatError, DEFAULT_TABLE};
 use crate::exit::reconcile::ReconcileError;
 use crate::exit::registry::Registry;
 use crate::exit::service::{rules_for, Exit};
@@ -36,7 +38,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Reconcile(#[from] ReconcileError),
     #[error(transparent)]
-    Nat(#[from] NatError),
+    Firewall(#[from] FirewallError),
     #[error(transparent)]
     Sysctl(#[from] SysctlError),
     #[error(transparent)]
@@ -129,6 +131,11 @@ pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfi
     let backend = Backend::open(config.backend)?;
     tracing::info!(backend = ?backend.kind(), "WireGuard backend");
     let netlink = Netlink::current()?;
+    // Rules first, forwarding last: no tunnel packet is ever forwarded unfiltered or unNATed.
+    let rules: Vec<_> = config.egress.iter().map(rules_for).collect();
+    for repair in ensure_firewall(&netlink, &rules).await? {
+        tracing::info!("firewall: {repair}");
+    }
     let exit = Arc::new(Exit::new(config, registry, backend, netlink, keys, tokens));
 
     for (egress, changes) in exit.reconcile().await? {
@@ -138,9 +145,41 @@ pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfi
     for e in &exit.config.egress {
         sysctl::prepare_exit(&e.wg_interface)?;
     }
-    let rules: Vec<_> = exit.config.egress.iter().map(rules_for).collect();
-    Firewall::new(DEFAULT_TABLE).apply(&rules)?;
     Ok((exit, tls_config))
+}
+
+/// Makes the nftables table and the fail-closed routing rules match `egresses`; returns what
+/// it had to repair (nothing when both were in place).
+async fn ensure_firewall(
+    netlink: &Netlink,
+    egresses: &[EgressRules],
+) -> Result<Vec<String>, DaemonError> {
+    let firewall = Firewall::new(DEFAULT_TABLE);
+    let mut repairs = Vec::new();
+    match firewall.verify(egresses)? {
+        Verification::Matches => {}
+        Verification::Missing => repairs.push(format!(
+            "table inet {DEFAULT_TABLE} was missing; applied it"
+        )),
+        Verification::Differs(what) => repairs.push(format!(
+            "table inet {DEFAULT_TABLE} differed from the config ({what}); replaced it"
+        )),
+    }
+    if !repairs.is_empty() {
+        firewall.apply(egresses)?;
+    }
+    let wg: Vec<String> = egresses.iter().map(|e| e.wg_interface.clone()).collect();
+    let (added, removed) = RoutingGuard::default()
+        .ensure(netlink, &wg)
+        .await
+        .map_err(FirewallError::from)?;
+    for rule in added {
+        repairs.push(format!("added fail-closed routing rule {rule:?}"));
+    }
+    for rule in removed {
+        repairs.push(format!("removed stale routing rule {rule:?}"));
+    }
+    Ok(repairs)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
@@ -219,6 +258,14 @@ async fn reconcile_loop(exit: Arc<Exit>) {
             }
             Err(e) => tracing::error!(error = %e, "reconcile failed"),
         }
+        match ensure_firewall(exit.netlink(), &exit.firewall_rules()).await {
+            Ok(repairs) => {
+                for repair in repairs {
+                    tracing::warn!("firewall had drifted: {repair}");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "firewall check failed"),
+        }
     }
 }
 
@@ -267,5 +314,9 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
         backend.delete(&e.wg_interface).await?;
         netlink.delete_link(&e.wg_interface).await?;
     }
+    RoutingGuard::default()
+        .remove(&netlink)
+        .await
+        .map_err(FirewallError::from)?;
     Ok(())
 }

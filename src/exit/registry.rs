@@ -233,6 +233,7 @@ mod tests {
             endpoint: "198.51.100.2:51820".parse().unwrap(),
             token_file: "/dev/null".into(),
             mtu: 1420,
+            policy: Default::default(),
         }
     }
 

@@ -12,7 +12,7 @@ use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::collect::{Activity, Idle, Timeouts};
 use crate::exit::commit::Pending;
 use crate::exit::config::{Config, EgressConfig};
-use crate::exit::nat::EgressRules;
+use crate::exit::firewall::EgressRules;
 use crate::exit::ratelimit::FailedAuthLimiter;
 use crate::exit::reconcile::{exit_peer, read_device, reconcile_egress, Changes, ReconcileError};
 use crate::exit::registry::{LeaseError, Registry};
@@ -322,6 +322,11 @@ impl Exit {
         Ok(out)
     }
 
+    /// The rtnetlink handle on the exit node's namespace.
+    pub fn netlink(&self) -> &Netlink {
+        &self.netlink
+    }
+
     /// The nftables rules every egress needs.
     pub fn firewall_rules(&self) -> Vec<EgressRules> {
         self.config.egress.iter().map(rules_for).collect()
@@ -333,8 +338,9 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
         name: e.name.clone(),
         wg_interface: e.wg_interface.clone(),
         uplink: e.interface.clone(),
-        pool: e.pool,
-        overlay_ip: e.overlay_ip(),
-        egress_ip: e.ip,
+        pools: vec![e.pool.into()],
+        overlay_ips: vec![e.overlay_ip().into()],
+        snat: vec![(e.pool.into(), e.ip.into())],
+        policy: e.policy.clone(),
     }
 }

@@ -2,6 +2,8 @@
 
 pub mod link;
 pub mod netns;
+pub mod rule;
 
 pub use link::{LinkError, Netlink};
 pub use netns::{Netns, NetnsError, NetnsGuard};
+pub use rule::ProhibitRule;
