@@ -69,11 +69,21 @@ fn canonical(objects: Vec<Value>) -> Result<Canonical, FirewallError> {
     Ok(out)
 }
 
+/// An object for a log line, cut at about 300 characters.
 fn show(kind: &str, body: Option<&Value>) -> String {
-    match body {
-        Some(body) => format!("{kind} {body}"),
-        None => "nothing".to_owned(),
+    let Some(body) = body else {
+        return "nothing".to_owned();
+    };
+    let mut text = format!("{kind} {body}");
+    if text.len() > 300 {
+        let mut end = 300;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
     }
+    text
 }
 
 /// `None` when `listed` (the output of `nft -j list table`) holds exactly `desired`; else what

@@ -158,9 +158,7 @@ fn check(e: &EgressRules) -> Result<(), FirewallError> {
             ));
         }
     }
-    if !e.pools.iter().any(|p| matches!(p, IpNet::V4(_)))
-        && !e.pools.iter().any(|p| matches!(p, IpNet::V6(_)))
-    {
+    if e.pools.is_empty() {
         return bad("no overlay pool".into());
     }
     for (i, (block, ip)) in e.snat.iter().enumerate() {
