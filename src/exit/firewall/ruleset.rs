@@ -45,7 +45,7 @@ pub fn build(
         objects: vec![NfListObject::Table(nftables::schema::Table {
             family: NfFamily::INet,
             name: table.to_owned().into(),
-            handle: None,
+            ..Default::default()
         })],
     };
     for (name, kind, hook, prio) in BASE_CHAINS {
@@ -62,7 +62,7 @@ pub fn build(
     }
     for e in egresses {
         super::check(e)?;
-        b.egress(e)?;
+        b.egress(e);
     }
     Ok(b.objects)
 }
@@ -193,13 +193,11 @@ impl Builder {
             family: NfFamily::INet,
             table: self.table.clone().into(),
             name: name.to_owned().into(),
-            newname: None,
-            handle: None,
             _type: base.map(|b| b.0),
             hook: base.map(|b| b.1),
             prio: base.map(|b| b.2),
-            dev: None,
             policy: base.map(|_| NfChainPolicy::Accept),
+            ..Chain::default()
         }));
     }
 
@@ -209,34 +207,50 @@ impl Builder {
             table: self.table.clone().into(),
             chain: chain.to_owned().into(),
             expr: expr.into(),
-            handle: None,
-            index: None,
             comment: comment.map(Cow::Owned),
+            ..Rule::default()
         }));
     }
 
-    fn set_of(&mut self, name: &str, key: SetTypeValue<'static>, elem: Vec<Expression<'static>>) {
-        self.objects.push(NfListObject::Set(Box::new(Set {
-            family: NfFamily::INet,
-            table: self.table.clone().into(),
-            name: name.to_owned().into(),
-            handle: None,
-            set_type: key,
-            policy: None,
-            flags: Some(HashSet::from([SetFlag::Interval])),
-            elem: (!elem.is_empty()).then(|| elem.into()),
-            timeout: None,
-            gc_interval: None,
-            size: None,
-            comment: None,
-        })));
+    /// An interval set, or with `data` an interval map.
+    fn set_of(
+        &mut self,
+        name: &str,
+        key: SetTypeValue<'static>,
+        data: Option<SetTypeValue<'static>>,
+        elem: Vec<Expression<'static>>,
+    ) {
+        let (table, name) = (self.table.clone().into(), name.to_owned().into());
+        let flags = Some(HashSet::from([SetFlag::Interval]));
+        let elem = (!elem.is_empty()).then(|| elem.into());
+        self.objects.push(match data {
+            None => NfListObject::Set(Box::new(Set {
+                family: NfFamily::INet,
+                table,
+                name,
+                set_type: key,
+                flags,
+                elem,
+                ..Set::default()
+            })),
+            Some(map) => NfListObject::Map(Box::new(nftables::schema::Map {
+                family: NfFamily::INet,
+                table,
+                name,
+                set_type: key,
+                map,
+                flags,
+                elem,
+                ..Default::default()
+            })),
+        });
     }
 
     fn set(&mut self, name: &str, key: SetType, elem: Vec<Expression<'static>>) {
-        self.set_of(name, SetTypeValue::Single(key), elem);
+        self.set_of(name, SetTypeValue::Single(key), None, elem);
     }
 
-    fn egress(&mut self, e: &EgressRules) -> Result<(), FirewallError> {
+    fn egress(&mut self, e: &EgressRules) {
         let n = &e.name;
         let families: Vec<bool> = [false, true]
             .into_iter()
@@ -250,13 +264,12 @@ impl Builder {
                 elements::addresses(&pools),
             );
         }
-        self.snat(e, &families)?;
+        self.snat(e, &families);
         self.mark_and_clamp(e);
         self.forward(e, &families);
         self.input(e, &families);
         self.policy(n, &e.policy, &families);
         self.refuse(n);
-        Ok(())
     }
 
     fn mark_and_clamp(&mut self, e: &EgressRules) {
@@ -306,7 +319,7 @@ impl Builder {
 
     /// Per family: SNAT through the map from source block to egress IP, then drop what no
     /// block covers, so nothing from the pools leaves with its overlay address.
-    fn snat(&mut self, e: &EgressRules, families: &[bool]) -> Result<(), FirewallError> {
+    fn snat(&mut self, e: &EgressRules, families: &[bool]) {
         let n = &e.name;
         for &v6 in families {
             let map = format!("snat{}_{n}", fam(v6));
@@ -317,22 +330,8 @@ impl Builder {
                     s(&ip.to_string()),
                 ]));
             }
-            self.objects
-                .push(NfListObject::Map(Box::new(nftables::schema::Map {
-                    family: NfFamily::INet,
-                    table: self.table.clone().into(),
-                    name: map.clone().into(),
-                    handle: None,
-                    set_type: SetTypeValue::Single(addr_type(v6)),
-                    map: SetTypeValue::Single(addr_type(v6)),
-                    policy: None,
-                    flags: Some(HashSet::from([SetFlag::Interval])),
-                    elem: (!elem.is_empty()).then(|| elem.into()),
-                    timeout: None,
-                    gc_interval: None,
-                    size: None,
-                    comment: None,
-                })));
+            let addr = SetTypeValue::Single(addr_type(v6));
+            self.set_of(&map, addr.clone(), Some(addr), elem);
             let saddr = payload(ip_proto(v6), "saddr");
             let from_pool = is(
                 saddr.clone(),
@@ -362,7 +361,6 @@ impl Builder {
             let unmapped = vec![oif(&e.uplink), from_pool, counter(), Statement::Drop(None)];
             self.rule("postrouting", Some(format!("{n}: no egress IP")), unmapped);
         }
-        Ok(())
     }
 
     fn forward(&mut self, e: &EgressRules, families: &[bool]) {
@@ -473,7 +471,7 @@ impl Builder {
         ] {
             for (key, elem) in rule_sets(rules, families) {
                 let name = format!("{kind}{}_{n}", key.suffix());
-                self.set_of(&name, key.set_type(), elem);
+                self.set_of(&name, key.set_type(), None, elem);
                 let lookup = is(key.expr(), Operator::EQ, set_ref(&name));
                 self.rule(&chain, None, vec![lookup, verdict.clone()]);
             }
@@ -507,9 +505,7 @@ impl Builder {
             family: NfFamily::INet,
             table: self.table.clone().into(),
             name: name.clone().into(),
-            handle: None,
-            packets: None,
-            bytes: None,
+            ..Counter::default()
         }));
         self.chain(&chain, None);
         self.rule(
