@@ -134,3 +134,64 @@ pub fn difference(desired: &[NfListObject], listed: &str) -> Result<Option<Strin
     }
     Ok(Some("the table differs".into()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use super::super::tests::acme;
+
+    /// The desired objects as `nft -j list` would print them: with metainfo, handles, counter
+    /// values and elements in another order.
+    fn listed(desired: &[NfListObject]) -> Value {
+        let mut objects = vec![serde_json::json!({"metainfo": {"json_schema_version": 1}})];
+        for (handle, object) in desired.iter().enumerate() {
+            let mut value = serde_json::to_value(object).unwrap();
+            let (kind, body) = value.as_object_mut().unwrap().iter_mut().next().unwrap();
+            body["handle"] = handle.into();
+            if kind == "counter" {
+                body["packets"] = 7.into();
+                body["bytes"] = 5_000_000_000u64.into();
+            }
+            if let Some(Value::Array(elem)) = body.get_mut("elem") {
+                elem.reverse();
+            }
+            for stmt in body
+                .get_mut("expr")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(counter) = stmt.get_mut("counter").filter(|c| c.is_object()) {
+                    *counter = serde_json::json!({"packets": 3, "bytes": 99});
+                }
+            }
+            objects.push(value);
+        }
+        serde_json::json!({ "nftables": objects })
+    }
+
+    #[test]
+    fn what_nft_adds_is_no_difference_and_a_changed_rule_is_named() {
+        let desired = super::super::ruleset::build("wgexitd", &[acme()]).unwrap();
+        let same = listed(&desired);
+        assert_eq!(difference(&desired, &same.to_string()).unwrap(), None);
+
+        let mut changed = same.clone();
+        let rules = changed["nftables"].as_array_mut().unwrap();
+        let at = rules
+            .iter()
+            .position(|o| o["rule"]["chain"] == "forward")
+            .unwrap();
+        rules[at]["rule"]["expr"][0]["match"]["right"] = "wgx-other".into();
+        let what = difference(&desired, &changed.to_string()).unwrap().unwrap();
+        assert!(what.starts_with("chain forward, rule 0"), "{what}");
+        assert!(what.contains("wgx-other"), "{what}");
+
+        let mut extra = same;
+        let objects = extra["nftables"].as_array_mut().unwrap();
+        objects
+            .push(serde_json::json!({"set": {"family": "inet", "table": "wgexitd", "name": "x"}}));
+        let what = difference(&desired, &extra.to_string()).unwrap().unwrap();
+        assert!(what.starts_with("set x: expected nothing"), "{what}");
+    }
+}

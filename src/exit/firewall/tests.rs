@@ -100,7 +100,7 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn acme() -> EgressRules {
+pub(super) fn acme() -> EgressRules {
     EgressRules {
         name: "acme".into(),
         wg_interface: "wgx-acme".into(),
