@@ -143,7 +143,7 @@ pub async fn start(config: Config) -> Result<(Arc<Exit>, Arc<rustls::ServerConfi
     }
     sysctl::ensure(&["net", "ipv4", "ip_forward"], "1")?;
     for e in &exit.config.egress {
-        sysctl::prepare_exit(&e.wg_interface)?;
+        sysctl::prepare_exit(&e.wg_interface, &e.interface)?;
     }
     Ok((exit, tls_config))
 }

@@ -137,8 +137,8 @@ pub fn difference(desired: &[NfListObject], listed: &str) -> Result<Option<Strin
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::tests::acme;
+    use super::*;
 
     /// The desired objects as `nft -j list` would print them: with metainfo, handles, counter
     /// values and elements in another order.

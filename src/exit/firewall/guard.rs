@@ -11,6 +11,13 @@
 //! administratively prohibited. Packets to the exit node's own addresses are unaffected: the
 //! `local` table (rule 0) is consulted first.
 //!
+//! One catch: the kernel's reverse-path check of a forwarded packet looks its source up as if
+//! the packet came in on its way *out*, with the packet's mark only where `src_valid_mark` is
+//! set, else mark 0. For a reply from the uplink to a container that lookup is "from the
+//! WireGuard interface, unmarked": the guard would refuse it and, with `rp_filter` on the
+//! uplink, the reply would be dropped. So the table marks packets from the uplink too, and
+//! the daemon sets `src_valid_mark` on the uplink and the WireGuard interface.
+//!
 //! The rules live in routing, not nftables, so they have their own lifecycle: put in place
 //! before forwarding is turned on, re-checked with the table, removed by teardown.
 

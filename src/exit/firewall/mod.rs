@@ -5,7 +5,8 @@
 //! Per egress `E` (WireGuard interface `WG`, uplink `UP`) the table holds:
 //!
 //! * `prerouting` (filter, mangle): packets from `WG` get [`FORWARD_MARK`], without which the
-//!   [`RoutingGuard`] refuses to route them (failing closed when the table is gone);
+//!   [`RoutingGuard`] refuses to route them (failing closed when the table is gone), and so do
+//!   packets from `UP` (for the reverse-path check of replies, see [`RoutingGuard`]);
 //! * `postrouting` (nat, srcnat): `oifname UP ip saddr @pools4_E snat ip to ip saddr map
 //!   @snat4_E` — the map sends each source block to its egress IP, so neither the number of
 //!   egress IPs nor of leases adds rules — then a drop of pool sources no block covers; the

@@ -278,17 +278,22 @@ impl Builder {
             meta(MetaKey::Mark),
             Expression::Number(FORWARD_MARK),
         ])));
-        self.rule(
-            "prerouting",
-            Some(format!("{n}: may be forwarded")),
-            vec![
-                iif(&e.wg_interface),
-                Statement::Mangle(Mangle {
-                    key: meta(MetaKey::Mark),
-                    value: mark,
-                }),
-            ],
-        );
+        // From the tunnel: may be routed. From the uplink: the reverse-path check of a reply
+        // on its way to the tunnel sees the mark too (with src_valid_mark).
+        for (side, what) in [
+            (&e.wg_interface, "mark from the tunnel"),
+            (&e.uplink, "mark from the uplink"),
+        ] {
+            let set_mark = Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: mark.clone(),
+            });
+            self.rule(
+                "prerouting",
+                Some(format!("{n}: {what}")),
+                vec![iif(side), set_mark],
+            );
+        }
         for (dir, side) in [("in", iif(&e.wg_interface)), ("out", oif(&e.wg_interface))] {
             let flags = Expression::BinaryOperation(Box::new(BinaryOperation::AND(
                 payload("tcp", "flags"),

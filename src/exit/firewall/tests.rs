@@ -182,7 +182,8 @@ fn apply_writes_the_rules() {
     println!("{listing}");
     for want in [
         "type filter hook prerouting priority mangle; policy accept;",
-        "iifname \"wgx-acme\" meta mark set meta mark | 0x10000000 comment \"acme: may be forwarded\"",
+        "iifname \"wgx-acme\" meta mark set meta mark | 0x10000000 comment \"acme: mark from the tunnel\"",
+        "iifname \"isp0\" meta mark set meta mark | 0x10000000 comment \"acme: mark from the uplink\"",
         "type nat hook postrouting priority srcnat; policy accept;",
         "oifname \"isp0\" ip saddr @pools4_acme counter packets 0 bytes 0 snat ip to ip saddr map @snat4_acme comment \"acme: snat\"",
         "oifname \"isp0\" ip saddr @pools4_acme counter packets 0 bytes 0 drop comment \"acme: no egress IP\"",
@@ -575,16 +576,22 @@ fn world(tag: &str) -> World {
         "ip link set wgx-t up",
         "ip link set up0 up",
         "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        // No reverse-path filter on the tunnel side, so the anti-spoof rule is what drops
+        // spoofed sources; a strict one on the uplink, and src_valid_mark as wgexitd sets it.
         "sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.wgx-t.rp_filter=0",
+        "sysctl -qw net.ipv4.conf.up0.rp_filter=1",
+        "sysctl -qw net.ipv4.conf.wgx-t.src_valid_mark=1 net.ipv4.conf.up0.src_valid_mark=1",
     ] {
         w.exit.run(&cmd.split(' ').collect::<Vec<_>>());
     }
     for cmd in [
-        "ip addr add 100.64.0.2/24 dev c0",
-        "ip addr add 100.64.0.130/24 dev c0",
+        // /32s, as a container's WireGuard address: the exit node is the way to everything.
+        "ip addr add 100.64.0.2/32 dev c0",
+        "ip addr add 100.64.0.130/32 dev c0",
         "ip addr add 198.18.5.2/32 dev c0",
         "ip addr add fd77:0:9::2/64 dev c0 nodad",
         "ip link set c0 up",
+        "ip route add 100.64.0.1 dev c0",
         "ip route add default via 100.64.0.1",
         "ip -6 route add default via fd77:0:9::1",
     ] {
@@ -700,6 +707,8 @@ fn traffic_is_snatted_through_the_map_and_spoofed_sources_are_dropped() {
             udp_exchange("fd77:0:9::2", "[2001:db8:77::50]:7777"),
             udp_exchange("198.18.5.2", "203.0.113.50:7777"),
             udp_exchange("100.64.0.2", "203.0.113.1:7777"),
+            // Another container, behind the same tunnel interface.
+            udp_exchange("100.64.0.2", "100.64.0.99:7777"),
         ]
         .map(|r| r.ok())
     });
@@ -725,7 +734,12 @@ fn traffic_is_snatted_through_the_map_and_spoofed_sources_are_dropped() {
     assert_eq!(answers[3], None, "spoofed source got through");
     assert_eq!(answers[4], None, "container reached the exit node itself");
     assert!(!seen4.contains(&ip("198.18.5.2")), "{seen}");
+    assert_eq!(answers[5], None, "container reached another one");
     assert!(counter(&listing, "acme: anti-spoof") >= 1, "{listing}");
+    assert!(
+        counter(&listing, "acme: no other forwarding in") >= 1,
+        "{listing}"
+    );
     assert!(counter(&listing, "acme: snat") >= 2, "{listing}");
     assert!(
         counter(&listing, "acme: no access to the exit node") >= 1,
@@ -964,19 +978,27 @@ fn after_a_flush_nothing_from_the_tunnel_is_forwarded() {
         (v4.as_deref(), v6.as_deref()),
         (Some("203.0.113.77"), Some("2001:db8:77::77"))
     );
+    // With the guard, traffic between containers still reaches the forward chain's drop.
+    assert_eq!(
+        w.client
+            .on(|| udp_exchange("100.64.0.2", "100.64.0.99:7777").ok()),
+        None
+    );
+    let listing = w.exit.nft_list(DEFAULT_TABLE);
+    assert_eq!(
+        counter(&listing, "acme: no other forwarding in"),
+        1,
+        "{listing}"
+    );
 
-    // Someone flushes the ruleset: nothing from the tunnel leaves, NATed or not, and the
-    // sender is told at once.
+    // Someone flushes the ruleset: nothing from the tunnel leaves, NATed or not. (Routing
+    // answers with ICMP administratively prohibited, but the kernel rate-limits those per
+    // sender, so whether this sender hears of it at once is not asserted.)
     w.exit.run(&["nft", "flush", "ruleset"]);
     assert_eq!(fw.verify(&rules).unwrap(), Verification::Missing);
-    let started = Instant::now();
     let (v4, v6, tcp) = send();
     assert_eq!((v4, v6), (None, None));
-    assert!(
-        matches!(tcp, Err(ErrorKind::HostUnreachable)),
-        "{tcp:?} after {:?}",
-        started.elapsed()
-    );
+    assert!(tcp.is_err(), "{tcp:?}");
     assert_eq!(
         leaked(),
         0,
