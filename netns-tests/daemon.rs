@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::world::{require_root, World, OTHER_TOKEN, TOKEN};
+use crate::world::{require_root, Settings, World, EGRESS_IP, OTHER_TOKEN, TOKEN};
 
 fn check_config(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -123,8 +123,13 @@ fn teardown_removes_interfaces_and_table_and_sigterm_leaves_them() {
     let c = w.container("c");
     w.cni("ADD", &c, &conf).ok();
     w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
-    // After a clean stop the tunnel stays up.
+    // After a clean stop the tunnel stays up, and so do the fail-closed routing rules.
     assert!(w.links(&w.exit).contains(&w.wg_interface));
+    let mine = |w: &World| {
+        let iif = format!("iif {} ", w.wg_interface);
+        guard_rules(w).iter().filter(|r| r.contains(&iif)).count()
+    };
+    assert_eq!(mine(&w), 2, "one per family: {:?}", guard_rules(&w));
     assert_eq!(w.echo_from(&c).unwrap(), crate::world::EGRESS_IP);
     let out = Command::new("ip")
         .args([
@@ -148,5 +153,98 @@ fn teardown_removes_interfaces_and_table_and_sigterm_leaves_them() {
         "ip", "netns", "exec", &w.exit, "nft", "list", "table", "inet", "wgexitd",
     ]);
     assert!(!nft.status.success(), "table still there");
+    assert_eq!(guard_rules(&w), Vec::<String>::new());
     assert!(w.echo_from(&c).is_err());
+}
+
+/// The exit node's `prohibit` routing rules (both families), as `ip rule` prints them.
+fn guard_rules(w: &World) -> Vec<String> {
+    let mut out = Vec::new();
+    for family in ["-4", "-6"] {
+        let listing = crate::world::sh(&["ip", family, "-n", &w.exit, "rule"]);
+        out.extend(
+            listing
+                .lines()
+                .filter(|l| l.contains("prohibit"))
+                .map(str::to_owned),
+        );
+    }
+    out
+}
+
+/// Counts, in `ns`, packets arriving with a source in `net`.
+fn capture_sources(ns: &str, net: &str) -> impl Fn() -> u64 {
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", ns, "nft"];
+        all.extend_from_slice(args);
+        crate::world::sh(&all)
+    };
+    nft(&["add", "table", "inet", "capture"]);
+    nft(&["add chain inet capture in { type filter hook prerouting priority -300; }"]);
+    nft(&[
+        "add", "rule", "inet", "capture", "in", "ip", "saddr", net, "counter",
+    ]);
+    let ns = ns.to_owned();
+    move || {
+        let listing = crate::world::sh(&[
+            "ip", "netns", "exec", &ns, "nft", "list", "chain", "inet", "capture", "in",
+        ]);
+        let at = listing.find("packets ").expect("a counter") + "packets ".len();
+        listing[at..].split(' ').next().unwrap().parse().unwrap()
+    }
+}
+
+#[test]
+fn a_flushed_ruleset_is_restored_within_a_reconcile_interval_and_nothing_leaks_meanwhile() {
+    let mut w = World::with(Settings {
+        daemon_extra: "reconcile_interval = 3\n".into(),
+        ..Settings::default()
+    });
+    let conf = w.net_conf("acme");
+    let c = w.container("c");
+    w.cni("ADD", &c, &conf).ok();
+    assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
+    let leaked = capture_sources(&w.isp, crate::world::POOL);
+    let mine = |w: &World| {
+        let iif = format!("iif {} ", w.wg_interface);
+        guard_rules(w).iter().filter(|r| r.contains(&iif)).count()
+    };
+    assert_eq!(mine(&w), 2, "one per family: {:?}", guard_rules(&w));
+
+    crate::world::sh(&["ip", "netns", "exec", &w.exit, "nft", "flush", "ruleset"]);
+    let flushed = std::time::Instant::now();
+    let during = w.echo_from(&c);
+    let still_missing = !crate::world::try_sh(&[
+        "ip", "netns", "exec", &w.exit, "nft", "list", "table", "inet", "wgexitd",
+    ])
+    .status
+    .success();
+    if still_missing {
+        assert!(during.is_err(), "{during:?} while the table was gone");
+    }
+    assert_eq!(
+        leaked(),
+        0,
+        "packets with an overlay source reached the isp"
+    );
+
+    // Back within one interval (plus a request's time), from the egress IP again.
+    let restored = loop {
+        if let Ok(ip) = w.echo_from(&c) {
+            break ip;
+        }
+        assert!(
+            flushed.elapsed() < std::time::Duration::from_secs(10),
+            "{}",
+            w.daemon_log()
+        );
+    };
+    assert_eq!(restored, EGRESS_IP);
+    assert!(flushed.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(leaked(), 0);
+    assert!(
+        w.daemon_log().contains("firewall had drifted"),
+        "{}",
+        w.daemon_log()
+    );
 }

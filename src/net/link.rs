@@ -41,7 +41,7 @@ impl LinkError {
     }
 }
 
-fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+pub(crate) fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
     let what = what.into();
     move |e| LinkError::Netlink {
         what,
@@ -60,7 +60,7 @@ fn nl_err(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError
 }
 
 /// Whether a netlink error says "no such device / address / route".
-fn is_not_found(e: &rtnetlink::Error) -> bool {
+pub(crate) fn is_not_found(e: &rtnetlink::Error) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m)
         if matches!(m.to_io().raw_os_error(), Some(libc::ENODEV) | Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::EADDRNOTAVAIL)))
 }
@@ -68,7 +68,7 @@ fn is_not_found(e: &rtnetlink::Error) -> bool {
 /// An rtnetlink handle bound to one network namespace.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: Handle,
+    pub(crate) handle: Handle,
 }
 
 impl Netlink {

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use super::policy::{self, Policy};
 use super::{ifname, parsed, ConfigError, Invalid, DEFAULT_MTU};
 use crate::api::valid_egress_name;
 use crate::exit::leases::pool::Pool;
@@ -24,6 +25,8 @@ pub(super) struct RawEgress {
     token_file: PathBuf,
     #[serde(default)]
     mtu: Option<u32>,
+    #[serde(default)]
+    policy: Option<policy::RawPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct EgressConfig {
     pub endpoint: SocketAddr,
     pub token_file: PathBuf,
     pub mtu: u32,
+    /// What its containers may reach.
+    pub policy: Policy,
 }
 
 impl EgressConfig {
@@ -107,6 +112,7 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
         endpoint,
         token_file: e.token_file,
         mtu,
+        policy: policy::parse(e.policy, &key("policy"), invalid)?,
     })
 }
 

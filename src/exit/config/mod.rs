@@ -1,7 +1,8 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`].
+//! per kind of table: [`egress`], [`policy`].
 
 pub mod egress;
+pub mod policy;
 
 pub use egress::EgressConfig;
 
@@ -322,6 +323,7 @@ impl Config {
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use super::policy::{Policy, Verdict};
     use super::*;
 
     /// An egress as tests of other modules need one.
@@ -336,6 +338,7 @@ pub(crate) mod tests {
             endpoint: "198.51.100.2:51820".parse().unwrap(),
             token_file: "/dev/null".into(),
             mtu: 1420,
+            policy: Default::default(),
         }
     }
 
@@ -446,6 +449,40 @@ token_file = "/etc/wgexitd/acme.tokens"
             let msg = err(&VALID.replace(from, to));
             assert!(msg.contains(key), "{to:?}: {msg:?} should name {key}");
         }
+    }
+
+    #[test]
+    fn policy_is_parsed_and_bad_rules_are_named() {
+        assert_eq!(parse(VALID).unwrap().egress[0].policy, Policy::default());
+        let with = format!(
+            "{VALID}\n[egress.policy]\nprivate = \"allow\"\ndefault = \"deny\"\n\
+             allow = [\"198.18.9.0/24 tcp/443\"]\ndeny = [\"tcp/25\", \"2001:db8:bad::/48\"]\n"
+        );
+        let p = parse(&with).unwrap().egress[0].policy.clone();
+        assert_eq!(p.private, Verdict::Allow);
+        assert_eq!(p.default, Verdict::Deny);
+        assert_eq!(p.allow, vec!["198.18.9.0/24 tcp/443".parse().unwrap()]);
+        assert_eq!(p.deny.len(), 2);
+        for (bad, key) in [
+            (
+                "deny = [\"tcp/25\", \"198.18.7.1/24\"]",
+                "egress[0].policy.deny[1]",
+            ),
+            ("allow = [\"udp/9-1\"]", "egress[0].policy.allow[0]"),
+            ("private = \"maybe\"", "egress[0].policy.private"),
+            ("default = \"no\"", "egress[0].policy.default"),
+            ("typo = 1", "typo"),
+        ] {
+            let msg = err(&format!("{VALID}\n[egress.policy]\n{bad}\n"));
+            assert!(msg.contains(key), "{bad}: {msg}");
+        }
+        let msg = err(&format!(
+            "{VALID}\n[egress.policy]\ndeny = [\"tcp/25\", \"198.18.7.1/24\"]\n"
+        ));
+        assert!(
+            msg.contains("198.18.7.1/24") && msg.contains("host bits"),
+            "{msg}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::net::{LinkError, Netlink};
 use crate::wg::{Backend, BackendKind, DeviceStatus, WgError, WireGuard};
 
 pub use devices::Changes;
-use firewall::{EgressRules, Firewall, NatError, DEFAULT_TABLE};
+use firewall::{EgressRules, Firewall, FirewallError, RoutingGuard, Verification, DEFAULT_TABLE};
 use sysctl::SysctlError;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ pub enum DataplaneError {
     #[error(transparent)]
     Netlink(#[from] LinkError),
     #[error(transparent)]
-    Firewall(#[from] NatError),
+    Firewall(#[from] FirewallError),
     #[error(transparent)]
     Sysctl(#[from] SysctlError),
 }
@@ -97,8 +97,10 @@ pub trait Dataplane: Send + Sync {
     async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
     async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError>;
-    /// Forwarding and firewall rules for `egresses`, the rules in place before forwarding.
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError>;
+    /// Makes the firewall and forwarding for `egresses` what they should be, the rules in
+    /// place before forwarding is on; says what it had to repair (nothing when all was in
+    /// place). Called at start and at every reconcile.
+    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError>;
     /// Removes the devices and the rules of `egresses`.
     async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError>;
 }
@@ -132,9 +134,46 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
         name: e.name.clone(),
         wg_interface: e.wg_interface.to_string(),
         uplink: e.interface.to_string(),
-        pool: e.pool,
-        overlay_ip: e.overlay_ip(),
-        egress_ip: e.ip,
+        pools: vec![e.pool.into()],
+        overlay_ips: vec![e.overlay_ip().into()],
+        snat: vec![(e.pool.into(), e.ip.into())],
+        policy: e.policy.clone(),
+    }
+}
+
+impl HostDataplane {
+    /// The nftables table, by content.
+    fn ensure_table(&self, rules: &[EgressRules]) -> Result<Option<String>, DataplaneError> {
+        let repair = match self.firewall.verify(rules)? {
+            Verification::Matches => return Ok(None),
+            Verification::Missing => format!("table inet {DEFAULT_TABLE} was missing; applied it"),
+            Verification::Differs(what) => {
+                format!("table inet {DEFAULT_TABLE} differed from the config ({what}); replaced it")
+            }
+        };
+        self.firewall.apply(rules)?;
+        Ok(Some(repair))
+    }
+
+    /// The fail-closed routing rules, one per WireGuard interface and family.
+    async fn ensure_guard(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
+        let wg: Vec<String> = egresses
+            .iter()
+            .map(|e| e.wg_interface.to_string())
+            .collect();
+        let (added, removed) = RoutingGuard::default()
+            .ensure(&self.netlink, &wg)
+            .await
+            .map_err(FirewallError::from)?;
+        Ok(added
+            .iter()
+            .map(|r| format!("added fail-closed routing rule {r:?}"))
+            .chain(
+                removed
+                    .iter()
+                    .map(|r| format!("removed stale routing rule {r:?}")),
+            )
+            .collect())
     }
 }
 
@@ -167,18 +206,23 @@ impl Dataplane for HostDataplane {
             .map_err(DataplaneError::wg(egress))
     }
 
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError> {
+    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
         let rules: Vec<_> = egresses.iter().map(rules_for).collect();
-        self.firewall.apply(&rules)?;
+        let mut repairs: Vec<String> = self.ensure_table(&rules)?.into_iter().collect();
+        repairs.extend(self.ensure_guard(egresses).await?);
         for e in egresses {
-            sysctl::loose_rp_filter(&e.wg_interface)?;
+            sysctl::prepare_egress(&e.wg_interface, &e.interface)?;
         }
         sysctl::forward()?;
-        Ok(())
+        Ok(repairs)
     }
 
     async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError> {
         self.firewall.teardown()?;
+        RoutingGuard::default()
+            .remove(&self.netlink)
+            .await
+            .map_err(FirewallError::from)?;
         for e in egresses {
             self.backend
                 .delete(&e.wg_interface)

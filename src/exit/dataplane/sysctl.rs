@@ -34,8 +34,17 @@ pub fn forward() -> Result<(), SysctlError> {
     ensure(&["net", "ipv4", "ip_forward"], "1")
 }
 
-/// Loose reverse-path filtering on a WireGuard interface (the kernel uses the larger of
-/// `all` and the interface's value, so 2 is loose whatever `all` says).
-pub fn loose_rp_filter(wg_interface: &str) -> Result<(), SysctlError> {
-    ensure(&["net", "ipv4", "conf", wg_interface, "rp_filter"], "2")
+/// Loose reverse-path filtering on the WireGuard interface (the kernel uses the larger of
+/// `all` and the interface's value, so 2 is loose whatever `all` says), and `src_valid_mark`
+/// on it and on the uplink: the reverse-path check of a forwarded packet looks its source up
+/// as if it came in on the packet's way out, and must see the packet's mark, or the
+/// fail-closed routing rule (which refuses unmarked packets "from" the WireGuard interface)
+/// would refuse every reply on its way from the uplink to a container (see
+/// [`super::firewall::RoutingGuard`]).
+pub fn prepare_egress(wg_interface: &str, uplink: &str) -> Result<(), SysctlError> {
+    ensure(&["net", "ipv4", "conf", wg_interface, "rp_filter"], "2")?;
+    for dev in [wg_interface, uplink] {
+        ensure(&["net", "ipv4", "conf", dev, "src_valid_mark"], "1")?;
+    }
+    Ok(())
 }
