@@ -108,10 +108,13 @@ pub async fn start(
     for (egress, changes) in service.reconcile().await {
         tracing::info!(%egress, changes = ?changes?, "WireGuard device reconciled");
     }
-    service
+    for repair in service
         .dataplane()
         .apply_rules(&service.config.egress)
-        .await?;
+        .await?
+    {
+        tracing::info!("firewall: {repair}");
+    }
     Ok((Arc::new(ApiState { service, auth }), tls_config))
 }
 
@@ -226,7 +229,8 @@ async fn token_reload_loop(api: Arc<ApiState>) {
     }
 }
 
-/// Every `reconcile_interval`: repairs devices that drifted from the store.
+/// Every `reconcile_interval`: repairs devices that drifted from the store, and a firewall
+/// that was flushed or changed.
 async fn reconcile_loop(service: Arc<LeaseService>) {
     let mut tick = tokio::time::interval(service.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -245,6 +249,18 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
                     tracing::warn!(%egress, error = %e, "cannot reconcile this round; skipped")
                 }
             }
+        }
+        match service
+            .dataplane()
+            .apply_rules(&service.config.egress)
+            .await
+        {
+            Ok(repairs) => {
+                for repair in repairs {
+                    tracing::warn!("firewall had drifted: {repair}");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "firewall check failed"),
         }
     }
 }
