@@ -24,6 +24,9 @@ pub(super) struct RawEgress {
     token_file: PathBuf,
     #[serde(default)]
     mtu: Option<u32>,
+    /// In a pool: where the endpoint's address floats (see [`super::cluster`]).
+    #[serde(default)]
+    endpoint_interface: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct EgressConfig {
     pub endpoint: SocketAddr,
     pub token_file: PathBuf,
     pub mtu: u32,
+    /// In a pool: the interface the leader adds the endpoint's address to.
+    pub endpoint_interface: Option<IfName>,
 }
 
 impl EgressConfig {
@@ -97,7 +102,12 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
     if !(1280..=9000).contains(&mtu) {
         return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
     }
+    let endpoint_interface = match &e.endpoint_interface {
+        Some(name) => Some(ifname(invalid, key("endpoint_interface"), name)?),
+        None => None,
+    };
     Ok(EgressConfig {
+        endpoint_interface,
         interface: ifname(invalid, key("interface"), &e.interface)?,
         wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
         name: e.name,

@@ -1,8 +1,10 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`].
+//! per kind of table: [`egress`], [`cluster`].
 
+pub mod cluster;
 pub mod egress;
 
+pub use cluster::ClusterConfig;
 pub use egress::EgressConfig;
 
 use std::net::{IpAddr, SocketAddr};
@@ -52,6 +54,8 @@ struct RawConfig {
     reconcile_interval: Option<u64>,
     #[serde(default)]
     collect_interval: Option<u64>,
+    #[serde(default)]
+    cluster: Option<cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -83,6 +87,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// How often idle leases are looked for.
     pub collect_interval: Duration,
+    /// The pool this node is a member of; `None`: alone, on the embedded store.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +259,13 @@ impl Config {
         let api = api_config(raw.api, &invalid)?;
         let egress = egress::egresses(raw.egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
+        let cluster = match raw.cluster {
+            Some(c) => Some(cluster::cluster(c, &invalid)?),
+            None => None,
+        };
+        cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         Ok(Config {
+            cluster,
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
             backend: raw.backend,
@@ -288,6 +300,7 @@ pub(crate) mod tests {
             endpoint: "198.51.100.2:51820".parse().unwrap(),
             token_file: "/dev/null".into(),
             mtu: 1420,
+            endpoint_interface: None,
         }
     }
 

@@ -29,6 +29,29 @@ pub struct StoreError {
     /// Which store, for messages (a file, or etcd's endpoints).
     pub store: String,
     pub detail: String,
+    /// The store cannot be reached or has no quorum right now: trying again later may
+    /// work (the API answers 503 `store_unavailable`).
+    pub unavailable: bool,
+}
+
+impl StoreError {
+    /// A store failure that will not go away by itself.
+    pub fn failed(store: impl Into<String>, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            store: store.into(),
+            detail: detail.into(),
+            unavailable: false,
+        }
+    }
+
+    /// The store is unreachable or without quorum for now.
+    pub fn unavailable(store: impl Into<String>, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            store: store.into(),
+            detail: detail.into(),
+            unavailable: true,
+        }
+    }
 }
 
 /// One conditional change to the store.
