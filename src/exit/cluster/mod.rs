@@ -4,3 +4,6 @@
 //! and, on taking over, brings the tunnels back at once ([`takeover`]).
 
 pub mod etcd;
+
+#[cfg(test)]
+pub mod test_etcd;

@@ -98,14 +98,7 @@ impl EtcdStore {
         let mut out = Vec::with_capacity(writes.len());
         let mut i = 0;
         while i < writes.len() {
-            let creates: Vec<&StoredLease> = writes[i..]
-                .iter()
-                .take(CREATES_PER_TXN)
-                .map_while(|w| match w {
-                    Write::Create(l) => Some(l),
-                    _ => None,
-                })
-                .collect();
+            let creates = distinct_creates(&writes[i..]);
             if creates.len() > 1 && self.create_all(&creates).await? {
                 out.extend(creates.iter().map(|_| Ok(())));
                 i += creates.len();
@@ -263,6 +256,25 @@ impl EtcdStore {
     }
 }
 
+/// The creates at the start of `writes` that can share one transaction: at most
+/// [`CREATES_PER_TXN`], no key or address twice (etcd refuses a transaction that names one
+/// key twice).
+fn distinct_creates(writes: &[Write]) -> Vec<&StoredLease> {
+    let mut seen = std::collections::HashSet::new();
+    writes
+        .iter()
+        .take(CREATES_PER_TXN)
+        .map_while(|w| match w {
+            Write::Create(l) => {
+                let key = (l.lease.egress.as_str(), l.lease.public_key);
+                let address = (l.lease.egress.as_str(), l.lease.address);
+                (seen.insert(Ok(key)) && seen.insert(Err(address))).then_some(l)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// The end of the range of keys starting with `prefix` (etcd's `--prefix`).
 pub fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -286,5 +298,177 @@ impl LeaseStore for EtcdStore {
 
     fn load(&self) -> Result<Vec<StoredLease>, StoreError> {
         futures::executor::block_on(self.load_at()).map(|(leases, _)| leases)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::api::{Attachment, Lease};
+    use crate::exit::cluster::test_etcd::TestEtcd;
+
+    fn lease_at(egress: &str, key: u8, host: u8, owner: &str) -> StoredLease {
+        StoredLease {
+            lease: Lease {
+                egress: egress.into(),
+                public_key: Key([key; 32]),
+                address: IpAddr::from([100, 96, 0, host]),
+                created_at: 1,
+                attachment: Attachment {
+                    container_id: format!("c{key}"),
+                    ..Default::default()
+                },
+            },
+            owner: owner.into(),
+        }
+    }
+
+    fn delete(egress: &str, n: u8, owner: Option<&str>) -> Write {
+        Write::Delete {
+            egress: egress.into(),
+            public_key: Key([n; 32]),
+            owner: owner.map(String::from),
+        }
+    }
+
+    fn store(etcd: &TestEtcd, name: &str) -> EtcdStore {
+        let c = etcd.cluster(name, "a");
+        EtcdStore::new(Arc::new(Etcd::connect(&c).unwrap()))
+    }
+
+    fn sorted(mut v: Vec<StoredLease>) -> Vec<StoredLease> {
+        v.sort_by(|x, y| {
+            (&x.lease.egress, x.lease.address).cmp(&(&y.lease.egress, y.lease.address))
+        });
+        v
+    }
+
+    #[test]
+    fn creates_refuse_a_leased_key_or_address_and_deletes_check_the_owner() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = store(&etcd, "t1");
+        let got = s
+            .apply(&[
+                Write::Create(lease_at("a", 1, 5, "o")),
+                // Another key, the same address: refused, naming the holder.
+                Write::Create(lease_at("a", 2, 5, "o")),
+                // The same key, another address: refused.
+                Write::Create(lease_at("a", 1, 6, "o")),
+                // The same address in another egress is another address.
+                Write::Create(lease_at("b", 2, 5, "o")),
+                delete("a", 1, Some("mallory")),
+                Write::Keep {
+                    egress: "a".into(),
+                    public_key: Key([1; 32]),
+                    owner: "mallory".into(),
+                },
+                Write::Keep {
+                    egress: "a".into(),
+                    public_key: Key([1; 32]),
+                    owner: "o".into(),
+                },
+            ])
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Ok(()),
+                Err(Refusal::AddressLeased {
+                    address: IpAddr::from([100, 96, 0, 5]),
+                    holder: Key([1; 32])
+                }),
+                Err(Refusal::KeyLeased(Key([1; 32]))),
+                Ok(()),
+                Err(Refusal::NotOwner(Key([1; 32]))),
+                Err(Refusal::NotOwner(Key([1; 32]))),
+                Ok(()),
+            ]
+        );
+        // A deleted lease frees its address; deleting again finds nothing.
+        let got = s
+            .apply(&[
+                delete("a", 1, Some("o")),
+                delete("a", 1, None),
+                Write::Create(lease_at("a", 3, 5, "o")),
+            ])
+            .unwrap();
+        assert_eq!(got, vec![Ok(()), Err(Refusal::Absent(Key([1; 32]))), Ok(())]);
+        // Another member (another connection) sees the same leases.
+        let other = store(&etcd, "t1");
+        assert_eq!(
+            sorted(other.load().unwrap()),
+            vec![lease_at("a", 3, 5, "o"), lease_at("b", 2, 5, "o")]
+        );
+        // Other pools are other key spaces.
+        assert!(store(&etcd, "t2").load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn batched_creates_fall_back_to_one_at_a_time_on_a_conflict() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = store(&etcd, "t");
+        let first: Vec<Write> = (2..40)
+            .map(|n| Write::Create(lease_at("a", n, n, "o")))
+            .collect();
+        assert!(s.apply(&first).unwrap().iter().all(Result::is_ok));
+        // A batch in which one create conflicts: the others still go in.
+        let mut second: Vec<Write> = (40..80)
+            .map(|n| Write::Create(lease_at("a", n, n, "o")))
+            .collect();
+        second[10] = Write::Create(lease_at("a", 200, 3, "o"));
+        let got = s.apply(&second).unwrap();
+        assert_eq!(got.iter().filter(|r| r.is_err()).count(), 1);
+        assert!(matches!(got[10], Err(Refusal::AddressLeased { .. })));
+        assert_eq!(s.load().unwrap().len(), 38 + 39);
+    }
+
+    #[test]
+    fn two_members_creating_at_once_never_share_an_address() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let (a, b) = (store(&etcd, "t"), store(&etcd, "t"));
+        // Both try every address of 100.96.0.2-101 with their own keys, racing.
+        let results: Vec<Applied> = std::thread::scope(|s| {
+            let ha = s.spawn(|| {
+                (2..102)
+                    .map(|h| a.apply(&[Write::Create(lease_at("a", 1 + h % 100, h, "a"))]))
+                    .collect::<Vec<_>>()
+            });
+            let hb = s.spawn(|| {
+                (2..102)
+                    .map(|h| b.apply(&[Write::Create(lease_at("a", 101 + h % 100, h, "b"))]))
+                    .collect::<Vec<_>>()
+            });
+            let mut out = ha.join().unwrap();
+            out.extend(hb.join().unwrap());
+            out.into_iter().map(Result::unwrap).collect()
+        });
+        let granted = results.iter().filter(|r| r[0].is_ok()).count();
+        assert_eq!(granted, 100, "each address exactly once");
+        let stored = a.load().unwrap();
+        let mut addresses: Vec<_> = stored.iter().map(|l| l.lease.address).collect();
+        addresses.sort();
+        addresses.dedup();
+        assert_eq!((stored.len(), addresses.len()), (100, 100));
+    }
+
+    #[test]
+    fn an_unreachable_etcd_is_unavailable() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = store(&etcd, "t");
+        drop(etcd);
+        let e = s
+            .apply(&[Write::Create(lease_at("a", 1, 5, "o"))])
+            .unwrap_err();
+        assert!(e.unavailable, "{e}");
     }
 }

@@ -101,7 +101,10 @@ pub trait LeaseStore: Send + Sync {
     /// Which store this is, for messages.
     fn name(&self) -> String;
     /// Applies `writes` in order in one durable transaction; each write whose condition
-    /// fails is refused and skipped. `Err` means nothing was applied.
+    /// fails is refused and skipped. `Err` means nothing was applied — except on a store
+    /// that needs several transactions for a batch (etcd), where a prefix of it may have
+    /// been; every write is then reported failed, and a lease made that way is found again
+    /// by [`LeaseStore::load`] (and collected if nobody uses it).
     fn apply(&self, writes: &[Write]) -> Result<Applied, StoreError>;
     /// Every stored lease.
     fn load(&self) -> Result<Vec<StoredLease>, StoreError>;
