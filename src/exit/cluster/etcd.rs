@@ -56,8 +56,11 @@ impl Etcd {
             .with_require_leader(true);
         let endpoints = cluster.etcd.clone();
         let eps = endpoints.clone();
-        let client = runtime
-            .block_on(async move { Client::connect(eps, Some(options)).await })
+        // Connected on its own runtime (whose tasks then carry the connection), waited for
+        // without entering it, so this works from inside another runtime too.
+        let connecting = runtime.spawn(async move { Client::connect(eps, Some(options)).await });
+        let client = futures::executor::block_on(connecting)
+            .map_err(|e| StoreError::failed(&name, e.to_string()))?
             .map_err(|e| StoreError::failed(&name, e.to_string()))?;
         Ok(Etcd {
             runtime: Some(runtime),

@@ -205,7 +205,10 @@ etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
         assert_eq!(cluster.etcd.len(), 2);
         assert_eq!(cluster.leader_ttl, DEFAULT_LEADER_TTL);
         assert_eq!(cluster.float, Float::Address);
-        assert_eq!(c.egress[0].endpoint_interface.as_ref().unwrap().as_str(), "core0");
+        assert_eq!(
+            c.egress[0].endpoint_interface.as_ref().unwrap().as_str(),
+            "core0"
+        );
         let hooks = format!(
             "{BASE}float = \"hooks\"\non_acquire = \"/a\"\non_release = \"/r\"\nleader_ttl = 5\n"
         );
@@ -226,13 +229,28 @@ etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
         for (text, key) in [
             (format!("{BASE}leader_ttl = 0\n"), "cluster.leader_ttl"),
             (format!("{BASE}float = \"bgp\"\n"), "cluster.float"),
-            (format!("{BASE}float = \"hooks\"\non_release = \"/r\"\n"), "cluster.on_acquire"),
-            (format!("{BASE}float = \"hooks\"\non_acquire = \"/a\"\n"), "cluster.on_release"),
+            (
+                format!("{BASE}float = \"hooks\"\non_release = \"/r\"\n"),
+                "cluster.on_acquire",
+            ),
+            (
+                format!("{BASE}float = \"hooks\"\non_acquire = \"/a\"\n"),
+                "cluster.on_release",
+            ),
             (format!("{BASE}on_acquire = \"/a\"\n"), "cluster.on_acquire"),
-            (BASE.replace("node = \"exit-a\"", "node = \"a b\""), "cluster.node"),
-            (BASE.replace("http://198.51.100.22:2379", "198.51.100.22"), "cluster.etcd"),
+            (
+                BASE.replace("node = \"exit-a\"", "node = \"a b\""),
+                "cluster.node",
+            ),
+            (
+                BASE.replace("http://198.51.100.22:2379", "198.51.100.22"),
+                "cluster.etcd",
+            ),
             (BASE.replace("etcd = [", "etcd = [] #"), "cluster.etcd"),
-            (BASE.replace("endpoint_interface = \"core0\"\n", ""), "egress[0].endpoint_interface"),
+            (
+                BASE.replace("endpoint_interface = \"core0\"\n", ""),
+                "egress[0].endpoint_interface",
+            ),
             (alone, "egress[0].endpoint_interface"),
             (format!("{BASE}typo = 1\n"), "typo"),
         ] {

@@ -183,10 +183,12 @@ impl EtcdStore {
         let existing = found(0).map(|kv| self.parse(&kv)).transpose()?;
         let holder = found(1).and_then(|kv| Key::from_hex(kv.value_str().ok()?).ok());
         // The write lost to one made meanwhile; say which way.
-        Ok(match check(&Write::Create(l.clone()), |_| existing.clone(), |_| holder) {
-            Ok(()) => Err(Refusal::KeyLeased(l.lease.public_key)),
-            refused => refused,
-        })
+        Ok(
+            match check(&Write::Create(l.clone()), |_| existing.clone(), |_| holder) {
+                Ok(()) => Err(Refusal::KeyLeased(l.lease.public_key)),
+                refused => refused,
+            },
+        )
     }
 
     /// The lease of `key` in `egress` and its `mod_revision`.
@@ -396,7 +398,10 @@ mod tests {
                 Write::Create(lease_at("a", 3, 5, "o")),
             ])
             .unwrap();
-        assert_eq!(got, vec![Ok(()), Err(Refusal::Absent(Key([1; 32]))), Ok(())]);
+        assert_eq!(
+            got,
+            vec![Ok(()), Err(Refusal::Absent(Key([1; 32]))), Ok(())]
+        );
         // Another member (another connection) sees the same leases.
         let other = store(&etcd, "t1");
         assert_eq!(

@@ -4,6 +4,7 @@
 //! [`Pending`] that resolves when it is on disk; callers answer only after that.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -43,6 +44,34 @@ impl From<StoreError> for LeaseError {
 pub struct EgressLeases {
     pool: Pool,
     by_key: HashMap<Key, StoredLease>,
+    /// Addresses held by two leases for a moment: one another member made (seen through
+    /// the store) and one of ours the store is about to refuse. Counts the extra holders,
+    /// so the address is free again only once both are gone.
+    doubles: HashMap<IpAddr, usize>,
+}
+
+impl EgressLeases {
+    /// Lets `address` go, unless another lease holds it too.
+    fn free(&mut self, address: IpAddr) {
+        match self.doubles.get_mut(&address) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.doubles.remove(&address);
+            }
+            None => self.pool.release(address),
+        }
+    }
+}
+
+/// What [`Registry::adopt`] made of a lease written elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopted {
+    /// Not known before: its peer is to be added.
+    New,
+    /// Known already, as it is.
+    Known,
+    /// Its egress is not configured here, or its address is outside the pool.
+    Misfit,
 }
 
 impl EgressLeases {
@@ -83,6 +112,17 @@ impl Registry {
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
     ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
+        let leases = store.load()?;
+        Ok(Registry::from_leases(egresses, store, leases))
+    }
+
+    /// [`Registry::load`] with the stored leases read already (a pool reads them together
+    /// with the revision its watch starts from).
+    pub fn from_leases(
+        egresses: &[EgressConfig],
+        store: Arc<dyn LeaseStore>,
+        leases: Vec<StoredLease>,
+    ) -> (Registry, Vec<StoredLease>) {
         let mut map: HashMap<String, EgressLeases> = egresses
             .iter()
             .map(|e| {
@@ -91,12 +131,13 @@ impl Registry {
                     EgressLeases {
                         pool: Pool::new(e.pool),
                         by_key: HashMap::new(),
+                        doubles: HashMap::new(),
                     },
                 )
             })
             .collect();
         let mut misfits = Vec::new();
-        for stored in store.load()? {
+        for stored in leases {
             let Some(e) = map.get_mut(&stored.lease.egress) else {
                 misfits.push(stored);
                 continue;
@@ -109,13 +150,68 @@ impl Registry {
             }
             e.by_key.insert(stored.lease.public_key, stored);
         }
-        Ok((
+        (
             Registry {
                 egresses: map,
                 commit: GroupCommit::new(store),
             },
             misfits,
-        ))
+        )
+    }
+
+    /// Starts each egress's allocation at a place of its own for `node`, so members of a
+    /// pool leasing at once rarely reach for the same address (the store refuses the
+    /// second; the request then tries another).
+    pub fn spread(&mut self, node: &str) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut h);
+        let seed = h.finish() as usize;
+        for e in self.egresses.values_mut() {
+            e.pool.start_at(seed);
+        }
+    }
+
+    /// Takes in a lease another member wrote (seen in the shared store), without writing it
+    /// back. The store is the authority: if one of our own not yet written leases holds
+    /// the address, both hold it until the store refuses ours.
+    pub fn adopt(&mut self, stored: StoredLease) -> Adopted {
+        let Some(e) = self.egresses.get_mut(&stored.lease.egress) else {
+            return Adopted::Misfit;
+        };
+        let address = stored.lease.address;
+        if !e.pool.leasable(address) {
+            return Adopted::Misfit;
+        }
+        if let Some(known) = e.by_key.get(&stored.lease.public_key) {
+            if known.lease.address == address {
+                return Adopted::Known;
+            }
+            let old = known.lease.address;
+            e.free(old);
+        }
+        if !e.pool.mark_used(address) {
+            *e.doubles.entry(address).or_insert(0) += 1;
+        }
+        e.by_key.insert(stored.lease.public_key, stored);
+        Adopted::New
+    }
+
+    /// Drops a lease another member deleted, without writing anything.
+    pub fn drop_remote(&mut self, egress: &str, key: &Key) -> Option<StoredLease> {
+        let e = self.egresses.get_mut(egress)?;
+        let removed = e.by_key.remove(key)?;
+        e.free(removed.lease.address);
+        Some(removed)
+    }
+
+    /// The lease holding `address` in `egress`, if any (a scan: for rare repairs).
+    pub fn lease_at(&self, egress: &str, address: IpAddr) -> Option<&StoredLease> {
+        self.egresses
+            .get(egress)?
+            .by_key
+            .values()
+            .find(|l| l.lease.address == address)
     }
 
     pub fn egress(&self, name: &str) -> Result<&EgressLeases, LeaseError> {
@@ -217,7 +313,7 @@ impl Registry {
             egress: egress.to_string(),
             key: *key,
         })?;
-        e.pool.release(removed.lease.address);
+        e.free(removed.lease.address);
         let pending = self.commit.submit(Write::Delete {
             egress: egress.to_string(),
             public_key: *key,
@@ -231,7 +327,7 @@ impl Registry {
     pub fn forget(&mut self, egress: &str, key: &Key) {
         if let Some(e) = self.egresses.get_mut(egress) {
             if let Some(removed) = e.by_key.remove(key) {
-                e.pool.release(removed.lease.address);
+                e.free(removed.lease.address);
             }
         }
     }
@@ -353,6 +449,65 @@ mod tests {
             lease(&mut r, "a", &req(20), "o"),
             Err(LeaseError::PoolExhausted { .. })
         ));
+    }
+
+    fn foreign(n: u8, host: u8) -> StoredLease {
+        StoredLease {
+            lease: Lease {
+                egress: "a".into(),
+                public_key: Key([n; 32]),
+                address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
+                created_at: 1,
+                attachment: Default::default(),
+            },
+            owner: "elsewhere".into(),
+        }
+    }
+
+    #[test]
+    fn leases_of_other_members_are_adopted_and_an_address_is_free_only_when_no_one_holds_it() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        assert_eq!(r.adopt(foreign(9, 2)), Adopted::New);
+        assert_eq!(r.adopt(foreign(9, 2)), Adopted::Known);
+        let mut outside = foreign(8, 200);
+        assert_eq!(r.adopt(outside.clone()), Adopted::Misfit);
+        outside.lease.egress = "zzz".into();
+        assert_eq!(r.adopt(outside), Adopted::Misfit);
+        // Our own lease is never given an address another member holds.
+        let (mine, _, pending) = r.lease("a", &req(1), "o").unwrap();
+        pending.wait().unwrap();
+        assert_ne!(mine.lease.address, foreign(9, 2).lease.address);
+        // Another member's lease at the address of ours (which the store will refuse):
+        // both hold it, and it stays taken until both are gone.
+        let host = match mine.lease.address {
+            std::net::IpAddr::V4(a) => a.octets()[3],
+            _ => unreachable!(),
+        };
+        assert_eq!(r.adopt(foreign(7, host)), Adopted::New);
+        assert!(r.lease_at("a", mine.lease.address).is_some());
+        // Ours refused (here: taken out of the embedded store by hand) and forgotten.
+        r.forget("a", &Key([1; 32]));
+        r.submit(Write::Delete {
+            egress: "a".into(),
+            public_key: Key([1; 32]),
+            owner: None,
+        })
+        .wait()
+        .unwrap();
+        for n in 20..23 {
+            let (l, _, p) = r.lease("a", &req(n), "o").unwrap();
+            p.wait().unwrap();
+            assert_ne!(l.lease.address, mine.lease.address, "a held address reused");
+        }
+        assert!(r.drop_remote("a", &Key([7; 32])).is_some());
+        assert!(r.drop_remote("a", &Key([7; 32])).is_none());
+        let (l, _, p) = r.lease("a", &req(30), "o").unwrap();
+        p.wait().unwrap();
+        assert_eq!(
+            l.lease.address, mine.lease.address,
+            "freed once no one holds it"
+        );
     }
 
     #[test]
