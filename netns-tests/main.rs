@@ -1,6 +1,7 @@
 //! End-to-end tests in network namespaces: the binaries driven exactly as a runtime and an
 //! operator drive them. Needs root. See `world.rs` for the topology.
 
+mod pool_world;
 mod world;
 
 mod backends;
@@ -9,6 +10,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod pool;
 mod restart;
 mod runtimes;
 mod security;
