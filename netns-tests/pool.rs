@@ -265,12 +265,19 @@ fn etcd_trouble_keeps_forwarding_and_refuses_new_leases_with_cni_11() {
         }
         assert!(
             Instant::now() < deadline,
-            "ADD after quorum came back: {out:?}"
+            "ADD after quorum came back: {out:?}\nholders: {:?} {:?}\npeers: {:?} {:?}\n{}\n{}",
+            p.holds(0, EGRESS_IP),
+            p.holds(1, EGRESS_IP),
+            p.peers(0),
+            p.peers(1),
+            p.log(0),
+            p.log(1)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(echo(&c2).unwrap(), EGRESS_IP);
-    assert!(p.holds(leader, EGRESS_IP));
+    let holder = p.wait_leader(Duration::from_secs(5));
+    assert_eq!(holder, leader, "{}\n{}", p.log(0), p.log(1));
 }
 
 #[test]

@@ -103,12 +103,15 @@ impl Election {
                 continue;
             };
             match self.campaign(&key, lease).await {
-                Ok(Campaign::Won) => {
+                Ok(Campaign::Won) => loop {
                     tracing::info!(group = %group.name, "leading");
                     self.hold(&group, lease, &mut standing).await;
                     holding = true;
                     self.give_up(&group, &mut holding).await;
-                }
+                    if !self.still_ours(lease, &mut standing).await {
+                        break;
+                    }
+                },
                 Ok(Campaign::Held(revision)) => {
                     self.give_up(&group, &mut holding).await;
                     self.wait_vacancy(&key, revision).await;
@@ -133,6 +136,28 @@ impl Election {
             match tokio::time::timeout_at(deadline, standing.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return None,
+            }
+        }
+    }
+
+    /// After giving a group up for want of a renewal: whether `lease` turns out to be alive
+    /// after all (renewed again, or etcd found without quorum, so it cannot have expired).
+    /// The leader key is bound to it, so the group is still this member's.
+    async fn still_ours(&self, lease: i64, standing: &mut watch::Receiver<Standing>) -> bool {
+        let deadline = Instant::now() + self.ttl;
+        loop {
+            match *standing.borrow_and_update() {
+                Standing::NoQuorum { lease: l } if l == lease => return true,
+                Standing::Renewed {
+                    lease: l,
+                    safe_until,
+                } if l == lease && Instant::now() < safe_until => return true,
+                Standing::Lost => return false,
+                _ => {}
+            }
+            match tokio::time::timeout_at(deadline, standing.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
             }
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! What the renewals say is published as a [`Standing`]. Leadership is safe while etcd
 //! cannot have let the lease expire yet: renewed at `sent`, it lasts at least until
-//! `sent + leader_ttl` for everyone, so holding an egress until `sent + 3/4 leader_ttl`
+//! `sent + leader_ttl` for everyone, so holding an egress until `sent + 4/5 leader_ttl`
 //! ([`Standing::Renewed::safe_until`]) leaves a margin before any other member could take
 //! it. When renewals fail, the etcd members that can be reached are asked whether they
 //! have a raft leader: if every one that answers has none, the cluster has lost its quorum
@@ -85,7 +85,7 @@ impl Membership {
     /// standing on `tx`.
     pub async fn run(self, tx: watch::Sender<Standing>) {
         let period = self.ttl / 3;
-        let margin = self.ttl / 4;
+        let margin = self.ttl / 5;
         let mut lease: Option<i64> = None;
         loop {
             let sent = Instant::now();
