@@ -575,7 +575,7 @@ leader_ttl = {LEADER_TTL}
                 match listener.accept() {
                     Ok((mut s, peer)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = write!(s, "{}\n", peer.ip());
+                        let _ = writeln!(s, "{}", peer.ip());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
@@ -607,10 +607,13 @@ pub fn echo_once(netns: &Path, timeout: Duration) -> Result<String, String> {
     })
 }
 
+/// When a probe request was made and what it got.
+type Answers = Vec<(Instant, Result<String, String>)>;
+
 /// A probe from a container: one request every 100 ms, each answer (or failure) recorded.
 pub struct Probe {
     stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>>>,
+    handle: Option<std::thread::JoinHandle<Answers>>,
 }
 
 impl Probe {
