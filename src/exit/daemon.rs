@@ -8,7 +8,8 @@ use crate::exit::api::auth::Authorizer;
 use crate::exit::api::tls::{self, TlsError};
 use crate::exit::api::tokens::TokenError;
 use crate::exit::api::{http, ApiState};
-use crate::exit::cluster::election::Leading;
+use crate::exit::cluster::election::{groups, Leading};
+use crate::exit::cluster::floating::Floating;
 use crate::exit::cluster::{member, ClusterError};
 use crate::exit::config::{Config, ConfigError};
 use crate::exit::dataplane::{Dataplane, DataplaneError, HostDataplane};
@@ -258,5 +259,12 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     HostDataplane::open(config.backend)?
         .teardown(&config.egress)
         .await?;
+    // A pool member also lets go of the floating addresses it may hold.
+    if let Some(cluster) = &config.cluster {
+        let floating = Floating::new(cluster.float.clone(), &cluster.node)?;
+        for group in groups(&config.egress) {
+            floating.release(&group).await?;
+        }
+    }
     Ok(())
 }
