@@ -73,7 +73,11 @@ fn fail_over(p: &mut Pool, leader: usize, cs: &[(usize, Container)]) -> usize {
         assert_eq!(echo_within(c, Duration::from_secs(5)), EGRESS_IP);
         assert_eq!(link_state(c), before[i], "{} was touched", c.id);
     }
-    eprintln!("failover {leader} -> {next}: addresses after {took:?}, probe gap {gap:?}");
+    let ep = crate::world::try_sh(&["wg", "show", &cs[0].1.host_ifname("eth0"), "endpoints"]);
+    eprintln!(
+        "failover {leader} -> {next}: addresses after {took:?}, probe gap {gap:?}, container's endpoint {}",
+        String::from_utf8_lossy(&ep.stdout).trim()
+    );
     next
 }
 
