@@ -99,15 +99,38 @@ impl EtcdStore {
         let mut i = 0;
         while i < writes.len() {
             let creates = distinct_creates(&writes[i..]);
-            if creates.len() > 1 && self.create_all(&creates).await? {
+            if creates.len() > 1 && self.create_all_retrying(&creates).await? {
                 out.extend(creates.iter().map(|_| Ok(())));
                 i += creates.len();
                 continue;
             }
-            out.push(self.apply_one(&writes[i]).await?);
+            out.push(self.apply_one_retrying(&writes[i]).await?);
             i += 1;
         }
         Ok(out)
+    }
+
+    /// [`EtcdStore::apply_one`], again when the etcd member the call went to refused the
+    /// connection (one member down: the client has not noticed yet, and the request was
+    /// never sent, so sending it again is safe).
+    async fn apply_one_retrying(&self, w: &Write) -> Result<Result<(), Refusal>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.apply_one(w).await {
+                Err(e) if never_sent(&e) && attempt < RESENDS => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+
+    async fn create_all_retrying(&self, creates: &[&StoredLease]) -> Result<bool, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.create_all(creates).await {
+                Err(e) if never_sent(&e) && attempt < RESENDS => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
     async fn apply_one(&self, w: &Write) -> Result<Result<(), Refusal>, StoreError> {
@@ -256,6 +279,15 @@ impl EtcdStore {
             format!("the lease of {key} in {egress} kept changing while it was being deleted"),
         ))
     }
+}
+
+/// Times a call is sent again after an etcd member refused the connection.
+const RESENDS: usize = 3;
+
+/// Whether the call failed before reaching any etcd member (the connection was refused),
+/// so sending it again cannot apply it twice.
+fn never_sent(e: &StoreError) -> bool {
+    e.unavailable && e.detail.contains("tcp connect error")
 }
 
 /// The creates at the start of `writes` that can share one transaction: at most
