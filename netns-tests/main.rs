@@ -1,6 +1,7 @@
 //! End-to-end tests in network namespaces: the binaries driven exactly as a runtime and an
 //! operator drive them. Needs root. See `world.rs` for the topology.
 
+mod pool_world;
 mod world;
 
 mod api_limits;
@@ -12,6 +13,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod pool;
 mod readiness;
 mod recovery;
 mod restart;

@@ -23,6 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::keys::Key;
 
+/// The error code of a 503 that says "the lease store (a pool's etcd) cannot take
+/// writes right now; try again", which the plugin reports as CNI error 11.
+pub const STORE_UNAVAILABLE: &str = "store_unavailable";
+
 /// Largest request body the server reads.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 

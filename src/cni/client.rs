@@ -35,9 +35,15 @@ impl ClientError {
     pub fn is_transient(&self) -> bool {
         match self {
             ClientError::Unreachable { .. } => true,
+            ClientError::Refused { status, .. } if self.store_unavailable() => *status == 503,
             ClientError::Refused { status, .. } => *status >= 500 && *status != 503,
             _ => false,
         }
+    }
+
+    /// The server's lease store (a pool's etcd) cannot take writes right now.
+    pub fn store_unavailable(&self) -> bool {
+        matches!(self, ClientError::Refused { status: 503, body, .. } if body.error == api::STORE_UNAVAILABLE)
     }
 }
 
@@ -184,15 +190,29 @@ impl Client {
         }
     }
 
-    /// Releases the lease of `key` on `server`. A lease that is not there counts as released.
+    /// Releases the lease of `key`, asking `server` (the one that granted it) first and,
+    /// when it cannot be reached, the other servers (a pool's members share leases). A
+    /// lease that is not there counts as released.
     pub fn release(&self, server: &str, egress: &str, key: &Key) -> Result<(), ClientError> {
         let path = api::lease_path(egress, key);
-        match self.request::<serde_json::Value>(server.trim_end_matches('/'), "DELETE", &path, None)
-        {
-            Ok(_) => Ok(()),
-            Err(ClientError::Refused { status: 404, .. }) => Ok(()),
-            Err(e) => Err(e),
+        let first = server.trim_end_matches('/');
+        let others = self
+            .servers
+            .iter()
+            .map(|s| s.trim_end_matches('/'))
+            .filter(|s| *s != first);
+        let mut last = None;
+        for s in std::iter::once(first).chain(others) {
+            match self.request::<serde_json::Value>(s, "DELETE", &path, None) {
+                Ok(_) | Err(ClientError::Refused { status: 404, .. }) => return Ok(()),
+                Err(e) if e.is_transient() => last = Some(e),
+                Err(e) => return Err(e),
+            }
         }
+        Err(last.unwrap_or_else(|| ClientError::Unreachable {
+            server: server.to_string(),
+            detail: "no server answered".into(),
+        }))
     }
 
     /// The egress as the first server that answers sees it.

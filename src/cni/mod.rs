@@ -202,6 +202,7 @@ pub(crate) fn client_error(what: &str, e: &ClientError) -> CniError {
             status: 401 | 403, ..
         } => Code::Unauthorized,
         ClientError::Refused { status: 429, .. } => Code::TryAgainLater,
+        e if e.store_unavailable() => Code::TryAgainLater,
         ClientError::Refused { status, .. } if *status >= 500 && *status != 503 => {
             Code::TryAgainLater
         }

@@ -8,6 +8,9 @@ use crate::exit::api::auth::Authorizer;
 use crate::exit::api::tls::{self, TlsError};
 use crate::exit::api::tokens::TokenError;
 use crate::exit::api::{http, limits, ApiState};
+use crate::exit::cluster::election::{groups, Leading};
+use crate::exit::cluster::floating::Floating;
+use crate::exit::cluster::{member, ClusterError};
 use crate::exit::config::{Config, ConfigError};
 use crate::exit::control::{self, ControlError};
 use crate::exit::dataplane::{Dataplane, DataplaneError, HostDataplane};
@@ -35,6 +38,8 @@ pub enum DaemonError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -88,14 +93,35 @@ fn report_misfits(misfits: &[StoredLease]) {
 /// token files have been read, and the network is touched last.
 pub async fn start(
     config: Config,
-) -> Result<(Arc<ApiState>, Arc<rustls::ServerConfig>), DaemonError> {
+) -> Result<
+    (
+        Arc<ApiState>,
+        Arc<rustls::ServerConfig>,
+        Option<member::Pool>,
+    ),
+    DaemonError,
+> {
     let auth = Authorizer::load(&config)?;
     fsutil::private_dir(&config.state_dir).map_err(|source| DaemonError::Io {
         path: config.state_dir.clone(),
         source,
     })?;
-    let leases = open_leases(&config)?;
-    let identities = Identities::load_or_create(&config.state_dir, &config.egress)?;
+    // Alone: the embedded store and local keys. In a pool: all three from etcd.
+    let (leases, identities, pool) = match &config.cluster {
+        None => (
+            open_leases(&config)?,
+            Identities::load_or_create(&config.state_dir, &config.egress)?,
+            None,
+        ),
+        Some(cluster) => {
+            let opened = member::open(&config, cluster).await?;
+            (
+                (opened.registry, Vec::new()),
+                opened.identities,
+                Some(opened.pool),
+            )
+        }
+    };
     let (cert, key) = match &config.api.tls_files {
         Some((c, k)) => (c.clone(), k.clone()),
         None => tls::ensure_generated(&config.state_dir, &config.api)?,
@@ -115,13 +141,13 @@ pub async fn start(
     {
         tracing::info!("firewall: {repair}");
     }
-    Ok((Arc::new(ApiState { service, auth }), tls_config))
+    Ok((Arc::new(ApiState { service, auth }), tls_config, pool))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
     let listen = config.api.listen;
-    let (api, tls_config) = start(config).await?;
+    let (api, tls_config, pool) = start(config).await?;
 
     let listener = std::net::TcpListener::bind(listen).map_err(|source| DaemonError::Listen {
         addr: listen,
@@ -147,7 +173,13 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     ));
     let reloader = tokio::spawn(token_reload_loop(api.clone()));
     let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
-    let collector = tokio::spawn(collect_loop(api.service.clone()));
+    // In a pool only an egress's leader sees its peers' traffic, so only it collects.
+    let leading = pool.as_ref().map(member::Pool::leading);
+    let collector = tokio::spawn(collect_loop(api.service.clone(), leading));
+    let pool_tasks = match pool {
+        Some(p) => p.spawn(api.service.clone())?,
+        None => Vec::new(),
+    };
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -163,6 +195,9 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     reconciler.abort();
     collector.abort();
     control.abort();
+    for t in pool_tasks {
+        t.abort();
+    }
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -265,14 +300,16 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
     }
 }
 
-/// Every `collect_interval`: releases the leases of peers that have gone away.
-async fn collect_loop(service: Arc<LeaseService>) {
+/// Every `collect_interval`: releases the leases of peers that have gone away (in a pool,
+/// of the egresses this member leads).
+async fn collect_loop(service: Arc<LeaseService>, leading: Option<Leading>) {
     let mut activity = Activity::default();
     let mut tick = tokio::time::interval(service.config.collect_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let which = |egress: &str| leading.as_ref().is_none_or(|l| l.leads(egress));
     loop {
         tick.tick().await;
-        for (lease, why) in service.collect(&mut activity).await {
+        for (lease, why) in service.collect_where(&mut activity, which).await {
             tracing::info!(
                 egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,
                 container_id = %lease.attachment.container_id, host = %lease.attachment.host,
@@ -306,5 +343,12 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     HostDataplane::open(config.backend)?
         .teardown(&config.egress)
         .await?;
+    // A pool member also lets go of the floating addresses it may hold.
+    if let Some(cluster) = &config.cluster {
+        let floating = Floating::new(cluster.float.clone(), &cluster.node)?;
+        for group in groups(&config.egress) {
+            floating.release(&group).await?;
+        }
+    }
     Ok(())
 }

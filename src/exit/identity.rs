@@ -47,6 +47,15 @@ impl Identities {
         Ok(Identities { private, public })
     }
 
+    /// Identities kept elsewhere (a pool's, in etcd): egress name → private key.
+    pub fn from_private(private: HashMap<String, Key>) -> Identities {
+        let public = private
+            .iter()
+            .map(|(n, k)| (n.clone(), k.public()))
+            .collect();
+        Identities { private, public }
+    }
+
     pub fn private(&self, egress: &str) -> Option<&Key> {
         self.private.get(egress)
     }

@@ -6,6 +6,7 @@
 //! dataplane → API, and runs the reconcile and collection loops.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;

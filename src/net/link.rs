@@ -157,6 +157,35 @@ impl Netlink {
             .map_err(nl_err(format!("adding address {addr} to {name}")))
     }
 
+    /// Removes `addr` from link `name`; true if it was there (a missing link or address is
+    /// not an error).
+    pub async fn delete_address(&self, name: &str, addr: IpNet) -> Result<bool, LinkError> {
+        let Some(index) = self.link_index(name).await? else {
+            return Ok(false);
+        };
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(addr.addr())
+            .set_prefix_length_filter(addr.prefix_len())
+            .execute();
+        let mut removed = false;
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err(format!("listing addresses of {name}")))?
+        {
+            match self.handle.address().del(msg).execute().await {
+                Ok(()) => removed = true,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(nl_err(format!("removing address {addr} from {name}"))(e)),
+            }
+        }
+        Ok(removed)
+    }
+
     /// Adds a route to `dst` out of link `name` with no gateway (scope link).
     pub async fn add_route(&self, name: &str, dst: Ipv4Net) -> Result<(), LinkError> {
         let index = self.require_index(name).await?;

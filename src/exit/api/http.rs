@@ -17,8 +17,9 @@ use axum::{Json, Router};
 use super::auth::AuthError;
 use super::metrics::metrics;
 use super::ApiState;
-use crate::api::{ApiError, LeaseRequest, MAX_BODY_BYTES};
+use crate::api::{ApiError, LeaseRequest, MAX_BODY_BYTES, STORE_UNAVAILABLE};
 use crate::exit::dataplane::DataplaneError;
+use crate::exit::leases::commit::CommitError;
 use crate::exit::leases::registry::LeaseError;
 use crate::exit::leases::service::ServiceError;
 use crate::keys::Key;
@@ -84,6 +85,14 @@ impl IntoResponse for RequestError {
             }
             RequestError::Lease(LeaseError::NotOwner { .. }) => {
                 error(StatusCode::FORBIDDEN, "forbidden", msg)
+            }
+            RequestError::Lease(LeaseError::Store(CommitError::Store(e))) if e.unavailable => {
+                tracing::warn!(error = %msg, "lease store unavailable");
+                error(StatusCode::SERVICE_UNAVAILABLE, STORE_UNAVAILABLE, msg)
+            }
+            RequestError::Lease(LeaseError::Store(CommitError::Refused(_))) => {
+                // Another pool member kept taking what this request reached for.
+                error(StatusCode::SERVICE_UNAVAILABLE, STORE_UNAVAILABLE, msg)
             }
             RequestError::Lease(LeaseError::Store(_)) => {
                 tracing::error!(error = %msg, "lease store failed");

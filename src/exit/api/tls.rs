@@ -81,6 +81,44 @@ fn server_names(api: &ApiConfig) -> Vec<String> {
     names
 }
 
+fn ca_params() -> Result<(CertificateParams, KeyPair), TlsError> {
+    let key = KeyPair::generate().map_err(gen_err)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "wgexitd private CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+    Ok((params, key))
+}
+
+/// A new private CA: (certificate PEM, key PEM).
+pub fn new_ca() -> Result<(String, String), TlsError> {
+    let (params, key) = ca_params()?;
+    let cert = params.self_signed(&key).map_err(gen_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Makes `cert_pem`/`key_pem` the CA under `state_dir/tls` (a pool's members share one,
+/// so one `caFile` verifies them all). A changed CA has the server certificate issued
+/// anew by the next [`ensure_generated`].
+pub fn install_ca(state_dir: &Path, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+    let g = Generated::new(state_dir);
+    fsutil::private_dir(&g.dir).map_err(|e| file_err(&g.dir, e))?;
+    let same = std::fs::read_to_string(g.ca_cert()).is_ok_and(|c| c == cert_pem)
+        && std::fs::read_to_string(g.ca_key()).is_ok_and(|k| k == key_pem);
+    if same {
+        return Ok(());
+    }
+    fsutil::write_private(&g.ca_key(), key_pem.as_bytes()).map_err(|e| file_err(&g.ca_key(), e))?;
+    fsutil::write_atomic(&g.ca_cert(), cert_pem.as_bytes(), 0o644)
+        .map_err(|e| file_err(&g.ca_cert(), e))?;
+    // A new CA invalidates any server certificate from an older one.
+    let _ = fsutil::remove_if_exists(&g.names());
+    Ok(())
+}
+
 /// Creates or reuses the generated CA and server certificate; returns (cert, key) paths.
 pub fn ensure_generated(state_dir: &Path, api: &ApiConfig) -> Result<(PathBuf, PathBuf), TlsError> {
     let g = Generated::new(state_dir);
@@ -99,21 +137,9 @@ pub fn ensure_generated(state_dir: &Path, api: &ApiConfig) -> Result<(PathBuf, P
             std::fs::read_to_string(g.ca_cert()).map_err(|e| file_err(&g.ca_cert(), e))?;
         Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| file_err(&g.ca_cert(), e))?
     } else {
-        let key = KeyPair::generate().map_err(gen_err)?;
-        let mut params = CertificateParams::new(Vec::<String>::new()).map_err(gen_err)?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, "wgexitd private CA");
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_after = rcgen::date_time_ymd(2099, 1, 1);
+        let (params, key) = ca_params()?;
         let cert = params.self_signed(&key).map_err(gen_err)?;
-        fsutil::write_private(&g.ca_key(), key.serialize_pem().as_bytes())
-            .map_err(|e| file_err(&g.ca_key(), e))?;
-        fsutil::write_atomic(&g.ca_cert(), cert.pem().as_bytes(), 0o644)
-            .map_err(|e| file_err(&g.ca_cert(), e))?;
-        // A new CA invalidates any server certificate from an older one.
-        let _ = fsutil::remove_if_exists(&g.names());
+        install_ca(state_dir, &cert.pem(), &key.serialize_pem())?;
         Issuer::new(params, key)
     };
 

@@ -27,6 +27,9 @@ pub(super) struct RawEgress {
     mtu: Option<u32>,
     #[serde(default)]
     policy: Option<policy::RawPolicy>,
+    /// In a pool: where the endpoint's address floats (see [`super::cluster`]).
+    #[serde(default)]
+    endpoint_interface: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +45,8 @@ pub struct EgressConfig {
     pub mtu: u32,
     /// What its containers may reach.
     pub policy: Policy,
+    /// In a pool: the interface the leader adds the endpoint's address to.
+    pub endpoint_interface: Option<IfName>,
 }
 
 impl EgressConfig {
@@ -102,7 +107,12 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
     if !(1280..=9000).contains(&mtu) {
         return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
     }
+    let endpoint_interface = match &e.endpoint_interface {
+        Some(name) => Some(ifname(invalid, key("endpoint_interface"), name)?),
+        None => None,
+    };
     Ok(EgressConfig {
+        endpoint_interface,
         interface: ifname(invalid, key("interface"), &e.interface)?,
         wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
         name: e.name,

@@ -1,9 +1,11 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`], [`policy`].
+//! per kind of table: [`egress`], [`policy`], [`cluster`].
 
+pub mod cluster;
 pub mod egress;
 pub mod policy;
 
+pub use cluster::ClusterConfig;
 pub use egress::EgressConfig;
 
 use std::net::{IpAddr, SocketAddr};
@@ -55,6 +57,7 @@ struct RawConfig {
     collect_interval: Option<u64>,
     #[serde(default)]
     max_leases_per_owner: Option<usize>,
+    cluster: Option<cluster::RawCluster>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +97,8 @@ pub struct Config {
     pub collect_interval: Duration,
     /// Most leases one token (its owner) may hold per egress.
     pub max_leases_per_owner: usize,
+    /// The pool this node is a member of; `None`: alone, on the embedded store.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -293,7 +298,13 @@ impl Config {
         let api = api_config(raw.api, &invalid)?;
         let egress = egress::egresses(raw.egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
+        let cluster = match raw.cluster {
+            Some(c) => Some(cluster::cluster(c, &invalid)?),
+            None => None,
+        };
+        cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         Ok(Config {
+            cluster,
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
             backend: raw.backend,
@@ -339,6 +350,7 @@ pub(crate) mod tests {
             token_file: "/dev/null".into(),
             mtu: 1420,
             policy: Default::default(),
+            endpoint_interface: None,
         }
     }
 

@@ -58,10 +58,10 @@ impl Pending {
 }
 
 fn stopped(store: String) -> CommitError {
-    CommitError::Store(StoreError {
+    CommitError::Store(StoreError::failed(
         store,
-        detail: "the lease store's writer stopped".into(),
-    })
+        "the lease store's writer stopped",
+    ))
 }
 
 impl GroupCommit {
@@ -123,10 +123,10 @@ impl GroupCommit {
             rx: if sent {
                 Ok(rx)
             } else {
-                Err(StoreError {
-                    store: self.store.clone(),
-                    detail: "the lease store's writer is not running".into(),
-                })
+                Err(StoreError::failed(
+                    self.store.clone(),
+                    "the lease store's writer is not running",
+                ))
             },
             store: self.store.clone(),
         }

@@ -2,12 +2,13 @@
 //!
 //! The [`service`] is what the API calls; it keeps the in-memory [`registry`] (addresses
 //! from each egress's [`pool`]) and the dataplane in step. Every change reaches the durable
-//! [`store`] (the embedded [`redb`] one by default) through [`commit`], which shares one
+//! [`store`] (the embedded [`redb`] one by default, [`etcd`] in a pool) through [`commit`], which shares one
 //! fsync among concurrent requests. [`collect`] decides which leases belong to peers that
 //! have gone away.
 
 pub mod collect;
 pub mod commit;
+pub mod etcd;
 pub mod pool;
 pub mod redb;
 pub mod registry;

@@ -76,6 +76,13 @@ impl Pool {
         }
     }
 
+    /// Moves where the next allocation starts looking to `offset` (modulo the pool's
+    /// size) from its first leasable address.
+    pub fn start_at(&mut self, offset: usize) {
+        let first = Pool::first_leasable(self.net);
+        self.cursor = first + (offset % self.capacity().max(1)) as u32;
+    }
+
     /// Takes the next free address, or `None` when the pool is full.
     pub fn allocate(&mut self) -> Option<Ipv4Addr> {
         let first = Pool::first_leasable(self.net);

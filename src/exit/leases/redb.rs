@@ -39,10 +39,7 @@ struct Tables<'t> {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let err = |detail: String| StoreError {
-            store: path.display().to_string(),
-            detail,
-        };
+        let err = |detail: String| StoreError::failed(path.display().to_string(), detail);
         let db = Database::create(path).map_err(|e| {
             err(format!(
                 "{e} (is another wgexitd running with the same state_dir?)"
@@ -60,10 +57,7 @@ impl RedbStore {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError {
-            store: self.path.display().to_string(),
-            detail: e.to_string(),
-        }
+        StoreError::failed(self.path.display().to_string(), e.to_string())
     }
 
     /// Runs `f` on both tables in one write transaction; commits (fsync) when it returns

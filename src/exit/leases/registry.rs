@@ -4,7 +4,7 @@
 //! [`Pending`] that resolves when it is on disk; callers answer only after that.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -48,6 +48,21 @@ pub struct EgressLeases {
     by_key: HashMap<Key, StoredLease>,
     /// Leases per owner, for the quota.
     per_owner: HashMap<String, usize>,
+    /// Addresses held by two leases for a moment: one another member made (seen through
+    /// the store) and one of ours the store is about to refuse. Counts the extra holders,
+    /// so the address is free again only once both are gone.
+    doubles: HashMap<IpAddr, usize>,
+}
+
+/// What [`Registry::adopt`] made of a lease written elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adopted {
+    /// Not known before: its peer is to be added.
+    New,
+    /// Known already, as it is.
+    Known,
+    /// Its egress is not configured here, or its address is outside the pool.
+    Misfit,
 }
 
 impl EgressLeases {
@@ -56,6 +71,18 @@ impl EgressLeases {
             pool,
             by_key: HashMap::new(),
             per_owner: HashMap::new(),
+            doubles: HashMap::new(),
+        }
+    }
+
+    /// Lets `address` go, unless another lease holds it too.
+    fn free(&mut self, address: IpAddr) {
+        match self.doubles.get_mut(&address) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                self.doubles.remove(&address);
+            }
+            None => self.pool.release(address),
         }
     }
 
@@ -68,7 +95,7 @@ impl EgressLeases {
     /// Removes `key`'s lease and frees its address.
     fn remove(&mut self, key: &Key) -> Option<StoredLease> {
         let removed = self.by_key.remove(key)?;
-        self.pool.release(removed.lease.address);
+        self.free(removed.lease.address);
         if let Some(n) = self.per_owner.get_mut(&removed.owner) {
             *n -= 1;
             if *n == 0 {
@@ -149,14 +176,76 @@ impl Registry {
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
     ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
-        let (egresses, misfits) = place(egresses, store.load()?);
-        Ok((
+        let leases = store.load()?;
+        Ok(Registry::from_leases(egresses, store, leases))
+    }
+
+    /// [`Registry::load`] with the stored leases read already (a pool reads them together
+    /// with the revision its watch starts from).
+    pub fn from_leases(
+        egresses: &[EgressConfig],
+        store: Arc<dyn LeaseStore>,
+        leases: Vec<StoredLease>,
+    ) -> (Registry, Vec<StoredLease>) {
+        let (egresses, misfits) = place(egresses, leases);
+        (
             Registry {
                 egresses,
                 commit: GroupCommit::new(store),
             },
             misfits,
-        ))
+        )
+    }
+
+    /// Starts each egress's allocation at a place of its own for `node`, so members of a
+    /// pool leasing at once rarely reach for the same address (the store refuses the
+    /// second; the request then tries another).
+    pub fn spread(&mut self, node: &str) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut h);
+        let seed = h.finish() as usize;
+        for e in self.egresses.values_mut() {
+            e.pool.start_at(seed);
+        }
+    }
+
+    /// Takes in a lease another member wrote (seen in the shared store), without writing it
+    /// back. The store is the authority: if one of our own not yet written leases holds
+    /// the address, both hold it until the store refuses ours.
+    pub fn adopt(&mut self, stored: StoredLease) -> Adopted {
+        let Some(e) = self.egresses.get_mut(&stored.lease.egress) else {
+            return Adopted::Misfit;
+        };
+        let address = stored.lease.address;
+        if !e.pool.leasable(address) {
+            return Adopted::Misfit;
+        }
+        if let Some(known) = e.by_key.get(&stored.lease.public_key) {
+            if known.lease.address == address {
+                return Adopted::Known;
+            }
+            e.remove(&stored.lease.public_key);
+        }
+        if !e.pool.mark_used(address) {
+            *e.doubles.entry(address).or_insert(0) += 1;
+        }
+        e.insert(stored);
+        Adopted::New
+    }
+
+    /// Drops a lease another member deleted, without writing anything.
+    pub fn drop_remote(&mut self, egress: &str, key: &Key) -> Option<StoredLease> {
+        self.egresses.get_mut(egress)?.remove(key)
+    }
+
+    /// The lease holding `address` in `egress`, if any (a scan: for rare repairs).
+    pub fn lease_at(&self, egress: &str, address: IpAddr) -> Option<&StoredLease> {
+        self.egresses
+            .get(egress)?
+            .by_key
+            .values()
+            .find(|l| l.lease.address == address)
     }
 
     pub fn egress(&self, name: &str) -> Result<&EgressLeases, LeaseError> {
@@ -438,6 +527,66 @@ mod tests {
             lease(&mut r, "a", &req(20), "o"),
             Err(LeaseError::PoolExhausted { .. })
         ));
+    }
+
+    fn foreign(n: u8, host: u8) -> StoredLease {
+        StoredLease {
+            lease: Lease {
+                egress: "a".into(),
+                public_key: Key([n; 32]),
+                address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
+                created_at: 1,
+                attachment: Default::default(),
+            },
+            owner: "elsewhere".into(),
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn leases_of_other_members_are_adopted_and_an_address_is_free_only_when_no_one_holds_it() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        assert_eq!(r.adopt(foreign(9, 2)), Adopted::New);
+        assert_eq!(r.adopt(foreign(9, 2)), Adopted::Known);
+        let mut outside = foreign(8, 200);
+        assert_eq!(r.adopt(outside.clone()), Adopted::Misfit);
+        outside.lease.egress = "zzz".into();
+        assert_eq!(r.adopt(outside), Adopted::Misfit);
+        // Our own lease is never given an address another member holds.
+        let (mine, _, pending) = r.lease("a", &req(1), "o", usize::MAX).unwrap();
+        pending.wait().unwrap();
+        assert_ne!(mine.lease.address, foreign(9, 2).lease.address);
+        // Another member's lease at the address of ours (which the store will refuse):
+        // both hold it, and it stays taken until both are gone.
+        let host = match mine.lease.address {
+            std::net::IpAddr::V4(a) => a.octets()[3],
+            _ => unreachable!(),
+        };
+        assert_eq!(r.adopt(foreign(7, host)), Adopted::New);
+        assert!(r.lease_at("a", mine.lease.address).is_some());
+        // Ours refused (here: taken out of the embedded store by hand) and forgotten.
+        r.forget("a", &Key([1; 32]));
+        r.submit(Write::Delete {
+            egress: "a".into(),
+            public_key: Key([1; 32]),
+            owner: None,
+        })
+        .wait()
+        .unwrap();
+        for n in 20..23 {
+            let (l, _, p) = r.lease("a", &req(n), "o", usize::MAX).unwrap();
+            p.wait().unwrap();
+            assert_ne!(l.lease.address, mine.lease.address, "a held address reused");
+        }
+        assert!(r.drop_remote("a", &Key([7; 32])).is_some());
+        assert!(r.drop_remote("a", &Key([7; 32])).is_none());
+        let (l, _, p) = r.lease("a", &req(30), "o", usize::MAX).unwrap();
+        p.wait().unwrap();
+        assert_eq!(
+            l.lease.address, mine.lease.address,
+            "freed once no one holds it"
+        );
     }
 
     #[test]

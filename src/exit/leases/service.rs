@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ipnet::IpNet;
 use tokio::sync::Mutex;
 
+mod remote;
+
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
 use super::registry::{LeaseError, Registry};
@@ -93,8 +95,29 @@ impl<D: Dataplane> LeaseService<D> {
     }
 
     /// Grants `owner` a lease in `egress` for `req`'s key (or returns the one it holds), with
-    /// its peer on the device and the lease durable before it returns.
+    /// its peer on the device and the lease durable before it returns. In a pool the shared
+    /// store may refuse an address another member took a moment ago: another is tried.
     pub async fn lease(
+        &self,
+        egress: &str,
+        owner: &str,
+        req: LeaseRequest,
+    ) -> Result<LeaseGrant, ServiceError> {
+        let mut attempt = 0;
+        loop {
+            match self.lease_once(egress, owner, req.clone()).await {
+                Err(ServiceError::Lease(LeaseError::Store(CommitError::Refused(why))))
+                    if attempt < remote::LEASE_ATTEMPTS && remote::worth_retrying(&why) =>
+                {
+                    attempt += 1;
+                    remote::before_retry(&why, attempt).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn lease_once(
         &self,
         egress: &str,
         owner: &str,
@@ -146,6 +169,11 @@ impl<D: Dataplane> LeaseService<D> {
             let mut registry = self.registry.lock().await;
             let _ = self.dataplane.remove_peer(cfg, key).await;
             registry.forget(&cfg.name, key);
+            // The peer of whoever holds the address (another member's lease) may have
+            // lost it to ours on the device.
+            if let Some(holder) = registry.lease_at(&cfg.name, stored.lease.address) {
+                let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
+            }
         } else {
             let _ = self.release(&cfg.name, None, key).await;
         }
@@ -187,8 +215,17 @@ impl<D: Dataplane> LeaseService<D> {
     /// Releases the leases whose peers have gone away (see [`super::collect`]).
     /// Returns what was collected, with why.
     pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+        self.collect_where(activity, |_| true).await
+    }
+
+    /// [`LeaseService::collect`] in the egresses `which` names.
+    pub async fn collect_where(
+        &self,
+        activity: &mut Activity,
+        which: impl Fn(&str) -> bool,
+    ) -> Vec<(Lease, Idle)> {
         let mut removed = Vec::new();
-        for cfg in &self.config.egress {
+        for cfg in self.config.egress.iter().filter(|e| which(&e.name)) {
             removed.extend(self.collect_egress(cfg, activity).await);
         }
         let mut out = Vec::new();
@@ -275,6 +312,15 @@ impl<D: Dataplane> LeaseService<D> {
             leases: e.len(),
             capacity: e.capacity(),
         })
+    }
+
+    /// Every lease of `egress`, whoever made it.
+    pub async fn leases_of(&self, egress: &str) -> Vec<Lease> {
+        let registry = self.registry.lock().await;
+        registry
+            .egress(egress)
+            .map(|e| e.leases().map(|l| l.lease.clone()).collect())
+            .unwrap_or_default()
     }
 
     /// Every stored lease: those of the config's egresses and the misfits.

@@ -33,6 +33,29 @@ pub struct StoreError {
     /// Which store, for messages (a file, or etcd's endpoints).
     pub store: String,
     pub detail: String,
+    /// The store cannot be reached or has no quorum right now: trying again later may
+    /// work (the API answers 503 `store_unavailable`).
+    pub unavailable: bool,
+}
+
+impl StoreError {
+    /// A store failure that will not go away by itself.
+    pub fn failed(store: impl Into<String>, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            store: store.into(),
+            detail: detail.into(),
+            unavailable: false,
+        }
+    }
+
+    /// The store is unreachable or without quorum for now.
+    pub fn unavailable(store: impl Into<String>, detail: impl Into<String>) -> StoreError {
+        StoreError {
+            store: store.into(),
+            detail: detail.into(),
+            unavailable: true,
+        }
+    }
 }
 
 /// One conditional change to the store.
@@ -104,7 +127,10 @@ pub trait LeaseStore: Send + Sync {
     /// Which store this is, for messages.
     fn name(&self) -> String;
     /// Applies `writes` in order in one durable transaction; each write whose condition
-    /// fails is refused and skipped. `Err` means nothing was applied.
+    /// fails is refused and skipped. `Err` means nothing was applied — except on a store
+    /// that needs several transactions for a batch (etcd), where a prefix of it may have
+    /// been; every write is then reported failed, and a lease made that way is found again
+    /// by [`LeaseStore::load`] (and collected if nobody uses it).
     fn apply(&self, writes: &[Write]) -> Result<Applied, StoreError>;
     /// Every stored lease.
     fn load(&self) -> Result<Vec<StoredLease>, StoreError>;

@@ -1,0 +1,342 @@
+//! Pools of exit nodes on a real 3-member etcd cluster (see `pool_world.rs`): failover
+//! within 3 s with the same egress IP and untouched containers, leases made on one
+//! member served by the other, concurrent leases on both never sharing an address, etcd
+//! trouble, and a partitioned leader giving its addresses up in time.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::pool_world::{echo_once, Pool, Probe, EGRESS_IP, ENDPOINT_IP, LEADER_TTL};
+use crate::world::{sh, Container};
+
+const GAP: Duration = Duration::from_secs(3);
+
+/// The container's link as ADD left it: addresses and routes.
+fn link_state(c: &Container) -> String {
+    let addr = sh(&["ip", "-n", &c.netns, "-o", "addr", "show", "dev", "eth0"]);
+    let routes = sh(&["ip", "-n", &c.netns, "route", "show"]);
+    format!("{addr}{routes}")
+}
+
+fn echo(c: &Container) -> Result<String, String> {
+    echo_once(&c.netns_path, Duration::from_secs(2))
+}
+
+/// Waits until `c` reaches the echo server again (after a failover), within `within`.
+fn echo_within(c: &Container, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        match echo(c) {
+            Ok(ip) => return ip,
+            Err(e) => assert!(Instant::now() < deadline, "{}: {e}", c.id),
+        }
+    }
+}
+
+/// ten containers, five on each host, each leaving from the egress IP.
+fn ten_containers(p: &mut Pool) -> Vec<(usize, Container)> {
+    let conf = p.net_conf();
+    let mut out = Vec::new();
+    for i in 0..10 {
+        let c = p.container(&format!("c{i}"));
+        let h = i % 2;
+        p.cni(h, "ADD", &c, &conf).ok();
+        assert_eq!(echo(&c).unwrap(), EGRESS_IP);
+        out.push((h, c));
+    }
+    out
+}
+
+/// Kills the leader the way a machine dies, with a probe running in `probe_from`; checks
+/// the gap, the egress IP and every container; returns the new leader.
+fn fail_over(p: &mut Pool, leader: usize, cs: &[(usize, Container)]) -> usize {
+    let before: Vec<String> = cs.iter().map(|(_, c)| link_state(c)).collect();
+    let probe = Probe::start(&cs[0].1.netns_path);
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    p.kill_member(leader);
+    let next = 1 - leader;
+    p.wait_holds(next, Duration::from_secs(5));
+    let took = killed.elapsed();
+    echo_within(&cs[0].1, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1000));
+    let (answers, gap) = probe.stop();
+    assert!(
+        gap <= GAP,
+        "probe gap {gap:?} (addresses moved after {took:?})\n{}",
+        p.log(next)
+    );
+    assert!(answers.iter().all(|a| a == EGRESS_IP), "{answers:?}");
+    for (i, (_, c)) in cs.iter().enumerate() {
+        assert_eq!(echo_within(c, Duration::from_secs(5)), EGRESS_IP);
+        assert_eq!(link_state(c), before[i], "{} was touched", c.id);
+    }
+    let ep = crate::world::try_sh(&["wg", "show", &cs[0].1.host_ifname("eth0"), "endpoints"]);
+    eprintln!(
+        "failover {leader} -> {next}: addresses after {took:?}, probe gap {gap:?}, container's endpoint {}",
+        String::from_utf8_lossy(&ep.stdout).trim()
+    );
+    next
+}
+
+#[test]
+fn a_dying_leader_is_replaced_within_3_s_with_the_same_egress_ip_and_back() {
+    let mut p = Pool::new();
+    let first = p.wait_leader(Duration::from_secs(10));
+    let cs = ten_containers(&mut p);
+    // Every lease is programmed on both members (hot standby).
+    let keys: HashSet<String> = p
+        .leases(first)
+        .iter()
+        .map(|l| l["public_key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys.len(), 10);
+    for i in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.peers(i).into_iter().collect::<HashSet<_>>() != keys {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} lacks peers: {:?}",
+                p.peers(i)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let second = fail_over(&mut p, first, &cs);
+    // The survivor serves the leases made on either member.
+    let served: HashSet<String> = p
+        .leases(second)
+        .iter()
+        .map(|l| l["public_key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(served, keys);
+    // The first comes back as a standby, and takes over when the second dies.
+    p.revive_member(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while p.peers(first).into_iter().collect::<HashSet<_>>() != keys {
+        assert!(Instant::now() < deadline, "revived member lacks peers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!p.holds(first, EGRESS_IP) && !p.holds(first, ENDPOINT_IP));
+    // Let the second publish its peers' endpoints before it dies.
+    std::thread::sleep(Duration::from_millis(1500));
+    let back = fail_over(&mut p, second, &cs);
+    assert_eq!(back, first);
+}
+
+/// Leases straight through a member's API from host h1, `n` of them from `threads`.
+fn lease_many(p: &Pool, member: usize, base: u8, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let key = wgexit::keys::Key([
+                base,
+                (i / 256) as u8,
+                (i % 256) as u8,
+                1,
+                2,
+                3,
+                4,
+                5,
+                6,
+                7,
+                8,
+                9,
+                10,
+                11,
+                12,
+                13,
+                14,
+                15,
+                16,
+                17,
+                18,
+                19,
+                20,
+                21,
+                22,
+                23,
+                24,
+                25,
+                26,
+                27,
+                28,
+                29,
+            ]);
+            let body = format!(r#"{{"public_key":"{}"}}"#, key.to_base64());
+            let (code, text) = p.api(member, "POST", "/v1/egress/acme/leases", Some(&body));
+            assert_eq!(code, 200, "{text}");
+            serde_json::from_str(&text).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn leases_made_on_both_members_at_once_never_share_an_address() {
+    let p = Pool::new();
+    p.wait_leader(Duration::from_secs(10));
+    let grants: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8u8)
+            .map(|t| {
+                let p = &p;
+                s.spawn(move || lease_many(p, (t % 2) as usize, t + 1, 25))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(grants.len(), 200);
+    let addresses: HashSet<&str> = grants
+        .iter()
+        .map(|g| g["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses.len(), 200, "an address handed out twice");
+    // Both members serve all 200 and have all 200 peers.
+    for i in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let leases = p.leases(i);
+            if leases.len() == 200 && p.peers(i).len() == 200 {
+                let distinct: HashSet<String> =
+                    leases.iter().map(|l| l["address"].to_string()).collect();
+                assert_eq!(distinct.len(), 200);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "member {i}: {} leases, {} peers",
+                leases.len(),
+                p.peers(i).len()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn etcd_trouble_keeps_forwarding_and_refuses_new_leases_with_cni_11() {
+    let mut p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let conf = p.net_conf();
+    let c0 = p.container("t0");
+    p.cni(0, "ADD", &c0, &conf).ok();
+    // One etcd member down: leases go on.
+    p.stop_etcd(2);
+    let c1 = p.container("t1");
+    p.cni(1, "ADD", &c1, &conf).ok();
+    assert_eq!(echo(&c1).unwrap(), EGRESS_IP);
+    // Quorum lost: the leader keeps its addresses, containers keep their egress.
+    p.stop_etcd(1);
+    std::thread::sleep(Duration::from_secs(3 * LEADER_TTL + 1));
+    assert!(p.holds(leader, EGRESS_IP), "{}", p.log(leader));
+    assert!(!p.holds(1 - leader, EGRESS_IP));
+    for c in [&c0, &c1] {
+        assert_eq!(echo(c).unwrap(), EGRESS_IP);
+    }
+    // A new ADD fails with "try again later" and leaves nothing behind.
+    let c2 = p.container("t2");
+    let (code, msg) = p.cni(0, "ADD", &c2, &conf).err();
+    assert_eq!(code, 11, "{msg}");
+    assert!(
+        msg.contains("store_unavailable") || msg.contains("etcd"),
+        "{msg}"
+    );
+    assert_eq!(
+        sh(&["ip", "-n", &c2.netns, "-o", "link", "show"])
+            .lines()
+            .count(),
+        1
+    );
+    let data: Vec<_> = std::fs::read_dir(p.path("cni-data"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("t2"))
+        .collect();
+    assert!(data.is_empty(), "{data:?}");
+    // Quorum back: ADD works again, nothing restarted.
+    p.start_etcd(1);
+    p.start_etcd(2);
+    p.wait_etcd(1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let out = p.cni(0, "ADD", &c2, &conf);
+        if out.code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ADD after quorum came back: {out:?}\nholders: {:?} {:?}\npeers: {:?} {:?}\n{}\n{}",
+            p.holds(0, EGRESS_IP),
+            p.holds(1, EGRESS_IP),
+            p.peers(0),
+            p.peers(1),
+            p.log(0),
+            p.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(echo(&c2).unwrap(), EGRESS_IP);
+    let holder = p.wait_leader(Duration::from_secs(5));
+    assert_eq!(holder, leader, "{}\n{}", p.log(0), p.log(1));
+}
+
+#[test]
+fn a_partitioned_leader_gives_its_addresses_up_within_leader_ttl() {
+    let p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let other = 1 - leader;
+    // The isp has the leader's MAC for the egress IP in its neighbour table.
+    sh(&[
+        "ip", "netns", "exec", &p.isp, "ping", "-c", "1", "-W", "2", EGRESS_IP,
+    ]);
+    // Cut the leader off etcd (the core segment) but leave it on the isp segment, where it
+    // could still answer for the egress IP.
+    let cut = Instant::now();
+    p.cut(leader, false);
+    let mut released = None;
+    let mut taken = None;
+    let deadline = cut + Duration::from_secs(10);
+    while taken.is_none() {
+        assert!(Instant::now() < deadline, "no takeover\n{}", p.log(other));
+        let old = p.holds(leader, EGRESS_IP);
+        let new = p.holds(other, EGRESS_IP);
+        assert!(!(old && new), "both members hold {EGRESS_IP}");
+        if !old && released.is_none() {
+            released = Some(cut.elapsed());
+        }
+        if new {
+            taken = Some(cut.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let released = released.unwrap();
+    assert!(
+        released <= Duration::from_secs(LEADER_TTL),
+        "released after {released:?}"
+    );
+    eprintln!("partitioned leader released after {released:?}; taken over after {taken:?}");
+    // The isp segment now reaches the egress IP at the new leader's MAC.
+    let neigh = sh(&["ip", "-n", &p.isp, "neigh", "show", EGRESS_IP]);
+    let mac = sh(&[
+        "ip",
+        "-n",
+        &p.members[other].ns,
+        "-o",
+        "link",
+        "show",
+        "isp0",
+    ]);
+    let lladdr = neigh
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .unwrap_or("");
+    assert!(
+        !lladdr.is_empty() && mac.contains(lladdr),
+        "{neigh} / {mac}"
+    );
+}

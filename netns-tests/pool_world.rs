@@ -1,0 +1,711 @@
+//! The test world of a pool: a real 3-member etcd cluster, two `wgexitd` members and two
+//! container hosts, each in its own namespace, on shared L2 segments (bridges inside a
+//! namespace of their own):
+//!
+//! ```text
+//!  core segment 198.51.100.0/24:  etcd e1-e3 .21-.23, members m1 .11 m2 .12, hosts h1 .31 h2 .32,
+//!                                 the endpoint 198.51.100.2 floating on the leader
+//!  isp segment  203.0.113.0/24:   members .11 .12, isp .1 (echo 198.18.0.10:8080),
+//!                                 the egress IP 203.0.113.77 floating on the leader
+//! ```
+//!
+//! Names are unique per world; dropping it kills every process and removes every namespace.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::world::{sh, try_sh, CniOutput, Container, TOKEN};
+
+pub const EGRESS_IP: &str = "203.0.113.77";
+pub const ENDPOINT_IP: &str = "198.51.100.2";
+pub const ECHO: &str = "198.18.0.10:8080";
+pub const LEADER_TTL: u64 = 1;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Member {
+    pub node: String,
+    pub ns: String,
+    pub ip: String,
+    pub wg: String,
+    daemon: Option<Child>,
+}
+
+pub struct EtcdNode {
+    pub name: String,
+    pub ns: String,
+    pub ip: String,
+    child: Option<Child>,
+}
+
+pub struct Pool {
+    pub id: String,
+    pub dir: tempfile::TempDir,
+    pub seg: String,
+    pub isp: String,
+    pub hosts: Vec<String>,
+    pub etcd: Vec<EtcdNode>,
+    pub members: Vec<Member>,
+    pub containers: Vec<Container>,
+    echo_stop: Arc<AtomicBool>,
+}
+
+fn netns_exec(ns: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]);
+    c
+}
+
+impl Pool {
+    /// Makes the segments, the etcd cluster and the two members, and waits for all of them.
+    pub fn new() -> Pool {
+        crate::world::require_root();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let id = format!("wx{:x}p{n}", std::process::id() & 0xffff);
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{id}-"))
+            .tempdir()
+            .unwrap();
+        let mut p = Pool {
+            seg: format!("{id}-seg"),
+            isp: format!("{id}-isp"),
+            hosts: (1..=2).map(|i| format!("{id}-h{i}")).collect(),
+            etcd: (1..=3)
+                .map(|i| EtcdNode {
+                    name: format!("e{i}"),
+                    ns: format!("{id}-e{i}"),
+                    ip: format!("198.51.100.2{i}"),
+                    child: None,
+                })
+                .collect(),
+            members: (1..=2)
+                .map(|i| Member {
+                    node: format!("m{i}"),
+                    ns: format!("{id}-m{i}"),
+                    ip: format!("198.51.100.1{i}"),
+                    wg: format!("{id}w{i}"),
+                    daemon: None,
+                })
+                .collect(),
+            containers: Vec::new(),
+            echo_stop: Arc::new(AtomicBool::new(false)),
+            id,
+            dir,
+        };
+        p.build_network();
+        p.start_echo();
+        for i in 0..3 {
+            p.start_etcd(i);
+        }
+        for i in 0..3 {
+            p.wait_etcd(i);
+        }
+        p.write_configs();
+        for i in 0..2 {
+            p.start_member(i);
+        }
+        p
+    }
+
+    fn add_ns(&self, ns: &str) {
+        sh(&["ip", "netns", "add", ns]);
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+
+    /// A link `ifname` in `ns` with `addr`, plugged into `bridge` of the segment namespace
+    /// through its peer `port`.
+    fn plug(&self, ns: &str, ifname: &str, addr: &str, bridge: &str, port: &str) {
+        sh(&[
+            "ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port,
+            "netns", &self.seg,
+        ]);
+        sh(&[
+            "ip", "-n", &self.seg, "link", "set", port, "master", bridge, "up",
+        ]);
+        sh(&["ip", "-n", ns, "addr", "add", addr, "dev", ifname]);
+        sh(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+
+    fn build_network(&self) {
+        self.add_ns(&self.seg);
+        for br in ["br0", "br1"] {
+            sh(&["ip", "-n", &self.seg, "link", "add", br, "type", "bridge"]);
+            sh(&["ip", "-n", &self.seg, "link", "set", br, "up"]);
+        }
+        self.add_ns(&self.isp);
+        self.plug(&self.isp, "isp0", "203.0.113.1/24", "br1", "i-isp");
+        sh(&[
+            "ip",
+            "-n",
+            &self.isp,
+            "addr",
+            "add",
+            "198.18.0.10/32",
+            "dev",
+            "lo",
+        ]);
+        for e in &self.etcd {
+            self.add_ns(&e.ns);
+            self.plug(
+                &e.ns,
+                "core0",
+                &format!("{}/24", e.ip),
+                "br0",
+                &format!("c-{}", e.name),
+            );
+        }
+        for (i, m) in self.members.iter().enumerate() {
+            self.add_ns(&m.ns);
+            self.plug(
+                &m.ns,
+                "core0",
+                &format!("{}/24", m.ip),
+                "br0",
+                &format!("c-{}", m.node),
+            );
+            let isp = format!("203.0.113.1{}/24", i + 1);
+            self.plug(&m.ns, "isp0", &isp, "br1", &format!("i-{}", m.node));
+            sh(&[
+                "ip",
+                "-n",
+                &m.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "203.0.113.1",
+            ]);
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            self.add_ns(h);
+            let addr = format!("198.51.100.3{}/24", i + 1);
+            self.plug(h, "core0", &addr, "br0", &format!("c-h{}", i + 1));
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn etcd_urls(&self) -> Vec<String> {
+        self.etcd
+            .iter()
+            .map(|e| format!("http://{}:2379", e.ip))
+            .collect()
+    }
+
+    pub fn start_etcd(&mut self, i: usize) {
+        let cluster: Vec<String> = self
+            .etcd
+            .iter()
+            .map(|e| format!("{}=http://{}:2380", e.name, e.ip))
+            .collect();
+        let e = &self.etcd[i];
+        let client = format!("http://{}:2379", e.ip);
+        let peer = format!("http://{}:2380", e.ip);
+        let log = std::fs::File::create(self.path(&format!("{}.log", e.name))).unwrap();
+        let child = netns_exec(&e.ns)
+            .arg("etcd")
+            .args(["--name", &e.name, "--data-dir"])
+            .arg(self.path(&format!("{}.data", e.name)))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &cluster.join(",")])
+            .args(["--initial-cluster-token", &self.id])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start etcd (scripts/deps installs etcd-server)");
+        self.etcd[i].child = Some(child);
+    }
+
+    /// Waits until etcd member `i` answers as healthy (it needs a quorum for that).
+    pub fn wait_etcd(&self, i: usize) {
+        let e = &self.etcd[i];
+        let url = format!("http://{}:2379", e.ip);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = netns_exec(&e.ns)
+                .args(["etcdctl", "--endpoints", &url, "--dial-timeout", "1s"])
+                .args(["--command-timeout", "1s", "endpoint", "health"])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .unwrap();
+            if out.status.success() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd {} not healthy", e.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop_etcd(&mut self, i: usize) {
+        if let Some(mut c) = self.etcd[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn member_config(&self, i: usize) -> PathBuf {
+        self.path(&format!("{}.toml", self.members[i].node))
+    }
+
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.path(&format!("{}-state", self.members[i].node))
+    }
+
+    pub fn ca_file(&self) -> PathBuf {
+        self.state_dir(0).join("tls/ca.pem")
+    }
+
+    fn write_configs(&self) {
+        std::fs::write(self.path("acme.tokens"), format!("{TOKEN}\n")).unwrap();
+        std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
+        let etcd: Vec<String> = self
+            .etcd_urls()
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect();
+        for (i, m) in self.members.iter().enumerate() {
+            let config = format!(
+                r#"state_dir = "{state}"
+backend = "userspace"
+
+[api]
+listen = "{ip}:7443"
+
+[[egress]]
+name = "acme"
+ip = "{EGRESS_IP}"
+interface = "isp0"
+pool = "100.96.0.0/23"
+wg_interface = "{wg}"
+listen_port = 51820
+endpoint = "{ENDPOINT_IP}:51820"
+endpoint_interface = "core0"
+token_file = "{tokens}"
+
+[cluster]
+name = "{id}"
+node = "{node}"
+etcd = [{etcd}]
+leader_ttl = {LEADER_TTL}
+"#,
+                state = self.state_dir(i).display(),
+                ip = m.ip,
+                wg = m.wg,
+                tokens = self.path("acme.tokens").display(),
+                id = self.id,
+                node = m.node,
+                etcd = etcd.join(", "),
+            );
+            std::fs::write(self.member_config(i), config).unwrap();
+        }
+    }
+
+    pub fn start_member(&mut self, i: usize) {
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("{}.log", m.node)))
+            .unwrap();
+        let child = netns_exec(&m.ns)
+            .arg(env!("CARGO_BIN_EXE_wgexitd"))
+            .args(["serve", "--config"])
+            .arg(self.member_config(i))
+            .env("RUST_LOG", "info,wgexit=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start wgexitd");
+        self.members[i].daemon = Some(child);
+        self.wait_member(i);
+    }
+
+    fn wait_member(&mut self, i: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.ca_file().exists() && self.api(i, "GET", "/healthz", None).0 == 200 {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.members[i].daemon.as_mut().map(Child::try_wait) {
+                panic!(
+                    "wgexitd {} exited ({status}): {}",
+                    self.members[i].node,
+                    self.log(i)
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wgexitd not ready: {}",
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.path(&format!("{}.log", self.members[i].node)))
+            .unwrap_or_default()
+    }
+
+    /// Kills member `i` the way a machine dies: its daemon and WireGuard device gone, its
+    /// namespace cut off both segments (its addresses stay on its own links, unseen).
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let m = &self.members[i];
+        let _ = try_sh(&["ip", "-n", &m.ns, "link", "del", &m.wg]);
+        self.cut(i, true);
+    }
+
+    /// Takes member `i`'s links to the segments down (`core_only`: only the core one, so
+    /// it still sees the isp segment) or brings them back.
+    pub fn set_links(&self, i: usize, up: bool, core_only: bool) {
+        let node = &self.members[i].node;
+        let state = if up { "up" } else { "down" };
+        let mut ports = vec![format!("c-{node}")];
+        if !core_only {
+            ports.push(format!("i-{node}"));
+        }
+        for port in ports {
+            sh(&["ip", "-n", &self.seg, "link", "set", &port, state]);
+        }
+    }
+
+    pub fn cut(&self, i: usize, both: bool) {
+        self.set_links(i, false, !both);
+    }
+
+    /// Brings a killed member back as a rebooted machine: no floating addresses, plugged
+    /// in again, daemon started.
+    pub fn revive_member(&mut self, i: usize) {
+        let ns = self.members[i].ns.clone();
+        let _ = try_sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "del",
+            &format!("{EGRESS_IP}/32"),
+            "dev",
+            "isp0",
+        ]);
+        let _ = try_sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "del",
+            &format!("{ENDPOINT_IP}/32"),
+            "dev",
+            "core0",
+        ]);
+        self.set_links(i, true, false);
+        self.start_member(i);
+    }
+
+    /// Whether member `i` has `ip` on any link.
+    pub fn holds(&self, i: usize, ip: &str) -> bool {
+        let out = try_sh(&["ip", "-n", &self.members[i].ns, "-o", "addr", "show"]);
+        String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/"))
+    }
+
+    /// Waits until member `i` holds both floating addresses.
+    pub fn wait_holds(&self, i: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !(self.holds(i, EGRESS_IP) && self.holds(i, ENDPOINT_IP)) {
+            assert!(
+                Instant::now() < deadline,
+                "member {i} did not take over:\n{}",
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until exactly one member holds both floating addresses; returns it.
+    pub fn wait_leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let holders: Vec<usize> = (0..2)
+                .filter(|&i| self.holds(i, EGRESS_IP) && self.holds(i, ENDPOINT_IP))
+                .collect();
+            if holders.len() == 1 {
+                return holders[0];
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no single leader: {holders:?}\n{}\n{}",
+                self.log(0),
+                self.log(1)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// An API call to member `i` from host h1: (status, body).
+    pub fn api(&self, i: usize, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let url = format!("https://{}:7443{path}", self.members[i].ip);
+        let mut cmd = netns_exec(&self.hosts[0]);
+        cmd.args(["curl", "-s", "-m", "5", "--cacert"])
+            .arg(self.ca_file())
+            .args(["-X", method, "-w", "\n%{http_code}"])
+            .args(["-H", &format!("Authorization: Bearer {TOKEN}")]);
+        if let Some(b) = body {
+            cmd.args(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        let out = cmd.arg(url).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The leases member `i` serves.
+    pub fn leases(&self, i: usize) -> Vec<Value> {
+        let (code, body) = self.api(i, "GET", "/v1/egress/acme/leases", None);
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["leases"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Public keys of member `i`'s WireGuard peers.
+    pub fn peers(&self, i: usize) -> Vec<String> {
+        let m = &self.members[i];
+        let out = try_sh(&["ip", "netns", "exec", &m.ns, "wg", "show", &m.wg, "peers"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    pub fn net_conf(&self) -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "egress",
+            "type": "wgexit",
+            "servers": self.members.iter().map(|m| format!("https://{}:7443", m.ip)).collect::<Vec<_>>(),
+            "egress": "acme",
+            "tokenFile": self.path("acme.token"),
+            "caFile": self.ca_file(),
+            "backend": "userspace",
+            "dataDir": self.path("cni-data"),
+        })
+    }
+
+    /// A new container namespace on host `h`.
+    pub fn container(&mut self, name: &str) -> Container {
+        let ns = format!("{}-{name}", self.id);
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        let c = Container {
+            id: format!("{ns}-id"),
+            netns: ns.clone(),
+            netns_path: PathBuf::from(format!("/var/run/netns/{ns}")),
+        };
+        self.containers.push(c.clone());
+        c
+    }
+
+    /// Runs the plugin on host `h` as a runtime would.
+    pub fn cni(&self, h: usize, command: &str, c: &Container, conf: &Value) -> CniOutput {
+        let mut child = netns_exec(&self.hosts[h])
+            .arg(env!("CARGO_BIN_EXE_wgexit"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &c.id)
+            .env("CNI_NETNS", &c.netns_path)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(conf.to_string().as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        CniOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn start_echo(&self) {
+        let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
+        let stop = self.echo_stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let listener = TcpListener::bind(ECHO).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = writeln!(s, "{}", peer.ip());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+}
+
+/// One request from inside `netns` to the echo server: the source address it saw.
+pub fn echo_once(netns: &Path, timeout: Duration) -> Result<String, String> {
+    let ns = std::fs::File::open(netns).map_err(|e| e.to_string())?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| e.to_string())?;
+            let addr: SocketAddr = ECHO.parse().unwrap();
+            let mut stream =
+                TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| e.to_string())?;
+            let mut out = String::new();
+            stream.read_to_string(&mut out).map_err(|e| e.to_string())?;
+            Ok(out.trim().to_string())
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// When a probe request was made and what it got.
+type Answers = Vec<(Instant, Result<String, String>)>;
+
+/// A probe from a container: one request every 100 ms, each answer (or failure) recorded.
+pub struct Probe {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Answers>>,
+}
+
+impl Probe {
+    pub fn start(netns: &Path) -> Probe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, path) = (stop.clone(), netns.to_path_buf());
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                seen.push((at, echo_once(&path, Duration::from_millis(300))));
+                std::thread::sleep(
+                    (at + Duration::from_millis(100)).saturating_duration_since(Instant::now()),
+                );
+            }
+            seen
+        });
+        Probe {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops; returns the answers (source addresses) and the longest time between two
+    /// successful requests.
+    pub fn stop(mut self) -> (Vec<String>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.handle.take().unwrap().join().unwrap();
+        let ok: Vec<(Instant, String)> = seen
+            .into_iter()
+            .filter_map(|(at, r)| r.ok().map(|ip| (at, ip)))
+            .collect();
+        let gap = ok
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .max()
+            .unwrap_or(Duration::MAX);
+        (ok.into_iter().map(|(_, ip)| ip).collect(), gap)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.echo_stop.store(true, Ordering::Relaxed);
+        for i in 0..self.members.len() {
+            if let Some(mut c) = self.members[i].daemon.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let m = &self.members[i];
+            let _ = try_sh(&["ip", "-n", &m.ns, "link", "del", &m.wg]);
+        }
+        for i in 0..self.etcd.len() {
+            self.stop_etcd(i);
+        }
+        // Containers' host-side links were moved into them; their wireguard-go exits when
+        // the link goes with the namespace.
+        let names: Vec<String> = self
+            .containers
+            .iter()
+            .map(|c| c.netns.clone())
+            .chain(self.hosts.clone())
+            .chain(self.members.iter().map(|m| m.ns.clone()))
+            .chain(self.etcd.iter().map(|e| e.ns.clone()))
+            .chain([self.isp.clone(), self.seg.clone()])
+            .collect();
+        for ns in names {
+            let _ = try_sh(&["ip", "netns", "del", &ns]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let ours = |n: &str| {
+            n.starts_with(&self.id)
+                || self
+                    .containers
+                    .iter()
+                    .any(|c| n.starts_with(&c.host_ifname("eth0")))
+        };
+        let sockets = || -> Vec<String> {
+            std::fs::read_dir("/var/run/wireguard")
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| ours(n))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        while Instant::now() < deadline && !sockets().is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for s in sockets() {
+            let _ = std::fs::remove_file(format!("/var/run/wireguard/{s}"));
+        }
+    }
+}
