@@ -16,6 +16,7 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, Write};
+use crate::exit::networks::{self, NetworksError, Resolvers};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +33,8 @@ pub enum DaemonError {
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Networks(#[from] NetworksError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -57,7 +60,8 @@ pub fn check(config: &Config) -> Result<(), DaemonError> {
 fn open_leases(config: &Config) -> Result<Registry, DaemonError> {
     let store: Arc<dyn LeaseStore> =
         Arc::new(RedbStore::open(&config.state_dir.join("leases.redb"))?);
-    let (registry, misfits) = Registry::load(&config.egress, store.clone())?;
+    let (registry, misfits) =
+        Registry::load_with_networks(&config.egress, &config.network, store.clone())?;
     let mut removals = Vec::new();
     for m in misfits {
         tracing::warn!(
@@ -78,10 +82,11 @@ fn open_leases(config: &Config) -> Result<Registry, DaemonError> {
 
 /// Everything `serve` sets up before it answers requests, in order: config (read already)
 /// → tokens → store → identities → dataplane → API's TLS. Nothing is written before the
-/// token files have been read, and the network is touched last.
+/// token files have been read, and the network is touched last (the private networks and
+/// their resolvers after the egresses).
 pub async fn start(
     config: Config,
-) -> Result<(Arc<ApiState>, Arc<rustls::ServerConfig>), DaemonError> {
+) -> Result<(Arc<ApiState>, Arc<rustls::ServerConfig>, Resolvers), DaemonError> {
     let auth = Authorizer::load(&config)?;
     fsutil::private_dir(&config.state_dir).map_err(|source| DaemonError::Io {
         path: config.state_dir.clone(),
@@ -105,13 +110,19 @@ pub async fn start(
         .dataplane()
         .apply_rules(&service.config.egress)
         .await?;
-    Ok((Arc::new(ApiState { service, auth }), tls_config))
+    let (networks, resolvers) = networks::start(&service).await?;
+    let api = ApiState {
+        service,
+        auth,
+        networks,
+    };
+    Ok((Arc::new(api), tls_config, resolvers))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
     let listen = config.api.listen;
-    let (api, tls_config) = start(config).await?;
+    let (api, tls_config, _resolvers) = start(config).await?;
 
     let listener = std::net::TcpListener::bind(listen).map_err(|source| DaemonError::Listen {
         addr: listen,
@@ -140,6 +151,17 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 
     let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
     let collector = tokio::spawn(collect_loop(api.service.clone()));
+    let (reconcile_every, collect_every) = (
+        api.service.config.reconcile_interval,
+        api.service.config.collect_interval,
+    );
+    let network_loops = [
+        tokio::spawn(networks::reconcile_loop(
+            api.networks.clone(),
+            reconcile_every,
+        )),
+        tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
+    ];
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -153,6 +175,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     };
     reconciler.abort();
     collector.abort();
+    network_loops.iter().for_each(|l| l.abort());
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -220,11 +243,12 @@ async fn wait_for_signal() {
     }
 }
 
-/// Removes the nftables table and every egress's WireGuard interface. Leases stay in the
-/// store, so a later `serve` brings the same tunnels back.
+/// Removes the nftables tables and every egress's and network's WireGuard interface.
+/// Leases stay in the store, so a later `serve` brings the same tunnels back.
 pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     HostDataplane::open(config.backend)?
         .teardown(&config.egress)
         .await?;
+    networks::teardown(config).await?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Who may call the API: bearer tokens scoped to one egress, with failed attempts limited
+//! Who may call the API: bearer tokens scoped to one egress or network, with failed attempts limited
 //! per source address.
 
 use std::collections::HashMap;
@@ -14,12 +14,16 @@ use crate::exit::config::Config;
 pub enum AuthError {
     #[error("token not accepted for egress {0:?} (or no such egress)")]
     Unauthorized(String),
+    #[error("token not accepted for network {0:?} (or no such network)")]
+    UnauthorizedNetwork(String),
     #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
     RateLimited(Duration),
 }
 
 pub struct Authorizer {
     tokens: HashMap<String, Tokens>,
+    /// Each private network's tokens (a network may share its name with an egress).
+    network_tokens: HashMap<String, Tokens>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
     pub failures: AtomicU64,
@@ -32,8 +36,13 @@ impl Authorizer {
         for e in &config.egress {
             tokens.insert(e.name.clone(), Tokens::load(&e.token_file)?);
         }
+        let mut network_tokens = HashMap::new();
+        for n in &config.network {
+            network_tokens.insert(n.name.clone(), Tokens::load(&n.token_file)?);
+        }
         Ok(Authorizer {
             tokens,
+            network_tokens,
             failed: FailedAuthLimiter::default(),
             failures: AtomicU64::new(0),
         })
@@ -47,16 +56,39 @@ impl Authorizer {
         egress: &str,
         token: Option<&str>,
     ) -> Result<String, AuthError> {
+        self.check(source, self.tokens.get(egress), token)
+            .ok_or_else(|| AuthError::Unauthorized(egress.to_string()))?
+    }
+
+    /// As [`Authorizer::authorize`], against private network `network`'s tokens.
+    pub fn authorize_network(
+        &self,
+        source: IpAddr,
+        network: &str,
+        token: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.check(source, self.network_tokens.get(network), token)
+            .ok_or_else(|| AuthError::UnauthorizedNetwork(network.to_string()))?
+    }
+
+    /// `Some(Ok(owner))` for an accepted token, `Some(Err)` for a rate-limited source,
+    /// `None` for a refused token (counted against the source).
+    fn check(
+        &self,
+        source: IpAddr,
+        tokens: Option<&Tokens>,
+        token: Option<&str>,
+    ) -> Option<Result<String, AuthError>> {
         let now = Instant::now();
-        self.failed
-            .check(source, now)
-            .map_err(AuthError::RateLimited)?;
-        match (self.tokens.get(egress), token) {
-            (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
+        if let Err(retry) = self.failed.check(source, now) {
+            return Some(Err(AuthError::RateLimited(retry)));
+        }
+        match (tokens, token) {
+            (Some(tokens), Some(t)) if tokens.accepts(t) => Some(Ok(owner_id(t))),
             _ => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 self.failed.failed(source, now);
-                Err(AuthError::Unauthorized(egress.to_string()))
+                None
             }
         }
     }

@@ -1,9 +1,11 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`].
+//! per kind of table: [`egress`], [`network`].
 
 pub mod egress;
+pub mod network;
 
 pub use egress::EgressConfig;
+pub use network::NetworkConfig;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -43,6 +45,8 @@ struct RawConfig {
     #[serde(default)]
     egress: Vec<egress::RawEgress>,
     #[serde(default)]
+    network: Vec<network::RawNetwork>,
+    #[serde(default)]
     peer_timeout: Option<u64>,
     #[serde(default)]
     first_handshake_timeout: Option<u64>,
@@ -73,6 +77,7 @@ pub struct Config {
     pub backend: BackendKind,
     pub api: ApiConfig,
     pub egress: Vec<EgressConfig>,
+    pub network: Vec<NetworkConfig>,
     /// A lease whose peer has not completed a handshake for this long is collected.
     pub peer_timeout: Duration,
     /// A lease whose peer never completed a handshake is collected after this.
@@ -251,7 +256,15 @@ impl Config {
             ));
         }
         let api = api_config(raw.api, &invalid)?;
-        let egress = egress::egresses(raw.egress, &invalid)?;
+        let (raw_egress, raw_network) = (raw.egress, raw.network);
+        if raw_egress.is_empty() && raw_network.is_empty() {
+            return Err(invalid(
+                "egress".into(),
+                "at least one [[egress]] or [[network]] table is needed".into(),
+            ));
+        }
+        let egress = egress::egresses(raw_egress, &invalid)?;
+        let network = network::networks(raw_network, &egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
         Ok(Config {
             path: path.to_path_buf(),
@@ -259,6 +272,7 @@ impl Config {
             backend: raw.backend,
             api,
             egress,
+            network,
             peer_timeout: timers.peer_timeout,
             first_handshake_timeout: timers.first_handshake_timeout,
             persistent_keepalive: timers.persistent_keepalive,
@@ -269,6 +283,10 @@ impl Config {
 
     pub fn egress(&self, name: &str) -> Option<&EgressConfig> {
         self.egress.iter().find(|e| e.name == name)
+    }
+
+    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
+        self.network.iter().find(|n| n.name == name)
     }
 }
 

@@ -13,7 +13,7 @@ use crate::api::Lease;
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
-use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
+use crate::wg::{DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard};
 
 /// What a reconcile pass changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -61,54 +61,14 @@ pub async fn reconcile_device<W: WireGuard>(
     device: Option<DeviceStatus>,
     peers: &[PeerConfig],
 ) -> Result<Changes, DataplaneError> {
-    let wg_err = DataplaneError::wg(egress);
-    let mut changes = Changes::default();
     let name = egress.wg_interface.as_str();
-    let full = DeviceConfig {
-        private_key: *private_key,
-        listen_port: Some(egress.listen_port),
-        peers: peers.to_vec(),
+    let identity = Identity {
+        private_key,
+        listen_port: egress.listen_port,
     };
-
-    match device {
-        None => {
-            // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
-            let _ = wg.delete(name).await;
-            wg.create(name).await.map_err(wg_err)?;
-            wg.configure(name, &full).await.map_err(wg_err)?;
-            changes.created_device = true;
-        }
-        Some(status)
-            if status.public_key != Some(private_key.public())
-                || status.listen_port != egress.listen_port =>
-        {
-            wg.configure(name, &full).await.map_err(wg_err)?;
-            changes.reconfigured_device = true;
-        }
-        Some(status) => {
-            let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
-            for have in &status.peers {
-                if !want.contains(&have.public_key) {
-                    wg.remove_peer(name, &have.public_key)
-                        .await
-                        .map_err(wg_err)?;
-                    changes.peers_removed += 1;
-                }
-            }
-            let have: HashMap<Key, Vec<IpNet>> = status
-                .peers
-                .iter()
-                .map(|p| (p.public_key, sorted(&p.allowed_ips)))
-                .collect();
-            for p in peers {
-                if have.get(&p.public_key) != Some(&sorted(&p.allowed_ips)) {
-                    wg.set_peer(name, p).await.map_err(wg_err)?;
-                    changes.peers_added += 1;
-                }
-            }
-        }
-    }
-
+    let changes = reconcile_wireguard(wg, name, identity, device, peers)
+        .await
+        .map_err(DataplaneError::wg(egress))?;
     let link_err = DataplaneError::link(egress);
     let overlay = Ipv4Net::new(egress.overlay_ip(), egress.pool.prefix_len()).map_err(|e| {
         link_err(LinkError::Netlink {
@@ -125,6 +85,68 @@ pub async fn reconcile_device<W: WireGuard>(
         .set_up(name, Some(egress.mtu))
         .await
         .map_err(link_err)?;
+    Ok(changes)
+}
+
+/// A device's own key and port.
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    pub private_key: &'a Key,
+    pub listen_port: u16,
+}
+
+/// Brings WireGuard device `name` to `identity` and exactly `peers`, touching only what
+/// differs from `device` (what [`WireGuard::status`] saw; `None`: no working device).
+/// Shared by egresses and private networks; addresses and link state are the caller's.
+pub async fn reconcile_wireguard<W: WireGuard>(
+    wg: &W,
+    name: &str,
+    identity: Identity<'_>,
+    device: Option<DeviceStatus>,
+    peers: &[PeerConfig],
+) -> Result<Changes, WgError> {
+    let mut changes = Changes::default();
+    let full = DeviceConfig {
+        private_key: *identity.private_key,
+        listen_port: Some(identity.listen_port),
+        peers: peers.to_vec(),
+    };
+    match device {
+        None => {
+            // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
+            let _ = wg.delete(name).await;
+            wg.create(name).await?;
+            wg.configure(name, &full).await?;
+            changes.created_device = true;
+        }
+        Some(status)
+            if status.public_key != Some(identity.private_key.public())
+                || status.listen_port != identity.listen_port =>
+        {
+            wg.configure(name, &full).await?;
+            changes.reconfigured_device = true;
+        }
+        Some(status) => {
+            let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
+            for have in &status.peers {
+                if !want.contains(&have.public_key) {
+                    wg.remove_peer(name, &have.public_key).await?;
+                    changes.peers_removed += 1;
+                }
+            }
+            let have: HashMap<Key, Vec<IpNet>> = status
+                .peers
+                .iter()
+                .map(|p| (p.public_key, sorted(&p.allowed_ips)))
+                .collect();
+            for p in peers {
+                if have.get(&p.public_key) != Some(&sorted(&p.allowed_ips)) {
+                    wg.set_peer(name, p).await?;
+                    changes.peers_added += 1;
+                }
+            }
+        }
+    }
     Ok(changes)
 }
 

@@ -269,6 +269,7 @@ mod tests {
                     container_id: format!("c{key}"),
                     ..Default::default()
                 },
+                member: None,
             },
             owner: "o".into(),
         }

@@ -9,10 +9,70 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::commit::{CommitError, GroupCommit, Pending};
 use super::pool::Pool;
+use super::pool6::Pool6;
 use super::store::{LeaseStore, StoreError, StoredLease, Write};
-use crate::api::{Lease, LeaseRequest};
-use crate::exit::config::EgressConfig;
+use crate::api::{Attachment, Lease, LeaseRequest, MemberInfo};
+use crate::exit::config::{EgressConfig, NetworkConfig};
 use crate::keys::Key;
+
+/// Where a private network's members are kept in the registry and the store: beside the
+/// egresses, under a name no egress can have (egress names have no ':'), so an egress and a
+/// network may share a name and one public key may hold a lease in both.
+pub fn network_scope(network: &str) -> String {
+    format!("network:{network}")
+}
+
+/// The network a scope of [`network_scope`] names.
+pub fn network_of_scope(scope: &str) -> Option<&str> {
+    scope.strip_prefix("network:")
+}
+
+/// The addresses of one egress (IPv4, handed out in turn) or network (IPv6, derived from
+/// the key).
+#[derive(Debug, Clone)]
+pub enum AddressPool {
+    V4(Pool),
+    V6(Pool6),
+}
+
+impl AddressPool {
+    fn allocate(&mut self, key: &Key) -> Option<std::net::IpAddr> {
+        match self {
+            AddressPool::V4(p) => p.allocate().map(Into::into),
+            AddressPool::V6(p) => p.allocate(key).map(Into::into),
+        }
+    }
+    fn mark_used(&mut self, addr: std::net::IpAddr) -> bool {
+        match self {
+            AddressPool::V4(p) => p.mark_used(addr),
+            AddressPool::V6(p) => p.mark_used(addr),
+        }
+    }
+    fn release(&mut self, addr: std::net::IpAddr) {
+        match self {
+            AddressPool::V4(p) => p.release(addr),
+            AddressPool::V6(p) => p.release(addr),
+        }
+    }
+    fn capacity(&self) -> usize {
+        match self {
+            AddressPool::V4(p) => p.capacity(),
+            AddressPool::V6(p) => p.capacity(),
+        }
+    }
+    fn in_use(&self) -> usize {
+        match self {
+            AddressPool::V4(p) => p.in_use(),
+            AddressPool::V6(p) => p.in_use(),
+        }
+    }
+    fn net(&self) -> String {
+        match self {
+            AddressPool::V4(p) => p.net().to_string(),
+            AddressPool::V6(p) => p.net().to_string(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -41,7 +101,7 @@ impl From<StoreError> for LeaseError {
 /// One egress's leases.
 #[derive(Debug)]
 pub struct EgressLeases {
-    pool: Pool,
+    pool: AddressPool,
     by_key: HashMap<Key, StoredLease>,
 }
 
@@ -83,17 +143,28 @@ impl Registry {
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
     ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
+        Registry::load_with_networks(egresses, &[], store)
+    }
+
+    /// [`Registry::load`] with the members of `networks` too (see [`network_scope`]).
+    pub fn load_with_networks(
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+        store: Arc<dyn LeaseStore>,
+    ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
+        let scope = |pool| EgressLeases {
+            pool,
+            by_key: HashMap::new(),
+        };
         let mut map: HashMap<String, EgressLeases> = egresses
             .iter()
-            .map(|e| {
+            .map(|e| (e.name.clone(), scope(AddressPool::V4(Pool::new(e.pool)))))
+            .chain(networks.iter().map(|n| {
                 (
-                    e.name.clone(),
-                    EgressLeases {
-                        pool: Pool::new(e.pool),
-                        by_key: HashMap::new(),
-                    },
+                    network_scope(&n.name),
+                    scope(AddressPool::V6(Pool6::new(n.prefix))),
                 )
-            })
+            }))
             .collect();
         let mut misfits = Vec::new();
         for stored in store.load()? {
@@ -124,9 +195,12 @@ impl Registry {
             .ok_or_else(|| LeaseError::UnknownEgress(name.to_string()))
     }
 
-    /// Every egress's name and leases.
+    /// Every egress's name and leases (not the networks' members).
     pub fn egresses(&self) -> impl Iterator<Item = (&str, &EgressLeases)> {
-        self.egresses.iter().map(|(name, e)| (name.as_str(), e))
+        self.egresses
+            .iter()
+            .filter(|(name, _)| network_of_scope(name).is_none())
+            .map(|(name, e)| (name.as_str(), e))
     }
 
     /// Grants a lease, or returns the existing one for this public key (idempotent).
@@ -138,41 +212,57 @@ impl Registry {
         req: &LeaseRequest,
         owner: &str,
     ) -> Result<(StoredLease, bool, Pending), LeaseError> {
+        self.lease_for(egress, &req.public_key, &req.attachment, None, owner)
+    }
+
+    /// [`Registry::lease`] for any scope: an egress, or a network's member (`member`).
+    pub fn lease_for(
+        &mut self,
+        egress: &str,
+        public_key: &Key,
+        attachment: &Attachment,
+        member: Option<MemberInfo>,
+        owner: &str,
+    ) -> Result<(StoredLease, bool, Pending), LeaseError> {
         let e = self
             .egresses
             .get_mut(egress)
             .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
-        if let Some(existing) = e.by_key.get(&req.public_key) {
+        if let Some(existing) = e.by_key.get(public_key) {
             if existing.owner != owner {
                 return Err(LeaseError::NotOwner {
                     egress: egress.to_string(),
-                    key: req.public_key,
+                    key: *public_key,
                 });
             }
             let pending = self.commit.submit(Write::Keep {
                 egress: egress.to_string(),
-                public_key: req.public_key,
+                public_key: *public_key,
                 owner: owner.to_string(),
             });
             return Ok((existing.clone(), false, pending));
         }
-        let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
-            egress: egress.to_string(),
-            pool: e.pool.net().to_string(),
-            in_use: e.pool.in_use(),
-        })?;
+        let address = e
+            .pool
+            .allocate(public_key)
+            .ok_or_else(|| LeaseError::PoolExhausted {
+                egress: egress.to_string(),
+                pool: e.pool.net(),
+                in_use: e.pool.in_use(),
+            })?;
         let stored = StoredLease {
             lease: Lease {
                 egress: egress.to_string(),
-                public_key: req.public_key,
-                address: address.into(),
+                public_key: *public_key,
+                address,
                 created_at: now_secs(),
-                attachment: req.attachment.clone(),
+                attachment: attachment.clone(),
+                member: member.map(Box::new),
             },
             owner: owner.to_string(),
         };
         let pending = self.commit.submit(Write::Create(stored.clone()));
-        e.by_key.insert(req.public_key, stored.clone());
+        e.by_key.insert(*public_key, stored.clone());
         Ok((stored, true, pending))
     }
 
@@ -416,5 +506,50 @@ mod tests {
         stored.sort_by_key(|l| l.address);
         held.sort_by_key(|l| l.address);
         assert_eq!(stored, held);
+    }
+
+    #[test]
+    fn a_key_holds_an_egress_lease_and_a_network_member_side_by_side() {
+        use crate::api::{MemberInfo, MemberKind};
+        use crate::exit::config::network::tests::network;
+        let t = tempfile::tempdir().unwrap();
+        // A lease written before networks existed (no `member` field) still loads.
+        let old = r#"{"lease":{"egress":"a","public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","address":"100.96.0.2","created_at":1,"attachment":{"container_id":"c","ifname":"eth0","host":"h","args":{}}},"owner":"o"}"#;
+        let old: StoredLease = serde_json::from_str(old).unwrap();
+        let store = Arc::new(RedbStore::open(&t.path().join("l.redb")).unwrap());
+        store.apply(&[Write::Create(old.clone())]).unwrap();
+        let nets = [network("a", "fdaa:0:1::/48", "wgn-a")];
+        let (mut r, misfits) =
+            Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store.clone())
+                .unwrap();
+        assert!(misfits.is_empty());
+        assert_eq!(r.egress("a").unwrap().get(&Key([1; 32])), Some(&old));
+        let info = MemberInfo {
+            network: "a".into(),
+            kind: MemberKind::Container,
+            app: "web".into(),
+            region: "ams".into(),
+            name: String::new(),
+        };
+        let scope = network_scope("a");
+        let (m, new, pending) = r
+            .lease_for(
+                &scope,
+                &Key([1; 32]),
+                &Attachment::default(),
+                Some(info),
+                "o",
+            )
+            .unwrap();
+        pending.wait().unwrap();
+        assert!(new && m.lease.address.is_ipv6());
+        // Egress counts leave the network's members out.
+        assert_eq!(r.egresses().count(), 1);
+        drop(r);
+        let (r, misfits) =
+            Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store).unwrap();
+        assert!(misfits.is_empty());
+        assert_eq!(r.egress(&scope).unwrap().get(&Key([1; 32])), Some(&m));
+        assert_eq!(network_of_scope(&scope), Some("a"));
     }
 }
