@@ -85,7 +85,7 @@ pub async fn detach_each(
                 continue;
             }
         };
-        let client = client.filter(|_| state.egress == conf.egress);
+        let client = client.filter(|_| crate::cni::member::credentials_fit(&state, conf));
         match detach(&state, client, dir).await {
             Ok(()) => done.push(state),
             Err(e) => {

@@ -47,6 +47,9 @@ pub struct AttachmentState {
     /// The lease could not be released at DEL (server unreachable); GC retries.
     #[serde(default)]
     pub release_pending: bool,
+    /// The private network joined, when the config names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<crate::cni::member::MemberState>,
 }
 
 /// An exclusive lock on one attachment (`<container>.<ifname>.lock` in `dataDir`, held with
@@ -260,6 +263,7 @@ mod tests {
             endpoint: None,
             in_netns: false,
             release_pending: false,
+            member: None,
         };
         dir.save(&s).unwrap();
         dir.save_key("c1", "eth0", &key).unwrap();
