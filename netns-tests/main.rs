@@ -9,6 +9,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod networks;
 mod restart;
 mod runtimes;
 mod security;

@@ -8,7 +8,8 @@
 //! * `forward`: from `W` with a source outside `P`: drop (counted; WireGuard's cryptokey
 //!   routing already makes this impossible, this is the second lock); `W` → `W` within `P`:
 //!   accept (member to member); anything else from or to `W` — another network, the
-//!   gateway's other interfaces, the internet — rejected (admin-prohibited), counted.
+//!   gateway's other interfaces, the internet — rejected (admin-prohibited), counted as
+//!   leaving the network it came from (or entering `W`, from elsewhere).
 //! * `input`: from `W`, DNS (UDP and TCP 53) to `D` and ping of `G` or `D` accepted;
 //!   anything else to the gateway itself dropped, counted.
 //!
@@ -33,18 +34,24 @@ pub enum NetworkRulesError {
 
 /// The whole `nft -f` script that makes the table hold exactly the rules of `networks`.
 pub fn script(networks: &[NetworkConfig]) -> String {
-    let mut forward = String::new();
+    // Forward rules go in stages across all networks (spoofed sources, then traffic within
+    // a network, then traffic leaving one, then traffic entering one), so that a packet from
+    // one network to another is counted where it comes from.
+    let mut stages: [String; 4] = Default::default();
     let mut input = String::new();
     for n in networks {
         let (w, p, name) = (n.wg_interface.as_str(), n.prefix, &n.name);
         let (g, d) = (n.gateway(), n.dns());
-        let _ = writeln!(
-            forward,
-            "    iifname \"{w}\" ip6 saddr != {p} counter drop comment \"{name}: spoofed source\"\n    \
-             iifname \"{w}\" oifname \"{w}\" ip6 daddr {p} accept comment \"{name}: member to member\"\n    \
-             iifname \"{w}\" counter reject with icmpx type admin-prohibited comment \"{name}: leaves the network\"\n    \
-             oifname \"{w}\" counter reject with icmpx type admin-prohibited comment \"{name}: enters the network\""
-        );
+        let reject = "counter reject with icmpx type admin-prohibited";
+        let rules = [
+            format!("iifname \"{w}\" ip6 saddr != {p} counter drop comment \"{name}: spoofed source\""),
+            format!("iifname \"{w}\" oifname \"{w}\" ip6 daddr {p} accept comment \"{name}: member to member\""),
+            format!("iifname \"{w}\" {reject} comment \"{name}: leaves the network\""),
+            format!("oifname \"{w}\" {reject} comment \"{name}: enters the network\""),
+        ];
+        for (stage, rule) in stages.iter_mut().zip(rules) {
+            let _ = writeln!(stage, "    {rule}");
+        }
         let _ = writeln!(
             input,
             "    iifname \"{w}\" ip6 daddr {d} udp dport 53 accept comment \"{name}: dns\"\n    \
@@ -53,6 +60,7 @@ pub fn script(networks: &[NetworkConfig]) -> String {
              iifname \"{w}\" counter drop comment \"{name}: to the gateway\""
         );
     }
+    let forward = stages.concat();
     format!(
         "table inet {NETWORK_TABLE} {{}}\n\
          delete table inet {NETWORK_TABLE}\n\
@@ -116,6 +124,9 @@ mod tests {
             s.contains("iifname \"wgn-acme\" oifname \"wgn-acme\" ip6 daddr fdaa:0:1::/48 accept")
         );
         assert!(s.contains("iifname \"wgn-beta\" counter reject"));
+        // Every network's "leaves" rule comes before any "enters" rule.
+        let leaves = s.find("beta: leaves the network").unwrap();
+        assert!(leaves < s.find("acme: enters the network").unwrap());
         assert!(s.contains("ip6 daddr fdaa:0:2::3 udp dport 53 accept"));
         assert!(s.contains("ip6 daddr { fdaa:0:1::1, fdaa:0:1::3 } icmpv6 type echo-request"));
         // Replaced whole, in one transaction.
