@@ -311,6 +311,26 @@ impl Nets {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// `wgexit peer ARGS…` on the laptop, against network acme with its token.
+    fn peer_cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.laptop,
+                env!("CARGO_BIN_EXE_wgexit"),
+                "peer",
+            ])
+            .args(args)
+            .args(["--server", &format!("https://{API}"), "--network", "acme"])
+            .arg("--ca-file")
+            .arg(self.w.ca_file())
+            .arg("--token-file")
+            .arg(self.w.path("acme-net.token"))
+            .output()
+            .unwrap()
+    }
+
     /// The gateway's public key for `network`.
     fn gateway_key(&self, network: &str, token: &str) -> String {
         let (code, body) = self
@@ -691,32 +711,11 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     let iface = format!("{}lap", n.w.id);
     let conf_path = n.w.path(&format!("{iface}.conf"));
     let create = |out: &PathBuf| {
-        Command::new(env!("CARGO_BIN_EXE_wgexit"))
-            .args([
-                "peer",
-                "create",
-                "--server",
-                &format!("https://{API}"),
-                "--network",
-                "acme",
-                "--name",
-                "alice",
-            ])
-            .arg("--ca-file")
-            .arg(n.w.ca_file())
-            .arg("--token-file")
-            .arg(n.w.path("acme-net.token"))
-            .arg("--out")
-            .arg(out)
-            .output()
-            .unwrap()
+        let out = out.display().to_string();
+        n.peer_cmd(&["create", "--name", "alice", "--out", &out])
     };
     let first = create(&conf_path);
-    assert!(
-        first.status.success(),
-        "{}",
-        String::from_utf8_lossy(&first.stderr)
-    );
+    assert!(first.status.success(), "{first:?}");
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&conf_path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -834,44 +833,14 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
         curl(&n.laptop, "http://web.internal:8080/"),
         Ok("web says hi".into())
     );
-    let list = Command::new(env!("CARGO_BIN_EXE_wgexit"))
-        .args([
-            "peer",
-            "list",
-            "--server",
-            &format!("https://{API}"),
-            "--network",
-            "acme",
-        ])
-        .arg("--ca-file")
-        .arg(n.w.ca_file())
-        .arg("--token-file")
-        .arg(n.w.path("acme-net.token"))
-        .output()
-        .unwrap();
+    let list = n.peer_cmd(&["list"]);
     assert!(
         String::from_utf8_lossy(&list.stdout).starts_with("alice\t"),
         "{list:?}"
     );
 
     // `peer remove` takes it out: the name goes, the tunnel stops.
-    let remove = Command::new(env!("CARGO_BIN_EXE_wgexit"))
-        .args([
-            "peer",
-            "remove",
-            "--server",
-            &format!("https://{API}"),
-            "--network",
-            "acme",
-            "--name",
-            "alice",
-        ])
-        .arg("--ca-file")
-        .arg(n.w.ca_file())
-        .arg("--token-file")
-        .arg(n.w.path("acme-net.token"))
-        .output()
-        .unwrap();
+    let remove = n.peer_cmd(&["remove", "--name", "alice"]);
     assert!(remove.status.success(), "{remove:?}");
     assert_eq!(
         dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").0,
