@@ -823,8 +823,27 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     assert!(n.net_counter("acme: leaves the network") > leaves);
 
     // Silent longer than peer_timeout + first_handshake_timeout (collected every second): a
-    // container would be gone; the laptop stays.
+    // container whose host went away is collected; the laptop stays. (The host "goes away"
+    // by losing the container's wireguard-go: no more keepalives.)
+    let tmp = n.container("tmp", "1122334455667788tmp");
+    n.add(&host, &tmp, &n.conf("acme", None, "cni-data"), "tmp", "ams");
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0,
+        "NOERROR"
+    );
+    let pid = wgexit::wg::userspace::pid_of(&tmp.host_ifname("eth0")).expect("its wireguard-go");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0,
+        "NXDOMAIN",
+        "{}",
+        n.w.daemon_log()
+    );
     assert_eq!(
         dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
         vec!["alice"]
