@@ -464,58 +464,63 @@ fn curl(ns: &str, url: &str) -> Result<String, String> {
     }
 }
 
-#[test]
-fn an_org_reaches_itself_by_name_across_hosts_and_no_other_org() {
-    let mut n = Nets::new();
-    let (conf1, conf2) = (
-        n.conf("acme", None, "cni-data"),
-        n.conf("acme", None, "cni-data2"),
-    );
-    let host1 = n.w.host.clone();
-    let host2 = n.host2.clone();
+/// Org acme's `web` (ams, host 1) and `api` (ord, host 2), with their addresses.
+struct Acme {
+    web: Container,
+    api: Container,
+    web_ip: String,
+    api_ip: String,
+}
+
+fn acme_on_two_hosts(n: &mut Nets) -> Acme {
+    let (host1, host2) = (n.w.host.clone(), n.host2.clone());
     let web = n.container("web", WEB_ID);
     let api = n.container("api", API_ID);
-    let rweb = n.add(&host1, &web, &conf1, "web", "ams");
-    let rapi = n.add(&host2, &api, &conf2, "api", "ord");
-    let web_ip = address_of(&rweb, true);
-    let api_ip = address_of(&rapi, true);
-
+    let rweb = n.add(
+        &host1,
+        &web,
+        &n.conf("acme", None, "cni-data"),
+        "web",
+        "ams",
+    );
+    let rapi = n.add(
+        &host2,
+        &api,
+        &n.conf("acme", None, "cni-data2"),
+        "api",
+        "ord",
+    );
     // The results: the member's /128, the prefix as the only route, the resolver.
     assert_eq!(rweb["ips"].as_array().unwrap().len(), 1, "{rweb}");
     assert_eq!(rweb["routes"], json!([{"dst": ACME_PREFIX}]));
     assert_eq!(rweb["dns"]["nameservers"], json!([ACME_DNS]));
+    let (web_ip, api_ip) = (address_of(&rweb, true), address_of(&rapi, true));
     assert!(web_ip.starts_with("fdaa:0:1:"), "{web_ip}");
-
-    // By name, from the other host: dig, then HTTP to the address it gave.
     n.serve_http(&web.netns, "web says hi\n");
-    let (status, answers) = dig(&api.netns, ACME_DNS, "web.internal", "AAAA");
-    assert_eq!(
-        (status.as_str(), answers.clone()),
-        ("NOERROR", vec![web_ip.clone()]),
-        "{}",
-        n.w.daemon_log()
-    );
-    assert_eq!(
-        curl(&api.netns, &format!("http://[{}]:8080/", answers[0])),
-        Ok("web says hi".into())
-    );
+    Acme {
+        web,
+        api,
+        web_ip,
+        api_ip,
+    }
+}
 
-    // Every name of DESIGN.md.
-    let txt = |name: &str| dig(&api.netns, ACME_DNS, name, "TXT");
-    let aaaa = |name: &str| dig(&api.netns, ACME_DNS, name, "AAAA");
-    assert_eq!(txt("regions.web.internal").1, vec!["ams"]);
-    assert_eq!(txt("_apps.internal").1, vec!["api,web"]);
+/// Every name of DESIGN.md, asked by `api`.
+fn every_name_answers(a: &Acme) {
+    let txt = |name: &str| dig(&a.api.netns, ACME_DNS, name, "TXT").1;
+    let aaaa = |name: &str| dig(&a.api.netns, ACME_DNS, name, "AAAA");
+    let web = vec![a.web_ip.clone()];
+    assert_eq!(txt("regions.web.internal"), vec!["ams"]);
+    assert_eq!(txt("_apps.internal"), vec!["api,web"]);
     assert_eq!(
-        txt("vms.web.internal").1,
+        txt("vms.web.internal"),
         vec![format!("{} ams", &WEB_ID[..12])]
     );
-    assert_eq!(
-        aaaa(&format!("{}.vm.web.internal", &WEB_ID[..12])).1,
-        vec![web_ip.clone()]
-    );
-    assert_eq!(aaaa("ams.web.internal").1, vec![web_ip.clone()]);
-    assert_eq!(aaaa("global.web.internal").1, vec![web_ip.clone()]);
-    assert_eq!(aaaa("top1.nearest.of.web.internal").1, vec![web_ip.clone()]);
+    assert_eq!(aaaa(&format!("{}.vm.web.internal", &WEB_ID[..12])).1, web);
+    assert_eq!(aaaa("ams.web.internal").1, web);
+    assert_eq!(aaaa("global.web.internal").1, web);
+    assert_eq!(aaaa("top1.nearest.of.web.internal").1, web);
+    let (web_ip, api_ip) = (&a.web_ip, &a.api_ip);
     let mut instances = [
         (
             web_ip.parse::<std::net::Ipv6Addr>().unwrap(),
@@ -528,32 +533,86 @@ fn an_org_reaches_itself_by_name_across_hosts_and_no_other_org() {
     ];
     instances.sort();
     let instances: Vec<String> = instances.into_iter().map(|(_, i)| i).collect();
-    assert_eq!(txt("_instances.internal").1, vec![instances.join(";")]);
+    assert_eq!(txt("_instances.internal"), vec![instances.join(";")]);
     assert_eq!(aaaa("ord.web.internal").0, "NXDOMAIN");
     assert_eq!(aaaa("nothing.internal").0, "NXDOMAIN");
+}
+
+/// Beta's member `db` cannot reach acme's members or resolver, even sending into acme's
+/// prefix through its tunnel on purpose, and acme's `api` cannot reach `db`: the gateway
+/// refuses and counts it. Acme's own traffic still flows.
+fn orgs_are_isolated(n: &Nets, a: &Acme, db: &Container, db_ip: &str) {
+    let beta_key = n.gateway_key("beta", BETA_NET_TOKEN);
+    let acme_key = n.gateway_key("acme", ACME_NET_TOKEN);
+    let db_dev = db.host_ifname("eth0");
+    n.widen(
+        &db.netns,
+        (&db_dev, "eth0"),
+        &beta_key,
+        BETA_PREFIX,
+        ACME_PREFIX,
+    );
+    let api_dev = a.api.host_ifname("eth0");
+    n.widen(
+        &a.api.netns,
+        (&api_dev, "eth0"),
+        &acme_key,
+        ACME_PREFIX,
+        BETA_PREFIX,
+    );
+    let leaves_beta = n.net_counter("beta: leaves the network");
+    let to_gateway = n.net_counter("beta: to the gateway");
+    assert!(curl(&db.netns, &format!("http://[{}]:8080/", a.web_ip)).is_err());
+    assert_eq!(
+        dig(&db.netns, ACME_DNS, "web.internal", "AAAA").0,
+        "NO ANSWER"
+    );
+    assert!(n.net_counter("beta: leaves the network") > leaves_beta);
+    assert!(n.net_counter("beta: to the gateway") > to_gateway);
+    let leaves_acme = n.net_counter("acme: leaves the network");
+    assert!(curl(&a.api.netns, &format!("http://[{db_ip}]:8080/")).is_err());
+    assert!(n.net_counter("acme: leaves the network") > leaves_acme);
+    assert_eq!(
+        curl(&a.api.netns, &format!("http://[{}]:8080/", a.web_ip)),
+        Ok("web says hi".into())
+    );
+}
+
+#[test]
+fn an_org_reaches_itself_by_name_across_hosts_and_no_other_org() {
+    let mut n = Nets::new();
+    let a = acme_on_two_hosts(&mut n);
+
+    // By name, from the other host: dig, then HTTP to the address it gave.
+    let (status, answers) = dig(&a.api.netns, ACME_DNS, "web.internal", "AAAA");
+    assert_eq!(
+        (status.as_str(), answers.clone()),
+        ("NOERROR", vec![a.web_ip.clone()])
+    );
+    let url = format!("http://[{}]:8080/", answers[0]);
+    assert_eq!(curl(&a.api.netns, &url), Ok("web says hi".into()));
+    every_name_answers(&a);
 
     // The C library's resolver, with the network's resolver in the container's resolv.conf.
-    n.resolv_conf(&api.netns, ACME_DNS);
+    n.resolv_conf(&a.api.netns, ACME_DNS);
     let getent = sh(&[
         "ip",
         "netns",
         "exec",
-        &api.netns,
+        &a.api.netns,
         "getent",
         "ahosts",
         "web.internal",
     ]);
-    assert!(getent.starts_with(&format!("{web_ip} ")), "{getent}");
+    assert!(getent.starts_with(&format!("{} ", a.web_ip)), "{getent}");
 
     // Other names: forwarded to acme's upstream; beta has none, so refused.
-    assert_eq!(
-        dig(&api.netns, ACME_DNS, "example.test", "A"),
-        ("NOERROR".into(), vec!["198.18.0.99".into()])
-    );
+    let upstream = dig(&a.api.netns, ACME_DNS, "example.test", "A");
+    assert_eq!(upstream, ("NOERROR".into(), vec!["198.18.0.99".into()]));
+    let (host1, host2) = (n.w.host.clone(), n.host2.clone());
     let beta_conf = n.conf("beta", None, "cni-data");
     let db = n.container("db", "99887766554433db");
-    let rdb = n.add(&host1, &db, &beta_conf, "db", "ams");
-    let db_ip = address_of(&rdb, true);
+    let db_ip = address_of(&n.add(&host1, &db, &beta_conf, "db", "ams"), true);
     assert!(db_ip.starts_with("fdaa:0:2:"), "{db_ip}");
     assert_eq!(dig(&db.netns, BETA_DNS, "example.test", "A").0, "REFUSED");
     assert_eq!(
@@ -561,89 +620,28 @@ fn an_org_reaches_itself_by_name_across_hosts_and_no_other_org() {
         "NXDOMAIN"
     );
     n.serve_http(&db.netns, "db\n");
-
-    // Beta cannot reach acme's members or resolver, even sending through the tunnel on
-    // purpose; acme cannot reach beta's.
-    let beta_key = n.gateway_key("beta", BETA_NET_TOKEN);
-    let acme_key = n.gateway_key("acme", ACME_NET_TOKEN);
-    n.widen(
-        &db.netns,
-        (&db.host_ifname("eth0"), "eth0"),
-        &beta_key,
-        BETA_PREFIX,
-        ACME_PREFIX,
-    );
-    n.widen(
-        &api.netns,
-        (&api.host_ifname("eth0"), "eth0"),
-        &acme_key,
-        ACME_PREFIX,
-        BETA_PREFIX,
-    );
-    let leaves_beta = n.net_counter("beta: leaves the network");
-    let to_gateway = n.net_counter("beta: to the gateway");
-    assert!(curl(&db.netns, &format!("http://[{web_ip}]:8080/")).is_err());
-    assert_eq!(
-        dig(&db.netns, ACME_DNS, "web.internal", "AAAA").0,
-        "NO ANSWER"
-    );
-    assert!(
-        n.net_counter("beta: leaves the network") > leaves_beta,
-        "{}\n{}\n{}",
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &n.w.exit,
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "wgexitd-net"
-        ]),
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &db.netns,
-            "wg",
-            "show",
-            &db.host_ifname("eth0")
-        ]),
-        sh(&["ip", "-n", &db.netns, "-6", "route"])
-    );
-    assert!(n.net_counter("beta: to the gateway") > to_gateway);
-    let leaves_acme = n.net_counter("acme: leaves the network");
-    assert!(curl(&api.netns, &format!("http://[{db_ip}]:8080/")).is_err());
-    assert!(n.net_counter("acme: leaves the network") > leaves_acme);
-    // ...while acme's own traffic still flows.
-    assert_eq!(
-        curl(&api.netns, &format!("http://[{web_ip}]:8080/")),
-        Ok("web says hi".into())
-    );
+    orgs_are_isolated(&n, &a, &db, &db_ip);
 
     // DEL of web: its name is gone within the TTL.
-    n.del(&host1, &web, &conf1);
+    n.del(&host1, &a.web, &n.conf("acme", None, "cni-data"));
     let deleted = Instant::now();
-    loop {
-        if dig(&api.netns, ACME_DNS, "web.internal", "AAAA").0 == "NXDOMAIN" {
-            break;
-        }
+    while dig(&a.api.netns, ACME_DNS, "web.internal", "AAAA").0 != "NXDOMAIN" {
         assert!(
             deleted.elapsed() < Duration::from_secs(5),
             "web.internal still answers"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(txt("_apps.internal").1, vec!["api"]);
-    n.del(&host2, &api, &conf2);
+    assert_eq!(
+        dig(&a.api.netns, ACME_DNS, "_apps.internal", "TXT").1,
+        vec!["api"]
+    );
+    n.del(&host2, &a.api, &n.conf("acme", None, "cni-data2"));
     n.del(&host1, &db, &beta_conf);
     let (_, members) =
         n.w.api_raw("GET", "/v1/network/acme/members", Some(ACME_NET_TOKEN));
-    assert_eq!(
-        serde_json::from_str::<Value>(&members).unwrap()["members"],
-        json!([])
-    );
+    let members: Value = serde_json::from_str(&members).unwrap();
+    assert_eq!(members["members"], json!([]));
 }
 
 #[test]
@@ -694,6 +692,97 @@ fn egress_and_network_through_one_interface() {
     assert_eq!(members["members"].as_array().unwrap().len(), 1, "{members}");
 }
 
+/// `wgexit peer create` on the laptop writes a 0600 wg-quick config, and a second create
+/// refuses to overwrite it. Returns the config.
+fn peer_create_writes_a_config(n: &Nets, conf_path: &PathBuf) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let out = conf_path.display().to_string();
+    let create = || n.peer_cmd(&["create", "--name", "alice", "--out", &out]);
+    let first = create();
+    assert!(first.status.success(), "{first:?}");
+    let mode = std::fs::metadata(conf_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let written = std::fs::read_to_string(conf_path).unwrap();
+    assert!(
+        written.contains(&format!("DNS = {ACME_DNS}\n"))
+            && written.contains(&format!("AllowedIPs = {ACME_PREFIX}\n")),
+        "{written}"
+    );
+    let second = create();
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("never overwrites"));
+    assert_eq!(std::fs::read_to_string(conf_path).unwrap(), written);
+    written
+}
+
+/// The real wg-quick brings the config up in the laptop's namespace; its DNS line goes
+/// through resolvconf, here a stand-in that writes the laptop's own resolv.conf.
+fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    n.resolv_conf(&n.laptop.clone(), "198.18.2.1");
+    let bin = n.w.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let resolv = format!("/etc/netns/{}/resolv.conf", n.laptop);
+    let shim = format!("#!/bin/sh\n[ \"$1\" = -a ] && cat > {resolv}\nexit 0\n");
+    std::fs::write(bin.join("resolvconf"), shim).unwrap();
+    let exec = std::fs::Permissions::from_mode(0o755);
+    std::fs::set_permissions(bin.join("resolvconf"), exec).unwrap();
+    let path = format!(
+        "PATH={}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let up = Command::new("ip")
+        .args(["netns", "exec", &n.laptop, "env", &path])
+        .args([
+            "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
+            "wg-quick",
+            "up",
+        ])
+        .arg(conf_path)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "wg-quick up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let resolv = std::fs::read_to_string(&resolv).unwrap();
+    assert_eq!(resolv.trim(), format!("nameserver {ACME_DNS}"));
+}
+
+/// Silent longer than peer_timeout + first_handshake_timeout (collected every second): a
+/// container whose host went away (its wireguard-go killed: no more keepalives) is
+/// collected; the laptop stays.
+fn a_silent_container_goes_the_laptop_stays(n: &mut Nets, web: &Container) {
+    let host = n.w.host.clone();
+    let tmp = n.container("tmp", "1122334455667788tmp");
+    n.add(&host, &tmp, &n.conf("acme", None, "cni-data"), "tmp", "ams");
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0,
+        "NOERROR"
+    );
+    let pid = wgexit::wg::userspace::pid_of(&tmp.host_ifname("eth0")).expect("its wireguard-go");
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    let gone = dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0;
+    assert_eq!(gone, "NXDOMAIN", "{}", n.w.daemon_log());
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
+        vec!["alice"]
+    );
+    assert_eq!(
+        curl(&n.laptop, "http://web.internal:8080/"),
+        Ok("web says hi".into())
+    );
+    let list = n.peer_cmd(&["list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).starts_with("alice\t"),
+        "{list:?}"
+    );
+}
+
 #[test]
 fn a_laptop_joins_with_wg_quick_and_stays() {
     let mut n = Nets::new();
@@ -707,73 +796,10 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     let db_ip = address_of(&rdb, true);
     n.serve_http(&db.netns, "db\n");
 
-    // `wgexit peer create` on the laptop: a 0600 wg-quick config, never overwritten.
     let iface = format!("{}lap", n.w.id);
     let conf_path = n.w.path(&format!("{iface}.conf"));
-    let create = |out: &PathBuf| {
-        let out = out.display().to_string();
-        n.peer_cmd(&["create", "--name", "alice", "--out", &out])
-    };
-    let first = create(&conf_path);
-    assert!(first.status.success(), "{first:?}");
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&conf_path).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600);
-    let written = std::fs::read_to_string(&conf_path).unwrap();
-    assert!(
-        written.contains(&format!("DNS = {ACME_DNS}\n"))
-            && written.contains(&format!("AllowedIPs = {ACME_PREFIX}\n")),
-        "{written}"
-    );
-    let second = create(&conf_path);
-    assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("never overwrites"));
-    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), written);
-
-    // The real wg-quick brings it up in the laptop's namespace; its DNS line goes through
-    // resolvconf, here a stand-in that writes the laptop's own resolv.conf.
-    n.resolv_conf(&n.laptop.clone(), "198.18.2.1");
-    let bin = n.w.path("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let resolv = format!("/etc/netns/{}/resolv.conf", n.laptop);
-    std::fs::write(
-        bin.join("resolvconf"),
-        format!("#!/bin/sh\n[ \"$1\" = -a ] && cat > {resolv}\nexit 0\n"),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        bin.join("resolvconf"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let up = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &n.laptop,
-            "env",
-            &format!("PATH={path}"),
-            "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
-            "wg-quick",
-            "up",
-        ])
-        .arg(&conf_path)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "wg-quick up: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    assert_eq!(
-        std::fs::read_to_string(&resolv).unwrap().trim(),
-        format!("nameserver {ACME_DNS}")
-    );
+    let written = peer_create_writes_a_config(&n, &conf_path);
+    wg_quick_up(&mut n, &conf_path);
 
     // Resolves web by name with its configured resolver (wg-quick's first packet starts
     // the handshake), reaches it, and shows up as a peer.
@@ -795,14 +821,17 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
             start.elapsed() < Duration::from_secs(10),
             "laptop cannot resolve web.internal"
         );
+        std::thread::sleep(Duration::from_millis(100));
     };
     assert!(getent.starts_with(&format!("{web_ip} ")), "{getent}");
     assert_eq!(
         curl(&n.laptop, "http://web.internal:8080/"),
         Ok("web says hi".into())
     );
-    let (_, peers) = dig(&web.netns, ACME_DNS, "_peer.internal", "TXT");
-    assert_eq!(peers, vec!["alice"]);
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
+        vec!["alice"]
+    );
     let laptop_ip = dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").1;
     assert!(
         written.contains(&format!("Address = {}/128", laptop_ip[0])),
@@ -822,48 +851,12 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     assert!(curl(&n.laptop, &format!("http://[{db_ip}]:8080/")).is_err());
     assert!(n.net_counter("acme: leaves the network") > leaves);
 
-    // Silent longer than peer_timeout + first_handshake_timeout (collected every second): a
-    // container whose host went away is collected; the laptop stays. (The host "goes away"
-    // by losing the container's wireguard-go: no more keepalives.)
-    let tmp = n.container("tmp", "1122334455667788tmp");
-    n.add(&host, &tmp, &n.conf("acme", None, "cni-data"), "tmp", "ams");
-    assert_eq!(
-        dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0,
-        "NOERROR"
-    );
-    let pid = wgexit::wg::userspace::pid_of(&tmp.host_ifname("eth0")).expect("its wireguard-go");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(8));
-    assert_eq!(
-        dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0,
-        "NXDOMAIN",
-        "{}",
-        n.w.daemon_log()
-    );
-    assert_eq!(
-        dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
-        vec!["alice"]
-    );
-    assert_eq!(
-        curl(&n.laptop, "http://web.internal:8080/"),
-        Ok("web says hi".into())
-    );
-    let list = n.peer_cmd(&["list"]);
-    assert!(
-        String::from_utf8_lossy(&list.stdout).starts_with("alice\t"),
-        "{list:?}"
-    );
+    a_silent_container_goes_the_laptop_stays(&mut n, &web);
 
     // `peer remove` takes it out: the name goes, the tunnel stops.
     let remove = n.peer_cmd(&["remove", "--name", "alice"]);
     assert!(remove.status.success(), "{remove:?}");
-    assert_eq!(
-        dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").0,
-        "NXDOMAIN"
-    );
+    let gone = dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").0;
+    assert_eq!(gone, "NXDOMAIN");
     assert!(curl(&n.laptop, &format!("http://[{web_ip}]:8080/")).is_err());
 }
