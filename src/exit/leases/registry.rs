@@ -27,6 +27,19 @@ pub fn network_of_scope(scope: &str) -> Option<&str> {
     scope.strip_prefix("network:")
 }
 
+/// "egress" or "network", for messages about a scope.
+fn kind_of_scope(scope: &str) -> &'static str {
+    match network_of_scope(scope) {
+        Some(_) => "network",
+        None => "egress",
+    }
+}
+
+/// The egress's or network's own name, for messages about a scope.
+fn name_of_scope(scope: &str) -> &str {
+    network_of_scope(scope).unwrap_or(scope)
+}
+
 /// The addresses of one egress (IPv4, handed out in turn) or network (IPv6, derived from
 /// the key).
 #[derive(Debug, Clone)]
@@ -76,17 +89,17 @@ impl AddressPool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("no egress named {0:?}")]
+    #[error("no {} named {:?}", kind_of_scope(.0), name_of_scope(.0))]
     UnknownEgress(String),
-    #[error("egress {egress}: pool {pool} has no free address ({in_use} leased); release leases or give the egress a larger pool")]
+    #[error("{} {}: pool {pool} has no free address ({in_use} leased); release leases or give it a larger pool", kind_of_scope(.egress), name_of_scope(.egress))]
     PoolExhausted {
         egress: String,
         pool: String,
         in_use: usize,
     },
-    #[error("egress {egress}: no lease for public key {key}")]
+    #[error("{} {}: no lease for public key {key}", kind_of_scope(.egress), name_of_scope(.egress))]
     NotFound { egress: String, key: Key },
-    #[error("egress {egress}: the lease for {key} was made with another token")]
+    #[error("{} {}: the lease for {key} was made with another token", kind_of_scope(.egress), name_of_scope(.egress))]
     NotOwner { egress: String, key: Key },
     #[error(transparent)]
     Store(#[from] CommitError),
