@@ -194,3 +194,89 @@ pub async fn start(
     server.register_listener(tcp, TCP_TIMEOUT);
     Ok(server)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Lease, MemberInfo, MemberKind};
+    use crate::exit::config::network::tests::network;
+    use crate::exit::dns::directory::Directory;
+    use crate::keys::Key;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::Name;
+    use hickory_proto::serialize::binary::BinDecodable;
+    use hickory_server::authority::MessageRequest;
+
+    fn member(n: u8, app: &str) -> Lease {
+        Lease {
+            egress: "network:acme".into(),
+            public_key: Key([n; 32]),
+            address: format!("fdaa:0:1::{:x}", 0x100 + u16::from(n))
+                .parse()
+                .unwrap(),
+            created_at: 0,
+            attachment: Default::default(),
+            member: Some(Box::new(MemberInfo {
+                network: "acme".into(),
+                kind: MemberKind::Container,
+                app: app.into(),
+                region: "ams".into(),
+                name: String::new(),
+            })),
+        }
+    }
+
+    fn request(name: &str, rtype: RecordType, src: &str) -> Request {
+        let mut m = Message::new();
+        m.set_id(7)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+        let bytes = m.to_vec().unwrap();
+        let message = MessageRequest::from_bytes(&bytes).unwrap();
+        Request::new(message, src.parse().unwrap(), Protocol::Udp)
+    }
+
+    fn resolver(upstreams: Vec<SocketAddr>) -> Resolver {
+        let mut n = network("acme", "fdaa:0:1::/48", "wgn-acme");
+        n.dns_upstream = upstreams;
+        let published = Published::default();
+        published.publish(Directory::from_leases(
+            [member(1, "web"), member(2, "api")].iter(),
+        ));
+        Resolver::new(&n, published)
+    }
+
+    #[tokio::test]
+    async fn only_live_members_get_answers() {
+        let r = resolver(Vec::new());
+        let asked = |src: &'static str| request("web.internal.", RecordType::AAAA, src);
+        let ok = r.reply(&asked("[fdaa:0:1::102]:5353")).await;
+        assert_eq!(ok.code, ResponseCode::NoError);
+        assert_eq!(ok.answers.len(), 1);
+        assert!(ok.authoritative);
+        // In the prefix but holding no lease, another network, or not IPv6 at all.
+        for stranger in [
+            "[fdaa:0:1::999]:5353",
+            "[fdaa:0:2::101]:5353",
+            "198.51.100.10:5353",
+        ] {
+            let refused = r.reply(&asked(stranger)).await;
+            assert_eq!(refused.code, ResponseCode::Refused, "{stranger}");
+            assert!(refused.answers.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn other_names_are_refused_without_an_upstream() {
+        let r = resolver(Vec::new());
+        let q = request("example.test.", RecordType::A, "[fdaa:0:1::101]:5353");
+        assert_eq!(r.reply(&q).await.code, ResponseCode::Refused);
+        let q = request("nope.internal.", RecordType::AAAA, "[fdaa:0:1::101]:5353");
+        assert_eq!(r.reply(&q).await.code, ResponseCode::NXDomain);
+        let q = request("web.internal.", RecordType::TXT, "[fdaa:0:1::101]:5353");
+        let nodata = r.reply(&q).await;
+        assert_eq!(
+            (nodata.code, nodata.answers.len()),
+            (ResponseCode::NoError, 0)
+        );
+    }
+}
