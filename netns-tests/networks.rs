@@ -104,12 +104,10 @@ fn uplink(w: &World, ns: &str, exit_if: &str, exit_ip: &str, ns_ip: &str) {
 
 impl Nets {
     fn new() -> Nets {
-        // Token files and tables must exist before the daemon starts: the world writes its
-        // own files into its directory, so make the world with the tables, then the tokens,
-        // then (re)start the daemon.
+        // The networks' tables name token files in the world's own directory, which exists
+        // only once the world does: make it, add the tokens and tables, restart the daemon.
         let settings = Settings {
             daemon_extra: "peer_timeout = 4\nfirst_handshake_timeout = 2\npersistent_keepalive = 1\ncollect_interval = 1\n".into(),
-            daemon_tables: String::new(),
             ..Default::default()
         };
         let mut w = World::with(settings);

@@ -92,8 +92,6 @@ pub struct World {
 pub struct Settings {
     /// Top-level `wgexitd.toml` lines (timeouts, intervals, ...).
     pub daemon_extra: String,
-    /// Tables appended to `wgexitd.toml` (e.g. `[[network]]`).
-    pub daemon_tables: String,
     /// Egress acme's pool instead of [`POOL`].
     pub pool: Option<String>,
     /// `RUST_LOG` for the daemon.
@@ -299,9 +297,8 @@ wg_interface = "{wg2}"
 listen_port = 51821
 endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
-{tables}"#,
+"#,
             extra = self.settings.daemon_extra,
-            tables = self.settings.daemon_tables,
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             backend = self.backend,
