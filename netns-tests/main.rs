@@ -13,6 +13,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod networks;
 mod pool;
 mod readiness;
 mod recovery;

@@ -527,14 +527,31 @@ token_file = "{other_tokens}"
         ifname: &str,
         stdin: &[u8],
     ) -> CniOutput {
+        self.cni_on(&self.host, command, container_id, netns, ifname, stdin, &[])
+    }
+
+    /// Runs the plugin from container host namespace `host`, with `env` added (e.g.
+    /// `CNI_ARGS`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn cni_on(
+        &self,
+        host: &str,
+        command: &str,
+        container_id: &str,
+        netns: Option<&Path>,
+        ifname: &str,
+        stdin: &[u8],
+        env: &[(&str, &str)],
+    ) -> CniOutput {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.host, env!("CARGO_BIN_EXE_wgexit")])
+        cmd.args(["netns", "exec", host, env!("CARGO_BIN_EXE_wgexit")])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", container_id)
             .env("CNI_IFNAME", ifname)
             .env("CNI_PATH", "/opt/cni/bin")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -647,8 +664,13 @@ impl Drop for World {
         // Deleting a namespace deletes its links; wireguard-go exits when its link goes.
         // The exit's userspace WireGuard processes live in the exit namespace and keep it
         // alive: remove their links first (as `wgexitd teardown` would) so they exit.
-        for wg in [self.wg_interface.clone(), format!("{}o", self.id)] {
-            let _ = try_sh(&["ip", "-n", &self.exit, "link", "del", &wg]);
+        let listed = try_sh(&["ip", "-n", &self.exit, "-j", "link", "show"]);
+        let links: Value = serde_json::from_slice(&listed.stdout).unwrap_or_default();
+        let names = links.as_array().cloned().unwrap_or_default();
+        for wg in names.iter().filter_map(|l| l["ifname"].as_str()) {
+            if wg.starts_with(&self.id) {
+                let _ = try_sh(&["ip", "-n", &self.exit, "link", "del", wg]);
+            }
         }
         let container_ns = self.containers.iter().map(|c| &c.netns);
         for ns in container_ns.chain([&self.host, &self.exit, &self.isp]) {

@@ -8,10 +8,17 @@
 //! | `GET` | `/v1/egress/{egress}/leases` | | 200 [`LeaseList`] |
 //! | `DELETE` | `/v1/egress/{egress}/leases/{public_key}` | | 204 |
 //! | `GET` | `/v1/egress/{egress}` | | 200 [`EgressInfo`] |
+//! | `POST` | `/v1/network/{network}/members` | [`MemberRequest`] | 200 [`MemberGrant`] |
+//! | `GET` | `/v1/network/{network}/members` | | 200 [`MemberList`] |
+//! | `DELETE` | `/v1/network/{network}/members/{public_key}` | | 204 |
+//! | `POST` | `/v1/network/{network}/peers` | [`PeerRequest`] | 200 [`MemberGrant`] |
+//! | `GET` | `/v1/network/{network}/peers` | | 200 [`MemberList`] |
+//! | `DELETE` | `/v1/network/{network}/peers/{public_key}` | | 204 |
+//! | `GET` | `/v1/network/{network}` | | 200 [`NetworkInfo`] |
 //! | `GET` | `/healthz` | | 200 `ok` |
 //! | `GET` | `/metrics` | | 200 Prometheus text |
 //!
-//! `/v1` routes need `Authorization: Bearer TOKEN` with a token of that egress.
+//! `/v1` routes need `Authorization: Bearer TOKEN` with a token of that egress or network.
 //! `{public_key}` is the key in URL-safe base64 (standard base64, percent-encoded, works too).
 //! Errors answer with an [`ApiError`] body.
 
@@ -107,6 +114,9 @@ pub struct Lease {
     /// Unix seconds.
     pub created_at: u64,
     pub attachment: Attachment,
+    /// Set for a member of a private network (see [`MemberInfo`]); absent for egress leases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<Box<MemberInfo>>,
 }
 
 /// Everything a client needs to bring its tunnel up.
@@ -172,4 +182,175 @@ pub fn valid_egress_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// What kind of member of a private network a lease is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberKind {
+    /// A container, attached by the plugin; collected when idle like an egress lease.
+    Container,
+    /// A laptop or other peer joined with `wgexit peer create`; never collected.
+    Peer,
+}
+
+/// What a private network's DNS knows of a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub network: String,
+    pub kind: MemberKind,
+    /// The container's app (`<app>.internal`); empty for peers.
+    #[serde(default)]
+    pub app: String,
+    /// The container's region (`<region>.<app>.internal`); empty for peers.
+    #[serde(default)]
+    pub region: String,
+    /// The peer's name (`<name>._peer.internal`); empty for containers.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// DNS labels (apps, regions, peer names): 1-63 of letters, digits and '-', not starting or
+/// ending with '-'.
+pub fn valid_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// `POST /v1/network/{network}/members`: a container joins. Idempotent per public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberRequest {
+    pub public_key: Key,
+    #[serde(default)]
+    pub attachment: Attachment,
+    pub app: String,
+    #[serde(default)]
+    pub region: String,
+}
+
+impl MemberRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        self.attachment.validate()?;
+        if self.public_key.is_zero() {
+            return Err("public_key must not be all zeros".into());
+        }
+        if !valid_dns_label(&self.app) {
+            return Err(format!(
+                "app {:?} must be a DNS label: 1-63 letters, digits or '-'",
+                self.app
+            ));
+        }
+        if !self.region.is_empty() && !valid_dns_label(&self.region) {
+            return Err(format!(
+                "region {:?} must be a DNS label: 1-63 letters, digits or '-'",
+                self.region
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/network/{network}/peers`: a laptop joins. Idempotent per public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerRequest {
+    pub public_key: Key,
+    pub name: String,
+}
+
+impl PeerRequest {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.public_key.is_zero() {
+            return Err("public_key must not be all zeros".into());
+        }
+        if !valid_dns_label(&self.name) {
+            return Err(format!(
+                "peer name {:?} must be a DNS label: 1-63 letters, digits or '-'",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A member of a private network as the gateway lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub network: String,
+    pub kind: MemberKind,
+    pub public_key: Key,
+    pub address: IpAddr,
+    /// Unix seconds.
+    pub created_at: u64,
+    #[serde(default)]
+    pub app: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub attachment: Attachment,
+}
+
+/// Everything a member needs to reach its network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberGrant {
+    pub member: Member,
+    /// The member's address as a host network (/128).
+    pub address: IpNet,
+    /// The network's prefix: what to route to the gateway.
+    pub prefix: IpNet,
+    /// The gateway's WireGuard public key for this network.
+    pub server_public_key: Key,
+    pub endpoint: SocketAddr,
+    /// The gateway's own address in the network (`<prefix>::1`).
+    pub gateway: IpAddr,
+    /// The network's resolver (`<prefix>::3`).
+    pub dns: IpAddr,
+    pub persistent_keepalive: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberList {
+    pub members: Vec<Member>,
+}
+
+/// `GET /v1/network/{network}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub prefix: IpNet,
+    pub endpoint: SocketAddr,
+    pub server_public_key: Key,
+    pub gateway: IpAddr,
+    pub dns: IpAddr,
+    /// Containers and peers.
+    pub members: usize,
+    pub peers: usize,
+}
+
+pub fn network_path(network: &str) -> String {
+    format!("/v1/network/{network}")
+}
+
+pub fn members_path(network: &str) -> String {
+    format!("/v1/network/{network}/members")
+}
+
+pub fn member_path(network: &str, key: &Key) -> String {
+    format!("/v1/network/{network}/members/{}", key.to_base64_url())
+}
+
+pub fn peers_path(network: &str) -> String {
+    format!("/v1/network/{network}/peers")
+}
+
+pub fn peer_path(network: &str, key: &Key) -> String {
+    format!("/v1/network/{network}/peers/{}", key.to_base64_url())
 }

@@ -10,4 +10,5 @@ pub mod exit;
 pub mod fsutil;
 pub mod keys;
 pub mod net;
+pub mod peer;
 pub mod wg;

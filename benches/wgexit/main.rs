@@ -7,7 +7,9 @@
 //! 3. lease throughput of one exit node with 64 concurrent clients, a new TLS connection each;
 //! 4. lease latency and memory at growing numbers of live peers;
 //! 5. tunnel throughput (iperf3) against the same WireGuard configured by hand with `wg-quick`,
-//!    and against a plain routed veth path.
+//!    and against a plain routed veth path;
+//! 6. private networks: member-to-member throughput against the egress tunnel, and the
+//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`.
 //!
 //! `-- --smoke` runs every row at a tiny size (seconds) so CI keeps this code working; it
 //! writes nothing under `bench/results/`.
@@ -17,6 +19,7 @@ mod world;
 
 mod cni;
 mod leases;
+mod networks;
 mod report;
 mod stats;
 mod tunnel;
@@ -37,6 +40,8 @@ pub struct Sizes {
     pub scale_samples: usize,
     pub iperf_secs: u32,
     pub iperf_rounds: usize,
+    /// DNS queries per resolver in row 6.
+    pub dns_queries: usize,
     /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
     pub perf: Option<PathBuf>,
 }
@@ -52,6 +57,7 @@ impl Sizes {
             scale_samples: 100,
             iperf_secs: 5,
             iperf_rounds: 3,
+            dns_queries: 20_000,
             perf: None,
         }
     }
@@ -66,6 +72,7 @@ impl Sizes {
             scale_samples: 5,
             iperf_secs: 1,
             iperf_rounds: 1,
+            dns_queries: 200,
             perf: None,
         }
     }
@@ -137,6 +144,13 @@ fn main() {
             sizes.iperf_secs, sizes.iperf_rounds
         );
         results.tunnel = Some(tunnel::run(&mut world, &sizes));
+    }
+    if wants("6") {
+        eprintln!(
+            "[6] private networks: iperf3 {} s x {} rounds, {} DNS queries each",
+            sizes.iperf_secs, sizes.iperf_rounds, sizes.dns_queries
+        );
+        results.networks = Some(networks::run(&mut world, &sizes));
     }
     // After the tunnel row, so the tunnel is measured on an exit node that is not carrying
     // 60k peers.

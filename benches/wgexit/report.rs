@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::cni::CniResults;
 use crate::leases::LeaseResults;
+use crate::networks::NetworkResults;
 use crate::tunnel::TunnelResults;
 use crate::Sizes;
 
@@ -66,6 +67,7 @@ pub struct Results {
     pub cni: Option<CniResults>,
     pub leases: Option<LeaseResults>,
     pub tunnel: Option<TunnelResults>,
+    pub networks: Option<NetworkResults>,
 }
 
 #[derive(Debug, Serialize)]
@@ -127,6 +129,7 @@ impl Results {
             cni: None,
             leases: None,
             tunnel: None,
+            networks: None,
         }
     }
 
@@ -315,6 +318,38 @@ impl Results {
                 format!("{w:.0}"),
                 format!("plain veth {p:.0}"),
                 ratio(w, p),
+                String::new(),
+            );
+        }
+        if let Some(n) = &self.networks {
+            let m = NetworkResults::median(&n.member_to_member);
+            let e = NetworkResults::median(&n.egress);
+            push(
+                "6",
+                "iperf3 member → member through the gateway (Mbit/s, median)".into(),
+                format!("{m:.0}"),
+                format!("egress tunnel container → isp {e:.0}"),
+                ratio(m, e),
+                String::new(),
+            );
+            let (r, d) = (&n.resolver, &n.dnsmasq);
+            push(
+                "6",
+                format!(
+                    "AAAA web.internal answers/s, {} clients ({} of {} answered)",
+                    4, r.answered, r.queries
+                ),
+                format!("{:.0}", r.per_second),
+                format!("dnsmasq hosts file, no tunnel {:.0}", d.per_second),
+                ratio(r.per_second, d.per_second),
+                String::new(),
+            );
+            push(
+                "6",
+                "AAAA web.internal latency p50 / p99 (µs)".into(),
+                format!("{:.0} / {:.0}", r.p50_us, r.p99_us),
+                format!("dnsmasq {:.0} / {:.0}", d.p50_us, d.p99_us),
+                ratio(r.p99_us, d.p99_us),
                 String::new(),
             );
         }

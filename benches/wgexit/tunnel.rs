@@ -34,8 +34,8 @@ impl TunnelResults {
     }
 }
 
-/// Runs `iperf3 -c target` in `ns`; the receiver's Mbit/s.
-fn iperf(ns: &str, target: &str, secs: u32) -> f64 {
+/// Runs `iperf3 -c target -p port` in `ns`; the receiver's Mbit/s.
+pub fn iperf(ns: &str, target: &str, port: &str, secs: u32) -> f64 {
     let out = sh(&[
         "ip",
         "netns",
@@ -44,6 +44,8 @@ fn iperf(ns: &str, target: &str, secs: u32) -> f64 {
         "iperf3",
         "-c",
         target,
+        "-p",
+        port,
         "-t",
         &secs.to_string(),
         "-J",
@@ -228,10 +230,11 @@ pub fn run(world: &mut World, sizes: &Sizes) -> TunnelResults {
     };
     for _ in 0..sizes.iperf_rounds {
         r.wgexit
-            .push(iperf(&c.netns, "198.18.0.10", sizes.iperf_secs));
+            .push(iperf(&c.netns, "198.18.0.10", "5201", sizes.iperf_secs));
         r.wg_quick
-            .push(iperf(&hand, "203.0.113.1", sizes.iperf_secs));
-        r.plain.push(iperf(&hand, "198.18.0.10", sizes.iperf_secs));
+            .push(iperf(&hand, "203.0.113.1", "5201", sizes.iperf_secs));
+        r.plain
+            .push(iperf(&hand, "198.18.0.10", "5201", sizes.iperf_secs));
         eprintln!(
             "  Mbit/s: wgexit {:.0}, wg-quick {:.0}, plain veth {:.0}",
             r.wgexit.last().unwrap_or(&0.0),

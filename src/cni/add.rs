@@ -13,14 +13,16 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
+use crate::cni::leasing::{Leasing, Requests};
+use crate::cni::member::{self, MemberState};
 use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::stale;
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
-use crate::cni::{client_error, container_device, link_error, open_backend, wg_error};
+use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
-use crate::wg::{Backend, DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
+use crate::wg::{Backend, DeviceConfig, DeviceStatus, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let mut steps = Steps::from_env();
@@ -40,6 +42,10 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         }
     }
     let backend = open_backend(conf.backend)?;
+    let app_region = match conf.network {
+        Some(_) => Some(member::app_and_region(env, conf)?),
+        None => None,
+    };
     steps.done("config, state dir, client, stale check, backend");
 
     let private_key = Key::generate_private().map_err(|e| {
@@ -66,7 +72,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
                 .map_err(|e| link_error("cannot use CNI_NETNS", e))?,
         ),
         network: conf.name.clone(),
-        egress: conf.egress.clone(),
+        egress: conf.egress.clone().unwrap_or_default(),
         host_ifname: host_ifname(container_id, ifname, netns_path),
         backend: backend.kind(),
         public_key: private_key.public(),
@@ -77,6 +83,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         listen_port: None,
         in_netns: false,
         release_pending: false,
+        member: conf.network.as_deref().map(MemberState::new),
     };
     if let Err(e) = dir
         .save_key(container_id, ifname, &private_key)
@@ -93,11 +100,22 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         dir: &dir,
     };
     let request = lease_request(env, conf, &state);
+    let requests = Requests {
+        member: conf
+            .network
+            .clone()
+            .zip(app_region)
+            .map(|(network, app_region)| {
+                let req = member::request(&request.attachment, state.public_key, app_region);
+                (network, req)
+            }),
+        egress: conf.egress.clone().map(|egress| (egress, request)),
+    };
     match attach(
         conf,
         &client,
         &place,
-        request,
+        requests,
         &mut state,
         &private_key,
         &mut steps,
@@ -144,7 +162,7 @@ async fn attach(
     conf: &NetConf,
     client: &Client,
     place: &Place<'_>,
-    request: LeaseRequest,
+    requests: Requests,
     state: &mut AttachmentState,
     private_key: &Key,
     steps: &mut Steps,
@@ -154,54 +172,43 @@ async fn attach(
         netns,
         dir,
     } = *place;
-    // The lease travels to the exit node while the link is made: neither needs the other,
-    // and moving a TUN device between namespaces alone takes the kernel 15-20 ms.
-    let lease = tokio::task::spawn_blocking({
-        let (client, egress) = (client.clone(), conf.egress.clone());
-        move || client.lease(&egress, &request)
-    });
+    // The leases travel to the exit node and the gateway while the link is made: none needs
+    // the others, and moving a TUN device between namespaces alone takes the kernel 15-20 ms.
+    let leasing = Leasing::start(client, requests);
     let made = make_link(place, state, private_key, steps).await;
-    let leased = lease
-        .await
-        .map_err(|e| CniError::new(Code::Io, "leasing an address").with_details(e.to_string()))?;
-    // Record a granted lease before anything else can fail, so that the undo releases it.
-    if let Ok((server, grant)) = &leased {
-        state.server = Some(server.clone());
-        state.address = Some(grant.address);
-        state.exit_public_key = Some(grant.server_public_key);
-        state.endpoint = Some(grant.endpoint);
-        dir.save(state)?;
-    }
+    // Every granted lease is recorded before anything else can fail, so the undo releases it.
+    let grants = leasing.finish(state, dir).await?;
     made?;
-    let (_, grant) = leased.map_err(|e| client_error("leasing an address", &e))?;
-    steps.done("lease (made alongside)");
+    let grants = grants?;
+    steps.done("leases (made alongside)");
 
-    let routes = conf.routes.destinations();
-    let exit_peer = PeerConfig {
-        public_key: grant.server_public_key,
-        endpoint: Some(grant.endpoint),
-        allowed_ips: routes.iter().copied().map(IpNet::V4).collect(),
-        persistent_keepalive: Some(grant.persistent_keepalive),
-    };
     let (in_container, name) = container_device(state, netns)?;
     let wg = in_container.as_ref().unwrap_or(backend);
-    wg.set_peer(name, &exit_peer)
-        .await
-        .map_err(|e| wg_error("configuring the exit node as the peer", e))?;
-    steps.done("peer");
+    for peer in grants.peers(conf.routes) {
+        wg.set_peer(name, &peer)
+            .await
+            .map_err(|e| wg_error("configuring the exit node or gateway as a peer", e))?;
+    }
+    steps.done("peers");
 
     let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let ifname = &state.ifname;
-    nl.add_address(ifname, grant.address)
-        .await
-        .map_err(|e| link_error("adding the address", e))?;
+    let addresses = grants.addresses();
+    for address in &addresses {
+        nl.add_address(ifname, *address)
+            .await
+            .map_err(|e| link_error("adding the address", e))?;
+    }
     nl.set_up(ifname, Some(conf.mtu))
         .await
         .map_err(|e| link_error("bringing the link up", e))?;
+    let routes = grants.routes(conf.routes);
     for dst in &routes {
-        nl.add_route(ifname, *dst)
-            .await
-            .map_err(|e| link_error("adding the route", e))?;
+        match *dst {
+            IpNet::V4(d) => nl.add_route(ifname, d).await,
+            IpNet::V6(d) => nl.add_route6(ifname, d).await,
+        }
+        .map_err(|e| link_error("adding the route", e))?;
     }
 
     steps.done("address, MTU, up, routes");
@@ -216,8 +223,9 @@ async fn attach(
         sandbox: netns.path().to_path_buf(),
         mac: conf.report_mac.then(|| pseudo_mac(&state.public_key)),
         mtu: conf.mtu,
-        address: grant.address,
+        addresses,
         routes,
+        nameservers: grants.member.iter().map(|g| g.dns).collect(),
     })
 }
 
@@ -261,7 +269,8 @@ async fn make_link(
     Ok(())
 }
 
-/// Waits until the exit node answered a handshake, so the container's first packet works.
+/// Waits until the exit node and the gateway (whichever there are) answered a handshake, so
+/// the container's first packet works.
 async fn wait_for_handshake(
     state: &AttachmentState,
     backend: &Backend,
@@ -274,19 +283,31 @@ async fn wait_for_handshake(
             .status(name)
             .await
             .map_err(|e| wg_error("reading the WireGuard link", e))?;
-        if status.peers.iter().any(|p| p.last_handshake.is_some()) {
+        if !status.peers.is_empty() && status.peers.iter().all(|p| p.last_handshake.is_some()) {
             return Ok(status);
         }
         if start.elapsed() >= timeout {
             return Err(CniError::new(
                 Code::NoHandshake,
                 format!(
-                    "no WireGuard handshake with the exit node at {} within {} ms; check that UDP to that endpoint is open from this host and that wgexitd is running",
-                    state.endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                    "no WireGuard handshake with the exit node or gateway at {} within {} ms; check that UDP to that endpoint is open from this host and that wgexitd is running",
+                    endpoints(state),
                     timeout.as_millis()
                 ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// The endpoints ADD dialled, for messages.
+fn endpoints(state: &AttachmentState) -> String {
+    let member = state.member.as_ref().and_then(|m| m.endpoint);
+    let all: Vec<String> = state
+        .endpoint
+        .into_iter()
+        .chain(member)
+        .map(|e| e.to_string())
+        .collect();
+    all.join(" and ")
 }

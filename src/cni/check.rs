@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 use crate::cni::config::NetConf;
@@ -29,6 +29,7 @@ fn failed(msg: impl Into<String>) -> CniError {
 pub struct Expected {
     pub addresses: Vec<IpNet>,
     pub routes: Vec<Ipv4Net>,
+    pub routes6: Vec<Ipv6Net>,
 }
 
 /// Finds `ifname` in `prev` (its `sandbox` must be `sandbox` when given), its addresses and
@@ -66,11 +67,20 @@ pub fn expected(prev: &Value, ifname: &str, sandbox: &str) -> Result<Expected, C
             })
         })
         .collect::<Result<_, _>>()?;
-    let routes = parse_all("routes", "dst")
+    let dsts = parse_all("routes", "dst");
+    let routes = dsts
         .iter()
         .filter_map(|r| r.parse::<Ipv4Net>().ok())
         .collect();
-    Ok(Expected { addresses, routes })
+    let routes6 = dsts
+        .iter()
+        .filter_map(|r| r.parse::<Ipv6Net>().ok())
+        .collect();
+    Ok(Expected {
+        addresses,
+        routes,
+        routes6,
+    })
 }
 
 pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
@@ -92,7 +102,8 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             format!("no wgexit attachment for container {container_id} on {ifname} (never added, or deleted)"),
         )
     })?;
-    if let Some(address) = state.address {
+    let member_address = state.member.as_ref().and_then(|m| m.address);
+    for address in state.address.into_iter().chain(member_address) {
         if !want.addresses.contains(&address) {
             return Err(failed(format!(
                 "prevResult does not list the leased address {address} on {ifname}"
@@ -106,7 +117,7 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
             netns_path.display()
         )));
     }
-    check_link(&netns, ifname, &want, conf).await?;
+    check_link(&netns, ifname, &want, conf, &state).await?;
     check_device(&state, &netns, ifname).await
 }
 
@@ -116,6 +127,7 @@ async fn check_link(
     ifname: &str,
     want: &Expected,
     conf: &NetConf,
+    state: &AttachmentState,
 ) -> Result<(), CniError> {
     let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let link = nl
@@ -144,7 +156,14 @@ async fn check_link(
         .routes(ifname)
         .await
         .map_err(|e| link_error("reading routes", e))?;
-    for dst in conf.routes.destinations() {
+    if let Some(prefix) = state.member.as_ref().and_then(|m| m.prefix) {
+        check_prefix_route(&nl, ifname, want, prefix, served_by_gvisor).await?;
+    }
+    let egress_routes = match state.server {
+        Some(_) => conf.routes.destinations(),
+        None => Vec::new(),
+    };
+    for dst in egress_routes {
         if !want.routes.contains(&dst) {
             return Err(failed(format!("prevResult does not list the route {dst}")));
         }
@@ -156,7 +175,7 @@ async fn check_link(
 }
 
 /// What a process with CAP_NET_ADMIN in the container could have changed: the key, the
-/// peers (exactly the exit node), the listen port, the fwmark.
+/// peers (exactly the exit node and the gateway), the listen port, the fwmark.
 fn check_device_settings(
     state: &AttachmentState,
     status: &DeviceStatus,
@@ -170,7 +189,13 @@ fn check_device_settings(
     let strangers: Vec<String> = status
         .peers
         .iter()
-        .filter(|p| Some(p.public_key) != state.exit_public_key)
+        .filter(|p| {
+            Some(p.public_key) != state.exit_public_key
+                && state
+                    .member
+                    .as_ref()
+                    .is_none_or(|m| Some(p.public_key) != m.gateway_public_key)
+        })
         .map(|p| p.public_key.to_string())
         .collect();
     if !strangers.is_empty() {
@@ -194,8 +219,31 @@ fn check_device_settings(
     Ok(())
 }
 
-/// The WireGuard device: the leased key, the exit node as its peer at the leased endpoint,
-/// and a recent handshake.
+/// The network's prefix: in `prevResult` and routed into the link.
+async fn check_prefix_route(
+    nl: &Netlink,
+    ifname: &str,
+    want: &Expected,
+    prefix: Ipv6Net,
+    served_by_gvisor: bool,
+) -> Result<(), CniError> {
+    if !want.routes6.contains(&prefix) {
+        return Err(failed(format!(
+            "prevResult does not list the route {prefix}"
+        )));
+    }
+    let routes = nl
+        .routes6(ifname)
+        .await
+        .map_err(|e| link_error("reading IPv6 routes", e))?;
+    if !served_by_gvisor && !routes.contains(&prefix) {
+        return Err(failed(format!("route {prefix} via {ifname} is missing")));
+    }
+    Ok(())
+}
+
+/// The WireGuard device: the leased key, the exit node and the gateway (whichever there
+/// are) as its peers at their leased endpoints, each with a recent handshake.
 async fn check_device(
     state: &AttachmentState,
     netns: &Netns,
@@ -211,15 +259,39 @@ async fn check_device(
         .await
         .map_err(|e| wg_error(&format!("reading WireGuard on {ifname}"), e))?;
     check_device_settings(state, &status, ifname)?;
+    if state.server.is_some() {
+        check_peer(
+            &status,
+            "exit node",
+            state.exit_public_key,
+            state.endpoint,
+            ifname,
+        )?;
+    }
+    if let Some(m) = state.member.as_ref().filter(|m| m.server.is_some()) {
+        check_peer(&status, "gateway", m.gateway_public_key, m.endpoint, ifname)?;
+    }
+    Ok(())
+}
+
+/// `what` (the exit node, the gateway) is a peer of the device with key `key` at `endpoint`,
+/// and shook hands recently enough for traffic to flow.
+fn check_peer(
+    status: &crate::wg::DeviceStatus,
+    what: &str,
+    key: Option<crate::keys::Key>,
+    endpoint: Option<std::net::SocketAddr>,
+    ifname: &str,
+) -> Result<(), CniError> {
     let peer = status
         .peers
         .iter()
-        .find(|p| Some(p.public_key) == state.exit_public_key)
-        .ok_or_else(|| failed(format!("{ifname} has no peer for the exit node")))?;
-    if peer.endpoint != state.endpoint {
+        .find(|p| Some(p.public_key) == key)
+        .ok_or_else(|| failed(format!("{ifname} has no peer for the {what}")))?;
+    if peer.endpoint != endpoint {
         return Err(failed(format!(
-            "the exit node's endpoint on {ifname} is {:?}, expected {:?}",
-            peer.endpoint, state.endpoint
+            "the {what}'s endpoint on {ifname} is {:?}, expected {endpoint:?}",
+            peer.endpoint
         )));
     }
     let age = peer
@@ -228,12 +300,12 @@ async fn check_device(
     match age {
         Some(age) if age <= HANDSHAKE_MAX_AGE => Ok(()),
         Some(age) => Err(failed(format!(
-            "last handshake with the exit node was {} s ago (more than {} s): the tunnel is down; check that the exit node is up and UDP to {} is open",
+            "last handshake with the {what} was {} s ago (more than {} s): the tunnel is down; check that it is up and UDP to {} is open",
             age.as_secs(),
             HANDSHAKE_MAX_AGE.as_secs(),
-            state.endpoint.map(|e| e.to_string()).unwrap_or_default()
+            endpoint.map(|e| e.to_string()).unwrap_or_default()
         ))),
-        None => Err(failed("no handshake with the exit node yet")),
+        None => Err(failed(format!("no handshake with the {what} yet"))),
     }
 }
 

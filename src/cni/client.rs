@@ -9,7 +9,12 @@ use serde::de::DeserializeOwned;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
 use ureq::Agent;
 
-use crate::api::{self, ApiError, EgressInfo, LeaseGrant, LeaseRequest};
+use serde::Serialize;
+
+use crate::api::{
+    self, ApiError, EgressInfo, LeaseGrant, LeaseRequest, MemberGrant, MemberList, MemberRequest,
+    NetworkInfo, PeerRequest,
+};
 use crate::keys::Key;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +131,7 @@ impl Client {
         server: &str,
         method: &str,
         path: &str,
-        body: Option<&LeaseRequest>,
+        body: Option<&serde_json::Value>,
     ) -> Result<Body<T>, ClientError> {
         let url = format!("{server}{path}");
         let auth = format!("Bearer {}", self.token);
@@ -174,20 +179,93 @@ impl Client {
         }
     }
 
+    /// POSTs `body` to `path` on the first server that answers; returns that server too.
+    fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<(String, T), ClientError> {
+        let body = serde_json::to_value(body).map_err(|e| ClientError::Protocol {
+            server: "(none)".into(),
+            detail: format!("cannot encode the request: {e}"),
+        })?;
+        match self.each_server(|s| self.request(s, "POST", path, Some(&body)))? {
+            (server, Body::Json(answer)) => Ok((server, answer)),
+            (server, Body::Empty) => Err(ClientError::Protocol {
+                server,
+                detail: format!("POST {path} answered with no body"),
+            }),
+        }
+    }
+
+    /// GETs `path` from the first server that answers.
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        match self.each_server(|s| self.request(s, "GET", path, None))? {
+            (_, Body::Json(answer)) => Ok(answer),
+            (server, Body::Empty) => Err(ClientError::Protocol {
+                server,
+                detail: "no body".into(),
+            }),
+        }
+    }
+
     /// Leases an address for `req.public_key`; returns the server that answered too.
     pub fn lease(
         &self,
         egress: &str,
         req: &LeaseRequest,
     ) -> Result<(String, LeaseGrant), ClientError> {
-        let path = api::leases_path(egress);
-        match self.each_server(|s| self.request(s, "POST", &path, Some(req)))? {
-            (server, Body::Json(grant)) => Ok((server, grant)),
-            (server, Body::Empty) => Err(ClientError::Protocol {
-                server,
-                detail: "lease answered with no body".into(),
-            }),
+        self.post(&api::leases_path(egress), req)
+    }
+
+    /// Joins private network `network` as a container; returns the server that answered too.
+    pub fn lease_member(
+        &self,
+        network: &str,
+        req: &MemberRequest,
+    ) -> Result<(String, MemberGrant), ClientError> {
+        self.post(&api::members_path(network), req)
+    }
+
+    /// Leaves `network` (the member of `key`) on `server`; not there counts as done.
+    pub fn release_member(
+        &self,
+        server: &str,
+        network: &str,
+        key: &Key,
+    ) -> Result<(), ClientError> {
+        let path = api::member_path(network, key);
+        match self.request::<serde_json::Value>(server.trim_end_matches('/'), "DELETE", &path, None)
+        {
+            Ok(_) | Err(ClientError::Refused { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
         }
+    }
+
+    /// The network as the first server that answers sees it.
+    pub fn network_info(&self, network: &str) -> Result<NetworkInfo, ClientError> {
+        self.get(&api::network_path(network))
+    }
+
+    /// Joins `network` as a peer (a laptop).
+    pub fn add_peer(
+        &self,
+        network: &str,
+        req: &PeerRequest,
+    ) -> Result<(String, MemberGrant), ClientError> {
+        self.post(&api::peers_path(network), req)
+    }
+
+    /// The peers of `network`.
+    pub fn list_peers(&self, network: &str) -> Result<MemberList, ClientError> {
+        self.get(&api::peers_path(network))
+    }
+
+    /// Removes the peer of `key` from `network`.
+    pub fn remove_peer(&self, network: &str, key: &Key) -> Result<(), ClientError> {
+        let path = api::peer_path(network, key);
+        self.each_server(|s| self.request::<serde_json::Value>(s, "DELETE", &path, None))
+            .map(|_| ())
     }
 
     /// Releases the lease of `key`, asking `server` (the one that granted it) first and,
@@ -217,14 +295,7 @@ impl Client {
 
     /// The egress as the first server that answers sees it.
     pub fn egress_info(&self, egress: &str) -> Result<EgressInfo, ClientError> {
-        let path = api::egress_path(egress);
-        match self.each_server(|s| self.request(s, "GET", &path, None))? {
-            (_, Body::Json(info)) => Ok(info),
-            (server, Body::Empty) => Err(ClientError::Protocol {
-                server,
-                detail: "no body".into(),
-            }),
-        }
+        self.get(&api::egress_path(egress))
     }
 }
 

@@ -28,6 +28,8 @@ pub enum Routes {
     Default,
     /// 0.0.0.0/1 + 128.0.0.0/1 (gVisor rejects a default route without a gateway).
     Split,
+    /// Nothing through the exit node: only the private network's prefix is routed.
+    None,
 }
 
 impl Routes {
@@ -38,6 +40,7 @@ impl Routes {
                 .iter()
                 .filter_map(|s| s.parse().ok())
                 .collect(),
+            Routes::None => Vec::new(),
         }
     }
 }
@@ -58,7 +61,14 @@ pub struct NetConf {
     pub cni_version: String,
     pub name: String,
     pub servers: Vec<String>,
-    pub egress: String,
+    /// The exit node's egress to leave through; `None`: no exit node (a network only).
+    pub egress: Option<String>,
+    /// The private network to join; `None`: none.
+    pub network: Option<String>,
+    /// The container's app and region for the network's DNS, when CNI_ARGS and `args` do
+    /// not name them.
+    pub app: Option<String>,
+    pub region: Option<String>,
     pub token_file: PathBuf,
     pub ca_file: PathBuf,
     pub backend: BackendKind,
@@ -162,15 +172,39 @@ fn servers(raw: &Value) -> Result<Vec<String>, CniError> {
     Ok(servers)
 }
 
-fn egress(raw: &Value) -> Result<String, CniError> {
-    let egress: String = field(raw, "egress")?.ok_or_else(|| invalid("egress", "missing"))?;
-    if !valid_egress_name(&egress) {
+/// `egress` or `network` (an exit node's egress, a private network): each a plain name,
+/// at least one of them.
+fn egress_and_network(raw: &Value) -> Result<(Option<String>, Option<String>), CniError> {
+    let name = |key: &str| -> Result<Option<String>, CniError> {
+        let v: Option<String> = field(raw, key)?;
+        match v {
+            Some(n) if !valid_egress_name(&n) => Err(invalid(
+                key,
+                format!("{n:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+            )),
+            other => Ok(other),
+        }
+    };
+    let (egress, network) = (name("egress")?, name("network")?);
+    if egress.is_none() && network.is_none() {
         return Err(invalid(
             "egress",
-            format!("{egress:?} must be 1-64 letters, digits, '-', '_' or '.'"),
+            "missing: name an egress (static egress IP), a network (private network), or both",
         ));
     }
-    Ok(egress)
+    Ok((egress, network))
+}
+
+/// `app` / `region`: DNS labels when given.
+fn label(raw: &Value, key: &str) -> Result<Option<String>, CniError> {
+    let v: Option<String> = field(raw, key)?;
+    match v {
+        Some(l) if !crate::api::valid_dns_label(&l) => Err(invalid(
+            key,
+            format!("{l:?} must be a DNS label: 1-63 letters, digits or '-'"),
+        )),
+        other => Ok(other),
+    }
 }
 
 /// `tokenFile` and `caFile`, both required.
@@ -229,18 +263,28 @@ impl NetConf {
             return Err(invalid("type", "must be \"wgexit\""));
         }
         let servers = servers(&raw)?;
-        let egress = egress(&raw)?;
+        let (egress, network) = egress_and_network(&raw)?;
         let (token_file, ca_file) = credentials(&raw)?;
+        let routes: Routes = field(&raw, "routes")?.unwrap_or_default();
+        if egress.is_some() && routes == Routes::None {
+            return Err(invalid(
+                "routes",
+                "\"none\" routes nothing through the egress: drop \"egress\" or use \"default\" or \"split\"",
+            ));
+        }
         Ok(NetConf {
             cni_version,
             name,
             servers,
             egress,
+            network,
+            app: label(&raw, "app")?,
+            region: label(&raw, "region")?,
             token_file,
             ca_file,
             backend: field(&raw, "backend")?.unwrap_or_default(),
             mtu: mtu(&raw)?,
-            routes: field(&raw, "routes")?.unwrap_or_default(),
+            routes,
             data_dir: data_dir(&raw)?,
             handshake_timeout: handshake_timeout(&raw)?,
             report_mac: field(&raw, "reportMac")?.unwrap_or(false),
@@ -307,7 +351,8 @@ mod tests {
     #[test]
     fn parses_the_documented_example() {
         let c = parse(VALID).unwrap();
-        assert_eq!(c.egress, "acme");
+        assert_eq!(c.egress.as_deref(), Some("acme"));
+        assert_eq!(c.network, None);
         assert_eq!(c.routes, Routes::Default);
         assert_eq!(c.backend, BackendKind::Auto);
         assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
@@ -346,6 +391,17 @@ mod tests {
             ("\"routes\": \"default\"", "\"routes\": \"some\"", "routes"),
             ("\"backend\": \"auto\"", "\"backend\": \"magic\"", "backend"),
             ("\"mtu\": 1420", "\"mtu\": \"big\"", "mtu"),
+            ("\"routes\": \"default\"", "\"routes\": \"none\"", "routes"),
+            (
+                "\"egress\": \"acme\"",
+                "\"egress\": \"acme\", \"network\": \"a b\"",
+                "network",
+            ),
+            (
+                "\"egress\": \"acme\"",
+                "\"egress\": \"acme\", \"app\": \"we_b\"",
+                "app",
+            ),
         ];
         for (from, to, key) in cases {
             let e = parse(&VALID.replace(from, to)).unwrap_err();
@@ -356,5 +412,31 @@ mod tests {
         assert_eq!(e.code, Code::IncompatibleVersion);
         let e = parse(&VALID.replace("\"mtu\": 1420", "\"reportMac\": 1")).unwrap_err();
         assert!(e.msg.contains("reportMac"), "{}", e.msg);
+    }
+
+    #[test]
+    fn a_network_alone_or_with_an_egress() {
+        let net_only = VALID
+            .replace(
+                "\"egress\": \"acme\"",
+                "\"network\": \"acme\", \"app\": \"web\", \"region\": \"ams\"",
+            )
+            .replace("\"routes\": \"default\"", "\"routes\": \"none\"");
+        let c = parse(&net_only).unwrap();
+        assert_eq!((c.egress, c.network.as_deref()), (None, Some("acme")));
+        assert_eq!(
+            (c.app.as_deref(), c.region.as_deref()),
+            (Some("web"), Some("ams"))
+        );
+        assert!(Routes::None.destinations().is_empty());
+        let both = VALID.replace(
+            "\"egress\": \"acme\"",
+            "\"egress\": \"acme\", \"network\": \"acme\"",
+        );
+        let c = parse(&both).unwrap();
+        assert_eq!(
+            (c.egress.as_deref(), c.network.as_deref()),
+            (Some("acme"), Some("acme"))
+        );
     }
 }

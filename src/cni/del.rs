@@ -5,6 +5,7 @@ use crate::cni::client::Client;
 use crate::cni::config::NetConf;
 use crate::cni::env::CniEnv;
 use crate::cni::error::CniError;
+use crate::cni::member;
 use crate::cni::state::{AttachmentState, StateDir};
 use crate::cni::{link_error, open_backend, wg_error};
 use crate::net::{Netlink, Netns, NetnsError};
@@ -45,23 +46,35 @@ pub async fn detach(
         .await
         .map_err(|e| wg_error("removing the WireGuard device", e))?;
 
-    if let Some(server) = &state.server {
-        let released = match client {
-            Some(c) => c
-                .release(server, &state.egress, &state.public_key)
-                .map_err(|e| e.to_string()),
-            None => Err("tokenFile or caFile unusable".to_string()),
-        };
-        if let Err(why) = released {
-            eprintln!(
-                "wgexit: lease of {} on {server} not released ({why}); kept for GC, and the exit node collects it if idle",
-                state.public_key
-            );
-            let mut pending = state.clone();
-            pending.in_netns = false;
-            pending.release_pending = true;
-            return dir.save(&pending);
+    let egress_released = match (&state.server, client) {
+        (None, _) => Ok(()),
+        (Some(server), Some(c)) => c
+            .release(server, &state.egress, &state.public_key)
+            .map_err(|e| e.to_string()),
+        (Some(_), None) => Err("tokenFile or caFile unusable".to_string()),
+    };
+    let member_released = member::release(state, client);
+    if egress_released.is_err() || member_released.is_err() {
+        let why: Vec<String> = [egress_released.as_ref(), member_released.as_ref()]
+            .into_iter()
+            .filter_map(|r| r.err().cloned())
+            .collect();
+        eprintln!(
+            "wgexit: lease of {} not released ({}); kept for GC, and the exit node collects it if idle",
+            state.public_key,
+            why.join("; ")
+        );
+        // Keep only what is still to release.
+        let mut pending = state.clone();
+        pending.in_netns = false;
+        pending.release_pending = true;
+        if egress_released.is_ok() {
+            pending.server = None;
         }
+        if member_released.is_ok() {
+            pending.member = None;
+        }
+        return dir.save(&pending);
     }
     dir.remove(&state.container_id, &state.ifname)
 }

@@ -124,6 +124,7 @@ mod tests {
             exit_public_key: None,
             endpoint: None,
             listen_port: None,
+            member: None,
             in_netns: true,
             release_pending,
         }

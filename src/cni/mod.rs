@@ -8,6 +8,8 @@ pub mod del;
 pub mod env;
 pub mod error;
 pub mod gc;
+pub mod leasing;
+pub mod member;
 pub mod oci_hook;
 pub mod result;
 pub mod stale;

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use ipnet::{IpNet, Ipv4Net};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 use serde_json::{json, Map, Value};
 
 use crate::cni::config::at_least;
@@ -16,8 +18,11 @@ pub struct Attached {
     pub sandbox: PathBuf,
     pub mac: Option<String>,
     pub mtu: u32,
-    pub address: IpNet,
-    pub routes: Vec<Ipv4Net>,
+    /// The egress lease's address and the network lease's, as leased.
+    pub addresses: Vec<IpNet>,
+    pub routes: Vec<IpNet>,
+    /// The private network's resolver, when there is one.
+    pub nameservers: Vec<IpAddr>,
 }
 
 /// A stable, locally administered unicast MAC derived from a WireGuard public key. A
@@ -63,21 +68,27 @@ impl Attached {
         let mut routes = list(&mut result, "routes");
         let index = interfaces.len();
         interfaces.push(iface);
-        let mut ip = json!({ "address": self.address.to_string(), "interface": index });
-        if !at_least(cni_version, "1.0.0") {
-            ip["version"] = json!(if self.address.addr().is_ipv4() {
-                "4"
-            } else {
-                "6"
-            });
+        for address in &self.addresses {
+            let mut ip = json!({ "address": address.to_string(), "interface": index });
+            if !at_least(cni_version, "1.0.0") {
+                ip["version"] = json!(if address.addr().is_ipv4() { "4" } else { "6" });
+            }
+            ips.push(ip);
         }
-        ips.push(ip);
         routes.extend(self.routes.iter().map(|r| json!({ "dst": r.to_string() })));
         result.insert("cniVersion".into(), json!(cni_version));
         result.insert("interfaces".into(), Value::Array(interfaces));
         result.insert("ips".into(), Value::Array(ips));
         result.insert("routes".into(), Value::Array(routes));
-        result.entry("dns").or_insert_with(|| json!({}));
+        let dns = result.entry("dns").or_insert_with(|| json!({}));
+        if !self.nameservers.is_empty() {
+            if !dns.is_object() {
+                *dns = json!({});
+            }
+            let mut servers = dns["nameservers"].as_array().cloned().unwrap_or_default();
+            servers.extend(self.nameservers.iter().map(|n| json!(n.to_string())));
+            dns["nameservers"] = Value::Array(servers);
+        }
         Value::Object(result)
     }
 }
@@ -92,9 +103,27 @@ mod tests {
             sandbox: "/var/run/netns/c1".into(),
             mac: None,
             mtu: 1420,
-            address: "100.96.0.2/32".parse().unwrap(),
+            addresses: vec!["100.96.0.2/32".parse().unwrap()],
             routes: vec!["0.0.0.0/0".parse().unwrap()],
+            nameservers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_network_member_adds_its_address_route_and_resolver() {
+        let mut a = attached();
+        a.addresses.push("fdaa:0:1:2::5/128".parse().unwrap());
+        a.routes.push("fdaa:0:1::/48".parse().unwrap());
+        a.nameservers.push("fdaa:0:1::3".parse().unwrap());
+        let r = a.to_result("0.4.0", None);
+        assert_eq!(r["ips"][1]["address"], "fdaa:0:1:2::5/128");
+        assert_eq!(r["ips"][1]["version"], "6");
+        assert_eq!(r["ips"][1]["interface"], 0);
+        assert_eq!(r["routes"][1]["dst"], "fdaa:0:1::/48");
+        assert_eq!(r["dns"]["nameservers"][0], "fdaa:0:1::3");
+        let prev = json!({"cniVersion": "0.4.0", "dns": {"nameservers": ["10.1.0.1"]}});
+        let r = a.to_result("0.4.0", Some(&prev));
+        assert_eq!(r["dns"]["nameservers"], json!(["10.1.0.1", "fdaa:0:1::3"]));
     }
 
     #[test]

@@ -100,7 +100,7 @@ pub async fn detach_each(
                 continue;
             }
         };
-        let client = client.filter(|_| state.egress == conf.egress);
+        let client = client.filter(|_| crate::cni::member::credentials_fit(&state, conf));
         match detach(&state, client, dir).await {
             Ok(()) => done.push(state),
             Err(e) => {
@@ -146,6 +146,7 @@ mod tests {
             exit_public_key: None,
             endpoint: None,
             listen_port: None,
+            member: None,
             in_netns: true,
             release_pending: false,
         };

@@ -63,6 +63,9 @@ pub struct AttachmentState {
     /// The lease could not be released at DEL (server unreachable); GC retries.
     #[serde(default)]
     pub release_pending: bool,
+    /// The private network joined, when the config names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<crate::cni::member::MemberState>,
 }
 
 /// An exclusive lock on one attachment (`<container>.<ifname>.lock` in `dataDir`, held with
@@ -360,6 +363,7 @@ mod tests {
             exit_public_key: None,
             endpoint: None,
             listen_port: None,
+            member: None,
             in_netns: false,
             release_pending: false,
         };
@@ -468,6 +472,7 @@ mod tests {
             exit_public_key: None,
             endpoint: None,
             listen_port: None,
+            member: None,
             in_netns: false,
             release_pending: false,
         };

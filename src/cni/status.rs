@@ -1,5 +1,6 @@
 //! STATUS (spec 1.1.0): can the plugin serve an ADD now? Yes when an exit server answers for
-//! the egress, accepts the token, and has addresses left.
+//! the egress, accepts the token, and has addresses left, and the gateway answers for the
+//! network with the token.
 
 use crate::cni::client::Client;
 use crate::cni::config::NetConf;
@@ -10,14 +11,21 @@ pub fn status(conf: &NetConf) -> Result<(), CniError> {
     let token = conf.token().map_err(|e| unavailable(e.to_string()))?;
     let client = Client::new(&conf.servers, &conf.ca_file, token)
         .map_err(|e| unavailable(format!("config key \"caFile\": {e}")))?;
-    let info = client
-        .egress_info(&conf.egress)
-        .map_err(|e| unavailable(format!("egress {:?}: {e}", conf.egress)))?;
-    if info.leases >= info.capacity {
-        return Err(unavailable(format!(
-            "egress {:?}: all {} addresses of pool {} are leased",
-            conf.egress, info.capacity, info.pool
-        )));
+    if let Some(egress) = &conf.egress {
+        let info = client
+            .egress_info(egress)
+            .map_err(|e| unavailable(format!("egress {egress:?}: {e}")))?;
+        if info.leases >= info.capacity {
+            return Err(unavailable(format!(
+                "egress {egress:?}: all {} addresses of pool {} are leased",
+                info.capacity, info.pool
+            )));
+        }
+    }
+    if let Some(network) = &conf.network {
+        client
+            .network_info(network)
+            .map_err(|e| unavailable(format!("network {network:?}: {e}")))?;
     }
     Ok(())
 }

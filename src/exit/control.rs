@@ -163,7 +163,7 @@ pub async fn misfits(config: &Config) -> Result<Vec<StoredLease>, ControlError> 
             None => Vec::new(),
         },
     };
-    Ok(place(&config.egress, stored).1)
+    Ok(place(&config.egress, &config.network, stored).1)
 }
 
 /// Deletes the stored leases that do not fit `config`: through the running daemon (which
@@ -175,7 +175,7 @@ pub async fn prune(config: &Config) -> Result<Vec<StoredLease>, ControlError> {
     let Some(store) = open_store(config)? else {
         return Ok(Vec::new());
     };
-    let misfits = place(&config.egress, store.load()?).1;
+    let misfits = place(&config.egress, &config.network, store.load()?).1;
     let deletes: Vec<Write> = misfits.iter().map(delete_of).collect();
     store.apply(&deletes)?;
     Ok(misfits)

@@ -20,6 +20,7 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, StoredLease};
+use crate::exit::networks::{self, NetworksError, Resolvers};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +41,8 @@ pub enum DaemonError {
     Control(#[from] ControlError),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Networks(#[from] NetworksError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -73,7 +76,7 @@ pub async fn prune(config: &Config) -> Result<Vec<StoredLease>, DaemonError> {
 fn open_leases(config: &Config) -> Result<(Registry, Vec<StoredLease>), DaemonError> {
     let store: Arc<dyn LeaseStore> =
         Arc::new(RedbStore::open(&config.state_dir.join("leases.redb"))?);
-    let (registry, misfits) = Registry::load(&config.egress, store)?;
+    let (registry, misfits) = Registry::load_with_networks(&config.egress, &config.network, store)?;
     report_misfits(&misfits);
     Ok((registry, misfits))
 }
@@ -88,19 +91,20 @@ fn report_misfits(misfits: &[StoredLease]) {
     }
 }
 
+/// What [`start`] set up: the API's state and TLS, the pool membership (in a pool), and the
+/// private networks' resolvers (which answer while this is kept).
+pub struct Started {
+    pub api: Arc<ApiState>,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub pool: Option<member::Pool>,
+    pub resolvers: Resolvers,
+}
+
 /// Everything `serve` sets up before it answers requests, in order: config (read already)
 /// → tokens → store → identities → dataplane → API's TLS. Nothing is written before the
-/// token files have been read, and the network is touched last.
-pub async fn start(
-    config: Config,
-) -> Result<
-    (
-        Arc<ApiState>,
-        Arc<rustls::ServerConfig>,
-        Option<member::Pool>,
-    ),
-    DaemonError,
-> {
+/// token files have been read, and the network is touched last (the private networks and
+/// their resolvers after the egresses).
+pub async fn start(config: Config) -> Result<Started, DaemonError> {
     let auth = Authorizer::load(&config)?;
     fsutil::private_dir(&config.state_dir).map_err(|source| DaemonError::Io {
         path: config.state_dir.clone(),
@@ -141,13 +145,29 @@ pub async fn start(
     {
         tracing::info!("firewall: {repair}");
     }
-    Ok((Arc::new(ApiState { service, auth }), tls_config, pool))
+    let (networks, resolvers) = networks::start(&service).await?;
+    let api = ApiState {
+        service,
+        auth,
+        networks,
+    };
+    Ok(Started {
+        api: Arc::new(api),
+        tls: tls_config,
+        pool,
+        resolvers,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
     let listen = config.api.listen;
-    let (api, tls_config, pool) = start(config).await?;
+    let Started {
+        api,
+        tls: tls_config,
+        pool,
+        resolvers: _resolvers,
+    } = start(config).await?;
 
     let listener = std::net::TcpListener::bind(listen).map_err(|source| DaemonError::Listen {
         addr: listen,
@@ -180,6 +200,17 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         Some(p) => p.spawn(api.service.clone())?,
         None => Vec::new(),
     };
+    let (reconcile_every, collect_every) = (
+        api.service.config.reconcile_interval,
+        api.service.config.collect_interval,
+    );
+    let network_loops = [
+        tokio::spawn(networks::reconcile_loop(
+            api.networks.clone(),
+            reconcile_every,
+        )),
+        tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
+    ];
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -198,6 +229,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     for t in pool_tasks {
         t.abort();
     }
+    network_loops.iter().for_each(|l| l.abort());
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -337,8 +369,8 @@ async fn wait_for_signal() {
     }
 }
 
-/// Removes the nftables table and every egress's WireGuard interface. Leases stay in the
-/// store, so a later `serve` brings the same tunnels back.
+/// Removes the nftables tables and every egress's and network's WireGuard interface.
+/// Leases stay in the store, so a later `serve` brings the same tunnels back.
 pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     HostDataplane::open(config.backend)?
         .teardown(&config.egress)
@@ -350,5 +382,6 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
             floating.release(&group).await?;
         }
     }
+    networks::teardown(config).await?;
     Ok(())
 }

@@ -1,10 +1,11 @@
 //! The exit node's WireGuard identities: one key pair per egress, made on first start and
-//! kept in `state_dir/keys/<egress>.key` (0600).
+//! kept in `state_dir/keys/<egress>.key` (0600), and one per private network in
+//! `state_dir/keys/networks/<network>.key`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::exit::config::EgressConfig;
+use crate::exit::config::{EgressConfig, NetworkConfig};
 use crate::fsutil;
 use crate::keys::Key;
 
@@ -28,16 +29,34 @@ impl Identities {
         state_dir: &Path,
         egresses: &[EgressConfig],
     ) -> Result<Identities, IdentityError> {
-        let dir = state_dir.join("keys");
-        fsutil::private_dir(&dir).map_err(|e| IdentityError {
-            path: dir.clone(),
+        let names: Vec<&str> = egresses.iter().map(|e| e.name.as_str()).collect();
+        Identities::load_or_create_in(&state_dir.join("keys"), &names)
+    }
+
+    /// Each private network's key, from `state_dir/keys/networks`.
+    pub fn load_or_create_networks(
+        state_dir: &Path,
+        networks: &[NetworkConfig],
+    ) -> Result<Identities, IdentityError> {
+        let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
+        let keys = state_dir.join("keys");
+        fsutil::private_dir(&keys).map_err(|e| IdentityError {
+            path: keys.clone(),
+            detail: e.to_string(),
+        })?;
+        Identities::load_or_create_in(&keys.join("networks"), &names)
+    }
+
+    fn load_or_create_in(dir: &Path, names: &[&str]) -> Result<Identities, IdentityError> {
+        fsutil::private_dir(dir).map_err(|e| IdentityError {
+            path: dir.to_path_buf(),
             detail: e.to_string(),
         })?;
         let mut private = HashMap::new();
-        for e in egresses {
+        for name in names {
             private.insert(
-                e.name.clone(),
-                load_or_create(&dir.join(format!("{}.key", e.name)))?,
+                name.to_string(),
+                load_or_create(&dir.join(format!("{name}.key")))?,
             );
         }
         let public = private

@@ -3,7 +3,8 @@
 //! A request's path: [`api`] (HTTPS, tokens) → [`leases`] (the lease service, its registry
 //! and durable store) → [`dataplane`] (the WireGuard device's peers, firewall, sysctls).
 //! [`daemon`] starts them in that order's reverse need: config → store → identities →
-//! dataplane → API, and runs the reconcile and collection loops.
+//! dataplane → API, and runs the reconcile and collection loops. Private networks take the
+//! same path ([`leases::members`], [`dataplane::network`]) and add a resolver each ([`dns`]).
 
 pub mod api;
 pub mod cluster;
@@ -11,5 +12,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod identity;
 pub mod leases;
+pub mod networks;

@@ -1,9 +1,9 @@
 //! Links, addresses and routes in one network namespace, over one rtnetlink socket.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttr};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
@@ -201,6 +201,54 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl_err(format!("adding route {dst} via {name}")))
+    }
+
+    /// Adds an IPv6 route to `dst` out of link `name` with no gateway.
+    pub async fn add_route6(&self, name: &str, dst: Ipv6Net) -> Result<(), LinkError> {
+        let index = self.require_index(name).await?;
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_err(format!("adding route {dst} via {name}")))
+    }
+
+    /// IPv6 routes (main table) whose output interface is link `name`.
+    pub async fn routes6(&self, name: &str) -> Result<Vec<Ipv6Net>, LinkError> {
+        let index = self.require_index(name).await?;
+        let mut out = Vec::new();
+        let query = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let mut stream = self.handle.route().get(query).execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err(format!("listing IPv6 routes of {name}")))?
+        {
+            if msg.header.address_family != AddressFamily::Inet6 || msg.header.table != 254 {
+                continue;
+            }
+            let mut dst = Ipv6Addr::UNSPECIFIED;
+            let mut oif = None;
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = *a,
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if oif == Some(index) {
+                if let Ok(net) = Ipv6Net::new(dst, msg.header.destination_prefix_length) {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes link `name`; true if it was there.

@@ -1,5 +1,5 @@
-//! Who may call the API: bearer tokens scoped to one egress, re-read when their files
-//! change, with failed attempts limited per source address.
+//! Who may call the API: bearer tokens scoped to one egress or private network, re-read
+//! when their files change, with failed attempts limited per source address.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,11 +11,14 @@ use std::time::{Duration, Instant, SystemTime};
 use super::ratelimit::FailedAuthLimiter;
 use super::tokens::{TokenError, Tokens};
 use crate::exit::config::Config;
+use crate::exit::leases::registry::network_scope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("token not accepted for egress {0:?} (or no such egress)")]
     Unauthorized(String),
+    #[error("token not accepted for network {0:?} (or no such network)")]
+    UnauthorizedNetwork(String),
     #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
     RateLimited(Duration),
 }
@@ -42,6 +45,8 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 }
 
 pub struct Authorizer {
+    /// By egress name, and by [`network_scope`] for private networks (a network may share
+    /// its name with an egress).
     files: RwLock<HashMap<String, TokenFile>>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
@@ -49,11 +54,14 @@ pub struct Authorizer {
 }
 
 impl Authorizer {
-    /// Reads every egress's token file.
+    /// Reads every egress's and network's token file.
     pub fn load(config: &Config) -> Result<Authorizer, TokenError> {
         let mut files = HashMap::new();
         for e in &config.egress {
             files.insert(e.name.clone(), TokenFile::read(&e.token_file)?);
+        }
+        for n in &config.network {
+            files.insert(network_scope(&n.name), TokenFile::read(&n.token_file)?);
         }
         Ok(Authorizer {
             files: RwLock::new(files),
@@ -98,19 +106,42 @@ impl Authorizer {
         egress: &str,
         token: Option<&str>,
     ) -> Result<String, AuthError> {
+        self.check(source, egress, token)
+            .map_err(|()| AuthError::Unauthorized(egress.to_string()))?
+    }
+
+    /// As [`Authorizer::authorize`], against private network `network`'s tokens.
+    pub fn authorize_network(
+        &self,
+        source: IpAddr,
+        network: &str,
+        token: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.check(source, &network_scope(network), token)
+            .map_err(|()| AuthError::UnauthorizedNetwork(network.to_string()))?
+    }
+
+    /// `Ok(Ok(owner))` for an accepted token, `Ok(Err)` for a refused token from a source
+    /// over its limit, `Err(())` for a refused token (counted against the source).
+    fn check(
+        &self,
+        source: IpAddr,
+        scope: &str,
+        token: Option<&str>,
+    ) -> Result<Result<String, AuthError>, ()> {
         let owner = token.and_then(|t| {
             let files = self.files.read().ok()?;
-            files.get(egress)?.tokens.owner(t).map(String::from)
+            files.get(scope)?.tokens.owner(t).map(String::from)
         });
         if let Some(owner) = owner {
-            return Ok(owner);
+            return Ok(Ok(owner));
         }
         self.failures.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        self.failed
-            .check(source, now)
-            .map_err(AuthError::RateLimited)?;
+        if let Err(retry) = self.failed.check(source, now) {
+            return Ok(Err(AuthError::RateLimited(retry)));
+        }
         self.failed.failed(source, now);
-        Err(AuthError::Unauthorized(egress.to_string()))
+        Err(())
     }
 }

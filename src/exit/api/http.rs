@@ -46,7 +46,7 @@ impl From<ServiceError> for RequestError {
     }
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+pub(super) fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
         Json(ApiError {
@@ -68,7 +68,7 @@ impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
         match &self {
-            RequestError::Auth(AuthError::Unauthorized(_))
+            RequestError::Auth(AuthError::Unauthorized(_) | AuthError::UnauthorizedNetwork(_))
             | RequestError::Lease(LeaseError::UnknownEgress(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
             }
@@ -124,7 +124,7 @@ pub fn decode_path_key(key: &str) -> Result<Key, RequestError> {
     })
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)?
         .to_str()
@@ -142,6 +142,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/egress/{egress}", get(egress_info))
         .route("/v1/egress/{egress}/leases", get(list).post(lease))
         .route("/v1/egress/{egress}/leases/{key}", delete(release))
+        .merge(super::network::routes())
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod network;
 pub mod ratelimit;
 pub mod tls;
 pub mod tokens;
@@ -13,10 +14,13 @@ pub mod tokens;
 use std::sync::Arc;
 
 use crate::exit::dataplane::HostDataplane;
+use crate::exit::leases::members::NetworkService;
 use crate::exit::leases::service::LeaseService;
 
 /// What the routes work with.
 pub struct ApiState<D = HostDataplane> {
     pub service: Arc<LeaseService<D>>,
     pub auth: auth::Authorizer,
+    /// The private networks' members and peers.
+    pub networks: Arc<NetworkService>,
 }

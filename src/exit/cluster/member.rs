@@ -43,7 +43,7 @@ pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, Cl
     let etcd = Arc::new(Etcd::connect(cluster)?);
     let store = Arc::new(EtcdStore::new(etcd.clone()));
     let (leases, revision) = store.load_at().await?;
-    let (mut registry, misfits) = Registry::from_leases(&config.egress, store.clone(), leases);
+    let (mut registry, misfits) = Registry::from_leases(&config.egress, &[], store.clone(), leases);
     registry.spread(&cluster.node);
     for m in misfits {
         tracing::warn!(

@@ -61,12 +61,6 @@ pub(super) fn egresses(
     raw: Vec<RawEgress>,
     invalid: &Invalid,
 ) -> Result<Vec<EgressConfig>, ConfigError> {
-    if raw.is_empty() {
-        return Err(invalid(
-            "egress".into(),
-            "at least one [[egress]] table is needed".into(),
-        ));
-    }
     let mut out: Vec<EgressConfig> = Vec::new();
     for (i, e) in raw.into_iter().enumerate() {
         let e = egress(i, e, invalid)?;

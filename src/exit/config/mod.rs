@@ -1,12 +1,14 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`], [`policy`], [`cluster`].
+//! per kind of table: [`egress`], [`policy`], [`cluster`], [`network`].
 
 pub mod cluster;
 pub mod egress;
+pub mod network;
 pub mod policy;
 
 pub use cluster::ClusterConfig;
 pub use egress::EgressConfig;
+pub use network::NetworkConfig;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -45,6 +47,8 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     egress: Vec<egress::RawEgress>,
+    #[serde(default)]
+    network: Vec<network::RawNetwork>,
     #[serde(default)]
     peer_timeout: Option<u64>,
     #[serde(default)]
@@ -85,6 +89,7 @@ pub struct Config {
     pub backend: BackendKind,
     pub api: ApiConfig,
     pub egress: Vec<EgressConfig>,
+    pub network: Vec<NetworkConfig>,
     /// A lease whose peer has not completed a handshake for this long is collected.
     pub peer_timeout: Duration,
     /// A lease whose peer never completed a handshake is collected after this.
@@ -296,7 +301,15 @@ impl Config {
             ));
         }
         let api = api_config(raw.api, &invalid)?;
-        let egress = egress::egresses(raw.egress, &invalid)?;
+        let (raw_egress, raw_network) = (raw.egress, raw.network);
+        if raw_egress.is_empty() && raw_network.is_empty() {
+            return Err(invalid(
+                "egress".into(),
+                "at least one [[egress]] or [[network]] table is needed".into(),
+            ));
+        }
+        let egress = egress::egresses(raw_egress, &invalid)?;
+        let network = network::networks(raw_network, &egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
         let cluster = match raw.cluster {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
@@ -310,6 +323,7 @@ impl Config {
             backend: raw.backend,
             api,
             egress,
+            network,
             peer_timeout: timers.peer_timeout,
             first_handshake_timeout: timers.first_handshake_timeout,
             persistent_keepalive: timers.persistent_keepalive,
@@ -329,6 +343,10 @@ impl Config {
 
     pub fn egress(&self, name: &str) -> Option<&EgressConfig> {
         self.egress.iter().find(|e| e.name == name)
+    }
+
+    pub fn network(&self, name: &str) -> Option<&NetworkConfig> {
+        self.network.iter().find(|n| n.name == name)
     }
 }
 

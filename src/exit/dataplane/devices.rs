@@ -1,4 +1,5 @@
-//! An egress's WireGuard device, made to match the config and the leases.
+//! WireGuard devices (an egress's, a private network's), made to match the config and the
+//! leases.
 //!
 //! Idempotent and minimal: a device that is right is left alone, a missing peer is added, a
 //! peer without a lease is removed, and a peer that is right is not touched (so its session
@@ -9,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use ipnet::{IpNet, Ipv4Net};
 
 use super::{DataplaneError, Peer};
+use crate::api::Lease;
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
 use crate::net::{LinkError, Netlink};
@@ -34,14 +36,23 @@ pub fn peer_config(peer: &Peer) -> PeerConfig {
     }
 }
 
+/// The peer entry of a lease whose endpoint is not known here.
+pub fn peer_of(lease: &Lease) -> Peer {
+    Peer {
+        public_key: lease.public_key,
+        address: lease.address,
+        endpoint: None,
+    }
+}
+
 /// Starts a handshake with each of `peers` that has an endpoint, without waiting for the
 /// client: a peer given a keepalive on an up device sends one at once, and with no session
 /// yet that is a handshake initiation; the keepalive is then taken off again.
 async fn initiate_handshakes<W: WireGuard>(
     wg: &W,
-    egress: &EgressConfig,
+    name: &str,
     peers: &[&Peer],
-) -> Result<(), DataplaneError> {
+) -> Result<(), WgError> {
     let with_endpoint: Vec<PeerConfig> = peers
         .iter()
         .filter(|p| p.endpoint.is_some())
@@ -57,13 +68,8 @@ async fn initiate_handshakes<W: WireGuard>(
             ..p.clone()
         })
         .collect();
-    let name = &egress.wg_interface;
-    wg.set_peers(name, &kicked)
-        .await
-        .map_err(DataplaneError::wg(egress))?;
-    wg.set_peers(name, &with_endpoint)
-        .await
-        .map_err(DataplaneError::wg(egress))
+    wg.set_peers(name, &kicked).await?;
+    wg.set_peers(name, &with_endpoint).await
 }
 
 /// Reads `egress`'s device: `None` only when the backend answers that there is no working
@@ -93,53 +99,80 @@ pub async fn reconcile_device<W: WireGuard>(
     device: Option<DeviceStatus>,
     peers: &[Peer],
 ) -> Result<Changes, DataplaneError> {
-    let wg_err = DataplaneError::wg(egress);
-    let mut changes = Changes::default();
     let name = egress.wg_interface.as_str();
+    let identity = Identity {
+        private_key,
+        listen_port: egress.listen_port,
+    };
+    let (changes, made) = reconcile_wireguard(wg, name, identity, device, peers)
+        .await
+        .map_err(DataplaneError::wg(egress))?;
+    bring_up(netlink, egress).await?;
+    initiate_handshakes(wg, name, &made)
+        .await
+        .map_err(DataplaneError::wg(egress))?;
+    Ok(changes)
+}
+
+/// A device's own key and port.
+#[derive(Clone, Copy)]
+pub struct Identity<'a> {
+    pub private_key: &'a Key,
+    pub listen_port: u16,
+}
+
+/// Brings WireGuard device `name` to `identity` and exactly `peers`, touching only what
+/// differs from `device` (what [`WireGuard::status`] saw; `None`: no working device).
+/// Shared by egresses and private networks; addresses, link state and handshakes are the
+/// caller's. Returns what changed and the peers it made anew.
+pub async fn reconcile_wireguard<'p, W: WireGuard>(
+    wg: &W,
+    name: &str,
+    identity: Identity<'_>,
+    device: Option<DeviceStatus>,
+    peers: &'p [Peer],
+) -> Result<(Changes, Vec<&'p Peer>), WgError> {
+    let mut changes = Changes::default();
     let full = || DeviceConfig {
-        private_key: *private_key,
-        listen_port: Some(egress.listen_port),
+        private_key: *identity.private_key,
+        listen_port: Some(identity.listen_port),
         peers: peers.iter().map(peer_config).collect(),
     };
-    // The peers this pass makes anew: they get a handshake from our side once the device is up.
     let made: Vec<&Peer> = match device {
         None => {
             // A stale link without a working WireGuard behind it (e.g. wireguard-go gone).
             let _ = wg.delete(name).await;
-            wg.create(name).await.map_err(wg_err)?;
-            wg.configure(name, &full()).await.map_err(wg_err)?;
+            wg.create(name).await?;
+            wg.configure(name, &full()).await?;
             changes.created_device = true;
             peers.iter().collect()
         }
         Some(status)
-            if status.public_key != Some(private_key.public())
-                || status.listen_port != egress.listen_port =>
+            if status.public_key != Some(identity.private_key.public())
+                || status.listen_port != identity.listen_port =>
         {
-            wg.configure(name, &full()).await.map_err(wg_err)?;
+            wg.configure(name, &full()).await?;
             changes.reconfigured_device = true;
             peers.iter().collect()
         }
         Some(status) => {
-            let (missing, removed) = sync_peers(wg, egress, &status, peers).await?;
+            let (missing, removed) = sync_peers(wg, name, &status, peers).await?;
             changes.peers_added = missing.len();
             changes.peers_removed = removed;
             missing
         }
     };
-    bring_up(netlink, egress).await?;
-    initiate_handshakes(wg, egress, &made).await?;
-    Ok(changes)
+    Ok((changes, made))
 }
 
 /// Removes the device's peers that hold no lease and adds (in one request) the leased ones
 /// it lacks or has with other addresses. Returns those added, and how many were removed.
 async fn sync_peers<'p, W: WireGuard>(
     wg: &W,
-    egress: &EgressConfig,
+    name: &str,
     status: &DeviceStatus,
     peers: &'p [Peer],
-) -> Result<(Vec<&'p Peer>, usize), DataplaneError> {
-    let name = egress.wg_interface.as_str();
+) -> Result<(Vec<&'p Peer>, usize), WgError> {
     let want: HashSet<Key> = peers.iter().map(|p| p.public_key).collect();
     let mut removed = 0;
     for have in status
@@ -147,9 +180,7 @@ async fn sync_peers<'p, W: WireGuard>(
         .iter()
         .filter(|p| !want.contains(&p.public_key))
     {
-        wg.remove_peer(name, &have.public_key)
-            .await
-            .map_err(DataplaneError::wg(egress))?;
+        wg.remove_peer(name, &have.public_key).await?;
         removed += 1;
     }
     let have: HashMap<Key, Vec<IpNet>> = status
@@ -163,9 +194,7 @@ async fn sync_peers<'p, W: WireGuard>(
         .collect();
     if !missing.is_empty() {
         let configs: Vec<PeerConfig> = missing.iter().map(|p| peer_config(p)).collect();
-        wg.set_peers(name, &configs)
-            .await
-            .map_err(DataplaneError::wg(egress))?;
+        wg.set_peers(name, &configs).await?;
     }
     Ok((missing, removed))
 }

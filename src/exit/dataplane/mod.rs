@@ -8,6 +8,8 @@
 
 pub mod devices;
 pub mod firewall;
+pub mod network;
+pub mod network_rules;
 pub mod sysctl;
 
 use std::net::{IpAddr, SocketAddr};

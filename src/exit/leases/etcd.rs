@@ -349,6 +349,7 @@ mod tests {
                     container_id: format!("c{key}"),
                     ..Default::default()
                 },
+                member: None,
             },
             owner: owner.into(),
             endpoint: None,

@@ -9,7 +9,9 @@
 pub mod collect;
 pub mod commit;
 pub mod etcd;
+pub mod members;
 pub mod pool;
+pub mod pool6;
 pub mod redb;
 pub mod registry;
 pub mod service;

@@ -263,6 +263,7 @@ mod tests {
                     container_id: format!("c{key}"),
                     ..Default::default()
                 },
+                member: None,
             },
             owner: "o".into(),
             endpoint: None,

@@ -10,26 +10,111 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::commit::{CommitError, GroupCommit, Pending};
 use super::pool::Pool;
+use super::pool6::Pool6;
 use super::store::{LeaseStore, StoreError, StoredLease, Write};
-use crate::api::{Lease, LeaseRequest};
-use crate::exit::config::EgressConfig;
+use crate::api::{Attachment, Lease, LeaseRequest, MemberInfo};
+use crate::exit::config::{EgressConfig, NetworkConfig};
 use crate::keys::Key;
+
+/// Where a private network's members are kept in the registry and the store: beside the
+/// egresses, under a name no egress can have (egress names have no ':'), so an egress and a
+/// network may share a name and one public key may hold a lease in both.
+pub fn network_scope(network: &str) -> String {
+    format!("network:{network}")
+}
+
+/// The network a scope of [`network_scope`] names.
+pub fn network_of_scope(scope: &str) -> Option<&str> {
+    scope.strip_prefix("network:")
+}
+
+/// "egress" or "network", for messages about a scope.
+fn kind_of_scope(scope: &str) -> &'static str {
+    match network_of_scope(scope) {
+        Some(_) => "network",
+        None => "egress",
+    }
+}
+
+/// The egress's or network's own name, for messages about a scope.
+fn name_of_scope(scope: &str) -> &str {
+    network_of_scope(scope).unwrap_or(scope)
+}
+
+/// The addresses of one egress (IPv4, handed out in turn) or network (IPv6, derived from
+/// the key).
+#[derive(Debug, Clone)]
+pub enum AddressPool {
+    V4(Pool),
+    V6(Pool6),
+}
+
+impl AddressPool {
+    fn allocate(&mut self, key: &Key) -> Option<std::net::IpAddr> {
+        match self {
+            AddressPool::V4(p) => p.allocate().map(Into::into),
+            AddressPool::V6(p) => p.allocate(key).map(Into::into),
+        }
+    }
+    fn mark_used(&mut self, addr: std::net::IpAddr) -> bool {
+        match self {
+            AddressPool::V4(p) => p.mark_used(addr),
+            AddressPool::V6(p) => p.mark_used(addr),
+        }
+    }
+    fn release(&mut self, addr: std::net::IpAddr) {
+        match self {
+            AddressPool::V4(p) => p.release(addr),
+            AddressPool::V6(p) => p.release(addr),
+        }
+    }
+    fn leasable(&self, addr: std::net::IpAddr) -> bool {
+        match self {
+            AddressPool::V4(p) => p.leasable(addr),
+            AddressPool::V6(p) => p.leasable(addr),
+        }
+    }
+    /// Where an IPv4 pool's allocation starts (an IPv6 pool derives addresses from keys).
+    fn start_at(&mut self, offset: usize) {
+        if let AddressPool::V4(p) = self {
+            p.start_at(offset);
+        }
+    }
+    fn capacity(&self) -> usize {
+        match self {
+            AddressPool::V4(p) => p.capacity(),
+            AddressPool::V6(p) => p.capacity(),
+        }
+    }
+    fn in_use(&self) -> usize {
+        match self {
+            AddressPool::V4(p) => p.in_use(),
+            AddressPool::V6(p) => p.in_use(),
+        }
+    }
+    fn net(&self) -> String {
+        match self {
+            AddressPool::V4(p) => p.net().to_string(),
+            AddressPool::V6(p) => p.net().to_string(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("no egress named {0:?}")]
+    #[error("no {} named {:?}", kind_of_scope(.0), name_of_scope(.0))]
     UnknownEgress(String),
-    #[error("egress {egress}: pool {pool} has no free address ({in_use} leased); release leases or give the egress a larger pool")]
+    #[error("{} {}: pool {pool} has no free address ({in_use} leased); release leases or give it a larger pool", kind_of_scope(.egress), name_of_scope(.egress))]
     PoolExhausted {
         egress: String,
         pool: String,
         in_use: usize,
     },
-    #[error("egress {egress}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node")]
+    #[error("{} {}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node", kind_of_scope(.egress), name_of_scope(.egress))]
     QuotaExceeded { egress: String, max: usize },
-    #[error("egress {egress}: no lease for public key {key}")]
+    #[error("{} {}: no lease for public key {key}", kind_of_scope(.egress), name_of_scope(.egress))]
     NotFound { egress: String, key: Key },
-    #[error("egress {egress}: the lease for {key} was made with another token")]
+    #[error("{} {}: the lease for {key} was made with another token", kind_of_scope(.egress), name_of_scope(.egress))]
     NotOwner { egress: String, key: Key },
     #[error(transparent)]
     Store(#[from] CommitError),
@@ -44,7 +129,7 @@ impl From<StoreError> for LeaseError {
 /// One egress's leases.
 #[derive(Debug)]
 pub struct EgressLeases {
-    pool: Pool,
+    pool: AddressPool,
     by_key: HashMap<Key, StoredLease>,
     /// Leases per owner, for the quota.
     per_owner: HashMap<String, usize>,
@@ -66,7 +151,7 @@ pub enum Adopted {
 }
 
 impl EgressLeases {
-    fn new(pool: Pool) -> EgressLeases {
+    fn new(pool: AddressPool) -> EgressLeases {
         EgressLeases {
             pool,
             by_key: HashMap::new(),
@@ -127,6 +212,15 @@ impl EgressLeases {
     }
 }
 
+/// Who asks for a lease: the key it is for, what the runtime said of the container, and
+/// the token's owner.
+#[derive(Debug, Clone, Copy)]
+pub struct Holder<'a> {
+    pub public_key: &'a Key,
+    pub attachment: &'a Attachment,
+    pub owner: &'a str,
+}
+
 pub struct Registry {
     egresses: HashMap<String, EgressLeases>,
     commit: GroupCommit,
@@ -139,11 +233,19 @@ pub struct Registry {
 /// them back, and `wgexitd leases prune` removes them on request.
 pub fn place(
     egresses: &[EgressConfig],
+    networks: &[NetworkConfig],
     stored: Vec<StoredLease>,
 ) -> (HashMap<String, EgressLeases>, Vec<StoredLease>) {
     let mut map: HashMap<String, EgressLeases> = egresses
         .iter()
-        .map(|e| (e.name.clone(), EgressLeases::new(Pool::new(e.pool))))
+        .map(|e| {
+            let pool = AddressPool::V4(Pool::new(e.pool));
+            (e.name.clone(), EgressLeases::new(pool))
+        })
+        .chain(networks.iter().map(|n| {
+            let pool = AddressPool::V6(Pool6::new(n.prefix));
+            (network_scope(&n.name), EgressLeases::new(pool))
+        }))
         .collect();
     let mut misfits = Vec::new();
     for lease in stored {
@@ -176,18 +278,28 @@ impl Registry {
         egresses: &[EgressConfig],
         store: Arc<dyn LeaseStore>,
     ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
-        let leases = store.load()?;
-        Ok(Registry::from_leases(egresses, store, leases))
+        Registry::load_with_networks(egresses, &[], store)
     }
 
-    /// [`Registry::load`] with the stored leases read already (a pool reads them together
-    /// with the revision its watch starts from).
+    /// [`Registry::load`] with the members of `networks` too (see [`network_scope`]).
+    pub fn load_with_networks(
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+        store: Arc<dyn LeaseStore>,
+    ) -> Result<(Registry, Vec<StoredLease>), StoreError> {
+        let leases = store.load()?;
+        Ok(Registry::from_leases(egresses, networks, store, leases))
+    }
+
+    /// [`Registry::load_with_networks`] with the stored leases read already (a pool reads
+    /// them together with the revision its watch starts from).
     pub fn from_leases(
         egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
         store: Arc<dyn LeaseStore>,
         leases: Vec<StoredLease>,
     ) -> (Registry, Vec<StoredLease>) {
-        let (egresses, misfits) = place(egresses, leases);
+        let (egresses, misfits) = place(egresses, networks, leases);
         (
             Registry {
                 egresses,
@@ -254,9 +366,12 @@ impl Registry {
             .ok_or_else(|| LeaseError::UnknownEgress(name.to_string()))
     }
 
-    /// Every egress's name and leases.
+    /// Every egress's name and leases (not the networks' members).
     pub fn egresses(&self) -> impl Iterator<Item = (&str, &EgressLeases)> {
-        self.egresses.iter().map(|(name, e)| (name.as_str(), e))
+        self.egresses
+            .iter()
+            .filter(|(name, _)| network_of_scope(name).is_none())
+            .map(|(name, e)| (name.as_str(), e))
     }
 
     /// Grants a lease, or returns the existing one for this public key (idempotent).
@@ -270,20 +385,41 @@ impl Registry {
         owner: &str,
         max_per_owner: usize,
     ) -> Result<(StoredLease, bool, Pending), LeaseError> {
+        let holder = Holder {
+            public_key: &req.public_key,
+            attachment: &req.attachment,
+            owner,
+        };
+        self.lease_for(egress, holder, None, max_per_owner)
+    }
+
+    /// [`Registry::lease`] for any scope: an egress, or a network's member (`member`).
+    pub fn lease_for(
+        &mut self,
+        egress: &str,
+        holder: Holder<'_>,
+        member: Option<MemberInfo>,
+        max_per_owner: usize,
+    ) -> Result<(StoredLease, bool, Pending), LeaseError> {
+        let Holder {
+            public_key,
+            attachment,
+            owner,
+        } = holder;
         let e = self
             .egresses
             .get_mut(egress)
             .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
-        if let Some(existing) = e.by_key.get(&req.public_key) {
+        if let Some(existing) = e.by_key.get(public_key) {
             if existing.owner != owner {
                 return Err(LeaseError::NotOwner {
                     egress: egress.to_string(),
-                    key: req.public_key,
+                    key: *public_key,
                 });
             }
             let pending = self.commit.submit(Write::Keep {
                 egress: egress.to_string(),
-                public_key: req.public_key,
+                public_key: *public_key,
                 owner: owner.to_string(),
             });
             return Ok((existing.clone(), false, pending));
@@ -294,18 +430,22 @@ impl Registry {
                 max: max_per_owner,
             });
         }
-        let address = e.pool.allocate().ok_or_else(|| LeaseError::PoolExhausted {
-            egress: egress.to_string(),
-            pool: e.pool.net().to_string(),
-            in_use: e.pool.in_use(),
-        })?;
+        let address = e
+            .pool
+            .allocate(public_key)
+            .ok_or_else(|| LeaseError::PoolExhausted {
+                egress: egress.to_string(),
+                pool: e.pool.net(),
+                in_use: e.pool.in_use(),
+            })?;
         let stored = StoredLease {
             lease: Lease {
                 egress: egress.to_string(),
-                public_key: req.public_key,
-                address: address.into(),
+                public_key: *public_key,
+                address,
                 created_at: now_secs(),
-                attachment: req.attachment.clone(),
+                attachment: attachment.clone(),
+                member: member.map(Box::new),
             },
             owner: owner.to_string(),
             endpoint: None,
@@ -537,6 +677,7 @@ mod tests {
                 address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
                 created_at: 1,
                 attachment: Default::default(),
+                member: None,
             },
             owner: "elsewhere".into(),
             endpoint: None,
@@ -650,5 +791,46 @@ mod tests {
         stored.sort_by_key(|l| l.address);
         held.sort_by_key(|l| l.address);
         assert_eq!(stored, held);
+    }
+    #[test]
+    fn a_key_holds_an_egress_lease_and_a_network_member_side_by_side() {
+        use crate::api::{MemberInfo, MemberKind};
+        use crate::exit::config::network::tests::network;
+        let t = tempfile::tempdir().unwrap();
+        // A lease written before networks existed (no `member` field) still loads.
+        let old = r#"{"lease":{"egress":"a","public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","address":"100.96.0.2","created_at":1,"attachment":{"container_id":"c","ifname":"eth0","host":"h","args":{}}},"owner":"o"}"#;
+        let old: StoredLease = serde_json::from_str(old).unwrap();
+        let store = Arc::new(RedbStore::open(&t.path().join("l.redb")).unwrap());
+        store.apply(&[Write::Create(old.clone())]).unwrap();
+        let nets = [network("a", "fdaa:0:1::/48", "wgn-a")];
+        let (mut r, misfits) =
+            Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store.clone())
+                .unwrap();
+        assert!(misfits.is_empty());
+        assert_eq!(r.egress("a").unwrap().get(&Key([1; 32])), Some(&old));
+        let info = MemberInfo {
+            network: "a".into(),
+            kind: MemberKind::Container,
+            app: "web".into(),
+            region: "ams".into(),
+            name: String::new(),
+        };
+        let scope = network_scope("a");
+        let holder = Holder {
+            public_key: &Key([1; 32]),
+            attachment: &Attachment::default(),
+            owner: "o",
+        };
+        let (m, new, pending) = r.lease_for(&scope, holder, Some(info), usize::MAX).unwrap();
+        pending.wait().unwrap();
+        assert!(new && m.lease.address.is_ipv6());
+        // Egress counts leave the network's members out.
+        assert_eq!(r.egresses().count(), 1);
+        drop(r);
+        let (r, misfits) =
+            Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store).unwrap();
+        assert!(misfits.is_empty());
+        assert_eq!(r.egress(&scope).unwrap().get(&Key([1; 32])), Some(&m));
+        assert_eq!(network_of_scope(&scope), Some("a"));
     }
 }

@@ -82,6 +82,12 @@ impl<D: Dataplane> LeaseService<D> {
         &self.dataplane
     }
 
+    /// The registry, for the private networks' members (see [`super::members`]): one
+    /// registry, one store and one lock for every lease.
+    pub fn registry(&self) -> &Mutex<Registry> {
+        &self.registry
+    }
+
     fn egress_config(&self, egress: &str) -> Result<&EgressConfig, LeaseError> {
         self.config
             .egress(egress)

@@ -1,0 +1,129 @@
+//! ADD's leases: the egress lease from the exit node and the network lease from the gateway,
+//! asked for at the same time (and while the link is made), each recorded in the state as
+//! soon as it is granted so that an undo releases whichever was granted.
+
+use ipnet::IpNet;
+use tokio::task::JoinHandle;
+
+use crate::api::{LeaseGrant, LeaseRequest, MemberGrant, MemberRequest};
+use crate::cni::client::{Client, ClientError};
+use crate::cni::client_error;
+use crate::cni::config::Routes;
+use crate::cni::error::{CniError, Code};
+use crate::cni::member;
+use crate::cni::state::{AttachmentState, StateDir};
+use crate::wg::PeerConfig;
+
+/// What to ask for: `(egress, request)` and `(network, request)`, each when configured.
+pub struct Requests {
+    pub egress: Option<(String, LeaseRequest)>,
+    pub member: Option<(String, MemberRequest)>,
+}
+
+/// What was granted.
+pub struct Grants {
+    pub egress: Option<LeaseGrant>,
+    pub member: Option<MemberGrant>,
+}
+
+type Pending<T> = Option<JoinHandle<Result<(String, T), ClientError>>>;
+
+/// Both requests under way.
+pub struct Leasing {
+    egress: Pending<LeaseGrant>,
+    member: Pending<MemberGrant>,
+}
+
+type Answered<T> = Option<Result<(String, T), ClientError>>;
+
+/// The answer of a request that was made, `None` for one that was not.
+async fn joined<T>(handle: Pending<T>) -> Result<Answered<T>, CniError> {
+    match handle {
+        None => Ok(None),
+        Some(h) => h
+            .await
+            .map(Some)
+            .map_err(|e| CniError::new(Code::Io, "leasing an address").with_details(e.to_string())),
+    }
+}
+
+impl Leasing {
+    /// Sends both requests, each on its own blocking thread.
+    pub fn start(client: &Client, requests: Requests) -> Leasing {
+        let egress = requests.egress.map(|(egress, req)| {
+            let client = client.clone();
+            tokio::task::spawn_blocking(move || client.lease(&egress, &req))
+        });
+        let member = requests.member.map(|(network, req)| {
+            let client = client.clone();
+            tokio::task::spawn_blocking(move || client.lease_member(&network, &req))
+        });
+        Leasing { egress, member }
+    }
+
+    /// Waits for both answers and records every granted lease in `state` (saved), then
+    /// reports the first refusal. The outer error: the state could not be saved.
+    pub async fn finish(
+        self,
+        state: &mut AttachmentState,
+        dir: &StateDir,
+    ) -> Result<Result<Grants, CniError>, CniError> {
+        let (egress, member) = tokio::join!(joined(self.egress), joined(self.member));
+        let (egress, member) = (egress?, member?);
+        if let Some(Ok((server, grant))) = &egress {
+            state.server = Some(server.clone());
+            state.address = Some(grant.address);
+            state.exit_public_key = Some(grant.server_public_key);
+            state.endpoint = Some(grant.endpoint);
+        }
+        if let (Some(Ok((server, grant))), Some(m)) = (&member, state.member.as_mut()) {
+            m.granted(server, grant);
+        }
+        dir.save(state)?;
+        let egress = egress
+            .transpose()
+            .map_err(|e| client_error("leasing an address", &e))?;
+        let member = member
+            .transpose()
+            .map_err(|e| client_error("joining the network", &e));
+        Ok(member.map(|member| Grants {
+            egress: egress.map(|(_, g)| g),
+            member: member.map(|(_, g)| g),
+        }))
+    }
+}
+
+impl Grants {
+    /// The exit node (the routes' destinations) and the gateway (the network's prefix).
+    pub fn peers(&self, routes: Routes) -> Vec<PeerConfig> {
+        let mut peers = Vec::new();
+        if let Some(g) = &self.egress {
+            peers.push(PeerConfig {
+                public_key: g.server_public_key,
+                endpoint: Some(g.endpoint),
+                allowed_ips: routes.destinations().into_iter().map(IpNet::V4).collect(),
+                persistent_keepalive: Some(g.persistent_keepalive),
+            });
+        }
+        if let Some(g) = &self.member {
+            peers.push(member::gateway_peer(g));
+        }
+        peers
+    }
+
+    pub fn addresses(&self) -> Vec<IpNet> {
+        let egress = self.egress.as_ref().map(|g| g.address);
+        let member = self.member.as_ref().map(|g| g.address);
+        egress.into_iter().chain(member).collect()
+    }
+
+    /// The routes into the link: the egress's (per `routes`), then the network's prefix.
+    pub fn routes(&self, routes: Routes) -> Vec<IpNet> {
+        let egress = self
+            .egress
+            .iter()
+            .flat_map(|_| routes.destinations().into_iter().map(IpNet::V4));
+        let member = self.member.iter().map(|g| g.prefix);
+        egress.chain(member).collect()
+    }
+}

@@ -1,0 +1,15 @@
+//! The private networks' resolvers: one per network, at `<prefix>::3` on its WireGuard
+//! interface (UDP and TCP 53), answering only that network's live members.
+//!
+//! [`directory`] is what the resolver knows (the members, published by the lease side after
+//! every change), [`names`] decides the answer to one question (pure), [`forward`] passes
+//! other names to the network's upstreams, and [`server`] is the DNS server itself
+//! (`hickory-server`: framing, parsing and writing messages are the library's).
+
+pub mod directory;
+pub mod forward;
+pub mod names;
+pub mod server;
+
+/// Every `.internal` answer's TTL: a removed member's name is gone within it.
+pub const TTL: u32 = 5;
