@@ -9,6 +9,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod ops;
 mod restart;
 mod runtimes;
 mod security;

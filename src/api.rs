@@ -9,7 +9,6 @@
 //! | `DELETE` | `/v1/egress/{egress}/leases/{public_key}` | | 204 |
 //! | `GET` | `/v1/egress/{egress}` | | 200 [`EgressInfo`] |
 //! | `GET` | `/healthz` | | 200 `ok` |
-//! | `GET` | `/metrics` | | 200 Prometheus text |
 //!
 //! `/v1` routes need `Authorization: Bearer TOKEN` with a token of that egress.
 //! `{public_key}` is the key in URL-safe base64 (standard base64, percent-encoded, works too).

@@ -16,6 +16,7 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, Write};
+use crate::exit::metrics;
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,13 +99,24 @@ pub async fn start(
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
     let service = Arc::new(LeaseService::new(config, registry, dataplane, identities));
+    service.metrics.register(
+        "wgexit_auth_failures",
+        "API requests refused for their token.",
+        auth.failures.clone(),
+    );
     for (egress, changes) in service.reconcile().await? {
         tracing::info!(%egress, ?changes, "WireGuard device reconciled");
+        service.metrics.reconciled(&egress, &changes);
     }
     service
         .dataplane()
         .apply_rules(&service.config.egress)
         .await?;
+    service.metrics.firewall_applies.inc();
+    for e in &service.config.egress {
+        // One node: it holds every egress's addresses.
+        service.metrics.set_leader("egress", &e.name, true);
+    }
     Ok((Arc::new(ApiState { service, auth }), tls_config))
 }
 
@@ -140,6 +152,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 
     let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
     let collector = tokio::spawn(collect_loop(api.service.clone()));
+    let side = side_listeners(&api.service)?;
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -153,6 +166,9 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     };
     reconciler.abort();
     collector.abort();
+    for task in side {
+        task.abort();
+    }
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -165,6 +181,24 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     }
 }
 
+/// The listeners beside the API: `/metrics` on `[metrics] listen` (when configured).
+fn side_listeners(
+    service: &Arc<LeaseService>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let mut tasks = Vec::new();
+    if let Some(m) = &service.config.metrics {
+        let task = metrics::server::spawn(m.listen, service.clone()).map_err(|source| {
+            DaemonError::Listen {
+                addr: m.listen,
+                source,
+            }
+        })?;
+        tracing::info!(listen = %m.listen, "metrics served at /metrics");
+        tasks.push(task);
+    }
+    Ok(tasks)
+}
+
 /// Every `reconcile_interval`: repairs devices that drifted from the store.
 async fn reconcile_loop(service: Arc<LeaseService>) {
     let mut tick = tokio::time::interval(service.config.reconcile_interval);
@@ -175,6 +209,7 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
         match service.reconcile().await {
             Ok(changes) => {
                 for (egress, c) in changes {
+                    service.metrics.reconciled(&egress, &c);
                     if c != Default::default() {
                         tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
                     }

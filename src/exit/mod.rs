@@ -11,3 +11,5 @@ pub mod daemon;
 pub mod dataplane;
 pub mod identity;
 pub mod leases;
+pub mod metrics;
+pub mod status;

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::ratelimit::FailedAuthLimiter;
 use super::tokens::{owner_id, TokenError, Tokens};
@@ -22,7 +23,7 @@ pub struct Authorizer {
     tokens: HashMap<String, Tokens>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
-    pub failures: AtomicU64,
+    pub failures: Counter,
 }
 
 impl Authorizer {
@@ -35,7 +36,7 @@ impl Authorizer {
         Ok(Authorizer {
             tokens,
             failed: FailedAuthLimiter::default(),
-            failures: AtomicU64::new(0),
+            failures: Counter::default(),
         })
     }
 
@@ -54,7 +55,7 @@ impl Authorizer {
         match (self.tokens.get(egress), token) {
             (Some(tokens), Some(t)) if tokens.accepts(t) => Ok(owner_id(t)),
             _ => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
+                self.failures.inc();
                 self.failed.failed(source, now);
                 Err(AuthError::Unauthorized(egress.to_string()))
             }

@@ -1,9 +1,11 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`].
+//! per kind of table: [`egress`], [`metrics`].
 
 pub mod egress;
+pub mod metrics;
 
 pub use egress::EgressConfig;
+pub use metrics::MetricsConfig;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,8 @@ struct RawConfig {
     backend: BackendKind,
     api: RawApi,
     #[serde(default)]
+    metrics: Option<metrics::RawMetrics>,
+    #[serde(default)]
     egress: Vec<egress::RawEgress>,
     #[serde(default)]
     peer_timeout: Option<u64>,
@@ -72,6 +76,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub backend: BackendKind,
     pub api: ApiConfig,
+    /// `[metrics]`: where `/metrics` is served, if anywhere.
+    pub metrics: Option<MetricsConfig>,
     pub egress: Vec<EgressConfig>,
     /// A lease whose peer has not completed a handshake for this long is collected.
     pub peer_timeout: Duration,
@@ -251,6 +257,7 @@ impl Config {
             ));
         }
         let api = api_config(raw.api, &invalid)?;
+        let metrics = metrics::metrics_config(raw.metrics, &api, &invalid)?;
         let egress = egress::egresses(raw.egress, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
         Ok(Config {
@@ -258,6 +265,7 @@ impl Config {
             state_dir: raw.state_dir,
             backend: raw.backend,
             api,
+            metrics,
             egress,
             peer_timeout: timers.peer_timeout,
             first_handshake_timeout: timers.first_handshake_timeout,

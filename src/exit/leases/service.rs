@@ -6,7 +6,7 @@
 //! device match the store.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use ipnet::IpNet;
@@ -20,6 +20,7 @@ use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane};
 use crate::exit::identity::Identities;
+use crate::exit::metrics::Metrics;
 use crate::keys::Key;
 use crate::wg::PeerStatus;
 
@@ -37,25 +38,13 @@ impl From<CommitError> for ServiceError {
     }
 }
 
-/// Counters exported on `/metrics`.
-#[derive(Debug, Default)]
-pub struct LeaseCounters {
-    pub granted: AtomicU64,
-    pub renewed: AtomicU64,
-    pub released: AtomicU64,
-    pub collected: AtomicU64,
-}
-
-fn count(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
 pub struct LeaseService<D = HostDataplane> {
     pub config: Config,
     registry: Mutex<Registry>,
     dataplane: D,
     identities: Identities,
-    pub counters: LeaseCounters,
+    /// What `/metrics` exports; leases, releases and collections are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl<D: Dataplane> LeaseService<D> {
@@ -70,7 +59,7 @@ impl<D: Dataplane> LeaseService<D> {
             registry: Mutex::new(registry),
             dataplane,
             identities,
-            counters: LeaseCounters::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -119,11 +108,12 @@ impl<D: Dataplane> LeaseService<D> {
             }
             return Err(e.into());
         }
-        count(if new {
-            &self.counters.granted
+        let counter = if new {
+            &self.metrics.granted
         } else {
-            &self.counters.renewed
-        });
+            &self.metrics.renewed
+        };
+        counter.get_or_create(&Metrics::egress(egress)).inc();
         Ok(LeaseGrant {
             address: IpNet::from(stored.lease.address),
             lease: stored.lease,
@@ -162,7 +152,10 @@ impl<D: Dataplane> LeaseService<D> {
         let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(durable).await?;
-        count(&self.counters.released);
+        self.metrics
+            .released
+            .get_or_create(&Metrics::egress(egress))
+            .inc();
         Ok(removed)
     }
 
@@ -192,7 +185,10 @@ impl<D: Dataplane> LeaseService<D> {
         for (lease, why, durable) in removed {
             match durable_removal(durable).await {
                 Ok(()) => {
-                    count(&self.counters.collected);
+                    self.metrics
+                        .collected
+                        .get_or_create(&Metrics::egress(&lease.egress))
+                        .inc();
                     out.push((lease, why));
                 }
                 Err(e) => {
