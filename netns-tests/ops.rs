@@ -1,11 +1,13 @@
-//! Operating an exit node: `/metrics` on its own listener, checked by Prometheus' own
-//! `promtool`.
+//! Operating an exit node: `/metrics` on its own listener (checked by Prometheus' own
+//! `promtool`), and `wgexitd status` (text and JSON) from the running daemon.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use crate::world::{World, EGRESS_IP, OTHER_TOKEN};
+use serde_json::Value;
+
+use crate::world::{World, EGRESS_IP, OTHER_TOKEN, TOKEN};
 
 /// The value of the sample `name` whose labels include `labels`.
 fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -160,4 +162,90 @@ fn metrics_after_a_few_leases_pass_promtool_and_stay_off_the_api() {
     for c in &cs[..2] {
         w.cni("DEL", c, &conf).ok_empty();
     }
+}
+
+fn status(w: &World, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgexitd"))
+        .arg("status")
+        .arg("--config")
+        .arg(w.daemon_config())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "wgexitd status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn status_shows_the_egress_its_leases_and_peers() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let cs: Vec<_> = (0..2).map(|i| w.container(&format!("s{i}"))).collect();
+    for c in &cs {
+        w.cni("ADD", c, &conf).ok();
+    }
+    assert_eq!(w.echo_from(&cs[0]).unwrap(), EGRESS_IP);
+    let socket = w.state_dir().join("status.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
+
+    let report: Value = serde_json::from_str(&stdout(&status(&w, &["--json"]))).unwrap();
+    let acme = report["egress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "acme")
+        .unwrap_or_else(|| panic!("no egress acme in {report}"));
+    assert_eq!(acme["ips"], serde_json::json!([EGRESS_IP]));
+    assert_eq!(acme["leases"], 2);
+    assert_eq!(acme["capacity"], 253);
+    assert_eq!(acme["peers"]["total"], 2);
+    assert_eq!(acme["peers"]["live"], 2);
+    assert_eq!(acme["peers"]["never"], 0);
+    assert!(
+        acme["peers"]["newest_handshake_age_seconds"]
+            .as_u64()
+            .unwrap()
+            < 30
+    );
+    assert!(acme["peers"]["received_bytes"].as_u64().unwrap() > 0);
+    assert!(acme.get("peer_list").is_none(), "rows only with --peers");
+
+    let with_rows: Value =
+        serde_json::from_str(&stdout(&status(&w, &["--json", "--peers"]))).unwrap();
+    let rows = with_rows["egress"][0]["peer_list"].as_array().unwrap();
+    let mut containers: Vec<&str> = rows
+        .iter()
+        .map(|r| r["container_id"].as_str().unwrap())
+        .collect();
+    containers.sort();
+    assert_eq!(containers, [cs[0].id.as_str(), cs[1].id.as_str()]);
+
+    let text = stdout(&status(&w, &[]));
+    println!("{text}");
+    assert!(text.contains("egress acme"), "{text}");
+    assert!(text.contains("2 of 253 leased"), "{text}");
+    assert!(text.contains("2: 2 live, 0 idle"), "{text}");
+
+    for c in &cs {
+        w.cni("DEL", c, &conf).ok_empty();
+    }
+    let after: Value = serde_json::from_str(&stdout(&status(&w, &["--json"]))).unwrap();
+    assert_eq!(after["egress"][0]["leases"], 0);
+    assert!(w.leases("acme", TOKEN).is_empty());
+
+    // With the daemon gone, status says so.
+    w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    let out = status(&w, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach wgexitd"), "{err}");
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wgexit::exit::config::Config;
-use wgexit::exit::daemon;
+use wgexit::exit::{daemon, status};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,18 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show what each egress of the running daemon is doing: addresses, pool use, peers by
+    /// handshake age, bytes.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// One row per lease (long on a busy exit node).
+        #[arg(long)]
+        peers: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -49,7 +61,8 @@ fn main() -> ExitCode {
 
     let (Command::Serve { config }
     | Command::Teardown { config }
-    | Command::CheckConfig { config }) = &cli.command;
+    | Command::CheckConfig { config }
+    | Command::Status { config, .. }) = &cli.command;
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -75,6 +88,9 @@ fn main() -> ExitCode {
             Command::CheckConfig { .. } => daemon::check(&config).map(|()| {
                 println!("{}: ok", config.path.display());
             }),
+            Command::Status { json, peers, .. } => {
+                status::print(&config.state_dir, json, peers).map_err(Into::into)
+            }
         }
     });
     match result {

@@ -1,4 +1,4 @@
-//! `wgexitd serve`, `teardown` and `check-config`.
+//! `wgexitd serve`, `teardown` and `check-config` (`status` is [`crate::exit::status`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, Write};
-use crate::exit::metrics;
+use crate::exit::status::StatusError;
+use crate::exit::{metrics, status};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Status(#[from] StatusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -169,6 +172,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     for task in side {
         task.abort();
     }
+    let _ = std::fs::remove_file(status::server::socket_path(&api.service.config.state_dir));
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -181,7 +185,8 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     }
 }
 
-/// The listeners beside the API: `/metrics` on `[metrics] listen` (when configured).
+/// The listeners beside the API: `/metrics` on `[metrics] listen` (when configured) and the
+/// status socket in `state_dir`.
 fn side_listeners(
     service: &Arc<LeaseService>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
@@ -196,6 +201,13 @@ fn side_listeners(
         tracing::info!(listen = %m.listen, "metrics served at /metrics");
         tasks.push(task);
     }
+    let state_dir = &service.config.state_dir;
+    let task =
+        status::server::spawn(state_dir, service.clone()).map_err(|source| DaemonError::Io {
+            path: status::server::socket_path(state_dir),
+            source,
+        })?;
+    tasks.push(task);
     Ok(tasks)
 }
 
