@@ -9,6 +9,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod logs;
 mod ops;
 mod restart;
 mod runtimes;

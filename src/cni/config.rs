@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::api::valid_egress_name;
 use crate::cni::error::{CniError, Code};
+use crate::cni::log::LogConfig;
 use crate::wg::BackendKind;
 
 /// Spec versions this plugin speaks.
@@ -75,6 +76,8 @@ pub struct NetConf {
     /// How often ADD looks for attachments whose netns is gone (`staleSweepInterval`,
     /// seconds; 0: at every ADD). GC always does.
     pub stale_check_interval: Duration,
+    /// `logFile`, `logLevel`, `logMaxBytes`: where each command is logged, if anywhere.
+    pub log: Option<LogConfig>,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
     pub raw: Value,
 }
@@ -248,6 +251,7 @@ impl NetConf {
             stale_check_interval: field::<u64>(&raw, "staleSweepInterval")?
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_STALE_SWEEP_INTERVAL),
+            log: LogConfig::parse(&raw)?,
             raw,
         })
     }

@@ -8,6 +8,7 @@ pub mod del;
 pub mod env;
 pub mod error;
 pub mod gc;
+pub mod log;
 pub mod oci_hook;
 pub mod result;
 pub mod stale;
@@ -88,7 +89,10 @@ impl Command {
 
 /// Runs one CNI command. `stdin` is the network config.
 pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
-    match dispatch(env, stdin).await {
+    let log = log::CommandLog::begin(env, stdin);
+    let result = dispatch(env, stdin).await;
+    log.finish(&result);
+    match result {
         Ok(Some(v)) => Outcome {
             stdout: v.to_string(),
             exit_code: 0,
