@@ -183,8 +183,9 @@ fn podman_container_leaves_through_the_egress_ip() {
     let network = format!("{}-net", w.id);
     let net_dir = w.path("cni-net.d");
     std::fs::create_dir_all(&net_dir).unwrap();
-    // The example conflist of plugin-configs/, pointed at this world. Without `reportMac`
-    // podman 4.3 fails the run with "invalid MAC address".
+    // The example conflist of plugin-configs/ (the README's minimal plugin config, no
+    // `reportMac`), pointed at this world: podman 4.3 refuses an interface without a MAC,
+    // which the plugin reports by default.
     let example: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -193,8 +194,12 @@ fn podman_container_leaves_through_the_egress_ip() {
         .unwrap(),
     )
     .unwrap();
-    let mut plugin = w.net_conf("acme");
-    plugin["reportMac"] = example["plugins"][0]["reportMac"].clone();
+    let mut plugin = example["plugins"][0].clone();
+    assert!(plugin.get("reportMac").is_none(), "{plugin}");
+    let world = w.net_conf("acme");
+    for key in ["servers", "tokenFile", "caFile", "dataDir", "backend"] {
+        plugin[key] = world[key].clone();
+    }
     let list = json!({"cniVersion": example["cniVersion"], "name": network, "plugins": [plugin]});
     std::fs::write(
         net_dir.join(format!("{network}.conflist")),
@@ -228,6 +233,7 @@ fn podman_container_leaves_through_the_egress_ip() {
     let removed = podman.run(&w, &["rm", "--force", &name]);
     let _ = podman.run(&w, &["rmi", "--force", &image]);
     assert!(ran.status.success(), "{}\n{}", text(&ran), w.daemon_log());
+    println!("podman: the echo server saw {}", body.trim());
     assert_eq!(
         body.lines().last().map(str::trim),
         Some(EGRESS_IP),

@@ -67,8 +67,9 @@ pub struct NetConf {
     pub routes: Routes,
     pub data_dir: PathBuf,
     pub handshake_timeout: Duration,
-    /// Report a pseudo MAC (derived from the public key) in the result: podman 4.3 refuses
-    /// sandbox interfaces without one; WireGuard links have no MAC.
+    /// Report a pseudo MAC (derived from the public key) in the result (`reportMac`, default
+    /// on): podman 4.3 refuses sandbox interfaces without one, WireGuard links have none, and
+    /// no runtime here minds one.
     pub report_mac: bool,
     /// The container runs under gVisor (runsc), which takes addresses off the interfaces it
     /// takes over: CHECK then accepts a link with no address.
@@ -246,7 +247,7 @@ impl NetConf {
             routes: field(&raw, "routes")?.unwrap_or_default(),
             data_dir: data_dir(&raw)?,
             handshake_timeout: handshake_timeout(&raw)?,
-            report_mac: field(&raw, "reportMac")?.unwrap_or(false),
+            report_mac: field(&raw, "reportMac")?.unwrap_or(true),
             gvisor: field(&raw, "gvisor")?.unwrap_or(false),
             stale_check_interval: field::<u64>(&raw, "staleSweepInterval")?
                 .map(Duration::from_secs)
@@ -316,7 +317,9 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Auto);
         assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(Routes::Split.destinations().len(), 2);
-        assert!(!c.report_mac && !c.gvisor);
+        assert!(c.report_mac && !c.gvisor);
+        let no_mac = VALID.replace("\"mtu\": 1420", "\"reportMac\": false");
+        assert!(!parse(&no_mac).unwrap().report_mac);
     }
 
     #[test]
