@@ -5,6 +5,7 @@ mod world;
 
 mod backends;
 mod collect;
+mod containerd;
 mod cycles;
 mod daemon;
 mod egress;

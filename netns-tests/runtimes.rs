@@ -1,7 +1,8 @@
-//! Real runtimes: runc through `wgexit oci-hook`, podman through its CNI backend. Both run in
-//! the world's host namespace (`nsenter --net`, which leaves mounts alone), exactly as on a
-//! container host whose root namespace that is; the machine's own root namespace is not
-//! touched. Each container prints what the echo server saw: the egress IP.
+//! Real runtimes: runc through `wgexit oci-hook`, podman through its CNI backend (containerd
+//! is in `containerd.rs`). Both run in the world's host namespace (`nsenter --net`, which
+//! leaves mounts alone), exactly as on a container host whose root namespace that is; the
+//! machine's own root namespace is not touched. Each container prints what the echo server
+//! saw: the egress IP.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,7 +12,7 @@ use serde_json::{json, Value};
 use crate::world::{World, ECHO, EGRESS_IP, TOKEN};
 
 /// A busybox rootfs: the static binary and the applets the tests use.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
+pub(crate) fn busybox_rootfs(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -24,7 +25,7 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 }
 
 /// What the container runs: one HTTP request to the echo server with busybox `nc`.
-fn http_request() -> Vec<String> {
+pub(crate) fn http_request() -> Vec<String> {
     let (host, port) = ECHO.split_once(':').unwrap();
     vec![
         "/bin/sh".into(),
@@ -44,7 +45,7 @@ fn in_host(w: &World, args: &[&str], env: &[(&str, &Path)]) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
         out.status.code(),
