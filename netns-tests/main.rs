@@ -10,6 +10,7 @@ mod cycles;
 mod daemon;
 mod egress;
 mod failures;
+mod gvisor;
 mod logs;
 mod ops;
 mod restart;
