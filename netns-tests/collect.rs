@@ -78,7 +78,7 @@ fn attachments(w: &World) -> HashSet<String> {
 }
 
 fn metric(w: &World, name: &str) -> u64 {
-    let (_, body) = w.api_raw("GET", "/metrics", None);
+    let body = w.metrics();
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
@@ -161,7 +161,10 @@ fn a_vanished_host_is_collected_and_its_addresses_reused_while_live_ones_stay() 
         consistent_addresses(&w),
         HashSet::from([live_address.clone()])
     );
-    assert_eq!(metric(&w, "wgexitd_leases_collected_total"), 4);
+    assert_eq!(
+        metric(&w, "wgexit_leases_collected_total{egress=\"acme\"}"),
+        4
+    );
     assert_eq!(w.echo_from(&live).unwrap(), EGRESS_IP);
     let log = w.daemon_log();
     assert!(log.contains("no handshake within 3 s"), "{log}");

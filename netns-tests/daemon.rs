@@ -110,10 +110,9 @@ fn api_is_tls_only_scoped_per_egress_and_answers_json_errors() {
         "http://198.51.100.2:7443/healthz",
     ]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("ok"));
-    // Metrics are there.
-    let (code, body) = w.api_raw("GET", "/metrics", None);
-    assert_eq!(code, 200);
-    assert!(body.contains("wgexitd_auth_failures_total"), "{body}");
+    // Metrics are on their own listener, not on the API.
+    assert_eq!(w.api_raw("GET", "/metrics", None).0, 404);
+    assert!(w.metrics().contains("wgexit_auth_failures_total"));
 }
 
 #[test]

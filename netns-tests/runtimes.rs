@@ -1,7 +1,8 @@
-//! Real runtimes: runc through `wgexit oci-hook`, podman through its CNI backend. Both run in
-//! the world's host namespace (`nsenter --net`, which leaves mounts alone), exactly as on a
-//! container host whose root namespace that is; the machine's own root namespace is not
-//! touched. Each container prints what the echo server saw: the egress IP.
+//! Real runtimes: runc through `wgexit oci-hook`, podman through its CNI backend (containerd
+//! is in `containerd.rs`). Both run in the world's host namespace (`nsenter --net`, which
+//! leaves mounts alone), exactly as on a container host whose root namespace that is; the
+//! machine's own root namespace is not touched. Each container prints what the echo server
+//! saw: the egress IP.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -11,7 +12,7 @@ use serde_json::{json, Value};
 use crate::world::{World, ECHO, EGRESS_IP, TOKEN};
 
 /// A busybox rootfs: the static binary and the applets the tests use.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
+pub(crate) fn busybox_rootfs(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
         std::fs::create_dir_all(rootfs.join(d)).unwrap();
@@ -24,7 +25,7 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
 }
 
 /// What the container runs: one HTTP request to the echo server with busybox `nc`.
-fn http_request() -> Vec<String> {
+pub(crate) fn http_request() -> Vec<String> {
     let (host, port) = ECHO.split_once(':').unwrap();
     vec![
         "/bin/sh".into(),
@@ -44,7 +45,7 @@ fn in_host(w: &World, args: &[&str], env: &[(&str, &Path)]) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
         out.status.code(),
@@ -183,8 +184,9 @@ fn podman_container_leaves_through_the_egress_ip() {
     let network = format!("{}-net", w.id);
     let net_dir = w.path("cni-net.d");
     std::fs::create_dir_all(&net_dir).unwrap();
-    // The example conflist of plugin-configs/, pointed at this world. Without `reportMac`
-    // podman 4.3 fails the run with "invalid MAC address".
+    // The example conflist of plugin-configs/ (the README's minimal plugin config, no
+    // `reportMac`), pointed at this world: podman 4.3 refuses an interface without a MAC,
+    // which the plugin reports by default.
     let example: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -193,8 +195,12 @@ fn podman_container_leaves_through_the_egress_ip() {
         .unwrap(),
     )
     .unwrap();
-    let mut plugin = w.net_conf("acme");
-    plugin["reportMac"] = example["plugins"][0]["reportMac"].clone();
+    let mut plugin = example["plugins"][0].clone();
+    assert!(plugin.get("reportMac").is_none(), "{plugin}");
+    let world = w.net_conf("acme");
+    for key in ["servers", "tokenFile", "caFile", "dataDir", "backend"] {
+        plugin[key] = world[key].clone();
+    }
     let list = json!({"cniVersion": example["cniVersion"], "name": network, "plugins": [plugin]});
     std::fs::write(
         net_dir.join(format!("{network}.conflist")),
@@ -228,6 +234,7 @@ fn podman_container_leaves_through_the_egress_ip() {
     let removed = podman.run(&w, &["rm", "--force", &name]);
     let _ = podman.run(&w, &["rmi", "--force", &image]);
     assert!(ran.status.success(), "{}\n{}", text(&ran), w.daemon_log());
+    println!("podman: the echo server saw {}", body.trim());
     assert_eq!(
         body.lines().last().map(str::trim),
         Some(EGRESS_IP),

@@ -51,7 +51,12 @@ fn every_command_at_every_version_answers_as_the_spec_says() {
         let iface = &r["interfaces"][0];
         assert_eq!(iface["name"], "eth0");
         assert_eq!(iface["sandbox"], c.netns_path.display().to_string());
-        assert!(iface.get("mac").is_none(), "no MAC unless reportMac: {r}");
+        // A pseudo MAC by default (reportMac), locally administered unicast.
+        let mac = iface["mac"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no mac: {r}"));
+        let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+        assert_eq!((mac.len(), first & 0x03), (17, 0x02), "{r}");
         assert_eq!(iface.get("mtu").is_some(), version == "1.1.0", "{r}");
         let ip = &r["ips"][0];
         assert_eq!(ip["interface"], 0);

@@ -27,6 +27,8 @@ use serde_json::Value;
 pub const ECHO: &str = "198.18.0.10:8080";
 pub const EGRESS_IP: &str = "203.0.113.77";
 pub const API: &str = "198.51.100.2:7443";
+/// `[metrics] listen` of the exit node, inside its namespace.
+pub const METRICS: &str = "127.0.0.1:9469";
 pub const HOST_IP: &str = "198.51.100.10";
 pub const POOL: &str = "100.96.0.0/24";
 pub const TOKEN: &str = "acme-token-0123456789abcdef";
@@ -278,6 +280,9 @@ backend = "{backend}"
 [api]
 listen = "{API}"
 
+[metrics]
+listen = "{METRICS}"
+
 [[egress]]
 name = "acme"
 ip = "{EGRESS_IP}"
@@ -463,6 +468,33 @@ token_file = "{other_tokens}"
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
         (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// A plain-HTTP GET of `path` on the exit node's metrics listener: (status, body).
+    pub fn metrics_raw(&self, path: &str) -> (u16, String) {
+        let out = try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.exit,
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{METRICS}{path}"),
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_string())
+    }
+
+    /// The exit node's `/metrics` (Prometheus text).
+    pub fn metrics(&self) -> String {
+        let (code, body) = self.metrics_raw("/metrics");
+        assert_eq!(code, 200, "{body}");
+        body
     }
 
     /// The leases the exit node holds for `egress`.

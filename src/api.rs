@@ -16,7 +16,6 @@
 //! | `DELETE` | `/v1/network/{network}/peers/{public_key}` | | 204 |
 //! | `GET` | `/v1/network/{network}` | | 200 [`NetworkInfo`] |
 //! | `GET` | `/healthz` | | 200 `ok` |
-//! | `GET` | `/metrics` | | 200 Prometheus text |
 //!
 //! `/v1` routes need `Authorization: Bearer TOKEN` with a token of that egress or network.
 //! `{public_key}` is the key in URL-safe base64 (standard base64, percent-encoded, works too).

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wgexit::exit::config::Config;
-use wgexit::exit::daemon;
+use wgexit::exit::{daemon, status};
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +35,18 @@ enum Command {
     CheckConfig {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Show what each egress of the running daemon is doing: addresses, pool use, peers by
+    /// handshake age, bytes.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// One row per lease (long on a busy exit node).
+        #[arg(long)]
+        peers: bool,
     },
     /// Stored leases.
     Leases {
@@ -68,7 +80,8 @@ fn main() -> ExitCode {
     | Command::CheckConfig { config }
     | Command::Leases {
         command: LeasesCommand::Prune { config },
-    }) = &cli.command;
+    }
+    | Command::Status { config, .. }) = &cli.command;
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -109,6 +122,9 @@ fn main() -> ExitCode {
                 }
                 println!("{} stored lease(s) pruned", pruned.len());
             }),
+            Command::Status { json, peers, .. } => {
+                status::print(&config.state_dir, json, peers).map_err(Into::into)
+            }
         }
     });
     match result {

@@ -21,7 +21,7 @@ use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
 use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
-use crate::net::{Netlink, Netns};
+use crate::net::{offload, Netlink, Netns};
 use crate::wg::{Backend, DeviceConfig, DeviceStatus, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
@@ -209,6 +209,13 @@ async fn attach(
             IpNet::V6(d) => nl.add_route6(ifname, d).await,
         }
         .map_err(|e| link_error("adding the route", e))?;
+    }
+    if conf.gvisor {
+        // runsc's host GSO would send segments whose checksums the link never completes.
+        netns
+            .run(|| offload::set_gso(ifname, false))
+            .map_err(|e| link_error("entering the container's netns", e))?
+            .map_err(|e| link_error("turning generic segmentation offload off for gVisor", e))?;
     }
 
     steps.done("address, MTU, up, routes");

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use crate::api::valid_egress_name;
 use crate::cni::error::{CniError, Code};
+use crate::cni::log::LogConfig;
 use crate::wg::BackendKind;
 
 /// Spec versions this plugin speaks.
@@ -76,8 +77,9 @@ pub struct NetConf {
     pub routes: Routes,
     pub data_dir: PathBuf,
     pub handshake_timeout: Duration,
-    /// Report a pseudo MAC (derived from the public key) in the result: podman 4.3 refuses
-    /// sandbox interfaces without one; WireGuard links have no MAC.
+    /// Report a pseudo MAC (derived from the public key) in the result (`reportMac`, default
+    /// on): podman 4.3 refuses sandbox interfaces without one, WireGuard links have none, and
+    /// no runtime here minds one.
     pub report_mac: bool,
     /// The container runs under gVisor (runsc), which takes addresses off the interfaces it
     /// takes over: CHECK then accepts a link with no address.
@@ -85,6 +87,8 @@ pub struct NetConf {
     /// How often ADD looks for attachments whose netns is gone (`staleSweepInterval`,
     /// seconds; 0: at every ADD). GC always does.
     pub stale_check_interval: Duration,
+    /// `logFile`, `logLevel`, `logMaxBytes`: where each command is logged, if anywhere.
+    pub log: Option<LogConfig>,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
     pub raw: Value,
 }
@@ -287,11 +291,12 @@ impl NetConf {
             routes,
             data_dir: data_dir(&raw)?,
             handshake_timeout: handshake_timeout(&raw)?,
-            report_mac: field(&raw, "reportMac")?.unwrap_or(false),
+            report_mac: field(&raw, "reportMac")?.unwrap_or(true),
             gvisor: field(&raw, "gvisor")?.unwrap_or(false),
             stale_check_interval: field::<u64>(&raw, "staleSweepInterval")?
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_STALE_SWEEP_INTERVAL),
+            log: LogConfig::parse(&raw)?,
             raw,
         })
     }
@@ -357,7 +362,9 @@ mod tests {
         assert_eq!(c.backend, BackendKind::Auto);
         assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(Routes::Split.destinations().len(), 2);
-        assert!(!c.report_mac && !c.gvisor);
+        assert!(c.report_mac && !c.gvisor);
+        let no_mac = VALID.replace("\"mtu\": 1420", "\"reportMac\": false");
+        assert!(!parse(&no_mac).unwrap().report_mac);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod env;
 pub mod error;
 pub mod gc;
 pub mod leasing;
+pub mod log;
 pub mod member;
 pub mod oci_hook;
 pub mod result;
@@ -90,7 +91,10 @@ impl Command {
 
 /// Runs one CNI command. `stdin` is the network config.
 pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
-    match dispatch(env, stdin).await {
+    let log = log::CommandLog::begin(env, stdin);
+    let result = dispatch(env, stdin).await;
+    log.finish(&result);
+    match result {
         Ok(Some(v)) => Outcome {
             stdout: v.to_string(),
             exit_code: 0,

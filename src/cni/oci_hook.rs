@@ -130,7 +130,10 @@ pub async fn run(
         args: BTreeMap::new(),
     };
     let conf_bytes = serde_json::to_vec(&conf).map_err(|e| decode("the config", e))?;
-    super::dispatch(&env, &conf_bytes).await
+    let log = super::log::CommandLog::begin(&env, &conf_bytes);
+    let result = super::dispatch(&env, &conf_bytes).await;
+    log.finish(&result);
+    result
 }
 
 #[cfg(test)]

@@ -26,8 +26,9 @@ pub struct Attached {
 }
 
 /// A stable, locally administered unicast MAC derived from a WireGuard public key. A
-/// WireGuard link has no hardware address; this exists only for runtimes that refuse an
-/// interface without one (podman 4.3), and is reported only when `reportMac` asks for it.
+/// WireGuard link has no hardware address; this exists for runtimes that refuse an interface
+/// without one (podman 4.3). It is reported unless `reportMac` is false, never set on the
+/// link.
 pub fn pseudo_mac(key: &Key) -> String {
     use sha2::{Digest, Sha256};
     let h = Sha256::digest(key.0);

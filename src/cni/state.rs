@@ -145,6 +145,16 @@ impl StateDir {
         }
     }
 
+    /// The state of an attachment, read without creating or locking anything: for a log
+    /// line, before the command that takes the lock runs. `None` when there is none (or it
+    /// cannot be read).
+    pub fn peek(dir: &Path, container_id: &str, ifname: &str) -> Option<AttachmentState> {
+        let at = StateDir {
+            dir: dir.to_path_buf(),
+        };
+        at.load(container_id, ifname).ok().flatten()
+    }
+
     /// The record of (`container_id`, `ifname`), if there is one. A record whose contents
     /// name another attachment is refused. A record an earlier version wrote under its
     /// ambiguous `<container>.<ifname>` name is used when it is this attachment's, and moved

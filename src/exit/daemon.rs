@@ -1,4 +1,4 @@
-//! `wgexitd serve`, `teardown` and `check-config`.
+//! `wgexitd serve`, `teardown` and `check-config` (`status` is [`crate::exit::status`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, StoredLease};
 use crate::exit::networks::{self, NetworksError, Resolvers};
+use crate::exit::status::StatusError;
+use crate::exit::{metrics, status};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Status(#[from] StatusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -135,8 +139,15 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
     let service = Arc::new(LeaseService::new(config, leases, dataplane, identities));
+    service.metrics.register(
+        "wgexit_auth_failures",
+        "API requests refused for their token.",
+        auth.failures.clone(),
+    );
     for (egress, changes) in service.reconcile().await {
-        tracing::info!(%egress, changes = ?changes?, "WireGuard device reconciled");
+        let changes = changes?;
+        tracing::info!(%egress, ?changes, "WireGuard device reconciled");
+        service.metrics.reconciled(&egress, &changes);
     }
     for repair in service
         .dataplane()
@@ -144,6 +155,13 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         .await?
     {
         tracing::info!("firewall: {repair}");
+    }
+    service.metrics.firewall_applies.inc();
+    if pool.is_none() {
+        for e in &service.config.egress {
+            // One node: it holds every egress's addresses.
+            service.metrics.set_leader("egress", &e.name, true);
+        }
     }
     let (networks, resolvers) = networks::start(&service).await?;
     let api = ApiState {
@@ -211,6 +229,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         )),
         tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
     ];
+    let side = side_listeners(&api.service)?;
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -230,6 +249,10 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         t.abort();
     }
     network_loops.iter().for_each(|l| l.abort());
+    for task in side {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(status::server::socket_path(&api.service.config.state_dir));
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -298,6 +321,33 @@ async fn token_reload_loop(api: Arc<ApiState>) {
 
 /// Every `reconcile_interval`: repairs devices that drifted from the store, and a firewall
 /// that was flushed or changed.
+/// The listeners beside the API: `/metrics` on `[metrics] listen` (when configured) and the
+/// status socket in `state_dir`.
+fn side_listeners(
+    service: &Arc<LeaseService>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let mut tasks = Vec::new();
+    if let Some(m) = &service.config.metrics {
+        let task = metrics::server::spawn(m.listen, service.clone()).map_err(|source| {
+            DaemonError::Listen {
+                addr: m.listen,
+                source,
+            }
+        })?;
+        tracing::info!(listen = %m.listen, "metrics served at /metrics");
+        tasks.push(task);
+    }
+    let state_dir = &service.config.state_dir;
+    let task =
+        status::server::spawn(state_dir, service.clone()).map_err(|source| DaemonError::Io {
+            path: status::server::socket_path(state_dir),
+            source,
+        })?;
+    tasks.push(task);
+    Ok(tasks)
+}
+
+/// Every `reconcile_interval`: repairs devices that drifted from the store.
 async fn reconcile_loop(service: Arc<LeaseService>) {
     let mut tick = tokio::time::interval(service.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -306,9 +356,11 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
         tick.tick().await;
         for (egress, changes) in service.reconcile().await {
             match changes {
-                Ok(c) if c == Default::default() => {}
                 Ok(c) => {
-                    tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired")
+                    service.metrics.reconciled(&egress, &c);
+                    if c != Default::default() {
+                        tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
+                    }
                 }
                 // E.g. a wireguard-go too busy to answer: its device and sessions are left
                 // alone, and the next round looks again.
@@ -323,6 +375,9 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
             .await
         {
             Ok(repairs) => {
+                if !repairs.is_empty() {
+                    service.metrics.firewall_applies.inc();
+                }
                 for repair in repairs {
                     tracing::warn!("firewall had drifted: {repair}");
                 }

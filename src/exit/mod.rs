@@ -15,4 +15,6 @@ pub mod dataplane;
 pub mod dns;
 pub mod identity;
 pub mod leases;
+pub mod metrics;
 pub mod networks;
+pub mod status;

@@ -4,9 +4,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
 
 use super::ratelimit::FailedAuthLimiter;
 use super::tokens::{TokenError, Tokens};
@@ -50,7 +51,7 @@ pub struct Authorizer {
     files: RwLock<HashMap<String, TokenFile>>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
-    pub failures: AtomicU64,
+    pub failures: Counter,
 }
 
 impl Authorizer {
@@ -66,7 +67,7 @@ impl Authorizer {
         Ok(Authorizer {
             files: RwLock::new(files),
             failed: FailedAuthLimiter::default(),
-            failures: AtomicU64::new(0),
+            failures: Counter::default(),
         })
     }
 
@@ -136,7 +137,7 @@ impl Authorizer {
         if let Some(owner) = owner {
             return Ok(Ok(owner));
         }
-        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.failures.inc();
         let now = Instant::now();
         if let Err(retry) = self.failed.check(source, now) {
             return Ok(Err(AuthError::RateLimited(retry)));

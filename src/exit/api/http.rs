@@ -15,7 +15,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 
 use super::auth::AuthError;
-use super::metrics::metrics;
+use super::observe::observe;
 use super::ApiState;
 use crate::api::{ApiError, LeaseRequest, MAX_BODY_BYTES, STORE_UNAVAILABLE};
 use crate::exit::dataplane::DataplaneError;
@@ -138,7 +138,6 @@ type Shared = State<Arc<ApiState>>;
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
         .route("/v1/egress/{egress}", get(egress_info))
         .route("/v1/egress/{egress}/leases", get(list).post(lease))
         .route("/v1/egress/{egress}/leases/{key}", delete(release))
@@ -151,6 +150,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(
+            state.service.metrics.clone(),
+            observe,
+        ))
         .with_state(state)
 }
 

@@ -1,12 +1,13 @@
 //! The HTTPS control API: routes ([`http`]), who may call them ([`auth`], [`tokens`],
-//! [`ratelimit`]), the TLS material ([`tls`]) and the `/metrics` text ([`metrics`]).
+//! [`ratelimit`]), the TLS material ([`tls`]); each request counted and timed ([`observe`]).
+//! `/metrics` is not served here but on its own listener ([`crate::exit::metrics`]).
 //! Wire types are shared with the plugin in [`crate::api`].
 
 pub mod auth;
 pub mod http;
 pub mod limits;
-pub mod metrics;
 pub mod network;
+pub mod observe;
 pub mod ratelimit;
 pub mod tls;
 pub mod tokens;

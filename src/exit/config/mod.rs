@@ -1,13 +1,15 @@
 //! `wgexitd`'s TOML config: parsed, then checked, with errors that name the key. One module
-//! per kind of table: [`egress`], [`policy`], [`cluster`], [`network`].
+//! per kind of table: [`egress`], [`policy`], [`cluster`], [`network`], [`metrics`].
 
 pub mod cluster;
 pub mod egress;
+pub mod metrics;
 pub mod network;
 pub mod policy;
 
 pub use cluster::ClusterConfig;
 pub use egress::EgressConfig;
+pub use metrics::MetricsConfig;
 pub use network::NetworkConfig;
 
 use std::net::{IpAddr, SocketAddr};
@@ -45,6 +47,8 @@ struct RawConfig {
     #[serde(default)]
     backend: BackendKind,
     api: RawApi,
+    #[serde(default)]
+    metrics: Option<metrics::RawMetrics>,
     #[serde(default)]
     egress: Vec<egress::RawEgress>,
     #[serde(default)]
@@ -88,6 +92,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub backend: BackendKind,
     pub api: ApiConfig,
+    /// `[metrics]`: where `/metrics` is served, if anywhere.
+    pub metrics: Option<MetricsConfig>,
     pub egress: Vec<EgressConfig>,
     pub network: Vec<NetworkConfig>,
     /// A lease whose peer has not completed a handshake for this long is collected.
@@ -301,6 +307,7 @@ impl Config {
             ));
         }
         let api = api_config(raw.api, &invalid)?;
+        let metrics = metrics::metrics_config(raw.metrics, &api, &invalid)?;
         let (raw_egress, raw_network) = (raw.egress, raw.network);
         if raw_egress.is_empty() && raw_network.is_empty() {
             return Err(invalid(
@@ -322,6 +329,7 @@ impl Config {
             state_dir: raw.state_dir,
             backend: raw.backend,
             api,
+            metrics,
             egress,
             network,
             peer_timeout: timers.peer_timeout,

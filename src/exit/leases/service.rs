@@ -6,7 +6,7 @@
 //! device match the store.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use tokio::sync::Mutex;
@@ -21,6 +21,7 @@ use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
 use crate::exit::identity::Identities;
+use crate::exit::metrics::Metrics;
 use crate::keys::Key;
 use crate::wg::PeerStatus;
 
@@ -38,19 +39,6 @@ impl From<CommitError> for ServiceError {
     }
 }
 
-/// Counters exported on `/metrics`.
-#[derive(Debug, Default)]
-pub struct LeaseCounters {
-    pub granted: AtomicU64,
-    pub renewed: AtomicU64,
-    pub released: AtomicU64,
-    pub collected: AtomicU64,
-}
-
-fn count(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
 pub struct LeaseService<D = HostDataplane> {
     pub config: Config,
     registry: Mutex<Registry>,
@@ -58,7 +46,8 @@ pub struct LeaseService<D = HostDataplane> {
     misfits: Mutex<Vec<StoredLease>>,
     dataplane: D,
     identities: Identities,
-    pub counters: LeaseCounters,
+    /// What `/metrics` exports; leases, releases and collections are counted here.
+    pub metrics: Arc<Metrics>,
 }
 
 impl<D: Dataplane> LeaseService<D> {
@@ -74,7 +63,7 @@ impl<D: Dataplane> LeaseService<D> {
             misfits: Mutex::new(misfits),
             dataplane,
             identities,
-            counters: LeaseCounters::default(),
+            metrics: Arc::new(Metrics::new()),
         }
     }
 
@@ -151,11 +140,12 @@ impl<D: Dataplane> LeaseService<D> {
             }
             return Err(e.into());
         }
-        count(if new {
-            &self.counters.granted
+        let counter = if new {
+            &self.metrics.granted
         } else {
-            &self.counters.renewed
-        });
+            &self.metrics.renewed
+        };
+        counter.get_or_create(&Metrics::egress(egress)).inc();
         Ok(LeaseGrant {
             address: IpNet::from(stored.lease.address),
             lease: stored.lease,
@@ -199,7 +189,10 @@ impl<D: Dataplane> LeaseService<D> {
         let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(durable).await?;
-        count(&self.counters.released);
+        self.metrics
+            .released
+            .get_or_create(&Metrics::egress(egress))
+            .inc();
         Ok(removed)
     }
 
@@ -238,7 +231,10 @@ impl<D: Dataplane> LeaseService<D> {
         for (lease, why, durable) in removed {
             match durable_removal(durable).await {
                 Ok(()) => {
-                    count(&self.counters.collected);
+                    self.metrics
+                        .collected
+                        .get_or_create(&Metrics::egress(&lease.egress))
+                        .inc();
                     out.push((lease, why));
                 }
                 Err(e) => {
