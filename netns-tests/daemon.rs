@@ -172,7 +172,8 @@ fn guard_rules(w: &World) -> Vec<String> {
 }
 
 /// Counts, in `ns`, packets arriving with a source in `net`.
-fn capture_sources(ns: &str, net: &str) -> impl Fn() -> u64 {
+/// Counts packets whose source lies in `net` arriving in namespace `ns`.
+pub fn capture_sources(ns: &str, net: &str) -> impl Fn() -> u64 {
     let nft = |args: &[&str]| {
         let mut all = vec!["ip", "netns", "exec", ns, "nft"];
         all.extend_from_slice(args);

@@ -120,6 +120,15 @@ fn is(left: Expression<'static>, op: Operator, right: Expression<'static>) -> St
     Statement::Match(Match { left, right, op })
 }
 
+/// `ct state`.
+fn ct_state() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "state".into(),
+        family: None,
+        dir: None,
+    }))
+}
+
 fn iif(name: &str) -> Statement<'static> {
     is(meta(MetaKey::Iifname), Operator::EQ, s(name))
 }
@@ -369,6 +378,11 @@ impl Builder {
     }
 
     fn forward(&mut self, e: &EgressRules, families: &[bool]) {
+        self.forward_from_tunnel(e, families);
+        self.forward_back(e);
+    }
+
+    fn forward_from_tunnel(&mut self, e: &EgressRules, families: &[bool]) {
         let (n, wg, up) = (&e.name, &e.wg_interface, &e.uplink);
         for &v6 in families {
             let spoofed = is(
@@ -383,6 +397,15 @@ impl Builder {
                 vec![iif(wg), spoofed, counter(), Statement::Drop(None)],
             );
         }
+        // A packet conntrack calls invalid (e.g. a TCP segment with a bad checksum) gets no
+        // NAT: forwarded, it would leave with its overlay source. Counted and dropped.
+        let invalid = vec![
+            iif(wg),
+            is(ct_state(), Operator::IN, s("invalid")),
+            counter(),
+            Statement::Drop(None),
+        ];
+        self.rule("forward", Some(format!("{n}: invalid")), invalid);
         let protos: Vec<Expression<'static>> = families
             .iter()
             .map(|&v6| s(if v6 { "ipv6" } else { "ipv4" }))
@@ -402,11 +425,11 @@ impl Builder {
             goto(&format!("policy_{n}")),
         ];
         self.rule("forward", Some(format!("{n}: to uplink")), out);
-        let state = Expression::Named(NamedExpression::CT(CT {
-            key: "state".into(),
-            family: None,
-            dir: None,
-        }));
+    }
+
+    fn forward_back(&mut self, e: &EgressRules) {
+        let (n, wg, up) = (&e.name, &e.wg_interface, &e.uplink);
+        let state = ct_state();
         let established = Expression::List(vec![s("established"), s("related")]);
         let back = vec![
             iif(up),
