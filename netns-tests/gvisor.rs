@@ -170,6 +170,10 @@ fn runsc_without_the_gvisor_flag_gets_no_answer() {
     // The SYN (never segmented) gets through; the rest carries bad checksums, which
     // conntrack calls invalid: the exit node drops them rather than let them out unNATed.
     assert_ne!(last_line(&out), EGRESS_IP, "{}\n{logs}", text(&out));
-    assert_eq!(leaked(), 0, "packets with an overlay source reached the isp");
+    assert_eq!(
+        leaked(),
+        0,
+        "packets with an overlay source reached the isp"
+    );
     nothing_left(&w);
 }

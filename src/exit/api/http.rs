@@ -157,6 +157,24 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
+/// The path's `{param}` (an egress or network name) and where the request comes from.
+pub(super) async fn named_in_path(
+    parts: &mut Parts,
+    api: &Arc<ApiState>,
+    param: &str,
+) -> Result<(String, IpAddr), RequestError> {
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, api)
+        .await
+        .map_err(|e| RequestError::BadRequest(e.body_text()))?;
+    let name = params.get(param).cloned().unwrap_or_default();
+    let source = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(peer)| peer.ip())
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    Ok((name, source))
+}
+
 /// A caller whose bearer token `egress` accepts, with the owner id that token stands for.
 /// Extracting it authorizes the request (see [`super::auth::Authorizer`]).
 struct Caller {
@@ -171,15 +189,7 @@ impl FromRequestParts<Arc<ApiState>> for Caller {
         parts: &mut Parts,
         api: &Arc<ApiState>,
     ) -> Result<Caller, RequestError> {
-        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, api)
-            .await
-            .map_err(|e| RequestError::BadRequest(e.body_text()))?;
-        let egress = params.get("egress").cloned().unwrap_or_default();
-        let source = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(peer)| peer.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let (egress, source) = named_in_path(parts, api, "egress").await?;
         let owner = api
             .auth
             .authorize(source, &egress, bearer(&parts.headers))?;

@@ -1,13 +1,11 @@
 //! The private networks' routes: members (containers) and peers (laptops) per network, and
 //! the network's info, each authorized by a token of that network.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -15,7 +13,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::http::{bearer, decode_path_key, error, RequestError};
+use super::http::{bearer, decode_path_key, error, named_in_path, RequestError};
 use super::ApiState;
 use crate::api::{MemberKind, MemberRequest, PeerRequest};
 use crate::exit::leases::members::NetworkError;
@@ -88,15 +86,7 @@ impl FromRequestParts<Arc<ApiState>> for NetworkCaller {
         parts: &mut Parts,
         api: &Arc<ApiState>,
     ) -> Result<NetworkCaller, NetworkRequestError> {
-        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, api)
-            .await
-            .map_err(|e| RequestError::BadRequest(e.body_text()))?;
-        let network = params.get("network").cloned().unwrap_or_default();
-        let source = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(peer)| peer.ip())
-            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let (network, source) = named_in_path(parts, api, "network").await?;
         let owner = api
             .auth
             .authorize_network(source, &network, bearer(&parts.headers))

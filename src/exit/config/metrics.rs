@@ -55,22 +55,7 @@ mod tests {
 
     use crate::exit::config::Config;
 
-    const BASE: &str = r#"
-state_dir = "/var/lib/wgexitd"
-
-[api]
-listen = "198.51.100.2:7443"
-
-[[egress]]
-name = "acme"
-ip = "203.0.113.77"
-interface = "isp0"
-pool = "100.96.0.0/20"
-wg_interface = "wgx-acme"
-listen_port = 51820
-endpoint = "198.51.100.2:51820"
-token_file = "/etc/wgexitd/acme.tokens"
-"#;
+    use crate::exit::config::tests::VALID as BASE;
 
     fn with(metrics: &str) -> Result<Config, String> {
         Config::parse(Path::new("t.toml"), &format!("{BASE}\n{metrics}")).map_err(|e| e.to_string())

@@ -380,7 +380,8 @@ pub(crate) mod tests {
         }
     }
 
-    const VALID: &str = r#"
+    /// A valid config with one egress, for the tests of every table.
+    pub const VALID: &str = r#"
 state_dir = "/var/lib/wgexitd"
 backend = "userspace"
 

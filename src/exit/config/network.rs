@@ -253,22 +253,7 @@ pub(crate) mod tests {
         }
     }
 
-    const BASE: &str = r#"
-state_dir = "/var/lib/wgexitd"
-
-[api]
-listen = "198.51.100.2:7443"
-
-[[egress]]
-name = "acme"
-ip = "203.0.113.77"
-interface = "isp0"
-pool = "100.96.0.0/20"
-wg_interface = "wgx-acme"
-listen_port = 51820
-endpoint = "198.51.100.2:51820"
-token_file = "/etc/wgexitd/acme.tokens"
-"#;
+    use crate::exit::config::tests::VALID as BASE;
 
     const NETWORK: &str = r#"
 [[network]]
