@@ -17,7 +17,7 @@ use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
-use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
+use crate::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
 use crate::exit::identity::Identities;
@@ -156,13 +156,14 @@ impl<D: Dataplane> LeaseService<D> {
         } else {
             &self.counters.renewed
         });
+        let egress_ip = cfg.egress_ip_of(stored.lease.address);
         Ok(LeaseGrant {
             address: IpNet::from(stored.lease.address),
             lease: stored.lease,
             server_public_key,
             endpoint: cfg.endpoint,
             gateway: cfg.overlay_ip().into(),
-            egress_ip: cfg.ip.into(),
+            egress_ip: egress_ip.into(),
             persistent_keepalive: self.config.persistent_keepalive,
         })
     }
@@ -311,12 +312,20 @@ impl<D: Dataplane> LeaseService<D> {
         let e = registry.egress(egress)?;
         Ok(EgressInfo {
             name: cfg.name.clone(),
-            egress_ip: cfg.ip.into(),
+            egress_ip: cfg.egress_ips.first().into(),
             endpoint: cfg.endpoint,
             server_public_key: self.server_public_key(egress)?,
             pool: cfg.pool.into(),
             leases: e.len(),
             capacity: e.capacity(),
+            ips: e
+                .ip_usage()
+                .into_iter()
+                .map(|(ip, leases)| EgressIpInfo {
+                    ip: ip.into(),
+                    leases,
+                })
+                .collect(),
         })
     }
 
