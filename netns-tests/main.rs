@@ -12,6 +12,7 @@ mod config_change;
 mod cycles;
 mod daemon;
 mod egress;
+mod egress_ips;
 mod failures;
 mod networks;
 mod pool;

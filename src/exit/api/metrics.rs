@@ -76,5 +76,13 @@ pub async fn metrics(State(api): State<Arc<ApiState>>) -> Response {
         "Leasable addresses per egress.",
         counts.iter().map(|(e, _, cap)| (e.as_str(), *cap)),
     );
+    let name = "wgexitd_egress_ip_leases";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Live leases per egress IP.\n# TYPE {name} gauge"
+    );
+    for (egress, ip, n) in api.service.ip_lease_counts().await {
+        let _ = writeln!(out, "{name}{{egress=\"{egress}\",ip=\"{ip}\"}} {n}");
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -383,6 +383,21 @@ impl<D: Dataplane> LeaseService<D> {
         out
     }
 
+    /// Live leases per egress IP, for metrics: (egress, IP, leases).
+    pub async fn ip_lease_counts(&self) -> Vec<(String, std::net::Ipv4Addr, usize)> {
+        let registry = self.registry.lock().await;
+        let mut out: Vec<_> = registry
+            .egresses()
+            .flat_map(|(name, e)| {
+                e.ip_usage()
+                    .into_iter()
+                    .map(move |(ip, n)| (name.to_string(), ip, n))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Makes every egress's device match the store; says what changed, or why an egress
     /// was skipped this time.
     pub async fn reconcile(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
