@@ -13,6 +13,7 @@ mod containerd;
 mod cycles;
 mod daemon;
 mod egress;
+mod egress_ips;
 mod failures;
 mod gvisor;
 mod logs;

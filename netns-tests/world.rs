@@ -98,6 +98,27 @@ pub struct Settings {
     pub pool: Option<String>,
     /// `RUST_LOG` for the daemon.
     pub log_filter: Option<String>,
+    /// Egress acme's `ips` instead of `ip = EGRESS_IP` (each added on the exit's uplink,
+    /// in 203.0.113.0/24 like [`EGRESS_IP`]).
+    pub egress_ips: Vec<String>,
+    /// Egress acme's `assign`.
+    pub assign: Option<String>,
+}
+
+impl Settings {
+    /// Egress acme's IP lines of `wgexitd.toml`.
+    fn acme_ip_lines(&self) -> String {
+        if self.egress_ips.is_empty() {
+            return format!("ip = \"{EGRESS_IP}\"");
+        }
+        let ips: Vec<String> = self.egress_ips.iter().map(|ip| format!("{ip:?}")).collect();
+        let assign = self
+            .assign
+            .as_ref()
+            .map(|a| format!("\nassign = {a:?}"))
+            .unwrap_or_default();
+        format!("ips = [{}]{assign}", ips.join(", "))
+    }
 }
 
 impl World {
@@ -188,6 +209,10 @@ impl World {
             "dev",
             "isp0",
         ]);
+        for ip in &w.settings.egress_ips {
+            let ip = format!("{ip}/24");
+            sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
+        }
         sh(&[
             "ip",
             "-n",
@@ -285,7 +310,7 @@ listen = "{METRICS}"
 
 [[egress]]
 name = "acme"
-ip = "{EGRESS_IP}"
+{acme_ips}
 interface = "isp0"
 pool = "{pool}"
 wg_interface = "{wg}"
@@ -304,6 +329,7 @@ endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
 "#,
             extra = self.settings.daemon_extra,
+            acme_ips = self.settings.acme_ip_lines(),
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             backend = self.backend,

@@ -130,7 +130,7 @@ pub struct LeaseGrant {
     pub endpoint: SocketAddr,
     /// The exit node's own overlay address.
     pub gateway: IpAddr,
-    /// The static IP traffic leaves from.
+    /// The static IP this lease's traffic leaves from (one of the egress's IPs).
     pub egress_ip: IpAddr,
     /// Keepalive the client should use, seconds.
     pub persistent_keepalive: u16,
@@ -145,12 +145,23 @@ pub struct LeaseList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressInfo {
     pub name: String,
+    /// The egress's first static IP (all of them are in `ips`).
     pub egress_ip: IpAddr,
     pub endpoint: SocketAddr,
     pub server_public_key: Key,
     pub pool: IpNet,
     pub leases: usize,
     pub capacity: usize,
+    /// Every static egress IP with how many leases leave from it.
+    #[serde(default)]
+    pub ips: Vec<EgressIpInfo>,
+}
+
+/// One static egress IP of an egress and its live leases.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressIpInfo {
+    pub ip: IpAddr,
+    pub leases: usize,
 }
 
 /// Every error answer's body.

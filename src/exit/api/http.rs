@@ -77,6 +77,9 @@ impl IntoResponse for RequestError {
             RequestError::Lease(LeaseError::PoolExhausted { .. }) => {
                 error(StatusCode::SERVICE_UNAVAILABLE, "pool_exhausted", msg)
             }
+            RequestError::Lease(LeaseError::EgressIpsExhausted { .. }) => {
+                error(StatusCode::CONFLICT, "egress_ips_exhausted", msg)
+            }
             RequestError::Lease(LeaseError::QuotaExceeded { .. }) => {
                 error(StatusCode::CONFLICT, "quota_exceeded", msg)
             }

@@ -38,7 +38,7 @@ pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
         let shares = |g: &Group| {
             g.egresses
                 .iter()
-                .any(|o| o.ip == e.ip || o.endpoint.ip() == e.endpoint.ip())
+                .any(|o| shares_an_ip(o, e) || o.endpoint.ip() == e.endpoint.ip())
         };
         let joined: Vec<usize> = (0..out.len()).filter(|&i| shares(&out[i])).collect();
         let mut group = Group {
@@ -53,6 +53,10 @@ pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
         out.push(group);
     }
     out
+}
+
+fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
+    a.ips().iter().any(|ip| b.ips().contains(ip))
 }
 
 /// Which egresses this member leads right now (for collection and status).
@@ -309,6 +313,7 @@ impl Election {
 mod tests {
     use super::*;
     use crate::exit::config::tests::egress;
+    use crate::exit::leases::egress_ips::EgressIps;
 
     #[test]
     fn egresses_sharing_an_address_are_led_together() {
@@ -316,14 +321,14 @@ mod tests {
         let mut b = egress("b", "100.97.0.0/24");
         let mut c = egress("c", "100.98.0.0/24");
         let mut d = egress("d", "100.99.0.0/24");
-        a.ip = "203.0.113.1".parse().unwrap();
+        a.egress_ips = EgressIps::single("203.0.113.1".parse().unwrap());
         a.endpoint = "198.51.100.1:1".parse().unwrap();
-        b.ip = "203.0.113.2".parse().unwrap();
+        b.egress_ips = EgressIps::single("203.0.113.2".parse().unwrap());
         b.endpoint = "198.51.100.2:1".parse().unwrap();
         // c shares a's egress IP and b's endpoint: all three go together.
-        c.ip = a.ip;
+        c.egress_ips = a.egress_ips.clone();
         c.endpoint = "198.51.100.2:2".parse().unwrap();
-        d.ip = "203.0.113.4".parse().unwrap();
+        d.egress_ips = EgressIps::single("203.0.113.4".parse().unwrap());
         d.endpoint = "198.51.100.4:1".parse().unwrap();
         let g = groups(&[a, b, d, c]);
         let names: Vec<(String, Vec<String>)> = g

@@ -39,7 +39,9 @@ fn placements(group: &Group) -> Vec<(String, IpAddr)> {
                 out.push((ifname.to_string(), ip));
             }
         };
-        add(e.interface.as_str(), IpAddr::V4(e.ip));
+        for ip in e.ips() {
+            add(e.interface.as_str(), IpAddr::V4(*ip));
+        }
         if let Some(ifname) = &e.endpoint_interface {
             add(ifname.as_str(), e.endpoint.ip());
         }
@@ -111,10 +113,19 @@ async fn announce_repeatedly(placed: Vec<(String, IpAddr)>) {
     }
 }
 
+/// `WGEXIT_IPS`: the egress IPs, space-separated.
+fn hook_ips(e: &EgressConfig) -> String {
+    e.ips()
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 async fn run_hook(program: &Path, e: &EgressConfig, node: &str) -> Result<(), ClusterError> {
     let out = tokio::process::Command::new(program)
         .env("WGEXIT_EGRESS", &e.name)
-        .env("WGEXIT_IPS", e.ip.to_string())
+        .env("WGEXIT_IPS", hook_ips(e))
         .env("WGEXIT_ENDPOINT", e.endpoint.to_string())
         .env("WGEXIT_NODE", node)
         .kill_on_drop(true)

@@ -1,6 +1,6 @@
 //! `[[egress]]`: one tenant's static egress, checked alone and against the others.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
 use ipnet::Ipv4Net;
@@ -9,6 +9,7 @@ use serde::Deserialize;
 use super::policy::{self, Policy};
 use super::{ifname, parsed, ConfigError, Invalid, DEFAULT_MTU};
 use crate::api::valid_egress_name;
+use crate::exit::leases::egress_ips::{Assign, EgressIps, IpUsage};
 use crate::exit::leases::pool::Pool;
 use crate::net::IfName;
 
@@ -16,7 +17,12 @@ use crate::net::IfName;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEgress {
     name: String,
-    ip: String,
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    ips: Option<Vec<String>>,
+    #[serde(default)]
+    assign: Option<String>,
     interface: String,
     pool: String,
     wg_interface: String,
@@ -35,7 +41,8 @@ pub(super) struct RawEgress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressConfig {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// The static egress IPv4s (`ip` or `ips`) and how leases are given one.
+    pub egress_ips: EgressIps,
     pub interface: IfName,
     pub pool: Ipv4Net,
     pub wg_interface: IfName,
@@ -53,6 +60,24 @@ impl EgressConfig {
     /// The exit node's own address in the pool.
     pub fn overlay_ip(&self) -> Ipv4Addr {
         Pool::gateway(self.pool)
+    }
+
+    /// Every static egress IPv4, in the config's order.
+    pub fn ips(&self) -> &[Ipv4Addr] {
+        self.egress_ips.ips()
+    }
+
+    /// Each egress IP's block of the pool: what the firewall SNATs and leases come from.
+    pub fn ip_blocks(&self) -> Vec<(Ipv4Net, Ipv4Addr)> {
+        self.egress_ips.blocks(self.pool)
+    }
+
+    /// The egress IP a lease at `address` leaves from (the first IP for an address outside
+    /// every block, which the registry never leases).
+    pub fn egress_ip_of(&self, address: IpAddr) -> Ipv4Addr {
+        IpUsage::new(&self.egress_ips, self.pool)
+            .ip_of(address)
+            .unwrap_or_else(|| self.egress_ips.first())
     }
 }
 
@@ -81,13 +106,18 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
             ),
         ));
     }
-    let ip = parsed(
-        invalid,
-        key("ip"),
-        &e.ip,
-        "an IPv4 address (e.g. \"203.0.113.77\")",
-    )?;
+    let egress_ips = egress_ips(invalid, &key, &e)?;
     let pool = overlay_pool(invalid, key("pool"), &e.pool)?;
+    if !egress_ips.fit(pool) {
+        let n = egress_ips.ips().len();
+        return Err(invalid(
+            key("pool"),
+            format!(
+                "{pool} is too small for {n} egress IPs: each needs a /29 of the pool; use a /{} or larger",
+                EgressIps::widest_prefix_for(n)
+            ),
+        ));
+    }
     if e.listen_port == 0 {
         return Err(invalid(key("listen_port"), "must not be 0".into()));
     }
@@ -110,7 +140,7 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
         interface: ifname(invalid, key("interface"), &e.interface)?,
         wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
         name: e.name,
-        ip,
+        egress_ips,
         pool,
         listen_port: e.listen_port,
         endpoint,
@@ -118,6 +148,55 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
         mtu,
         policy: policy::parse(e.policy, &key("policy"), invalid)?,
     })
+}
+
+/// `ip` or `ips` (exactly one), and `assign`.
+fn egress_ips(
+    invalid: &Invalid,
+    key: &dyn Fn(&str) -> String,
+    e: &RawEgress,
+) -> Result<EgressIps, ConfigError> {
+    const IPV4: &str = "an IPv4 address (e.g. \"203.0.113.77\")";
+    let assign = match &e.assign {
+        None => Assign::default(),
+        Some(a) => Assign::parse(a).ok_or_else(|| {
+            invalid(
+                key("assign"),
+                format!("{a:?} is neither \"spread\" nor \"exclusive\""),
+            )
+        })?,
+    };
+    let list: Vec<Ipv4Addr> = match (&e.ip, &e.ips) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                key("ips"),
+                "set either ip (one egress IP) or ips (a set), not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(invalid(
+                key("ip"),
+                "missing: set ip (one static egress IPv4) or ips (a set of them)".into(),
+            ))
+        }
+        (Some(ip), None) => vec![parsed(invalid, key("ip"), ip, IPV4)?],
+        (None, Some(list)) => {
+            let mut out: Vec<Ipv4Addr> = Vec::new();
+            for (j, ip) in list.iter().enumerate() {
+                let ip: Ipv4Addr = parsed(invalid, key(&format!("ips[{j}]")), ip, IPV4)?;
+                if out.contains(&ip) {
+                    return Err(invalid(
+                        key(&format!("ips[{j}]")),
+                        format!("{ip} is listed twice"),
+                    ));
+                }
+                out.push(ip);
+            }
+            out
+        }
+    };
+    EgressIps::new(list, assign)
+        .ok_or_else(|| invalid(key("ips"), "must list at least one IPv4 address".into()))
 }
 
 fn overlay_pool(invalid: &Invalid, key: String, value: &str) -> Result<Ipv4Net, ConfigError> {
@@ -174,4 +253,96 @@ fn check_no_clash(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::super::Config;
+    use super::*;
+
+    fn config(ip_lines: &str, pool: &str) -> Result<Config, ConfigError> {
+        let text = format!(
+            r#"
+state_dir = "/var/lib/wgexitd"
+[api]
+listen = "198.51.100.2:7443"
+[[egress]]
+name = "acme"
+{ip_lines}
+interface = "isp0"
+pool = "{pool}"
+wg_interface = "wgx-acme"
+listen_port = 51820
+endpoint = "198.51.100.2:51820"
+token_file = "/etc/wgexitd/acme.tokens"
+"#
+        );
+        Config::parse(Path::new("t.toml"), &text)
+    }
+
+    fn err(ip_lines: &str, pool: &str) -> String {
+        config(ip_lines, pool).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn ips_and_assign_are_read_and_split_the_pool() {
+        let c = config(
+            "ips = [\"203.0.113.80\", \"203.0.113.81\", \"203.0.113.82\"]\nassign = \"exclusive\"",
+            "100.96.0.0/24",
+        )
+        .unwrap();
+        let e = &c.egress[0];
+        assert_eq!(e.ips().len(), 3);
+        assert_eq!(e.egress_ips.assign, Assign::Exclusive);
+        let blocks = e.ip_blocks();
+        assert_eq!(blocks[2].0, "100.96.0.128/26".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            e.egress_ip_of("100.96.0.130".parse().unwrap()),
+            "203.0.113.82".parse::<Ipv4Addr>().unwrap()
+        );
+        // Today's `ip` is a set of one, spread, over the whole pool.
+        let one = config("ip = \"203.0.113.77\"", "100.96.0.0/24").unwrap();
+        assert_eq!(one.egress[0].egress_ips.assign, Assign::Spread);
+        assert_eq!(one.egress[0].ip_blocks().len(), 1);
+    }
+
+    #[test]
+    fn bad_ip_sets_are_refused_naming_the_key() {
+        let three = "ips = [\"203.0.113.80\", \"203.0.113.81\", \"203.0.113.82\"]";
+        for (lines, pool, key, says) in [
+            (
+                "ip = \"203.0.113.77\"\nips = [\"203.0.113.80\"]",
+                "100.96.0.0/24",
+                "egress[0].ips",
+                "not both",
+            ),
+            ("", "100.96.0.0/24", "egress[0].ip", "missing"),
+            ("ips = []", "100.96.0.0/24", "egress[0].ips", "at least one"),
+            (
+                "ips = [\"203.0.113.80\", \"nope\"]",
+                "100.96.0.0/24",
+                "egress[0].ips[1]",
+                "not an IPv4",
+            ),
+            (
+                "ips = [\"203.0.113.80\", \"203.0.113.80\"]",
+                "100.96.0.0/24",
+                "egress[0].ips[1]",
+                "twice",
+            ),
+            (three, "100.96.0.0/28", "egress[0].pool", "/27 or larger"),
+            (
+                "ip = \"203.0.113.77\"\nassign = \"random\"",
+                "100.96.0.0/24",
+                "egress[0].assign",
+                "exclusive",
+            ),
+        ] {
+            let msg = err(lines, pool);
+            assert!(msg.contains(key) && msg.contains(says), "{lines:?}: {msg}");
+        }
+        assert!(config(three, "100.96.0.0/27").is_ok());
+    }
 }

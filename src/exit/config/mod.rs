@@ -367,7 +367,9 @@ pub(crate) mod tests {
     pub fn egress(name: &str, pool: &str) -> EgressConfig {
         EgressConfig {
             name: name.into(),
-            ip: "203.0.113.77".parse().unwrap(),
+            egress_ips: crate::exit::leases::egress_ips::EgressIps::single(
+                "203.0.113.77".parse().unwrap(),
+            ),
             interface: IfName::new("isp0").unwrap(),
             pool: pool.parse().unwrap(),
             wg_interface: IfName::new(&format!("wg-{name}")).unwrap(),

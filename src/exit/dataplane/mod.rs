@@ -138,7 +138,11 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
         uplink: e.interface.to_string(),
         pools: vec![e.pool.into()],
         overlay_ips: vec![e.overlay_ip().into()],
-        snat: vec![(e.pool.into(), e.ip.into())],
+        snat: e
+            .ip_blocks()
+            .into_iter()
+            .map(|(block, ip)| (block.into(), ip.into()))
+            .collect(),
         policy: e.policy.clone(),
     }
 }

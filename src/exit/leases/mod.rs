@@ -8,6 +8,7 @@
 
 pub mod collect;
 pub mod commit;
+pub mod egress_ips;
 pub mod etcd;
 pub mod members;
 pub mod pool;

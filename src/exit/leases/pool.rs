@@ -4,7 +4,7 @@
 //! address) and the broadcast address. Allocation walks forward from where the last one
 //! stopped, so a just-released address is the last to be reused.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
@@ -14,6 +14,10 @@ pub struct Pool {
     net: Ipv4Net,
     used: BTreeSet<u32>,
     cursor: u32,
+    /// Where [`Pool::start_at`] moved allocation to, from a range's first address.
+    offset: usize,
+    /// Where the next allocation in each block (by its first address) starts looking.
+    block_cursors: HashMap<u32, u32>,
 }
 
 impl Pool {
@@ -23,6 +27,8 @@ impl Pool {
             net,
             used: BTreeSet::new(),
             cursor: first,
+            offset: 0,
+            block_cursors: HashMap::new(),
         }
     }
 
@@ -81,6 +87,40 @@ impl Pool {
     pub fn start_at(&mut self, offset: usize) {
         let first = Pool::first_leasable(self.net);
         self.cursor = first + (offset % self.capacity().max(1)) as u32;
+        self.offset = offset;
+        self.block_cursors.clear();
+    }
+
+    /// The leasable addresses of `block` (a part of the pool), first and last; `None` when
+    /// it has none.
+    fn leasable_in(&self, block: Ipv4Net) -> Option<(u32, u32)> {
+        let lo = u32::from(block.network()).max(Pool::first_leasable(self.net));
+        let hi = u32::from(block.broadcast()).min(Pool::last_leasable(self.net));
+        (lo <= hi).then_some((lo, hi))
+    }
+
+    /// How many addresses of `block` may be leased at all.
+    pub fn capacity_in(&self, block: Ipv4Net) -> usize {
+        self.leasable_in(block)
+            .map_or(0, |(lo, hi)| (hi - lo + 1) as usize)
+    }
+
+    /// Takes the next free address inside `block`, or `None` when it has none free. Each
+    /// block walks forward on its own, so a just-released address is the last reused.
+    pub fn allocate_in(&mut self, block: Ipv4Net) -> Option<Ipv4Addr> {
+        let (lo, hi) = self.leasable_in(block)?;
+        let key = u32::from(block.network());
+        let span = (hi - lo + 1) as usize;
+        let start = *self
+            .block_cursors
+            .entry(key)
+            .or_insert(lo + (self.offset % span) as u32);
+        let start = start.clamp(lo, hi);
+        let found = gap_in(&self.used, start, hi).or_else(|| gap_in(&self.used, lo, start))?;
+        self.used.insert(found);
+        self.block_cursors
+            .insert(key, if found == hi { lo } else { found + 1 });
+        Some(Ipv4Addr::from(found))
     }
 
     /// Takes the next free address, or `None` when the pool is full.
@@ -163,6 +203,27 @@ mod tests {
             assert_ne!(a, Ipv4Addr::new(100, 96, 0, 9));
         }
         assert_eq!(seen.len(), p.capacity() - 2);
+    }
+
+    #[test]
+    fn allocation_in_a_block_stays_inside_it_and_skips_the_gateway() {
+        let mut p = pool("100.96.0.0/24");
+        let first: Ipv4Net = "100.96.0.0/26".parse().unwrap();
+        let third: Ipv4Net = "100.96.0.128/26".parse().unwrap();
+        assert_eq!(p.capacity_in(first), 62, "no network address, no gateway");
+        assert_eq!(
+            p.capacity_in(third),
+            64,
+            "a block's ends are hosts of the pool"
+        );
+        let got: Vec<_> = std::iter::from_fn(|| p.allocate_in(first)).collect();
+        assert_eq!(got.len(), 62);
+        assert!(got.iter().all(|a| first.contains(a)));
+        assert!(!got.contains(&Pool::gateway(p.net())));
+        assert_eq!(p.allocate_in(third), Some(Ipv4Addr::new(100, 96, 0, 128)));
+        // A released address comes back last within its block.
+        p.release(Ipv4Addr::new(100, 96, 0, 128).into());
+        assert_eq!(p.allocate_in(third), Some(Ipv4Addr::new(100, 96, 0, 129)));
     }
 
     #[test]

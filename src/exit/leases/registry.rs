@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::commit::{CommitError, GroupCommit, Pending};
+use super::egress_ips::{Exhausted, IpUsage};
 use super::pool::Pool;
 use super::pool6::Pool6;
 use super::store::{LeaseStore, StoreError, StoredLease, Write};
@@ -110,6 +111,11 @@ pub enum LeaseError {
         pool: String,
         in_use: usize,
     },
+    #[error("egress {egress}: every egress IP ({}) is held by a lease and assign = \"exclusive\"; release a lease (DEL) or add IPs to the egress's ips", list_ips(.ips))]
+    EgressIpsExhausted {
+        egress: String,
+        ips: Vec<std::net::Ipv4Addr>,
+    },
     #[error("{} {}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node", kind_of_scope(.egress), name_of_scope(.egress))]
     QuotaExceeded { egress: String, max: usize },
     #[error("{} {}: no lease for public key {key}", kind_of_scope(.egress), name_of_scope(.egress))]
@@ -118,6 +124,13 @@ pub enum LeaseError {
     NotOwner { egress: String, key: Key },
     #[error(transparent)]
     Store(#[from] CommitError),
+}
+
+fn list_ips(ips: &[std::net::Ipv4Addr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl From<StoreError> for LeaseError {
@@ -130,6 +143,8 @@ impl From<StoreError> for LeaseError {
 #[derive(Debug)]
 pub struct EgressLeases {
     pool: AddressPool,
+    /// An egress's IPs and their blocks of the pool (`None` for a network).
+    ips: Option<IpUsage>,
     by_key: HashMap<Key, StoredLease>,
     /// Leases per owner, for the quota.
     per_owner: HashMap<String, usize>,
@@ -151,9 +166,10 @@ pub enum Adopted {
 }
 
 impl EgressLeases {
-    fn new(pool: AddressPool) -> EgressLeases {
+    fn new(pool: AddressPool, ips: Option<IpUsage>) -> EgressLeases {
         EgressLeases {
             pool,
+            ips,
             by_key: HashMap::new(),
             per_owner: HashMap::new(),
             doubles: HashMap::new(),
@@ -173,6 +189,9 @@ impl EgressLeases {
 
     /// Adds a lease whose address is taken in the pool already.
     fn insert(&mut self, lease: StoredLease) {
+        if let Some(ips) = &mut self.ips {
+            ips.add(lease.lease.address);
+        }
         *self.per_owner.entry(lease.owner.clone()).or_default() += 1;
         self.by_key.insert(lease.lease.public_key, lease);
     }
@@ -181,6 +200,9 @@ impl EgressLeases {
     fn remove(&mut self, key: &Key) -> Option<StoredLease> {
         let removed = self.by_key.remove(key)?;
         self.free(removed.lease.address);
+        if let Some(ips) = &mut self.ips {
+            ips.remove(removed.lease.address);
+        }
         if let Some(n) = self.per_owner.get_mut(&removed.owner) {
             *n -= 1;
             if *n == 0 {
@@ -204,8 +226,50 @@ impl EgressLeases {
     pub fn is_empty(&self) -> bool {
         self.by_key.is_empty()
     }
+    /// How many leases there can be at most.
     pub fn capacity(&self) -> usize {
-        self.pool.capacity()
+        match (&self.ips, &self.pool) {
+            (Some(ips), AddressPool::V4(p)) => {
+                let leasable = ips.blocks().iter().map(|b| p.capacity_in(*b)).sum();
+                ips.capacity(leasable)
+            }
+            _ => self.pool.capacity(),
+        }
+    }
+
+    /// Each egress IP with how many leases leave from it (empty for a network).
+    pub fn ip_usage(&self) -> Vec<(std::net::Ipv4Addr, usize)> {
+        self.ips.as_ref().map(IpUsage::usage).unwrap_or_default()
+    }
+
+    /// Whether `address` may be leased here: inside the pool and, for an egress, inside
+    /// the block of one of its IPs.
+    fn leasable(&self, address: IpAddr) -> bool {
+        self.pool.leasable(address)
+            && self
+                .ips
+                .as_ref()
+                .is_none_or(|ips| ips.ip_of(address).is_some())
+    }
+
+    /// A free address for `key`: in an egress, in the block of the IP its `assign` picks.
+    fn allocate(&mut self, scope: &str, key: &Key) -> Result<IpAddr, LeaseError> {
+        let exhausted = |pool: &AddressPool| LeaseError::PoolExhausted {
+            egress: scope.to_string(),
+            pool: pool.net(),
+            in_use: pool.in_use(),
+        };
+        let (Some(ips), AddressPool::V4(pool)) = (&self.ips, &mut self.pool) else {
+            return self.pool.allocate(key).ok_or_else(|| exhausted(&self.pool));
+        };
+        let blocks = ips
+            .candidates()
+            .map_err(|Exhausted(ips)| LeaseError::EgressIpsExhausted {
+                egress: scope.to_string(),
+                ips,
+            })?;
+        let found = blocks.into_iter().find_map(|b| pool.allocate_in(b));
+        found.map(IpAddr::V4).ok_or_else(|| exhausted(&self.pool))
     }
     pub fn get(&self, key: &Key) -> Option<&StoredLease> {
         self.by_key.get(key)
@@ -240,11 +304,12 @@ pub fn place(
         .iter()
         .map(|e| {
             let pool = AddressPool::V4(Pool::new(e.pool));
-            (e.name.clone(), EgressLeases::new(pool))
+            let ips = IpUsage::new(&e.egress_ips, e.pool);
+            (e.name.clone(), EgressLeases::new(pool, Some(ips)))
         })
         .chain(networks.iter().map(|n| {
             let pool = AddressPool::V6(Pool6::new(n.prefix));
-            (network_scope(&n.name), EgressLeases::new(pool))
+            (network_scope(&n.name), EgressLeases::new(pool, None))
         }))
         .collect();
     let mut misfits = Vec::new();
@@ -253,7 +318,9 @@ pub fn place(
             misfits.push(lease);
             continue;
         };
-        if e.by_key.contains_key(&lease.lease.public_key) || !e.pool.mark_used(lease.lease.address)
+        if e.by_key.contains_key(&lease.lease.public_key)
+            || !e.leasable(lease.lease.address)
+            || !e.pool.mark_used(lease.lease.address)
         {
             misfits.push(lease);
             continue;
@@ -330,7 +397,7 @@ impl Registry {
             return Adopted::Misfit;
         };
         let address = stored.lease.address;
-        if !e.pool.leasable(address) {
+        if !e.leasable(address) {
             return Adopted::Misfit;
         }
         if let Some(known) = e.by_key.get(&stored.lease.public_key) {
@@ -430,14 +497,7 @@ impl Registry {
                 max: max_per_owner,
             });
         }
-        let address = e
-            .pool
-            .allocate(public_key)
-            .ok_or_else(|| LeaseError::PoolExhausted {
-                egress: egress.to_string(),
-                pool: e.pool.net(),
-                in_use: e.pool.in_use(),
-            })?;
+        let address = e.allocate(egress, public_key)?;
         let stored = StoredLease {
             lease: Lease {
                 egress: egress.to_string(),
@@ -832,5 +892,123 @@ mod tests {
         assert!(misfits.is_empty());
         assert_eq!(r.egress(&scope).unwrap().get(&Key([1; 32])), Some(&m));
         assert_eq!(network_of_scope(&scope), Some("a"));
+    }
+
+    fn three_ips(assign: crate::exit::leases::egress_ips::Assign) -> EgressConfig {
+        use crate::exit::leases::egress_ips::EgressIps;
+        let mut e = egress("s", "100.98.0.0/24");
+        let ips = ["203.0.113.80", "203.0.113.81", "203.0.113.82"];
+        e.egress_ips =
+            EgressIps::new(ips.iter().map(|i| i.parse().unwrap()).collect(), assign).unwrap();
+        e
+    }
+
+    fn load_one(e: &EgressConfig, dir: &std::path::Path) -> Registry {
+        let store = Arc::new(RedbStore::open(&dir.join("l.redb")).unwrap());
+        let (r, misfits) = Registry::load(std::slice::from_ref(e), store).unwrap();
+        assert!(misfits.is_empty());
+        r
+    }
+
+    #[test]
+    fn spread_balances_leases_over_the_ips_and_keeps_each_leases_ip_across_a_reload() {
+        use crate::exit::leases::egress_ips::Assign;
+        let t = tempfile::tempdir().unwrap();
+        let e = three_ips(Assign::Spread);
+        let mut before = HashMap::new();
+        {
+            let mut r = load_one(&e, t.path());
+            for n in 1..=30 {
+                let (l, _) = lease(&mut r, "s", &req(n), "o").unwrap();
+                before.insert(n, e.egress_ip_of(l.lease.address));
+            }
+            let counts: Vec<usize> = r
+                .egress("s")
+                .unwrap()
+                .ip_usage()
+                .iter()
+                .map(|u| u.1)
+                .collect();
+            assert_eq!(counts, vec![10, 10, 10]);
+            for n in [1, 4, 7] {
+                release(&mut r, "s", &Key([n; 32]), Some("o")).unwrap();
+            }
+        }
+        let mut r = load_one(&e, t.path());
+        let counts: Vec<usize> = r
+            .egress("s")
+            .unwrap()
+            .ip_usage()
+            .iter()
+            .map(|u| u.1)
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 27);
+        for n in (1..=30).filter(|n| ![1, 4, 7].contains(n)) {
+            let (l, new) = lease(&mut r, "s", &req(n), "o").unwrap();
+            assert!(!new);
+            assert_eq!(
+                e.egress_ip_of(l.lease.address),
+                before[&n],
+                "lease {n} moved"
+            );
+        }
+        // New leases fill the IPs that lost leases first.
+        for n in 40..43 {
+            lease(&mut r, "s", &req(n), "o").unwrap();
+        }
+        let counts: Vec<usize> = r
+            .egress("s")
+            .unwrap()
+            .ip_usage()
+            .iter()
+            .map(|u| u.1)
+            .collect();
+        assert_eq!(counts, vec![10, 10, 10]);
+    }
+
+    #[test]
+    fn exclusive_gives_each_lease_its_own_ip_and_refuses_a_fourth() {
+        use crate::exit::leases::egress_ips::Assign;
+        let t = tempfile::tempdir().unwrap();
+        let e = three_ips(Assign::Exclusive);
+        let mut r = load_one(&e, t.path());
+        let ips: std::collections::HashSet<_> = (1..=3)
+            .map(|n| e.egress_ip_of(lease(&mut r, "s", &req(n), "o").unwrap().0.lease.address))
+            .collect();
+        assert_eq!(ips.len(), 3);
+        assert_eq!(r.egress("s").unwrap().capacity(), 3);
+        let refused = lease(&mut r, "s", &req(4), "o").unwrap_err();
+        assert!(matches!(refused, LeaseError::EgressIpsExhausted { .. }));
+        let msg = refused.to_string();
+        assert!(
+            msg.contains("203.0.113.80, 203.0.113.81, 203.0.113.82"),
+            "{msg}"
+        );
+        let freed = release(&mut r, "s", &Key([2; 32]), Some("o")).unwrap();
+        drop(r);
+        // After a reload the held IPs are still held; the freed one is given out again.
+        let mut r = load_one(&e, t.path());
+        let (l, _) = lease(&mut r, "s", &req(4), "o").unwrap();
+        assert_eq!(
+            e.egress_ip_of(l.lease.address),
+            e.egress_ip_of(freed.lease.address)
+        );
+        assert!(matches!(
+            lease(&mut r, "s", &req(5), "o"),
+            Err(LeaseError::EgressIpsExhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_stored_lease_outside_every_ips_block_is_a_misfit() {
+        use crate::exit::leases::egress_ips::Assign;
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&t.path().join("l.redb")).unwrap());
+        let mut old = foreign(1, 200);
+        old.lease.egress = "s".into();
+        old.lease.address = std::net::Ipv4Addr::new(100, 98, 0, 200).into();
+        store.apply(&[Write::Create(old.clone())]).unwrap();
+        let (_, misfits) = Registry::load(&[three_ips(Assign::Spread)], store).unwrap();
+        assert_eq!(misfits, vec![old]);
     }
 }

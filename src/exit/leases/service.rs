@@ -17,7 +17,7 @@ use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
-use crate::api::{EgressInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
+use crate::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use crate::exit::config::{Config, EgressConfig};
 use crate::exit::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
 use crate::exit::identity::Identities;
@@ -146,13 +146,14 @@ impl<D: Dataplane> LeaseService<D> {
             &self.metrics.renewed
         };
         counter.get_or_create(&Metrics::egress(egress)).inc();
+        let egress_ip = cfg.egress_ip_of(stored.lease.address);
         Ok(LeaseGrant {
             address: IpNet::from(stored.lease.address),
             lease: stored.lease,
             server_public_key,
             endpoint: cfg.endpoint,
             gateway: cfg.overlay_ip().into(),
-            egress_ip: cfg.ip.into(),
+            egress_ip: egress_ip.into(),
             persistent_keepalive: self.config.persistent_keepalive,
         })
     }
@@ -307,12 +308,20 @@ impl<D: Dataplane> LeaseService<D> {
         let e = registry.egress(egress)?;
         Ok(EgressInfo {
             name: cfg.name.clone(),
-            egress_ip: cfg.ip.into(),
+            egress_ip: cfg.egress_ips.first().into(),
             endpoint: cfg.endpoint,
             server_public_key: self.server_public_key(egress)?,
             pool: cfg.pool.into(),
             leases: e.len(),
             capacity: e.capacity(),
+            ips: e
+                .ip_usage()
+                .into_iter()
+                .map(|(ip, leases)| EgressIpInfo {
+                    ip: ip.into(),
+                    leases,
+                })
+                .collect(),
         })
     }
 
@@ -365,6 +374,21 @@ impl<D: Dataplane> LeaseService<D> {
         let mut out: Vec<_> = registry
             .egresses()
             .map(|(name, e)| (name.to_string(), e.len(), e.capacity()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Live leases per egress IP, for metrics: (egress, IP, leases).
+    pub async fn ip_lease_counts(&self) -> Vec<(String, std::net::Ipv4Addr, usize)> {
+        let registry = self.registry.lock().await;
+        let mut out: Vec<_> = registry
+            .egresses()
+            .flat_map(|(name, e)| {
+                e.ip_usage()
+                    .into_iter()
+                    .map(move |(ip, n)| (name.to_string(), ip, n))
+            })
             .collect();
         out.sort();
         out

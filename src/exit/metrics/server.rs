@@ -41,16 +41,12 @@ fn update_egress(
         .capacity
         .get_or_create(&egress)
         .set(status.capacity as i64);
-    for ip in &status.ips {
+    for (ip, leases) in &status.ip_leases {
         let labels = EgressIpLabels {
             egress: status.name.clone(),
             ip: ip.to_string(),
         };
-        // One IP per egress: it carries every lease.
-        metrics
-            .ip_leases
-            .get_or_create(&labels)
-            .set(status.leases as i64);
+        metrics.ip_leases.get_or_create(&labels).set(*leases as i64);
     }
     for count in &status.peers.handshake_age {
         let labels = PeerAgeLabels {

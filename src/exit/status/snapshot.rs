@@ -44,6 +44,9 @@ pub struct EgressStatus {
     pub name: String,
     /// Its static egress addresses.
     pub ips: Vec<IpAddr>,
+    /// Leases per egress address (each lease leaves from one).
+    #[serde(default)]
+    pub ip_leases: std::collections::BTreeMap<IpAddr, usize>,
     pub endpoint: SocketAddr,
     pub wg_interface: String,
     pub pool: String,
@@ -212,6 +215,20 @@ fn peer_rows(leases: &[Lease], peers: &[PeerStatus], now: SystemTime) -> Vec<Pee
     rows
 }
 
+/// How many of `leases` leave from each of the egress's addresses.
+fn ip_leases(
+    cfg: &crate::exit::config::EgressConfig,
+    leases: &[crate::api::Lease],
+) -> std::collections::BTreeMap<IpAddr, usize> {
+    let mut out: std::collections::BTreeMap<IpAddr, usize> =
+        cfg.ips().iter().map(|ip| (IpAddr::V4(*ip), 0)).collect();
+    for l in leases {
+        *out.entry(IpAddr::V4(cfg.egress_ip_of(l.address)))
+            .or_default() += 1;
+    }
+    out
+}
+
 /// An egress's status at `now`; the per-lease rows when `with_peers`.
 pub fn summarize(view: &EgressView<'_>, now: SystemTime, with_peers: bool) -> EgressStatus {
     let cfg = view.config;
@@ -227,7 +244,8 @@ pub fn summarize(view: &EgressView<'_>, now: SystemTime, with_peers: bool) -> Eg
     };
     EgressStatus {
         name: cfg.name.clone(),
-        ips: vec![IpAddr::V4(cfg.ip)],
+        ips: cfg.ips().iter().copied().map(IpAddr::V4).collect(),
+        ip_leases: ip_leases(cfg, &view.leases),
         endpoint: cfg.endpoint,
         wg_interface: cfg.wg_interface.to_string(),
         pool: cfg.pool.to_string(),
