@@ -33,14 +33,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
         .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
-    if stale::check_due(&dir, conf.stale_check_interval) {
-        for gone in stale::stale_attachments(&dir, conf, Some(&client)).await {
-            eprintln!(
-                "wgexit: cleaned up {} {}: the network namespace it was attached to is gone",
-                gone.container_id, gone.ifname
-            );
-        }
-    }
+    detach_stale(&dir, conf, &client).await;
     let backend = open_backend(conf.backend)?;
     let app_region = match conf.network {
         Some(_) => Some(member::app_and_region(env, conf)?),
@@ -62,29 +55,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             ),
         ));
     }
-    let mut state = AttachmentState {
-        container_id: container_id.to_string(),
-        ifname: ifname.to_string(),
-        netns: Some(netns_path.clone()),
-        netns_id: Some(
-            netns
-                .id()
-                .map_err(|e| link_error("cannot use CNI_NETNS", e))?,
-        ),
-        network: conf.name.clone(),
-        egress: conf.egress.clone().unwrap_or_default(),
-        host_ifname: host_ifname(container_id, ifname, netns_path),
-        backend: backend.kind(),
-        public_key: private_key.public(),
-        server: None,
-        address: None,
-        exit_public_key: None,
-        endpoint: None,
-        listen_port: None,
-        in_netns: false,
-        release_pending: false,
-        member: conf.network.as_deref().map(MemberState::new),
-    };
+    let mut state = new_state(env, conf, &netns, backend.kind(), &private_key)?;
     if let Err(e) = dir
         .save_key(container_id, ifname, &private_key)
         .and_then(|()| dir.save(&state))
@@ -99,18 +70,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         netns: &netns,
         dir: &dir,
     };
-    let request = lease_request(env, conf, &state);
-    let requests = Requests {
-        member: conf
-            .network
-            .clone()
-            .zip(app_region)
-            .map(|(network, app_region)| {
-                let req = member::request(&request.attachment, state.public_key, app_region);
-                (network, req)
-            }),
-        egress: conf.egress.clone().map(|egress| (egress, request)),
-    };
+    let requests = requests(env, conf, &state, app_region);
     match attach(
         conf,
         &client,
@@ -129,6 +89,74 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             }
             Err(e)
         }
+    }
+}
+
+/// Every `staleCheckInterval`, ADD first detaches the attachments whose namespace is gone.
+async fn detach_stale(dir: &StateDir, conf: &NetConf, client: &Client) {
+    if !stale::check_due(dir, conf.stale_check_interval) {
+        return;
+    }
+    for gone in stale::stale_attachments(dir, conf, Some(client)).await {
+        eprintln!(
+            "wgexit: cleaned up {} {}: the network namespace it was attached to is gone",
+            gone.container_id, gone.ifname
+        );
+    }
+}
+
+/// The state of an attachment about to be made: nothing leased or linked yet.
+fn new_state(
+    env: &CniEnv,
+    conf: &NetConf,
+    netns: &Netns,
+    backend: crate::wg::BackendKind,
+    private_key: &Key,
+) -> Result<AttachmentState, CniError> {
+    let (container_id, ifname, netns_path) = (env.container_id()?, env.ifname()?, env.netns()?);
+    Ok(AttachmentState {
+        container_id: container_id.to_string(),
+        ifname: ifname.to_string(),
+        netns: Some(netns_path.clone()),
+        netns_id: Some(
+            netns
+                .id()
+                .map_err(|e| link_error("cannot use CNI_NETNS", e))?,
+        ),
+        network: conf.name.clone(),
+        egress: conf.egress.clone().unwrap_or_default(),
+        host_ifname: host_ifname(container_id, ifname, netns_path),
+        backend,
+        public_key: private_key.public(),
+        server: None,
+        address: None,
+        exit_public_key: None,
+        endpoint: None,
+        listen_port: None,
+        in_netns: false,
+        release_pending: false,
+        member: conf.network.as_deref().map(MemberState::new),
+    })
+}
+
+/// What ADD asks the exit node and the gateway for.
+fn requests(
+    env: &CniEnv,
+    conf: &NetConf,
+    state: &AttachmentState,
+    app_region: Option<(String, String)>,
+) -> Requests {
+    let request = lease_request(env, conf, state);
+    Requests {
+        member: conf
+            .network
+            .clone()
+            .zip(app_region)
+            .map(|(network, app_region)| {
+                let req = member::request(&request.attachment, state.public_key, app_region);
+                (network, req)
+            }),
+        egress: conf.egress.clone().map(|egress| (egress, request)),
     }
 }
 

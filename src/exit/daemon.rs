@@ -205,31 +205,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     })?;
 
-    let control = tokio::spawn(control::serve(
-        control::bind(&api.service.config.state_dir)?,
-        api.service.clone(),
-    ));
-    let reloader = tokio::spawn(token_reload_loop(api.clone()));
-    let reconciler = tokio::spawn(reconcile_loop(api.service.clone()));
-    // In a pool only an egress's leader sees its peers' traffic, so only it collects.
-    let leading = pool.as_ref().map(member::Pool::leading);
-    let collector = tokio::spawn(collect_loop(api.service.clone(), leading));
-    let pool_tasks = match pool {
-        Some(p) => p.spawn(api.service.clone())?,
-        None => Vec::new(),
-    };
-    let (reconcile_every, collect_every) = (
-        api.service.config.reconcile_interval,
-        api.service.config.collect_interval,
-    );
-    let network_loops = [
-        tokio::spawn(networks::reconcile_loop(
-            api.networks.clone(),
-            reconcile_every,
-        )),
-        tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
-    ];
-    let side = side_listeners(&api.service)?;
+    let tasks = background_tasks(&api, pool)?;
 
     tracing::info!(%listen, "wgexitd ready");
     let mut server = tokio::spawn(server);
@@ -241,15 +217,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             server.await
         }
     };
-    reloader.abort();
-    reconciler.abort();
-    collector.abort();
-    control.abort();
-    for t in pool_tasks {
-        t.abort();
-    }
-    network_loops.iter().for_each(|l| l.abort());
-    for task in side {
+    for task in tasks {
         task.abort();
     }
     let _ = std::fs::remove_file(status::server::socket_path(&api.service.config.state_dir));
@@ -263,6 +231,41 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             source: std::io::Error::other(e.to_string()),
         }),
     }
+}
+
+/// Everything that runs beside the API until shutdown: the control socket, token reloads,
+/// the reconcile and collection loops (the egresses' and the networks'), a pool member's
+/// loops, the metrics and status listeners.
+fn background_tasks(
+    api: &Arc<ApiState>,
+    pool: Option<member::Pool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
+    let service = &api.service;
+    let (reconcile_every, collect_every) = (
+        service.config.reconcile_interval,
+        service.config.collect_interval,
+    );
+    // In a pool only an egress's leader sees its peers' traffic, so only it collects.
+    let leading = pool.as_ref().map(member::Pool::leading);
+    let mut tasks = vec![
+        tokio::spawn(control::serve(
+            control::bind(&service.config.state_dir)?,
+            service.clone(),
+        )),
+        tokio::spawn(token_reload_loop(api.clone())),
+        tokio::spawn(reconcile_loop(service.clone())),
+        tokio::spawn(collect_loop(service.clone(), leading)),
+        tokio::spawn(networks::reconcile_loop(
+            api.networks.clone(),
+            reconcile_every,
+        )),
+        tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
+    ];
+    if let Some(p) = pool {
+        tasks.extend(p.spawn(service.clone())?);
+    }
+    tasks.extend(side_listeners(service)?);
+    Ok(tasks)
 }
 
 /// The HTTPS API on `listener`, with its limits (see [`limits`]).
