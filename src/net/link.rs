@@ -1,6 +1,6 @@
 //! Links, addresses and routes in one network namespace, over one rtnetlink socket.
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -221,31 +221,56 @@ impl Netlink {
 
     /// IPv6 routes (main table) whose output interface is link `name`.
     pub async fn routes6(&self, name: &str) -> Result<Vec<Ipv6Net>, LinkError> {
+        let query = RouteMessageBuilder::<Ipv6Addr>::new().build();
+        let routes = self.main_routes_via(name, query, "IPv6 routes").await?;
+        Ok(routes
+            .into_iter()
+            .filter_map(|r| match r {
+                IpNet::V6(n) => Some(n),
+                IpNet::V4(_) => None,
+            })
+            .collect())
+    }
+
+    /// The routes of the main table that `query` lists whose output interface is `name`.
+    async fn main_routes_via(
+        &self,
+        name: &str,
+        query: rtnetlink::packet_route::route::RouteMessage,
+        what: &str,
+    ) -> Result<Vec<IpNet>, LinkError> {
+        const MAIN_TABLE: u8 = 254;
         let index = self.require_index(name).await?;
         let mut out = Vec::new();
-        let query = RouteMessageBuilder::<Ipv6Addr>::new().build();
         let mut stream = self.handle.route().get(query).execute();
         while let Some(msg) = stream
             .try_next()
             .await
-            .map_err(nl_err(format!("listing IPv6 routes of {name}")))?
+            .map_err(nl_err(format!("listing {what} of {name}")))?
         {
-            if msg.header.address_family != AddressFamily::Inet6 || msg.header.table != 254 {
-                continue;
-            }
-            let mut dst = Ipv6Addr::UNSPECIFIED;
+            let mut dst = None;
             let mut oif = None;
             for attr in &msg.attributes {
                 match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = *a,
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => {
+                        dst = Some(IpAddr::V4(*a))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => {
+                        dst = Some(IpAddr::V6(*a))
+                    }
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }
             }
-            if oif == Some(index) {
-                if let Ok(net) = Ipv6Net::new(dst, msg.header.destination_prefix_length) {
-                    out.push(net);
-                }
+            if oif != Some(index) || msg.header.table != MAIN_TABLE {
+                continue;
+            }
+            let dst = dst.unwrap_or(match msg.header.address_family {
+                AddressFamily::Inet6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+                _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            });
+            if let Ok(net) = IpNet::new(dst, msg.header.destination_prefix_length) {
+                out.push(net);
             }
         }
         Ok(out)
@@ -326,34 +351,15 @@ impl Netlink {
 
     /// IPv4 routes (main table) whose output interface is link `name`.
     pub async fn routes(&self, name: &str) -> Result<Vec<Ipv4Net>, LinkError> {
-        let index = self.require_index(name).await?;
-        let mut out = Vec::new();
         let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let mut stream = self.handle.route().get(query).execute();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(nl_err(format!("listing routes of {name}")))?
-        {
-            if msg.header.address_family != AddressFamily::Inet {
-                continue;
-            }
-            let mut dst = Ipv4Addr::UNSPECIFIED;
-            let mut oif = None;
-            for attr in &msg.attributes {
-                match attr {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-                    RouteAttribute::Oif(i) => oif = Some(*i),
-                    _ => {}
-                }
-            }
-            if oif == Some(index) && msg.header.table == 254 {
-                if let Ok(net) = Ipv4Net::new(dst, msg.header.destination_prefix_length) {
-                    out.push(net);
-                }
-            }
-        }
-        Ok(out)
+        let routes = self.main_routes_via(name, query, "routes").await?;
+        Ok(routes
+            .into_iter()
+            .filter_map(|r| match r {
+                IpNet::V4(n) => Some(n),
+                IpNet::V6(_) => None,
+            })
+            .collect())
     }
 }
 
