@@ -108,26 +108,12 @@ mod tests {
     }
 
     fn state(container_id: &str, network: &str, release_pending: bool) -> AttachmentState {
-        let key = crate::keys::Key::generate_private().unwrap();
-        AttachmentState {
-            container_id: container_id.into(),
-            ifname: "eth0".into(),
-            netns: None,
-            netns_id: None,
-            network: network.into(),
-            egress: "acme".into(),
-            host_ifname: "wgx0".into(),
-            backend: crate::wg::BackendKind::Userspace,
-            public_key: key.public(),
-            server: None,
-            address: None,
-            exit_public_key: None,
-            endpoint: None,
-            listen_port: None,
-            member: None,
-            in_netns: true,
-            release_pending,
-        }
+        let (mut state, _) = crate::cni::state::sample(container_id, "eth0", None);
+        state.network = network.into();
+        state.host_ifname = "wgx0".into();
+        state.in_netns = true;
+        state.release_pending = release_pending;
+        state
     }
 
     #[test]

@@ -130,26 +130,10 @@ mod tests {
     fn a_path_naming_another_namespace_is_stale() {
         let netns = Path::new("/proc/self/ns/net");
         let here = Netns::open(netns).unwrap().id().unwrap();
-        let key = crate::keys::Key::generate_private().unwrap();
-        let mut state = AttachmentState {
-            container_id: "c".into(),
-            ifname: "eth0".into(),
-            netns: Some(netns.into()),
-            netns_id: Some(here),
-            network: "egress".into(),
-            egress: "acme".into(),
-            host_ifname: "wgx0".into(),
-            backend: crate::wg::BackendKind::Userspace,
-            public_key: key.public(),
-            server: None,
-            address: None,
-            exit_public_key: None,
-            endpoint: None,
-            listen_port: None,
-            member: None,
-            in_netns: true,
-            release_pending: false,
-        };
+        let (mut state, _) = crate::cni::state::sample("c", "eth0", Some(netns));
+        state.netns_id = Some(here);
+        state.host_ifname = "wgx0".into();
+        state.in_netns = true;
         assert!(!is_stale(&state));
         state.netns_id = Some(crate::net::NetnsId {
             ino: here.ino + 1,

@@ -317,6 +317,37 @@ pub fn host_ifname(container_id: &str, ifname: &str, netns: &Path) -> String {
     format!("wgx{}", &hex::encode(h.finalize())[..12])
 }
 
+/// An attachment as ADD records it before leasing, for tests: container `container_id` on
+/// `ifname` in `netns`, with a fresh key.
+#[cfg(test)]
+pub(crate) fn sample(
+    container_id: &str,
+    ifname: &str,
+    netns: Option<&Path>,
+) -> (AttachmentState, Key) {
+    let key = Key::generate_private().unwrap();
+    let state = AttachmentState {
+        container_id: container_id.into(),
+        ifname: ifname.into(),
+        netns: netns.map(Path::to_path_buf),
+        netns_id: None,
+        network: "egress".into(),
+        egress: "acme".into(),
+        host_ifname: host_ifname(container_id, ifname, netns.unwrap_or(Path::new(""))),
+        backend: BackendKind::Userspace,
+        public_key: key.public(),
+        server: None,
+        address: None,
+        exit_public_key: None,
+        endpoint: None,
+        listen_port: None,
+        member: None,
+        in_netns: false,
+        release_pending: false,
+    };
+    (state, key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,30 +384,11 @@ mod tests {
     }
 
     fn record(container_id: &str, ifname: &str) -> (AttachmentState, Key) {
-        let key = Key::generate_private().unwrap();
-        let netns = Path::new("/var/run/netns/x");
-        let state = AttachmentState {
-            container_id: container_id.into(),
-            ifname: ifname.into(),
-            netns: Some(netns.into()),
-            netns_id: Some(NetnsId {
-                dev: 4,
-                ino: 4026532000,
-            }),
-            network: "egress".into(),
-            egress: "acme".into(),
-            host_ifname: host_ifname(container_id, ifname, netns),
-            backend: BackendKind::Userspace,
-            public_key: key.public(),
-            server: None,
-            address: None,
-            exit_public_key: None,
-            endpoint: None,
-            listen_port: None,
-            member: None,
-            in_netns: false,
-            release_pending: false,
-        };
+        let (mut state, key) = sample(container_id, ifname, Some(Path::new("/var/run/netns/x")));
+        state.netns_id = Some(NetnsId {
+            dev: 4,
+            ino: 4026532000,
+        });
         (state, key)
     }
 
@@ -466,26 +478,7 @@ mod tests {
     fn round_trip_private_and_removable() {
         let t = tempfile::tempdir().unwrap();
         let dir = StateDir::open(&t.path().join("d")).unwrap();
-        let key = Key::generate_private().unwrap();
-        let s = AttachmentState {
-            container_id: "c1".into(),
-            ifname: "eth0".into(),
-            netns: Some("/var/run/netns/x".into()),
-            netns_id: None,
-            network: "egress".into(),
-            egress: "acme".into(),
-            host_ifname: host_ifname("c1", "eth0", Path::new("/var/run/netns/x")),
-            backend: BackendKind::Userspace,
-            public_key: key.public(),
-            server: None,
-            address: None,
-            exit_public_key: None,
-            endpoint: None,
-            listen_port: None,
-            member: None,
-            in_netns: false,
-            release_pending: false,
-        };
+        let (s, key) = sample("c1", "eth0", Some(Path::new("/var/run/netns/x")));
         dir.save(&s).unwrap();
         dir.save_key("c1", "eth0", &key).unwrap();
         assert_eq!(dir.load("c1", "eth0").unwrap(), Some(s.clone()));
