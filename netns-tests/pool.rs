@@ -78,6 +78,9 @@ fn fail_over(p: &mut Pool, leader: usize, cs: &[(usize, Container)]) -> usize {
     for (_, c) in cs {
         assert_eq!(peer_endpoint(c), endpoint, "{} before the failover", c.id);
     }
+    // The leader publishes its peers' endpoints every second; a peer whose endpoint is
+    // not in etcd yet is not woken by the next leader (it comes back on its own timers).
+    p.wait_endpoints_published(cs.len(), Duration::from_secs(5));
     let probe = Probe::start(&cs[0].1.netns_path);
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
@@ -159,8 +162,6 @@ fn a_dying_leader_is_replaced_within_3_s_with_the_same_egress_ip_and_back() {
         assert!(Instant::now() < deadline, "{tables}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // Let the second publish its peers' endpoints before it dies.
-    std::thread::sleep(Duration::from_millis(1500));
     let back = fail_over(&mut p, second, &cs);
     assert_eq!(back, first);
 }
