@@ -35,6 +35,27 @@ fn echo_within(c: &Container, within: Duration) -> String {
     }
 }
 
+/// Where the container's WireGuard sends its packets (`wg show <link> endpoints`).
+fn peer_endpoint(c: &Container) -> String {
+    let out = sh(&["wg", "show", &c.host_ifname("eth0"), "endpoints"]);
+    let mut fields = out.split_whitespace();
+    assert!(fields.next().is_some(), "{}: no peer", c.id);
+    fields.next().unwrap_or_default().to_string()
+}
+
+/// The nftables tables in member `i`'s namespace.
+fn nft_tables(p: &Pool, i: usize) -> String {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &p.members[i].ns,
+        "nft",
+        "list",
+        "tables",
+    ])
+}
+
 /// ten containers, five on each host, each leaving from the egress IP.
 fn ten_containers(p: &mut Pool) -> Vec<(usize, Container)> {
     let conf = p.net_conf();
@@ -53,6 +74,13 @@ fn ten_containers(p: &mut Pool) -> Vec<(usize, Container)> {
 /// the gap, the egress IP and every container; returns the new leader.
 fn fail_over(p: &mut Pool, leader: usize, cs: &[(usize, Container)]) -> usize {
     let before: Vec<String> = cs.iter().map(|(_, c)| link_state(c)).collect();
+    let endpoint = format!("{ENDPOINT_IP}:51820");
+    for (_, c) in cs {
+        assert_eq!(peer_endpoint(c), endpoint, "{} before the failover", c.id);
+    }
+    // The leader publishes its peers' endpoints every second; a peer whose endpoint is
+    // not in etcd yet is not woken by the next leader (it comes back on its own timers).
+    p.wait_endpoints_published(cs.len(), Duration::from_secs(5));
     let probe = Probe::start(&cs[0].1.netns_path);
     std::thread::sleep(Duration::from_millis(500));
     let killed = Instant::now();
@@ -73,11 +101,14 @@ fn fail_over(p: &mut Pool, leader: usize, cs: &[(usize, Container)]) -> usize {
         assert_eq!(echo_within(c, Duration::from_secs(5)), EGRESS_IP);
         assert_eq!(link_state(c), before[i], "{} was touched", c.id);
     }
-    let ep = crate::world::try_sh(&["wg", "show", &cs[0].1.host_ifname("eth0"), "endpoints"]);
-    eprintln!(
-        "failover {leader} -> {next}: addresses after {took:?}, probe gap {gap:?}, container's endpoint {}",
-        String::from_utf8_lossy(&ep.stdout).trim()
-    );
+    // The tunnels stay on the floating endpoint: the new leader's packets leave from it,
+    // so no container roams to the member's own address.
+    for (_, c) in cs {
+        assert_eq!(peer_endpoint(c), endpoint, "{} roamed", c.id);
+    }
+    let floats = nft_tables(p, next);
+    assert!(floats.contains("wgexitd-float-acme"), "{floats}");
+    eprintln!("failover {leader} -> {next}: addresses after {took:?}, probe gap {gap:?}");
     next
 }
 
@@ -120,8 +151,17 @@ fn a_dying_leader_is_replaced_within_3_s_with_the_same_egress_ip_and_back() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(!p.holds(first, EGRESS_IP) && !p.holds(first, ENDPOINT_IP));
-    // Let the second publish its peers' endpoints before it dies.
-    std::thread::sleep(Duration::from_millis(1500));
+    // A standby rewrites no source: the table left from its time as leader is gone once
+    // its election starts.
+    let deadline = Instant::now() + Duration::from_secs(2 * LEADER_TTL);
+    loop {
+        let tables = nft_tables(&p, first);
+        if !tables.contains("wgexitd-float") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{tables}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let back = fail_over(&mut p, second, &cs);
     assert_eq!(back, first);
 }

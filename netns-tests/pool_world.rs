@@ -260,6 +260,35 @@ impl Pool {
         }
     }
 
+    /// Waits until the leader has published `n` peers' endpoints in etcd (for the next
+    /// leader's handshakes).
+    pub fn wait_endpoints_published(&self, n: usize, within: Duration) {
+        let e = self.etcd.iter().find(|e| e.child.is_some()).unwrap();
+        let url = format!("http://{}:2379", e.ip);
+        let prefix = format!("/wgexit/{}/endpoints/acme/", self.id);
+        let deadline = Instant::now() + within;
+        loop {
+            let out = netns_exec(&e.ns)
+                .args(["etcdctl", "--endpoints", &url, "--command-timeout", "1s"])
+                .args(["get", "--prefix", "--keys-only", &prefix])
+                .env("ETCDCTL_API", "3")
+                .output()
+                .unwrap();
+            let keys = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count();
+            if keys >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{keys} of {n} endpoints published"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn stop_etcd(&mut self, i: usize) {
         if let Some(mut c) = self.etcd[i].child.take() {
             let _ = c.kill();

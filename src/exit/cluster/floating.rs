@@ -2,7 +2,8 @@
 //! endpoint's address on `endpoint_interface` (`float = "address"`: added as host
 //! addresses and announced), or whatever the hooks do (`float = "hooks"`: e.g. move a
 //! cloud provider's IP), with `WGEXIT_EGRESS`, `WGEXIT_IPS`, `WGEXIT_ENDPOINT` and
-//! `WGEXIT_NODE` in their environment.
+//! `WGEXIT_NODE` in their environment. With addresses, the leader's WireGuard packets
+//! leave from the endpoint's address while it holds it ([`endpoint_source`]).
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -12,6 +13,7 @@ use ipnet::IpNet;
 
 use super::announce::announce;
 use super::election::Group;
+use super::endpoint_source;
 use super::ClusterError;
 use crate::exit::config::cluster::Float;
 use crate::exit::config::EgressConfig;
@@ -72,7 +74,7 @@ impl Floating {
                         .map_err(|e| ClusterError::Float(e.to_string()))?;
                 }
                 tokio::spawn(announce_repeatedly(placed));
-                Ok(())
+                endpoint_source::set(group).await
             }
         }
     }
@@ -82,7 +84,8 @@ impl Floating {
         match &self.float {
             Float::Hooks { on_release, .. } => self.run_hooks(on_release, group).await,
             Float::Address => {
-                let mut failed = None;
+                // WireGuard stops using the endpoint's address before it goes.
+                let mut failed = endpoint_source::clear(group).await.err();
                 for (ifname, ip) in placements(group) {
                     if let Err(e) = self.netlink.delete_address(&ifname, IpNet::from(ip)).await {
                         failed = Some(ClusterError::Float(e.to_string()));

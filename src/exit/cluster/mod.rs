@@ -1,12 +1,13 @@
 //! Pools of exit nodes (`[cluster]`): members share leases, identities and the CA in etcd
 //! ([`etcd`], [`shared`]), each programs every lease on its own devices ([`follow`]), and
 //! one leader per egress ([`membership`], [`election`]) holds its addresses
-//! ([`floating`], [`announce`]) and, on taking over, brings the tunnels back at once
+//! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
 //! ([`takeover`]). [`member`] puts them together for the daemon; [`status`] tells what the
 //! pool is doing.
 
 pub mod announce;
 pub mod election;
+pub mod endpoint_source;
 pub mod etcd;
 pub mod floating;
 pub mod follow;
