@@ -250,7 +250,7 @@ async fn attach(
     let status = wait_for_handshake(state, wg, name, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
     state.listen_port = Some(status.listen_port);
-    place.dir.save(state)?;
+    place.dir.save_detail(state)?;
     steps.done("first handshake");
 
     Ok(Attached {

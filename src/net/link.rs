@@ -194,13 +194,22 @@ impl Netlink {
             .output_interface(index)
             .scope(RouteScope::Link)
             .build();
+        self.replace_route(route, &format!("adding route {dst} via {name}"))
+            .await
+    }
+
+    async fn replace_route(
+        &self,
+        route: rtnetlink::packet_route::route::RouteMessage,
+        what: &str,
+    ) -> Result<(), LinkError> {
         self.handle
             .route()
             .add(route)
             .replace()
             .execute()
             .await
-            .map_err(nl_err(format!("adding route {dst} via {name}")))
+            .map_err(nl_err(what))
     }
 
     /// Adds an IPv6 route to `dst` out of link `name` with no gateway.
@@ -210,13 +219,8 @@ impl Netlink {
             .destination_prefix(dst.addr(), dst.prefix_len())
             .output_interface(index)
             .build();
-        self.handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
+        self.replace_route(route, &format!("adding route {dst} via {name}"))
             .await
-            .map_err(nl_err(format!("adding route {dst} via {name}")))
     }
 
     /// IPv6 routes (main table) whose output interface is link `name`.

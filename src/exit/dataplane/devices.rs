@@ -80,10 +80,21 @@ pub async fn read_device<W: WireGuard>(
     wg: &W,
     egress: &EgressConfig,
 ) -> Result<Option<DeviceStatus>, DataplaneError> {
-    match wg.status(&egress.wg_interface).await {
+    read_wireguard(wg, &egress.wg_interface)
+        .await
+        .map_err(DataplaneError::wg(egress))
+}
+
+/// Device `name` as it is: `None` only when the backend answers that it is absent (for an
+/// egress's or a network's device alike; see [`read_device`]).
+pub async fn read_wireguard<W: WireGuard>(
+    wg: &W,
+    name: &str,
+) -> Result<Option<DeviceStatus>, WgError> {
+    match wg.status(name).await {
         Ok(status) => Ok(Some(status)),
         Err(WgError::NoSuchDevice(_)) => Ok(None),
-        Err(e) => Err(DataplaneError::wg(egress)(e)),
+        Err(e) => Err(e),
     }
 }
 

@@ -87,11 +87,9 @@ impl NetworkDataplane {
     ) -> Result<Option<DeviceStatus>, NetworkPlaneError> {
         // As for egresses: only an answer that the device is absent makes it anew; a slow
         // wireguard-go is an error, and the round is skipped.
-        match self.backend.status(n.wg_interface.as_str()).await {
-            Ok(status) => Ok(Some(status)),
-            Err(WgError::NoSuchDevice(_)) => Ok(None),
-            Err(e) => Err(wg_err(n)(e)),
-        }
+        devices::read_wireguard(&self.backend, n.wg_interface.as_str())
+            .await
+            .map_err(wg_err(n))
     }
 
     /// Brings the network's device to its identity, port, exactly the peers of `members`,
