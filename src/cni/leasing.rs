@@ -73,6 +73,7 @@ impl Leasing {
         if let Some(Ok((server, grant))) = &egress {
             state.server = Some(server.clone());
             state.address = Some(grant.address);
+            state.address6 = grant.address6;
             state.exit_public_key = Some(grant.server_public_key);
             state.endpoint = Some(grant.endpoint);
         }
@@ -101,7 +102,7 @@ impl Grants {
             peers.push(PeerConfig {
                 public_key: g.server_public_key,
                 endpoint: Some(g.endpoint),
-                allowed_ips: routes.destinations().into_iter().map(IpNet::V4).collect(),
+                allowed_ips: egress_routes(g, routes),
                 persistent_keepalive: Some(g.persistent_keepalive),
             });
         }
@@ -111,19 +112,32 @@ impl Grants {
         peers
     }
 
+    /// The egress lease's addresses (IPv4, and IPv6 on an egress with `ip6`), then the
+    /// network's.
     pub fn addresses(&self) -> Vec<IpNet> {
-        let egress = self.egress.as_ref().map(|g| g.address);
+        let egress = self
+            .egress
+            .iter()
+            .flat_map(|g| [Some(g.address), g.address6]);
         let member = self.member.as_ref().map(|g| g.address);
-        egress.into_iter().chain(member).collect()
+        egress.flatten().chain(member).collect()
     }
 
     /// The routes into the link: the egress's (per `routes`), then the network's prefix.
     pub fn routes(&self, routes: Routes) -> Vec<IpNet> {
-        let egress = self
-            .egress
-            .iter()
-            .flat_map(|_| routes.destinations().into_iter().map(IpNet::V4));
+        let egress = self.egress.iter().flat_map(|g| egress_routes(g, routes));
         let member = self.member.iter().map(|g| g.prefix);
         egress.chain(member).collect()
     }
+}
+
+/// What goes to the exit node: the IPv4 `routes`, and their IPv6 twins when the lease has
+/// an IPv6 (an IPv4-only egress gets exactly what it always got).
+fn egress_routes(grant: &LeaseGrant, routes: Routes) -> Vec<IpNet> {
+    let v4 = routes.destinations().into_iter().map(IpNet::V4);
+    let v6 = grant
+        .address6
+        .iter()
+        .flat_map(|_| routes.destinations6().into_iter().map(IpNet::V6));
+    v4.chain(v6).collect()
 }

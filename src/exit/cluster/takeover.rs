@@ -115,6 +115,7 @@ impl Takeover {
                 let peer = Peer {
                     public_key: l.public_key,
                     address: l.address,
+                    address6: l.address6,
                     endpoint: Some(endpoint),
                 };
                 let _ = service.dataplane().add_peer(&e, &peer).await;

@@ -12,7 +12,7 @@ pub mod network;
 pub mod network_rules;
 pub mod sysctl;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
@@ -73,6 +73,8 @@ pub struct Peer {
     pub public_key: Key,
     /// Its overlay address: the one address it may send from and is routed.
     pub address: IpAddr,
+    /// Its overlay IPv6, on an egress with `ip6`: routed and allowed as a source too.
+    pub address6: Option<Ipv6Addr>,
     /// Where it was last seen, if known: set on a peer made anew so the exit node can start
     /// the handshake itself instead of waiting for the client's rekey.
     pub endpoint: Option<SocketAddr>,
@@ -130,9 +132,10 @@ impl HostDataplane {
     }
 }
 
-/// What the firewall needs of an egress.
+/// What the firewall needs of an egress: its IPv4 pool, overlay address and SNAT blocks,
+/// and with `ip6` the same for IPv6.
 pub fn rules_for(e: &EgressConfig) -> EgressRules {
-    EgressRules {
+    let mut rules = EgressRules {
         name: e.name.clone(),
         wg_interface: e.wg_interface.to_string(),
         uplink: e.interface.to_string(),
@@ -144,7 +147,16 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
             .map(|(block, ip)| (block.into(), ip.into()))
             .collect(),
         policy: e.policy.clone(),
+    };
+    if let Some(v6) = &e.v6 {
+        rules.pools.push(v6.pool.into());
+        rules.overlay_ips.push(v6.gateway().into());
+        let blocks = v6.blocks().into_iter();
+        rules
+            .snat
+            .extend(blocks.map(|(block, ip)| (block.into(), ip.into())));
     }
+    rules
 }
 
 impl HostDataplane {
@@ -220,6 +232,9 @@ impl Dataplane for HostDataplane {
             sysctl::prepare_egress(&e.wg_interface, &e.interface)?;
         }
         sysctl::forward()?;
+        if egresses.iter().any(|e| e.v6.is_some()) {
+            sysctl::forward6()?;
+        }
         Ok(repairs)
     }
 
