@@ -17,6 +17,7 @@ mod egress;
 mod egress_ips;
 mod failures;
 mod gvisor;
+mod isolation;
 mod logs;
 mod networks;
 mod ops;
