@@ -142,7 +142,7 @@ fn isolation_tenants_reach_neither_each_other_nor_each_others_endpoint_nor_ips()
         .is_err());
 
     endpoint_is_refused_fast(&w, &a);
-    forged_sources_go_nowhere(&w, &a);
+    forged_sources_go_nowhere(&a);
     // And after all that, A still leaves from A's IPs only.
     assert_eq!(w.echo_from(&a).unwrap(), EGRESS_IP);
     assert_eq!(w.echo6_from(&a).unwrap(), EGRESS_IP6);
@@ -183,7 +183,7 @@ fn endpoint_is_refused_fast(w: &World, a: &Container) {
 
 /// A's container with an address of B's overlay ranges on its link, sending from it: the
 /// exit node lets nothing of it out (no echo answers), so A cannot borrow B's egress IPs.
-fn forged_sources_go_nowhere(w: &World, a: &Container) {
+fn forged_sources_go_nowhere(a: &Container) {
     let forged4 = "100.97.0.200";
     let forged6 = OTHER_POOL6.replace("::/64", "::beef");
     for (addr, len) in [(forged4, "32"), (forged6.as_str(), "128")] {
@@ -220,6 +220,8 @@ fn forged_sources_go_nowhere(w: &World, a: &Container) {
         );
     }
     for with_len in [format!("{forged4}/32"), format!("{forged6}/128")] {
-        sh(&["ip", "-n", &a.netns, "addr", "del", &with_len, "dev", "eth0"]);
+        sh(&[
+            "ip", "-n", &a.netns, "addr", "del", &with_len, "dev", "eth0",
+        ]);
     }
 }
