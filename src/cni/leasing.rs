@@ -141,3 +141,71 @@ fn egress_routes(grant: &LeaseGrant, routes: Routes) -> Vec<IpNet> {
         .flat_map(|_| routes.destinations6().into_iter().map(IpNet::V6));
     v4.chain(v6).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::Lease;
+    use crate::keys::Key;
+
+    fn grant(address6: Option<&str>) -> LeaseGrant {
+        LeaseGrant {
+            lease: Lease {
+                egress: "acme".into(),
+                public_key: Key([1; 32]),
+                address: "100.96.0.2".parse().unwrap(),
+                address6: address6.map(|a| a.parse().unwrap()),
+                created_at: 0,
+                attachment: Default::default(),
+                member: None,
+            },
+            address: "100.96.0.2/32".parse().unwrap(),
+            server_public_key: Key([2; 32]),
+            endpoint: "198.51.100.2:51820".parse().unwrap(),
+            gateway: "100.96.0.1".parse().unwrap(),
+            egress_ip: "203.0.113.77".parse().unwrap(),
+            persistent_keepalive: 25,
+            address6: address6.map(|a| format!("{a}/128").parse().unwrap()),
+            gateway6: address6.map(|_| "fd77:0:1::1".parse().unwrap()),
+            egress_ip6: address6.map(|_| "2001:db8:77::77".parse().unwrap()),
+        }
+    }
+
+    fn grants(address6: Option<&str>) -> Grants {
+        Grants {
+            egress: Some(grant(address6)),
+            member: None,
+        }
+    }
+
+    fn strings(nets: Vec<IpNet>) -> Vec<String> {
+        nets.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn an_ipv6_lease_adds_its_address_and_the_ipv6_routes() {
+        let g = grants(Some("fd77:0:1::1234"));
+        assert_eq!(
+            strings(g.addresses()),
+            ["100.96.0.2/32", "fd77:0:1::1234/128"]
+        );
+        assert_eq!(strings(g.routes(Routes::Default)), ["0.0.0.0/0", "::/0"]);
+        assert_eq!(
+            strings(g.routes(Routes::Split)),
+            ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"]
+        );
+        let peers = g.peers(Routes::Default);
+        assert_eq!(strings(peers[0].allowed_ips.clone()), ["0.0.0.0/0", "::/0"]);
+    }
+
+    #[test]
+    fn an_ipv4_only_lease_is_as_before_on_the_wire_and_on_the_link() {
+        let g = grants(None);
+        assert_eq!(strings(g.addresses()), ["100.96.0.2/32"]);
+        assert_eq!(strings(g.routes(Routes::Default)), ["0.0.0.0/0"]);
+        let json = serde_json::to_string(&grant(None)).unwrap();
+        for absent in ["address6", "gateway6", "egress_ip6"] {
+            assert!(!json.contains(absent), "{json}");
+        }
+    }
+}

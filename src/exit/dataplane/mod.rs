@@ -257,3 +257,25 @@ impl Dataplane for HostDataplane {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::config::egress6::EgressV6;
+    use crate::exit::config::tests::egress;
+
+    #[test]
+    fn an_egress_with_ip6_gets_its_ipv6_pool_gateway_and_snat_blocks() {
+        let mut e = egress("acme", "100.96.0.0/24");
+        assert_eq!(rules_for(&e).pools.len(), 1);
+        e.v6 = Some(EgressV6 {
+            ips: vec!["2001:db8:77::77".parse().unwrap()],
+            pool: "fd77:0:1::/64".parse().unwrap(),
+        });
+        let r = rules_for(&e);
+        let pool6: ipnet::IpNet = "fd77:0:1::/64".parse().unwrap();
+        assert_eq!(r.pools[1], pool6);
+        assert_eq!(r.overlay_ips[1], "fd77:0:1::1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.snat[1], (pool6, "2001:db8:77::77".parse().unwrap()));
+    }
+}
