@@ -5,6 +5,8 @@
 //!  (one per container)          198.51.100.10    198.51.100.2       203.0.113.1
 //!                                                203.0.113.77 (egress IP)
 //!                                                                   198.18.0.10:8080 echo
+//!                                                2001:db8:77::77    2001:db8:77::1
+//!                                                (egress IPv6)      [2001:db8:ec::10]:8080 echo
 //! ```
 //!
 //! Every name is unique per world (namespaces, the exit's userspace WireGuard socket), so
