@@ -146,6 +146,56 @@ fn isolation_tenants_reach_neither_each_other_nor_each_others_endpoint_nor_ips()
     // And after all that, A still leaves from A's IPs only.
     assert_eq!(w.echo_from(&a).unwrap(), EGRESS_IP);
     assert_eq!(w.echo6_from(&a).unwrap(), EGRESS_IP6);
+
+    held_elsewhere_is_refused_too(&w, &a);
+}
+
+/// In a pool another member may hold B's egress IP, so packets to it leave by the uplink
+/// instead of reaching this exit node: here it moves to the isp, where a server answers
+/// (the exit node itself reaches it). A's tunnel is still refused at once, because the
+/// config names it.
+fn held_elsewhere_is_refused_too(w: &World, a: &Container) {
+    sh(&[
+        "ip",
+        "-n",
+        &w.exit,
+        "addr",
+        "del",
+        &format!("{OTHER_IP}/24"),
+        "dev",
+        "isp0",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &w.isp,
+        "addr",
+        "add",
+        &format!("{OTHER_IP}/32"),
+        "dev",
+        "lo",
+    ]);
+    w.start_echo("203.0.113.78:8080");
+    let from_exit = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &w.exit,
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "http://203.0.113.78:8080/",
+    ]);
+    assert_eq!(from_exit.trim(), EGRESS_IP);
+    let before = refused(w, "acme");
+    let start = Instant::now();
+    let err = w
+        .fetch_from(a, "http://203.0.113.78:8080/", Duration::from_secs(3))
+        .unwrap_err();
+    assert!(err.contains("exit Some(7)"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(refused(w, "acme") > before);
 }
 
 /// B's WireGuard endpoint (198.51.100.2:51821) and B's egress IPs are the exit node's own

@@ -245,6 +245,10 @@ impl World {
             let ip = format!("{ip}/24");
             sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
         }
+        if w.settings.dual_stack {
+            let ip = format!("{OTHER_IP}/24");
+            sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
+        }
         sh(&[
             "ip",
             "-n",
@@ -763,16 +767,6 @@ token_file = "{other_tokens}"
         let mut egress6 = vec![EGRESS_IP6];
         if self.settings.dual_stack {
             egress6.push(OTHER_IP6);
-            sh(&[
-                "ip",
-                "-n",
-                &self.exit,
-                "addr",
-                "add",
-                &format!("{OTHER_IP}/24"),
-                "dev",
-                "isp0",
-            ]);
         }
         for ip in egress6 {
             let ip = format!("{ip}/64");
@@ -807,7 +801,7 @@ token_file = "{other_tokens}"
 
     /// Starts the echo server and returns once it listens: its socket is bound and listening
     /// before the thread reports ready, so the first connection is accepted.
-    fn start_echo(&self, at: &'static str) {
+    pub fn start_echo(&self, at: &'static str) {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
         let stop = self.echo_stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -147,6 +147,7 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
             .map(|(block, ip)| (block.into(), ip.into()))
             .collect(),
         policy: e.policy.clone(),
+        exit_addresses: Vec::new(),
     };
     if let Some(v6) = &e.v6 {
         rules.pools.push(v6.pool.into());
@@ -157,6 +158,22 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
             .extend(blocks.map(|(block, ip)| (block.into(), ip.into())));
     }
     rules
+}
+
+/// Every egress's endpoint address and static IPs (IPv4 and IPv6), without repeats: the
+/// exit nodes' own addresses as the config names them.
+pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for e in egresses {
+        let v4 = e.ips().iter().map(|ip| IpAddr::V4(*ip));
+        let v6 = e.v6.iter().flat_map(|v6| &v6.ips).map(|ip| IpAddr::V6(*ip));
+        for ip in std::iter::once(e.endpoint.ip()).chain(v4).chain(v6) {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
 }
 
 impl HostDataplane {
@@ -225,7 +242,14 @@ impl Dataplane for HostDataplane {
     }
 
     async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
-        let rules: Vec<_> = egresses.iter().map(rules_for).collect();
+        let own = exit_addresses(egresses);
+        let rules: Vec<_> = egresses
+            .iter()
+            .map(|e| EgressRules {
+                exit_addresses: own.clone(),
+                ..rules_for(e)
+            })
+            .collect();
         let mut repairs: Vec<String> = self.ensure_table(&rules)?.into_iter().collect();
         repairs.extend(self.ensure_guard(egresses).await?);
         for e in egresses {
