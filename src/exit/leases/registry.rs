@@ -1143,4 +1143,25 @@ mod tests {
         let again = lease(&mut r, "s", &req(2), "o").unwrap().0;
         assert_eq!(again.lease.address6, made[0].lease.address6);
     }
+
+    #[test]
+    fn a_stored_ipv6_outside_pool6_does_not_fit() {
+        use crate::exit::config::egress6::EgressV6;
+        let mut e = egress("a", "100.96.0.0/29");
+        e.v6 = Some(EgressV6 {
+            ips: vec!["2001:db8:77::77".parse().unwrap()],
+            pool: "fd77:0:1::/64".parse().unwrap(),
+        });
+        let mut inside = foreign(1, 2);
+        inside.lease.address6 = Some("fd77:0:1::1234".parse().unwrap());
+        let mut outside = foreign(2, 3);
+        outside.lease.address6 = Some("fd77:0:2::1234".parse().unwrap());
+        let (placed, misfits) = place(std::slice::from_ref(&e), &[], vec![inside, outside.clone()]);
+        assert_eq!(misfits, vec![outside.clone()]);
+        let a = &placed["a"];
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.ip6_usage()[0].1, 1);
+        // The misfit holds no IPv4 either.
+        assert_eq!(a.pool.in_use(), 1);
+    }
 }
