@@ -22,6 +22,7 @@ mod logs;
 mod networks;
 mod ops;
 mod pool;
+mod pool_ipv6;
 mod readiness;
 mod recovery;
 mod restart;
