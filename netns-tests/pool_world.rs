@@ -6,7 +6,9 @@
 //!  core segment 198.51.100.0/24:  etcd e1-e3 .21-.23, members m1 .11 m2 .12, hosts h1 .31 h2 .32,
 //!                                 the endpoint 198.51.100.2 floating on the leader
 //!  isp segment  203.0.113.0/24:   members .11 .12, isp .1 (echo 198.18.0.10:8080),
-//!                                 the egress IP 203.0.113.77 floating on the leader
+//!                                 the egress IP 203.0.113.77 floating on the leader;
+//!               2001:db8:77::/64: members ::11 ::12, isp ::1 (echo [2001:db8:ec::10]:8080),
+//!                                 the egress IPv6 2001:db8:77::77 floating on the leader
 //! ```
 //!
 //! Names are unique per world; dropping it kills every process and removes every namespace.
@@ -29,6 +31,10 @@ use crate::world::{sh, try_sh, CniOutput, Container, TOKEN};
 pub const EGRESS_IP: &str = "203.0.113.77";
 pub const ENDPOINT_IP: &str = "198.51.100.2";
 pub const ECHO: &str = "198.18.0.10:8080";
+/// The egress's static IPv6, on the isp segment 2001:db8:77::/64 (isp ::1, members ::11, ::12),
+/// floating on the leader like the IPv4.
+pub const EGRESS_IP6: &str = "2001:db8:77::77";
+pub const ECHO6: &str = "[2001:db8:ec::10]:8080";
 pub const LEADER_TTL: u64 = 1;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -103,7 +109,9 @@ impl Pool {
             dir,
         };
         p.build_network();
-        p.start_echo();
+        p.build_ipv6();
+        p.start_echo(ECHO);
+        p.start_echo(ECHO6);
         for i in 0..3 {
             p.start_etcd(i);
         }
@@ -190,6 +198,28 @@ impl Pool {
             self.add_ns(h);
             let addr = format!("198.51.100.3{}/24", i + 1);
             self.plug(h, "core0", &addr, "br0", &format!("c-h{}", i + 1));
+        }
+    }
+
+    /// The isp segment's IPv6 (no duplicate address detection: usable at once), the isp's
+    /// IPv6 echo address, the members' IPv6 default routes.
+    fn build_ipv6(&self) {
+        let isp = ["-n", &self.isp, "addr", "add"];
+        let echo6 = ECHO6.trim_start_matches('[').split(']').next().unwrap();
+        sh(&[&["ip"][..], &isp, &[&format!("{echo6}/128"), "dev", "lo"]].concat());
+        sh(&[
+            &["ip"][..],
+            &isp,
+            &["2001:db8:77::1/64", "dev", "isp0", "nodad"],
+        ]
+        .concat());
+        for (i, m) in self.members.iter().enumerate() {
+            let addr = format!("2001:db8:77::1{}/64", i + 1);
+            sh(&[
+                "ip", "-n", &m.ns, "addr", "add", &addr, "dev", "isp0", "nodad",
+            ]);
+            let route = ["-6", "route", "add", "default", "via", "2001:db8:77::1"];
+            sh(&[&["ip", "-n", m.ns.as_str()][..], &route].concat());
         }
     }
 
@@ -327,6 +357,8 @@ listen = "{ip}:7443"
 [[egress]]
 name = "acme"
 ip = "{EGRESS_IP}"
+ip6 = "{EGRESS_IP6}"
+pool6 = "fd77:0:1::/64"
 interface = "isp0"
 pool = "100.96.0.0/23"
 wg_interface = "{wg}"
@@ -454,6 +486,8 @@ leader_ttl = {LEADER_TTL}
             "dev",
             "core0",
         ]);
+        let egress6 = format!("{EGRESS_IP6}/128");
+        let _ = try_sh(&["ip", "-n", &ns, "addr", "del", &egress6, "dev", "isp0"]);
         self.set_links(i, true, false);
         self.start_member(i);
     }
@@ -591,13 +625,13 @@ leader_ttl = {LEADER_TTL}
         }
     }
 
-    fn start_echo(&self) {
+    fn start_echo(&self, at: &'static str) {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
         let stop = self.echo_stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let listener = TcpListener::bind(ECHO).unwrap();
+            let listener = TcpListener::bind(at).unwrap();
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
@@ -616,12 +650,21 @@ leader_ttl = {LEADER_TTL}
 
 /// One request from inside `netns` to the echo server: the source address it saw.
 pub fn echo_once(netns: &Path, timeout: Duration) -> Result<String, String> {
+    echo_at(netns, ECHO, timeout)
+}
+
+/// [`echo_once`] to the IPv6 echo server.
+pub fn echo6_once(netns: &Path, timeout: Duration) -> Result<String, String> {
+    echo_at(netns, ECHO6, timeout)
+}
+
+fn echo_at(netns: &Path, at: &str, timeout: Duration) -> Result<String, String> {
     let ns = std::fs::File::open(netns).map_err(|e| e.to_string())?;
     std::thread::scope(|s| {
         s.spawn(|| {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(|e| e.to_string())?;
-            let addr: SocketAddr = ECHO.parse().unwrap();
+            let addr: SocketAddr = at.parse().unwrap();
             let mut stream =
                 TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
             stream

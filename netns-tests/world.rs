@@ -5,6 +5,8 @@
 //!  (one per container)          198.51.100.10    198.51.100.2       203.0.113.1
 //!                                                203.0.113.77 (egress IP)
 //!                                                                   198.18.0.10:8080 echo
+//!                                                2001:db8:77::77    2001:db8:77::1
+//!                                                (egress IPv6)      [2001:db8:ec::10]:8080 echo
 //! ```
 //!
 //! Every name is unique per world (namespaces, the exit's userspace WireGuard socket), so
@@ -25,7 +27,17 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub const ECHO: &str = "198.18.0.10:8080";
+/// The isp's IPv6 echo server.
+pub const ECHO6: &str = "[2001:db8:ec::10]:8080";
 pub const EGRESS_IP: &str = "203.0.113.77";
+/// With [`Settings::dual_stack`]: egress acme's static IPv6, on the exit's uplink
+/// 2001:db8:77::/64 (the isp is 2001:db8:77::1).
+pub const EGRESS_IP6: &str = "2001:db8:77::77";
+pub const POOL6: &str = "fd77:0:1::/64";
+/// With [`Settings::dual_stack`]: egress other's own static IPs and IPv6 pool.
+pub const OTHER_IP: &str = "203.0.113.78";
+pub const OTHER_IP6: &str = "2001:db8:77::78";
+pub const OTHER_POOL6: &str = "fd77:0:2::/64";
 pub const API: &str = "198.51.100.2:7443";
 /// `[metrics] listen` of the exit node, inside its namespace.
 pub const METRICS: &str = "127.0.0.1:9469";
@@ -103,6 +115,9 @@ pub struct Settings {
     pub egress_ips: Vec<String>,
     /// Egress acme's `assign`.
     pub assign: Option<String>,
+    /// Both egresses dual stack: acme with `ip6 =` [`EGRESS_IP6`], other with its own
+    /// [`OTHER_IP`] and [`OTHER_IP6`] (else other shares acme's IPv4).
+    pub dual_stack: bool,
 }
 
 impl Settings {
@@ -118,6 +133,22 @@ impl Settings {
             .map(|a| format!("\nassign = {a:?}"))
             .unwrap_or_default();
         format!("ips = [{}]{assign}", ips.join(", "))
+    }
+
+    /// Egress acme's IPv6 lines.
+    fn acme_ip6_lines(&self) -> String {
+        if !self.dual_stack {
+            return String::new();
+        }
+        format!("ip6 = \"{EGRESS_IP6}\"\npool6 = \"{POOL6}\"")
+    }
+
+    /// Egress other's IP lines.
+    fn other_ip_lines(&self) -> String {
+        if !self.dual_stack {
+            return format!("ip = \"{EGRESS_IP}\"");
+        }
+        format!("ip = \"{OTHER_IP}\"\nip6 = \"{OTHER_IP6}\"\npool6 = \"{OTHER_POOL6}\"")
     }
 }
 
@@ -199,6 +230,7 @@ impl World {
             "lo",
         ]);
         sh(&["ip", "-n", &w.isp, "link", "set", "up0", "up"]);
+        w.add_ipv6_uplink();
         sh(&[
             "ip",
             "-n",
@@ -211,6 +243,10 @@ impl World {
         ]);
         for ip in &w.settings.egress_ips {
             let ip = format!("{ip}/24");
+            sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
+        }
+        if w.settings.dual_stack {
+            let ip = format!("{OTHER_IP}/24");
             sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
         }
         sh(&[
@@ -238,6 +274,17 @@ impl World {
         sh(&[
             "ip",
             "-n",
+            &w.exit,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:77::1",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
             &w.host,
             "addr",
             "add",
@@ -246,7 +293,8 @@ impl World {
             "up0",
         ]);
         sh(&["ip", "-n", &w.host, "link", "set", "up0", "up"]);
-        w.start_echo();
+        w.start_echo(ECHO);
+        w.start_echo(ECHO6);
         w.write_configs();
         w.start_daemon();
         if std::env::var_os("WGEXIT_TEST_WRONG_SERVER_KEY").is_some() {
@@ -311,6 +359,7 @@ listen = "{METRICS}"
 [[egress]]
 name = "acme"
 {acme_ips}
+{acme_ip6}
 interface = "isp0"
 pool = "{pool}"
 wg_interface = "{wg}"
@@ -320,7 +369,7 @@ token_file = "{tokens}"
 
 [[egress]]
 name = "other"
-ip = "{EGRESS_IP}"
+{other_ips}
 interface = "isp0"
 pool = "100.97.0.0/24"
 wg_interface = "{wg2}"
@@ -330,6 +379,8 @@ token_file = "{other_tokens}"
 "#,
             extra = self.settings.daemon_extra,
             acme_ips = self.settings.acme_ip_lines(),
+            acme_ip6 = self.settings.acme_ip6_lines(),
+            other_ips = self.settings.other_ip_lines(),
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             backend = self.backend,
@@ -656,6 +707,75 @@ token_file = "{other_tokens}"
         }
     }
 
+    /// An HTTP request from `c` to the IPv6 echo server: the source address it saw.
+    pub fn echo6_from(&self, c: &Container) -> Result<String, String> {
+        self.fetch_from(c, &format!("http://{ECHO6}/"), Duration::from_secs(5))
+    }
+
+    /// `curl URL` in `c`, giving up after `limit`: the body, or curl's complaint.
+    pub fn fetch_from(&self, c: &Container, url: &str, limit: Duration) -> Result<String, String> {
+        let out = try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &c.netns,
+            "curl",
+            "-s",
+            "-S",
+            "-m",
+            &format!("{:.1}", limit.as_secs_f64()),
+            url,
+        ]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!(
+                "curl exit {:?}: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// The isp and the exit on 2001:db8:77::/64 (the exit's IPv6 egress IPs on it), the
+    /// exit's IPv6 default route via the isp, the isp's echo address on its loopback. No
+    /// duplicate address detection: the addresses are usable at once.
+    fn add_ipv6_uplink(&self) {
+        let echo6 = ECHO6.trim_start_matches('[').split(']').next().unwrap();
+        sh(&[
+            "ip",
+            "-n",
+            &self.isp,
+            "addr",
+            "add",
+            &format!("{echo6}/128"),
+            "dev",
+            "lo",
+        ]);
+        let isp = [
+            "ip",
+            "-n",
+            &self.isp,
+            "addr",
+            "add",
+            "2001:db8:77::1/64",
+            "dev",
+            "up0",
+            "nodad",
+        ];
+        sh(&isp);
+        let mut egress6 = vec![EGRESS_IP6];
+        if self.settings.dual_stack {
+            egress6.push(OTHER_IP6);
+        }
+        for ip in egress6 {
+            let ip = format!("{ip}/64");
+            sh(&[
+                "ip", "-n", &self.exit, "addr", "add", &ip, "dev", "isp0", "nodad",
+            ]);
+        }
+    }
+
     /// Links in namespace `ns`, by name.
     pub fn links(&self, ns: &str) -> Vec<String> {
         let v: Value = serde_json::from_str(&sh(&["ip", "-n", ns, "-j", "link", "show"])).unwrap();
@@ -681,13 +801,13 @@ token_file = "{other_tokens}"
 
     /// Starts the echo server and returns once it listens: its socket is bound and listening
     /// before the thread reports ready, so the first connection is accepted.
-    fn start_echo(&self) {
+    pub fn start_echo(&self, at: &'static str) {
         let ns = std::fs::File::open(format!("/var/run/netns/{}", self.isp)).unwrap();
         let stop = self.echo_stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("enter isp");
-            let listener = match TcpListener::bind(ECHO) {
+            let listener = match TcpListener::bind(at) {
                 Ok(l) => l,
                 Err(e) => return ready_tx.send(Err(e.to_string())).unwrap(),
             };
@@ -709,7 +829,7 @@ token_file = "{other_tokens}"
         });
         match ready_rx.recv_timeout(Duration::from_secs(5)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("echo server in {}: cannot listen on {ECHO}: {e}", self.isp),
+            Ok(Err(e)) => panic!("echo server in {}: cannot listen on {at}: {e}", self.isp),
             Err(e) => panic!("echo server in {} not listening within 5 s: {e}", self.isp),
         }
     }

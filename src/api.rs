@@ -22,7 +22,7 @@
 //! Errors answer with an [`ApiError`] body.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,10 @@ pub struct Lease {
     pub egress: String,
     pub public_key: Key,
     pub address: IpAddr,
+    /// The overlay IPv6 of a lease on an egress with `ip6` (absent otherwise, and in
+    /// leases stored before egresses had IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// Unix seconds.
     pub created_at: u64,
     pub attachment: Attachment,
@@ -134,6 +138,15 @@ pub struct LeaseGrant {
     pub egress_ip: IpAddr,
     /// Keepalive the client should use, seconds.
     pub persistent_keepalive: u16,
+    /// On an egress with `ip6`: the leased overlay IPv6 as a /128 ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpNet>,
+    /// ... the exit node's own overlay IPv6 ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<IpAddr>,
+    /// ... and the static IPv6 this lease's traffic leaves from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_ip6: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -155,6 +168,12 @@ pub struct EgressInfo {
     /// Every static egress IP with how many leases leave from it.
     #[serde(default)]
     pub ips: Vec<EgressIpInfo>,
+    /// The overlay IPv6 pool, on an egress with `ip6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool6: Option<IpNet>,
+    /// Every static egress IPv6 with how many leases leave from it (empty without `ip6`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips6: Vec<EgressIpInfo>,
 }
 
 /// One static egress IP of an egress and its live leases.

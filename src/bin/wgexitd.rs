@@ -108,8 +108,10 @@ fn main() -> ExitCode {
                 println!("{}: ok", config.path.display());
                 for m in &misfits {
                     println!(
-                        "stored lease without a place in this config (kept; `wgexitd leases prune` removes it): egress {} address {} key {} container {}",
-                        m.lease.egress, m.lease.address, m.lease.public_key, m.lease.attachment.container_id
+                        "stored lease without a place in this config (kept; `wgexitd leases prune` removes it): egress {} address {}{} key {} container {}",
+                        m.lease.egress, m.lease.address,
+                        m.lease.address6.map(|a| format!(" address6 {a}")).unwrap_or_default(),
+                        m.lease.public_key, m.lease.attachment.container_id
                     );
                 }
             }),

@@ -130,6 +130,7 @@ fn new_state(
         public_key: private_key.public(),
         server: None,
         address: None,
+        address6: None,
         exit_public_key: None,
         endpoint: None,
         listen_port: None,

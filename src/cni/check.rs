@@ -103,7 +103,8 @@ pub async fn check(env: &CniEnv, conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     let member_address = state.member.as_ref().and_then(|m| m.address);
-    for address in state.address.into_iter().chain(member_address) {
+    let egress_addresses = state.address.into_iter().chain(state.address6);
+    for address in egress_addresses.chain(member_address) {
         if !want.addresses.contains(&address) {
             return Err(failed(format!(
                 "prevResult does not list the leased address {address} on {ifname}"
@@ -165,6 +166,32 @@ async fn check_link(
     };
     for dst in egress_routes {
         if !want.routes.contains(&dst) {
+            return Err(failed(format!("prevResult does not list the route {dst}")));
+        }
+        if !served_by_gvisor && !routes.contains(&dst) {
+            return Err(failed(format!("route {dst} via {ifname} is missing")));
+        }
+    }
+    if state.server.is_some() && state.address6.is_some() {
+        check_egress_routes6(&nl, ifname, want, conf, served_by_gvisor).await?;
+    }
+    Ok(())
+}
+
+/// An egress with `ip6`: its IPv6 routes in `prevResult` and into the link.
+async fn check_egress_routes6(
+    nl: &Netlink,
+    ifname: &str,
+    want: &Expected,
+    conf: &NetConf,
+    served_by_gvisor: bool,
+) -> Result<(), CniError> {
+    let routes = nl
+        .routes6(ifname)
+        .await
+        .map_err(|e| link_error("reading IPv6 routes", e))?;
+    for dst in conf.routes.destinations6() {
+        if !want.routes6.contains(&dst) {
             return Err(failed(format!("prevResult does not list the route {dst}")));
         }
         if !served_by_gvisor && !routes.contains(&dst) {

@@ -44,6 +44,16 @@ impl Routes {
             Routes::None => Vec::new(),
         }
     }
+
+    /// The IPv6 routes through an egress with `ip6`: ::/0, or ::/1 + 8000::/1 when split.
+    pub fn destinations6(self) -> Vec<ipnet::Ipv6Net> {
+        let list: &[&str] = match self {
+            Routes::Default => &["::/0"],
+            Routes::Split => &["::/1", "8000::/1"],
+            Routes::None => &[],
+        };
+        list.iter().filter_map(|s| s.parse().ok()).collect()
+    }
 }
 
 /// Reads `key` from the config object as a `T`; an error names the key.

@@ -50,6 +50,9 @@ pub struct AttachmentState {
     pub server: Option<String>,
     #[serde(default)]
     pub address: Option<IpNet>,
+    /// The egress lease's overlay IPv6, on an egress with `ip6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpNet>,
     #[serde(default)]
     pub exit_public_key: Option<Key>,
     #[serde(default)]
@@ -352,6 +355,7 @@ pub(crate) fn sample(
         public_key: key.public(),
         server: None,
         address: None,
+        address6: None,
         exit_public_key: None,
         endpoint: None,
         listen_port: None,

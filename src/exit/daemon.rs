@@ -88,9 +88,9 @@ fn open_leases(config: &Config) -> Result<(Registry, Vec<StoredLease>), DaemonEr
 fn report_misfits(misfits: &[StoredLease]) {
     for m in misfits {
         tracing::warn!(
-            egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
+            egress = %m.lease.egress, address = %m.lease.address, address6 = ?m.lease.address6, public_key = %m.lease.public_key,
             container_id = %m.lease.attachment.container_id,
-            "stored lease does not fit the config (egress renamed or removed, or pool changed); kept: restore the config to bring it back, or remove it with `wgexitd leases prune`"
+            "stored lease does not fit the config (egress renamed or removed, or pool or pool6 changed); kept: restore the config to bring it back, or remove it with `wgexitd leases prune`"
         );
     }
 }

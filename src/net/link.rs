@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use futures::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressHeaderFlags};
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo as LinkInfoAttr};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteScope};
 use rtnetlink::packet_route::AddressFamily;
@@ -146,12 +146,21 @@ impl Netlink {
             .map_err(nl_err(format!("bringing up link {name}")))
     }
 
+    /// Adds (or replaces) `addr` on link `name`. An IPv6 address is usable at once, without
+    /// duplicate address detection: WireGuard links do none anyway, and a floating egress
+    /// IPv6 taken over from a failed leader must not be refused because the old holder
+    /// still answers for a moment.
     pub async fn add_address(&self, name: &str, addr: IpNet) -> Result<(), LinkError> {
         let index = self.require_index(name).await?;
-        self.handle
+        let mut request = self
+            .handle
             .address()
             .add(index, addr.addr(), addr.prefix_len())
-            .replace()
+            .replace();
+        if addr.addr().is_ipv6() {
+            request.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        request
             .execute()
             .await
             .map_err(nl_err(format!("adding address {addr} to {name}")))
@@ -375,4 +384,52 @@ pub struct LinkInfo {
     pub mtu: u32,
     /// `wireguard`, `tun` (wireguard-go), `veth`, ...; `None` for kinds without link info.
     pub kind: Option<InfoKind>,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::*;
+
+    /// A network namespace of this test's own with a veth pair up; removed when dropped.
+    struct Scratch(String);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+
+    fn ip(args: &[&str]) -> String {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[tokio::test]
+    async fn an_ipv6_address_is_usable_at_once_without_duplicate_address_detection() {
+        let ns = Scratch(format!("wxlink{}", std::process::id()));
+        ip(&["netns", "add", &ns.0]);
+        let veth = ["link", "add", "a0", "type", "veth", "peer", "name", "b0"];
+        ip(&[&["-n", ns.0.as_str()][..], &veth[..]].concat());
+        for dev in ["a0", "b0"] {
+            ip(&["-n", &ns.0, "link", "set", dev, "up"]);
+        }
+        let netns = Netns::open(Path::new(&format!("/var/run/netns/{}", ns.0))).unwrap();
+        let nl = Netlink::in_netns(&netns).unwrap();
+        nl.add_address("a0", "2001:db8:5::1/64".parse().unwrap())
+            .await
+            .unwrap();
+        let listed = ip(&["-n", &ns.0, "-6", "-j", "addr", "show", "dev", "a0"]);
+        let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+        let info = v[0]["addr_info"].as_array().unwrap();
+        let ours = info
+            .iter()
+            .find(|a| a["local"] == "2001:db8:5::1")
+            .unwrap_or_else(|| panic!("{listed}"));
+        assert!(ours.get("tentative").is_none(), "{ours}");
+        assert_eq!(ours["nodad"], true, "{ours}");
+    }
 }

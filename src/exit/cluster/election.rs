@@ -56,7 +56,12 @@ pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
 }
 
 fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
-    a.ips().iter().any(|ip| b.ips().contains(ip))
+    let ips6 = |e: &EgressConfig| {
+        e.v6.iter()
+            .flat_map(|v6| v6.ips.clone())
+            .collect::<Vec<_>>()
+    };
+    a.ips().iter().any(|ip| b.ips().contains(ip)) || ips6(a).iter().any(|ip| ips6(b).contains(ip))
 }
 
 /// Which egresses this member leads right now (for collection and status).

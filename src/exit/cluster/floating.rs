@@ -44,6 +44,9 @@ fn placements(group: &Group) -> Vec<(String, IpAddr)> {
         for ip in e.ips() {
             add(e.interface.as_str(), IpAddr::V4(*ip));
         }
+        for ip in e.v6.iter().flat_map(|v6| &v6.ips) {
+            add(e.interface.as_str(), IpAddr::V6(*ip));
+        }
         if let Some(ifname) = &e.endpoint_interface {
             add(ifname.as_str(), e.endpoint.ip());
         }
@@ -116,11 +119,12 @@ async fn announce_repeatedly(placed: Vec<(String, IpAddr)>) {
     }
 }
 
-/// `WGEXIT_IPS`: the egress IPs, space-separated.
+/// `WGEXIT_IPS`: the egress IPs, IPv4 then IPv6, space-separated.
 fn hook_ips(e: &EgressConfig) -> String {
-    e.ips()
-        .iter()
-        .map(ToString::to_string)
+    let v4 = e.ips().iter().map(|ip| IpAddr::V4(*ip));
+    let v6 = e.v6.iter().flat_map(|v6| &v6.ips).map(|ip| IpAddr::V6(*ip));
+    v4.chain(v6)
+        .map(|ip| ip.to_string())
         .collect::<Vec<_>>()
         .join(" ")
 }

@@ -15,14 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, Txn, TxnOp};
-use ipnet::IpNet;
 
 use super::election::{Group, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
 use super::ClusterError;
 use crate::exit::config::EgressConfig;
-use crate::exit::dataplane::{Dataplane, HostDataplane, Peer};
+use crate::exit::dataplane::{devices, Dataplane, HostDataplane, Peer};
 use crate::exit::leases::service::LeaseService;
 use crate::keys::Key;
 use crate::wg::{PeerConfig, WireGuard};
@@ -92,11 +91,11 @@ impl Takeover {
             let Some(endpoint) = endpoints.get(&l.public_key) else {
                 continue;
             };
+            // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
             let peer = PeerConfig {
-                public_key: l.public_key,
                 endpoint: Some(*endpoint),
-                allowed_ips: vec![IpNet::from(l.address)],
                 persistent_keepalive: Some(1),
+                ..devices::peer_config(&devices::peer_of(&l))
             };
             match backend.set_peer(&e.wg_interface, &peer).await {
                 Ok(()) => woken.push((l, *endpoint)),
@@ -115,6 +114,7 @@ impl Takeover {
                 let peer = Peer {
                     public_key: l.public_key,
                     address: l.address,
+                    address6: l.address6,
                     endpoint: Some(endpoint),
                 };
                 let _ = service.dataplane().add_peer(&e, &peer).await;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
 
+use super::egress6::{self, EgressV6, Raw6};
 use super::policy::{self, Policy};
 use super::{ifname, parsed, ConfigError, Invalid, DEFAULT_MTU};
 use crate::api::valid_egress_name;
@@ -23,6 +24,12 @@ pub(super) struct RawEgress {
     ips: Option<Vec<String>>,
     #[serde(default)]
     assign: Option<String>,
+    #[serde(default)]
+    ip6: Option<String>,
+    #[serde(default)]
+    ips6: Option<Vec<String>>,
+    #[serde(default)]
+    pool6: Option<String>,
     interface: String,
     pool: String,
     wg_interface: String,
@@ -43,6 +50,8 @@ pub struct EgressConfig {
     pub name: String,
     /// The static egress IPv4s (`ip` or `ips`) and how leases are given one.
     pub egress_ips: EgressIps,
+    /// The static egress IPv6s and the overlay IPv6 pool (`ip6`/`ips6`, `pool6`), if any.
+    pub v6: Option<EgressV6>,
     pub interface: IfName,
     pub pool: Ipv4Net,
     pub wg_interface: IfName,
@@ -79,6 +88,12 @@ impl EgressConfig {
             .ip_of(address)
             .unwrap_or_else(|| self.egress_ips.first())
     }
+
+    /// The egress IPv6 a lease at overlay `address6` leaves from (none without `ip6`, or
+    /// for an address outside `pool6`'s blocks).
+    pub fn egress_ip6_of(&self, address6: IpAddr) -> Option<std::net::Ipv6Addr> {
+        self.v6.as_ref()?.ip_of(address6)
+    }
 }
 
 /// Every `[[egress]]`, each checked alone and then against the ones before it.
@@ -107,6 +122,12 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
         ));
     }
     let egress_ips = egress_ips(invalid, &key, &e)?;
+    let raw6 = Raw6 {
+        ip6: e.ip6.as_deref(),
+        ips6: e.ips6.as_deref(),
+        pool6: e.pool6.as_deref(),
+    };
+    let v6 = egress6::egress6(invalid, &key, raw6)?;
     let pool = overlay_pool(invalid, key("pool"), &e.pool)?;
     if !egress_ips.fit(pool) {
         let n = egress_ips.ips().len();
@@ -141,6 +162,7 @@ fn egress(i: usize, e: RawEgress, invalid: &Invalid) -> Result<EgressConfig, Con
         wg_interface: ifname(invalid, key("wg_interface"), &e.wg_interface)?,
         name: e.name,
         egress_ips,
+        v6,
         pool,
         listen_port: e.listen_port,
         endpoint,
@@ -344,5 +366,97 @@ token_file = "/etc/wgexitd/acme.tokens"
             assert!(msg.contains(key) && msg.contains(says), "{lines:?}: {msg}");
         }
         assert!(config(three, "100.96.0.0/27").is_ok());
+    }
+
+    #[test]
+    fn ip6_and_pool6_are_read_together() {
+        let c = config(
+            "ip = \"203.0.113.77\"\nip6 = \"2001:db8:77::77\"\npool6 = \"fd77:0:1::/64\"",
+            "100.96.0.0/24",
+        )
+        .unwrap();
+        let v6 = c.egress[0].v6.as_ref().unwrap();
+        assert_eq!(
+            v6.ips,
+            vec!["2001:db8:77::77".parse::<std::net::Ipv6Addr>().unwrap()]
+        );
+        assert_eq!(v6.gateway().to_string(), "fd77:0:1::1");
+        let e = &c.egress[0];
+        assert_eq!(
+            e.egress_ip6_of("fd77:0:1::1234".parse().unwrap()),
+            Some(v6.ips[0])
+        );
+        let sets = "ip = \"203.0.113.77\"\nips6 = [\"2001:db8:77::80\", \"2001:db8:77::81\"]\npool6 = \"2001:db8:ff::/64\"";
+        assert_eq!(
+            config(sets, "100.96.0.0/24").unwrap().egress[0]
+                .v6
+                .as_ref()
+                .unwrap()
+                .blocks()
+                .len(),
+            2
+        );
+        assert!(config("ip = \"203.0.113.77\"", "100.96.0.0/24")
+            .unwrap()
+            .egress[0]
+            .v6
+            .is_none());
+    }
+
+    #[test]
+    fn bad_ipv6_settings_are_refused_naming_the_key() {
+        let ip = "ip = \"203.0.113.77\"\n";
+        for (lines, key, says) in [
+            (
+                "ip6 = \"2001:db8::1\"\nips6 = [\"2001:db8::2\"]\npool6 = \"fd77::/64\"",
+                "egress[0].ips6",
+                "not both",
+            ),
+            ("ip6 = \"2001:db8::1\"", "egress[0].pool6", "missing"),
+            ("pool6 = \"fd77::/64\"", "egress[0].ip6", "missing"),
+            (
+                "ip6 = \"fd77::9\"\npool6 = \"fd78::/64\"",
+                "egress[0].ip6",
+                "global unicast",
+            ),
+            (
+                "ip6 = \"203.0.113.9\"\npool6 = \"fd78::/64\"",
+                "egress[0].ip6",
+                "not an IPv6",
+            ),
+            (
+                "ips6 = []\npool6 = \"fd78::/64\"",
+                "egress[0].ips6",
+                "at least one",
+            ),
+            (
+                "ips6 = [\"2001:db8::1\", \"2001:db8::1\"]\npool6 = \"fd78::/64\"",
+                "egress[0].ips6[1]",
+                "twice",
+            ),
+            (
+                "ip6 = \"2001:db8::1\"\npool6 = \"2a00::/64\"",
+                "egress[0].pool6",
+                "unique local",
+            ),
+            (
+                "ip6 = \"2001:db8::1\"\npool6 = \"fd78::1/64\"",
+                "egress[0].pool6",
+                "host bits",
+            ),
+            (
+                "ip6 = \"2001:db8::1\"\npool6 = \"fd78::/124\"",
+                "egress[0].pool6",
+                "too small",
+            ),
+            (
+                "ip6 = \"2001:db8:ff::1\"\npool6 = \"2001:db8:ff::/64\"",
+                "egress[0].ip6",
+                "inside the overlay",
+            ),
+        ] {
+            let msg = err(&format!("{ip}{lines}"), "100.96.0.0/24");
+            assert!(msg.contains(key) && msg.contains(says), "{lines:?}: {msg}");
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod egress;
+pub mod egress6;
 pub mod metrics;
 pub mod network;
 pub mod policy;
@@ -317,6 +318,7 @@ impl Config {
         }
         let egress = egress::egresses(raw_egress, &invalid)?;
         let network = network::networks(raw_network, &egress, &invalid)?;
+        egress6::check_no_clash(&egress, &network, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
         let cluster = match raw.cluster {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
@@ -370,6 +372,7 @@ pub(crate) mod tests {
             egress_ips: crate::exit::leases::egress_ips::EgressIps::single(
                 "203.0.113.77".parse().unwrap(),
             ),
+            v6: None,
             interface: IfName::new("isp0").unwrap(),
             pool: pool.parse().unwrap(),
             wg_interface: IfName::new(&format!("wg-{name}")).unwrap(),

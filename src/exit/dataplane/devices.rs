@@ -7,7 +7,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ipnet::{IpNet, Ipv4Net};
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{DataplaneError, Peer};
 use crate::api::Lease;
@@ -31,9 +33,18 @@ pub fn peer_config(peer: &Peer) -> PeerConfig {
     PeerConfig {
         public_key: peer.public_key,
         endpoint: peer.endpoint,
-        allowed_ips: vec![IpNet::from(peer.address)],
+        allowed_ips: allowed_ips(peer),
         persistent_keepalive: None,
     }
+}
+
+/// A peer's overlay addresses as host networks: the /32 (or a member's /128), and the /128
+/// of its overlay IPv6 when it has one.
+fn allowed_ips(peer: &Peer) -> Vec<IpNet> {
+    let v6 = peer.address6.map(|a| IpNet::from(IpAddr::V6(a)));
+    std::iter::once(IpNet::from(peer.address))
+        .chain(v6)
+        .collect()
 }
 
 /// The peer entry of a lease whose endpoint is not known here.
@@ -41,6 +52,7 @@ pub fn peer_of(lease: &Lease) -> Peer {
     Peer {
         public_key: lease.public_key,
         address: lease.address,
+        address6: lease.address6,
         endpoint: None,
     }
 }
@@ -201,7 +213,7 @@ async fn sync_peers<'p, W: WireGuard>(
         .collect();
     let missing: Vec<&Peer> = peers
         .iter()
-        .filter(|p| have.get(&p.public_key) != Some(&vec![IpNet::from(p.address)]))
+        .filter(|p| have.get(&p.public_key) != Some(&sorted(&allowed_ips(p))))
         .collect();
     if !missing.is_empty() {
         let configs: Vec<PeerConfig> = missing.iter().map(|p| peer_config(p)).collect();
@@ -225,6 +237,19 @@ async fn bring_up(netlink: &Netlink, egress: &EgressConfig) -> Result<(), Datapl
         .add_address(name, IpNet::V4(overlay))
         .await
         .map_err(link_err)?;
+    if let Some(v6) = &egress.v6 {
+        let overlay6 = Ipv6Net::new(v6.gateway(), v6.pool.prefix_len()).map_err(|e| {
+            link_err(LinkError::Netlink {
+                what: "overlay IPv6 address".into(),
+                detail: e.to_string(),
+                errno: None,
+            })
+        })?;
+        netlink
+            .add_address(name, IpNet::V6(overlay6))
+            .await
+            .map_err(link_err)?;
+    }
     netlink
         .set_up(name, Some(egress.mtu))
         .await

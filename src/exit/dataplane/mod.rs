@@ -12,7 +12,7 @@ pub mod network;
 pub mod network_rules;
 pub mod sysctl;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
@@ -73,6 +73,8 @@ pub struct Peer {
     pub public_key: Key,
     /// Its overlay address: the one address it may send from and is routed.
     pub address: IpAddr,
+    /// Its overlay IPv6, on an egress with `ip6`: routed and allowed as a source too.
+    pub address6: Option<Ipv6Addr>,
     /// Where it was last seen, if known: set on a peer made anew so the exit node can start
     /// the handshake itself instead of waiting for the client's rekey.
     pub endpoint: Option<SocketAddr>,
@@ -130,9 +132,10 @@ impl HostDataplane {
     }
 }
 
-/// What the firewall needs of an egress.
+/// What the firewall needs of an egress: its IPv4 pool, overlay address and SNAT blocks,
+/// and with `ip6` the same for IPv6.
 pub fn rules_for(e: &EgressConfig) -> EgressRules {
-    EgressRules {
+    let mut rules = EgressRules {
         name: e.name.clone(),
         wg_interface: e.wg_interface.to_string(),
         uplink: e.interface.to_string(),
@@ -144,7 +147,33 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
             .map(|(block, ip)| (block.into(), ip.into()))
             .collect(),
         policy: e.policy.clone(),
+        exit_addresses: Vec::new(),
+    };
+    if let Some(v6) = &e.v6 {
+        rules.pools.push(v6.pool.into());
+        rules.overlay_ips.push(v6.gateway().into());
+        let blocks = v6.blocks().into_iter();
+        rules
+            .snat
+            .extend(blocks.map(|(block, ip)| (block.into(), ip.into())));
     }
+    rules
+}
+
+/// Every egress's endpoint address and static IPs (IPv4 and IPv6), without repeats: the
+/// exit nodes' own addresses as the config names them.
+pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for e in egresses {
+        let v4 = e.ips().iter().map(|ip| IpAddr::V4(*ip));
+        let v6 = e.v6.iter().flat_map(|v6| &v6.ips).map(|ip| IpAddr::V6(*ip));
+        for ip in std::iter::once(e.endpoint.ip()).chain(v4).chain(v6) {
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+    }
+    out
 }
 
 impl HostDataplane {
@@ -213,13 +242,23 @@ impl Dataplane for HostDataplane {
     }
 
     async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
-        let rules: Vec<_> = egresses.iter().map(rules_for).collect();
+        let own = exit_addresses(egresses);
+        let rules: Vec<_> = egresses
+            .iter()
+            .map(|e| EgressRules {
+                exit_addresses: own.clone(),
+                ..rules_for(e)
+            })
+            .collect();
         let mut repairs: Vec<String> = self.ensure_table(&rules)?.into_iter().collect();
         repairs.extend(self.ensure_guard(egresses).await?);
         for e in egresses {
             sysctl::prepare_egress(&e.wg_interface, &e.interface)?;
         }
         sysctl::forward()?;
+        if egresses.iter().any(|e| e.v6.is_some()) {
+            sysctl::forward6()?;
+        }
         Ok(repairs)
     }
 
@@ -240,5 +279,27 @@ impl Dataplane for HostDataplane {
                 .map_err(DataplaneError::link(e))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::config::egress6::EgressV6;
+    use crate::exit::config::tests::egress;
+
+    #[test]
+    fn an_egress_with_ip6_gets_its_ipv6_pool_gateway_and_snat_blocks() {
+        let mut e = egress("acme", "100.96.0.0/24");
+        assert_eq!(rules_for(&e).pools.len(), 1);
+        e.v6 = Some(EgressV6 {
+            ips: vec!["2001:db8:77::77".parse().unwrap()],
+            pool: "fd77:0:1::/64".parse().unwrap(),
+        });
+        let r = rules_for(&e);
+        let pool6: ipnet::IpNet = "fd77:0:1::/64".parse().unwrap();
+        assert_eq!(r.pools[1], pool6);
+        assert_eq!(r.overlay_ips[1], "fd77:0:1::1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.snat[1], (pool6, "2001:db8:77::77".parse().unwrap()));
     }
 }

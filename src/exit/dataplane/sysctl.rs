@@ -34,6 +34,11 @@ pub fn forward() -> Result<(), SysctlError> {
     ensure(&["net", "ipv4", "ip_forward"], "1")
 }
 
+/// IPv6 forwarding on, for egresses with `ip6`. Only once the firewall's rules are in place.
+pub fn forward6() -> Result<(), SysctlError> {
+    ensure(&["net", "ipv6", "conf", "all", "forwarding"], "1")
+}
+
 /// Loose reverse-path filtering on the WireGuard interface (the kernel uses the larger of
 /// `all` and the interface's value, so 2 is loose whatever `all` says), and `src_valid_mark`
 /// on it and on the uplink: the reverse-path check of a forwarded packet looks its source up

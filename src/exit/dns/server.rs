@@ -214,6 +214,7 @@ mod tests {
             address: format!("fdaa:0:1::{:x}", 0x100 + u16::from(n))
                 .parse()
                 .unwrap(),
+            address6: None,
             created_at: 0,
             attachment: Default::default(),
             member: Some(Box::new(MemberInfo {

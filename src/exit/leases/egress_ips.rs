@@ -113,7 +113,8 @@ impl IpUsage {
         }
     }
 
-    fn index_of(&self, addr: IpAddr) -> Option<usize> {
+    /// Which IP's block `addr` lies in, by the IPs' order.
+    pub fn index_of(&self, addr: IpAddr) -> Option<usize> {
         let IpAddr::V4(a) = addr else {
             return None;
         };

@@ -11,6 +11,7 @@ pub mod commit;
 pub mod egress_ips;
 pub mod etcd;
 pub mod members;
+pub mod overlay6;
 pub mod pool;
 pub mod pool6;
 pub mod redb;

@@ -258,6 +258,7 @@ mod tests {
                 egress: egress.into(),
                 public_key: Key([key; 32]),
                 address: IpAddr::from([100, 96, 0, host]),
+                address6: None,
                 created_at: 1,
                 attachment: Attachment {
                     container_id: format!("c{key}"),

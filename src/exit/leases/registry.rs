@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::commit::{CommitError, GroupCommit, Pending};
 use super::egress_ips::{Exhausted, IpUsage};
+use super::overlay6::Overlay6;
 use super::pool::Pool;
 use super::pool6::Pool6;
 use super::store::{LeaseStore, StoreError, StoredLease, Write};
@@ -145,6 +146,8 @@ pub struct EgressLeases {
     pool: AddressPool,
     /// An egress's IPs and their blocks of the pool (`None` for a network).
     ips: Option<IpUsage>,
+    /// An egress's overlay IPv6s (`None` without `ip6`, and for a network).
+    v6: Option<Overlay6>,
     by_key: HashMap<Key, StoredLease>,
     /// Leases per owner, for the quota.
     per_owner: HashMap<String, usize>,
@@ -170,6 +173,7 @@ impl EgressLeases {
         EgressLeases {
             pool,
             ips,
+            v6: None,
             by_key: HashMap::new(),
             per_owner: HashMap::new(),
             doubles: HashMap::new(),
@@ -200,6 +204,9 @@ impl EgressLeases {
     fn remove(&mut self, key: &Key) -> Option<StoredLease> {
         let removed = self.by_key.remove(key)?;
         self.free(removed.lease.address);
+        if let (Some(v6), Some(a)) = (&mut self.v6, removed.lease.address6) {
+            v6.release(a);
+        }
         if let Some(ips) = &mut self.ips {
             ips.remove(removed.lease.address);
         }
@@ -235,6 +242,45 @@ impl EgressLeases {
             }
             _ => self.pool.capacity(),
         }
+    }
+
+    /// Each egress IPv6 with how many leases leave from it (empty without `ip6`).
+    pub fn ip6_usage(&self) -> Vec<(std::net::Ipv6Addr, usize)> {
+        self.v6.as_ref().map(Overlay6::usage).unwrap_or_default()
+    }
+
+    /// Takes a stored lease's IPv6 in the egress's `pool6`: true when it has none, or the
+    /// egress has no `pool6` (the lease then works over IPv4 alone).
+    fn mark_used6(&mut self, lease: &Lease) -> bool {
+        match (&mut self.v6, lease.address6) {
+            (Some(v6), Some(a)) => v6.mark_used(a),
+            _ => true,
+        }
+    }
+
+    /// The overlay IPv6 of a new lease at `address` (none without `ip6`): in the block of
+    /// the egress IPv6 at the index of `address`'s egress IPv4. On failure `address` is
+    /// freed again.
+    fn allocate6(
+        &mut self,
+        scope: &str,
+        key: &Key,
+        address: IpAddr,
+    ) -> Result<Option<std::net::Ipv6Addr>, LeaseError> {
+        let index = self.ips.as_ref().and_then(|ips| ips.index_of(address));
+        let Some(v6) = &mut self.v6 else {
+            return Ok(None);
+        };
+        if let Some(a) = v6.allocate(index.unwrap_or(0), key) {
+            return Ok(Some(a));
+        }
+        let err = LeaseError::PoolExhausted {
+            egress: scope.to_string(),
+            pool: v6.pool().to_string(),
+            in_use: v6.in_use(),
+        };
+        self.free(address);
+        Err(err)
     }
 
     /// Each egress IP with how many leases leave from it (empty for a network).
@@ -305,7 +351,9 @@ pub fn place(
         .map(|e| {
             let pool = AddressPool::V4(Pool::new(e.pool));
             let ips = IpUsage::new(&e.egress_ips, e.pool);
-            (e.name.clone(), EgressLeases::new(pool, Some(ips)))
+            let mut leases = EgressLeases::new(pool, Some(ips));
+            leases.v6 = e.v6.as_ref().map(Overlay6::new);
+            (e.name.clone(), leases)
         })
         .chain(networks.iter().map(|n| {
             let pool = AddressPool::V6(Pool6::new(n.prefix));
@@ -322,6 +370,11 @@ pub fn place(
             || !e.leasable(lease.lease.address)
             || !e.pool.mark_used(lease.lease.address)
         {
+            misfits.push(lease);
+            continue;
+        }
+        if !e.mark_used6(&lease.lease) {
+            e.pool.release(lease.lease.address);
             misfits.push(lease);
             continue;
         }
@@ -409,6 +462,9 @@ impl Registry {
         if !e.pool.mark_used(address) {
             *e.doubles.entry(address).or_insert(0) += 1;
         }
+        // Derived from the key: another lease of this address6 would be another key's
+        // one-in-2^56 collision, which the store's own key check does not see.
+        e.mark_used6(&stored.lease);
         e.insert(stored);
         Adopted::New
     }
@@ -498,11 +554,13 @@ impl Registry {
             });
         }
         let address = e.allocate(egress, public_key)?;
+        let address6 = e.allocate6(egress, public_key, address)?;
         let stored = StoredLease {
             lease: Lease {
                 egress: egress.to_string(),
                 public_key: *public_key,
                 address,
+                address6,
                 created_at: now_secs(),
                 attachment: attachment.clone(),
                 member: member.map(Box::new),
@@ -735,6 +793,7 @@ mod tests {
                 egress: "a".into(),
                 public_key: Key([n; 32]),
                 address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
+                address6: None,
                 created_at: 1,
                 attachment: Default::default(),
                 member: None,
@@ -1010,5 +1069,99 @@ mod tests {
         store.apply(&[Write::Create(old.clone())]).unwrap();
         let (_, misfits) = Registry::load(&[three_ips(Assign::Spread)], store).unwrap();
         assert_eq!(misfits, vec![old]);
+    }
+
+    #[test]
+    fn a_lease_on_an_egress_with_ip6_gets_an_ipv6_kept_across_a_reload_and_freed_with_it() {
+        use crate::exit::config::egress6::EgressV6;
+        use crate::exit::leases::egress_ips::Assign;
+        let t = tempfile::tempdir().unwrap();
+        // A lease stored before the egress had IPv6 (no address6 in its JSON) still loads.
+        let old = {
+            let mut r = load_one(&three_ips(Assign::Exclusive), t.path());
+            lease(&mut r, "s", &req(1), "o").unwrap().0
+        };
+        assert_eq!(old.lease.address6, None);
+        let json = serde_json::to_string(&old).unwrap();
+        assert!(!json.contains("address6"), "{json}");
+        assert_eq!(serde_json::from_str::<StoredLease>(&json).unwrap(), old);
+        let mut e = three_ips(Assign::Exclusive);
+        let ips6 = ["2001:db8:77::80", "2001:db8:77::81", "2001:db8:77::82"];
+        e.v6 = Some(EgressV6 {
+            ips: ips6.iter().map(|i| i.parse().unwrap()).collect(),
+            pool: "fd77:0:1::/64".parse().unwrap(),
+        });
+        let mut made = Vec::new();
+        {
+            let mut r = load_one(&e, t.path());
+            assert_eq!(r.egress("s").unwrap().get(&Key([1; 32])), Some(&old));
+            for n in 2..=3 {
+                let (l, _) = lease(&mut r, "s", &req(n), "o").unwrap();
+                let a6 = l.lease.address6.expect("an IPv6");
+                // The IPv6 leaves from the IPv6 at the index of the lease's IPv4.
+                let i4 = e
+                    .ips()
+                    .iter()
+                    .position(|ip| *ip == e.egress_ip_of(l.lease.address));
+                let i6 = ips6
+                    .iter()
+                    .position(|ip| Some(ip.parse().unwrap()) == e.egress_ip6_of(a6.into()));
+                assert_eq!(i4, i6);
+                made.push(l);
+            }
+            let used: Vec<usize> = r
+                .egress("s")
+                .unwrap()
+                .ip6_usage()
+                .iter()
+                .map(|u| u.1)
+                .collect();
+            assert_eq!(used.iter().sum::<usize>(), 2);
+        }
+        let mut r = load_one(&e, t.path());
+        assert_eq!(r.egress("s").unwrap().get(&Key([2; 32])), Some(&made[0]));
+        assert_eq!(
+            r.egress("s")
+                .unwrap()
+                .ip6_usage()
+                .iter()
+                .map(|u| u.1)
+                .sum::<usize>(),
+            2
+        );
+        release(&mut r, "s", &Key([2; 32]), Some("o")).unwrap();
+        assert_eq!(
+            r.egress("s")
+                .unwrap()
+                .ip6_usage()
+                .iter()
+                .map(|u| u.1)
+                .sum::<usize>(),
+            1
+        );
+        // The same key gets the same IPv6 again once it is free.
+        let again = lease(&mut r, "s", &req(2), "o").unwrap().0;
+        assert_eq!(again.lease.address6, made[0].lease.address6);
+    }
+
+    #[test]
+    fn a_stored_ipv6_outside_pool6_does_not_fit() {
+        use crate::exit::config::egress6::EgressV6;
+        let mut e = egress("a", "100.96.0.0/29");
+        e.v6 = Some(EgressV6 {
+            ips: vec!["2001:db8:77::77".parse().unwrap()],
+            pool: "fd77:0:1::/64".parse().unwrap(),
+        });
+        let mut inside = foreign(1, 2);
+        inside.lease.address6 = Some("fd77:0:1::1234".parse().unwrap());
+        let mut outside = foreign(2, 3);
+        outside.lease.address6 = Some("fd77:0:2::1234".parse().unwrap());
+        let (placed, misfits) = place(std::slice::from_ref(&e), &[], vec![inside, outside.clone()]);
+        assert_eq!(misfits, vec![outside.clone()]);
+        let a = &placed["a"];
+        assert_eq!(a.len(), 1);
+        assert_eq!(a.ip6_usage()[0].1, 1);
+        // The misfit holds no IPv4 either.
+        assert_eq!(a.pool.in_use(), 1);
     }
 }

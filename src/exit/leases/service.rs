@@ -147,7 +147,13 @@ impl<D: Dataplane> LeaseService<D> {
         };
         counter.get_or_create(&Metrics::egress(egress)).inc();
         let egress_ip = cfg.egress_ip_of(stored.lease.address);
+        let address6 = stored.lease.address6.filter(|_| cfg.v6.is_some());
         Ok(LeaseGrant {
+            address6: address6.map(|a| IpNet::V6(a.into())),
+            gateway6: address6.and(cfg.v6.as_ref()).map(|v6| v6.gateway().into()),
+            egress_ip6: address6
+                .and_then(|a| cfg.egress_ip6_of(a.into()))
+                .map(Into::into),
             address: IpNet::from(stored.lease.address),
             lease: stored.lease,
             server_public_key,
@@ -322,6 +328,15 @@ impl<D: Dataplane> LeaseService<D> {
                     leases,
                 })
                 .collect(),
+            pool6: cfg.v6.as_ref().map(|v6| v6.pool.into()),
+            ips6: e
+                .ip6_usage()
+                .into_iter()
+                .map(|(ip, leases)| EgressIpInfo {
+                    ip: ip.into(),
+                    leases,
+                })
+                .collect(),
         })
     }
 
@@ -446,6 +461,7 @@ fn peer_of(l: &StoredLease) -> Peer {
     Peer {
         public_key: l.lease.public_key,
         address: l.lease.address,
+        address6: l.lease.address6,
         endpoint: l.endpoint,
     }
 }

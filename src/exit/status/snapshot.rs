@@ -221,12 +221,26 @@ fn ip_leases(
     leases: &[crate::api::Lease],
 ) -> std::collections::BTreeMap<IpAddr, usize> {
     let mut out: std::collections::BTreeMap<IpAddr, usize> =
-        cfg.ips().iter().map(|ip| (IpAddr::V4(*ip), 0)).collect();
+        egress_ips(cfg).into_iter().map(|ip| (ip, 0)).collect();
     for l in leases {
         *out.entry(IpAddr::V4(cfg.egress_ip_of(l.address)))
             .or_default() += 1;
+        let ip6 = l.address6.and_then(|a| cfg.egress_ip6_of(a.into()));
+        if let Some(ip6) = ip6 {
+            *out.entry(IpAddr::V6(ip6)).or_default() += 1;
+        }
     }
     out
+}
+
+/// The egress's static IPv4s, then its IPv6s.
+fn egress_ips(cfg: &crate::exit::config::EgressConfig) -> Vec<IpAddr> {
+    let v4 = cfg.ips().iter().copied().map(IpAddr::V4);
+    let v6 = cfg
+        .v6
+        .iter()
+        .flat_map(|v6| v6.ips.iter().copied().map(IpAddr::V6));
+    v4.chain(v6).collect()
 }
 
 /// An egress's status at `now`; the per-lease rows when `with_peers`.
@@ -244,7 +258,7 @@ pub fn summarize(view: &EgressView<'_>, now: SystemTime, with_peers: bool) -> Eg
     };
     EgressStatus {
         name: cfg.name.clone(),
-        ips: cfg.ips().iter().copied().map(IpAddr::V4).collect(),
+        ips: egress_ips(cfg),
         ip_leases: ip_leases(cfg, &view.leases),
         endpoint: cfg.endpoint,
         wg_interface: cfg.wg_interface.to_string(),

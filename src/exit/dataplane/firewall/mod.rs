@@ -13,7 +13,8 @@
 //!   same for IPv6 with a `pools6_E` set;
 //! * `mangle_forward` (filter, forward, mangle): the TCP MSS clamp to the route MTU on SYNs in
 //!   and out of `WG`;
-//! * `forward` (filter, forward): drop spoofed sources from `WG`, send `WG` → `UP` through the
+//! * `forward` (filter, forward): drop spoofed sources from `WG`, refuse the exit nodes' own
+//!   addresses the config names (`exit4_E`, `exit6_E`), send `WG` → `UP` through the
 //!   egress's policy chain, accept established/related `UP` → `WG`, drop anything else in or
 //!   out of `WG` (so no tenant reaches another's tunnel or containers);
 //! * `input` (filter, input): accept ICMP echo requests from `WG` to the overlay addresses (and
@@ -76,6 +77,9 @@ pub struct EgressRules {
     pub snat: Vec<(IpNet, IpAddr)>,
     /// Which destinations the egress's containers may reach.
     pub policy: Policy,
+    /// The exit nodes' own addresses the config names (every egress's endpoint and egress
+    /// IPs): refused from the tunnel before the policy, wherever they are held.
+    pub exit_addresses: Vec<IpAddr>,
 }
 
 /// What [`Firewall::verify`] found.

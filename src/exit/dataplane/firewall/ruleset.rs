@@ -382,6 +382,30 @@ impl Builder {
         self.forward_back(e);
     }
 
+    /// `exit4_E`/`exit6_E`: the exit nodes' own addresses the config names (every egress's
+    /// endpoint and egress IPs), refused from the tunnel whatever the policy, also when
+    /// another member of a pool holds them and the packet would leave by the uplink: no
+    /// tenant reaches another's WireGuard endpoint or egress IPs through its tunnel.
+    fn exit_addresses(&mut self, e: &EgressRules, families: &[bool]) {
+        let n = &e.name;
+        for &v6 in families {
+            let nets: Vec<IpNet> = e
+                .exit_addresses
+                .iter()
+                .filter(|a| a.is_ipv6() == v6)
+                .map(|a| IpNet::from(*a))
+                .collect();
+            if nets.is_empty() {
+                continue;
+            }
+            let set = format!("exit{}_{n}", fam(v6));
+            self.set(&set, addr_type(v6), elements::addresses(&nets));
+            let to_exit = is(payload(ip_proto(v6), "daddr"), Operator::EQ, set_ref(&set));
+            let refuse = vec![iif(&e.wg_interface), to_exit, goto(&format!("refuse_{n}"))];
+            self.rule("forward", Some(format!("{n}: exit node addresses")), refuse);
+        }
+    }
+
     fn forward_from_tunnel(&mut self, e: &EgressRules, families: &[bool]) {
         let (n, wg, up) = (&e.name, &e.wg_interface, &e.uplink);
         for &v6 in families {
@@ -406,6 +430,7 @@ impl Builder {
             Statement::Drop(None),
         ];
         self.rule("forward", Some(format!("{n}: invalid")), invalid);
+        self.exit_addresses(e, families);
         let protos: Vec<Expression<'static>> = families
             .iter()
             .map(|&v6| s(if v6 { "ipv6" } else { "ipv4" }))

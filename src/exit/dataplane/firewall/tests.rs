@@ -109,6 +109,7 @@ pub(super) fn acme() -> EgressRules {
         overlay_ips: vec![ip("100.64.0.1")],
         snat: vec![(net("100.64.0.0/10"), ip("203.0.113.77"))],
         policy: Policy::default(),
+        exit_addresses: Vec::new(),
     }
 }
 
@@ -136,6 +137,11 @@ fn globex() -> EgressRules {
             .collect(),
             ..Policy::default()
         },
+        exit_addresses: vec![
+            ip("198.51.100.2"),
+            ip("203.0.113.78"),
+            ip("2001:db8:77::78"),
+        ],
     }
 }
 
@@ -216,6 +222,9 @@ fn apply_writes_the_rules() {
         "meta l4proto . th dport @denyp_globex goto refuse_globex",
         "ip daddr . meta l4proto . th dport @denyp4_globex goto refuse_globex",
         "elements = { 198.18.8.0/24 . udp . 5000-5100 }",
+        "iifname \"wgx-globex\" ip daddr @exit4_globex goto refuse_globex comment \"globex: exit node addresses\"",
+        "iifname \"wgx-globex\" ip6 daddr @exit6_globex goto refuse_globex comment \"globex: exit node addresses\"",
+        "elements = { 2001:db8:77::78 }",
     ] {
         assert_has(&listing, want);
     }
@@ -223,6 +232,8 @@ fn apply_writes_the_rules() {
     let text = without_handles(&listing);
     let pos = |s: &str| text.find(s).unwrap();
     assert!(pos("acme: anti-spoof") < pos("acme: to uplink"));
+    assert!(pos("globex: exit node addresses") < pos("globex: to uplink"));
+    assert!(!text.contains("exit4_acme"));
     assert!(pos("acme: to uplink") < pos("acme: replies"));
     assert!(pos("acme: replies") < pos("acme: no other forwarding in"));
     assert!(pos("acme: no other forwarding in") < pos("acme: no other forwarding out"));
@@ -464,6 +475,7 @@ fn many_egresses_fit_in_one_transaction() {
                 overlay_ips: vec![IpAddr::V4(Ipv4Addr::from(0x6440_0001 + (i << 8)))],
                 snat: vec![(pool, IpAddr::V4(Ipv4Addr::from(0xcb00_7100 + (i % 250))))],
                 policy: Policy::default(),
+                exit_addresses: vec![ip("198.51.100.2"), ip("203.0.113.77")],
             }
         })
         .collect();
@@ -617,6 +629,7 @@ fn egress(snat: &[(&str, &str)], policy: Policy) -> EgressRules {
         overlay_ips: vec![ip("100.64.0.1"), ip("fd77:0:9::1")],
         snat: snat.iter().map(|(b, i)| (net(b), ip(i))).collect(),
         policy,
+        exit_addresses: Vec::new(),
     }
 }
 
