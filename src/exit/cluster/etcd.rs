@@ -33,6 +33,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Etcd {
     runtime: Option<tokio::runtime::Runtime>,
     client: Client,
+    /// One client per endpoint, for calls sent to every member at once ([`Etcd::race`]).
+    each: Vec<Client>,
     endpoints: Vec<String>,
     prefix: String,
 }
@@ -58,13 +60,21 @@ impl Etcd {
         let eps = endpoints.clone();
         // Connected on its own runtime (whose tasks then carry the connection), waited for
         // without entering it, so this works from inside another runtime too.
-        let connecting = runtime.spawn(async move { Client::connect(eps, Some(options)).await });
-        let client = futures::executor::block_on(connecting)
+        let connecting = runtime.spawn(async move {
+            let client = Client::connect(&eps, Some(options.clone())).await?;
+            let mut each = Vec::new();
+            for ep in &eps {
+                each.push(Client::connect([ep], Some(options.clone())).await?);
+            }
+            Ok::<_, etcd_client::Error>((client, each))
+        });
+        let (client, each) = futures::executor::block_on(connecting)
             .map_err(|e| StoreError::failed(&name, e.to_string()))?
             .map_err(|e| StoreError::failed(&name, e.to_string()))?;
         Ok(Etcd {
             runtime: Some(runtime),
             client,
+            each,
             endpoints,
             prefix: cluster.prefix(),
         })
@@ -114,6 +124,60 @@ impl Etcd {
             )),
             Err(e) => Err(StoreError::failed(self.name(), format!("{what}: {e}"))),
         }
+    }
+
+    /// Runs `call` on every etcd member at once (each through its own connection), bounded
+    /// by `timeout`, and returns the first answer; an error only when none answers. Only for
+    /// calls that may be applied more than once: a renewal, a conditional write.
+    ///
+    /// One balanced connection sends a call to one member; when that member has just died
+    /// or restarted (it takes connections before it serves them) the call fails or waits
+    /// out its timeout although a quorum answers. A renewal lost that way can let the
+    /// member's etcd lease expire.
+    pub async fn race<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::failed(self.name(), "the etcd client stopped"));
+        };
+        let mut calls: futures::stream::FuturesUnordered<_> = self
+            .each
+            .iter()
+            .map(|c| {
+                let fut = call(c.clone());
+                runtime.spawn(async move { tokio::time::timeout(timeout, fut).await })
+            })
+            .collect();
+        let mut last = None;
+        while let Some(answer) = futures::StreamExt::next(&mut calls).await {
+            match answer {
+                Ok(Ok(Ok(v))) => {
+                    for c in calls.iter() {
+                        c.abort();
+                    }
+                    return Ok(v);
+                }
+                Ok(Ok(Err(e))) => last = Some(self.classify(what, e)),
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            StoreError::unavailable(
+                self.name(),
+                format!(
+                    "{what}: no answer within {} ms; is a majority of the etcd members up and reachable?",
+                    timeout.as_millis()
+                ),
+            )
+        }))
     }
 
     /// [`Etcd::run_for`] with the usual [`CALL_TIMEOUT`].
