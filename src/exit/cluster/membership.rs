@@ -12,10 +12,11 @@
 //! When renewals fail, the etcd members that can be reached are asked whether they have a
 //! raft leader: if every one that answers has none, the cluster has lost its quorum and
 //! nobody can expire the lease or take the egress ([`Standing::NoQuorum`]), so the leader
-//! keeps its addresses and forwarding goes on — but only if the lease was still safe when
-//! that was seen: a lease that ran out first may have been expired by an etcd leader that
-//! had not yet noticed it lost its quorum, its revocation committed the moment the quorum
-//! is back. When a leader is found again, it was elected after the last probe that found
+//! keeps its addresses and forwarding goes on — but when an etcd member is silent (cut
+//! off rather than down: it refuses no connection), only if the lease was still safe when
+//! that was seen: a lease that ran out first may have been expired by that member, leading
+//! without knowing it lost its quorum, its revocation committed the moment the quorum is
+//! back. When a leader is found again, it was elected after the last probe that found
 //! none, and a new etcd leader extends every lease by its TTL: the lease is safe until
 //! that probe's time plus 4/5 `leader_ttl`, and is renewed again at once. Anything else (no
 //! etcd member answers, or one that has a leader) means a quorum may exist without us: the
@@ -73,16 +74,34 @@ pub struct Membership {
 /// What the etcd members that answer say about their raft leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Quorum {
-    /// Every member that answered has no leader (and at least one answered).
-    Lost,
+    /// Every member that answered has no leader (and at least one answered); `silent`:
+    /// some member neither answered nor refused the connection (it may be running, cut
+    /// off, still believing it leads).
+    Lost { silent: bool },
     /// A member has a leader: a quorum exists, perhaps without us.
     Exists,
     /// No member answered.
     Unknown,
 }
 
+/// Whether `e` says the connection was refused: the member's host answered, its etcd is
+/// not running.
+fn refused(e: &etcd_client::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    format!("{e:?}").contains("ConnectionRefused")
+}
+
 async fn quorum(endpoints: &[String], within: Duration) -> Quorum {
     let mut answered = 0;
+    let mut silent = false;
     for ep in endpoints {
         let options = ConnectOptions::new().with_connect_timeout(within);
         let status = tokio::time::timeout(within, async {
@@ -93,11 +112,12 @@ async fn quorum(endpoints: &[String], within: Duration) -> Quorum {
         match status {
             Ok(Ok(s)) if s.leader() == 0 => answered += 1,
             Ok(Ok(_)) => return Quorum::Exists,
-            _ => {}
+            Ok(Err(e)) if refused(&e) => {}
+            _ => silent = true,
         }
     }
     if answered > 0 {
-        Quorum::Lost
+        Quorum::Lost { silent }
     } else {
         Quorum::Unknown
     }
@@ -160,10 +180,11 @@ impl Membership {
     /// The standing when a renewal failed, and whether to renew again at once.
     ///
     /// `NoQuorum` as soon as etcd says so (an etcd member notices a lost quorum only after
-    /// its election timeout, so it is asked again until the next renewal is due), but only
-    /// while the lease is known to be alive: a lease that has run out may already be
-    /// expired by a leader that had not yet noticed it lost its quorum, its revocation
-    /// waiting in the log to be committed the moment the quorum is back.
+    /// its election timeout, so it is asked again until the next renewal is due), but,
+    /// when some etcd member is silent (not refusing: perhaps running, cut off), only while
+    /// the lease is known to be alive: a lease that has run out may already be expired by
+    /// such a member, leading without knowing it lost its quorum, its revocation waiting in
+    /// its log to be committed the moment the quorum is back.
     ///
     /// When a leader is found again after `NoQuorum`: it was elected after the last probe
     /// that found none, and a new etcd leader extends every lease by its TTL, so the lease
@@ -181,11 +202,11 @@ impl Membership {
         loop {
             let probed = Instant::now();
             match quorum(self.etcd.endpoints(), period / 3).await {
-                Quorum::Lost if alive(now, id, Instant::now()) => {
+                Quorum::Lost { silent } if !silent || alive(now, id, Instant::now()) => {
                     round.no_leader_at = Some(probed);
                     return (Standing::NoQuorum { lease: id }, false);
                 }
-                Quorum::Lost => return (Standing::Lost, false),
+                Quorum::Lost { .. } => return (Standing::Lost, false),
                 Quorum::Exists => {
                     return (quorum_back(self.ttl, round.no_leader_at, now, id), true)
                 }
@@ -331,6 +352,15 @@ mod tests {
             t + Duration::from_secs(60)
         ));
         assert!(!alive(Standing::Lost, 7, t));
+    }
+
+    #[test]
+    fn a_refused_connection_is_told_from_silence() {
+        use std::io::{Error, ErrorKind};
+        let refusal = etcd_client::Error::IoError(Error::from(ErrorKind::ConnectionRefused));
+        assert!(refused(&refusal));
+        let silence = etcd_client::Error::IoError(Error::from(ErrorKind::TimedOut));
+        assert!(!refused(&silence));
     }
 
     #[test]
