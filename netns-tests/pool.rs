@@ -392,3 +392,55 @@ fn a_partitioned_leader_gives_its_addresses_up_within_leader_ttl() {
         "{neigh} / {mac}"
     );
 }
+
+/// `wgexitd status` on member `i`, as text or JSON.
+fn status(p: &Pool, i: usize, json: bool) -> String {
+    let mut args = vec![
+        "ip",
+        "netns",
+        "exec",
+        &p.members[i].ns,
+        env!("CARGO_BIN_EXE_wgexitd"),
+    ];
+    let config = p.member_config(i);
+    args.extend(["status", "--config", config.to_str().unwrap()]);
+    if json {
+        args.push("--json");
+    }
+    sh(&args)
+}
+
+#[test]
+fn status_shows_the_pools_members_leader_and_leases() {
+    let p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    lease_many(&p, 1 - leader, 1, 3);
+    let leader_node = &p.members[leader].node;
+    for i in 0..2 {
+        let text = status(&p, i, false);
+        let this = format!("pool {} (this member: {})", p.id, p.members[i].node);
+        assert!(text.contains(&this), "{text}");
+        for m in &p.members {
+            assert!(
+                text.contains(&format!("{} (API {}:7443)", m.node, m.ip)),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains(&format!("leader      acme: {leader_node}")),
+            "{text}"
+        );
+        assert!(text.contains("leases      acme: 3"), "{text}");
+        let v: Value = serde_json::from_str(&status(&p, i, true)).unwrap();
+        let nodes: HashSet<&str> = v["pool"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(nodes, HashSet::from(["m1", "m2"]), "{v}");
+        assert_eq!(v["pool"]["leaders"]["acme"], leader_node.as_str(), "{v}");
+        assert_eq!(v["pool"]["leases"]["acme"], 3, "{v}");
+        assert_eq!(v["egress"][0]["name"], "acme", "{v}");
+    }
+}
