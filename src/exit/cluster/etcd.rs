@@ -286,3 +286,44 @@ impl Drop for Etcd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::cluster::test_etcd::{free_port, TestEtcd};
+
+    #[test]
+    fn a_race_is_answered_by_a_live_member_when_another_is_down() {
+        let Some(live) = TestEtcd::start() else {
+            return;
+        };
+        let dead = format!("http://127.0.0.1:{}", free_port());
+        let mut cluster = live.cluster("race", "a");
+        cluster.etcd = vec![dead.clone(), live.url.clone()];
+        let etcd = Etcd::connect(&cluster).unwrap();
+        let key = etcd.key("k");
+        for _ in 0..5 {
+            let k = key.clone();
+            let got = futures::executor::block_on(etcd.race(
+                "putting",
+                Duration::from_secs(1),
+                move |mut c| {
+                    let k = k.clone();
+                    async move { c.put(k, "v", None).await }
+                },
+            ));
+            assert!(got.is_ok(), "{got:?}");
+        }
+        cluster.etcd = vec![dead];
+        let alone = Etcd::connect(&cluster).unwrap();
+        let got = futures::executor::block_on(alone.race(
+            "reading",
+            Duration::from_millis(500),
+            |mut c| async move { c.get("k", None).await },
+        ));
+        let Err(e) = got else {
+            panic!("an answer with no etcd member up")
+        };
+        assert!(e.unavailable, "{e}");
+    }
+}
