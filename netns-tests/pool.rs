@@ -268,6 +268,11 @@ fn etcd_trouble_keeps_forwarding_and_refuses_new_leases_with_cni_11() {
     let c1 = p.container("t1");
     p.cni(1, "ADD", &c1, &conf).ok();
     assert_eq!(echo(&c1).unwrap(), EGRESS_IP);
+    // etcd replaced its leader if that was the one stopped; the members renew with the new
+    // one before the next goes. (Two etcd members lost within one of etcd's elections
+    // leave a member unable to tell whether its lease outlived them: it gives its egress
+    // up until the quorum is back.)
+    std::thread::sleep(Duration::from_secs(LEADER_TTL));
     // Quorum lost: the leader keeps its addresses, containers keep their egress.
     p.stop_etcd(1);
     std::thread::sleep(Duration::from_secs(3 * LEADER_TTL + 1));
@@ -297,31 +302,38 @@ fn etcd_trouble_keeps_forwarding_and_refuses_new_leases_with_cni_11() {
         .filter(|n| n.contains("t2"))
         .collect();
     assert!(data.is_empty(), "{data:?}");
-    // Quorum back: ADD works again, nothing restarted.
+    // Quorum back: the leader keeps the egress (its etcd lease outlived the outage), no
+    // moment with two holders or, past leader_ttl, none; ADD works again at the first try,
+    // nothing restarted.
     p.start_etcd(1);
     p.start_etcd(2);
+    let back = Instant::now();
     p.wait_etcd(1);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let out = p.cni(0, "ADD", &c2, &conf);
-        if out.code == 0 {
-            break;
-        }
+    p.wait_etcd(2);
+    let settle = Duration::from_secs(LEADER_TTL) + Duration::from_millis(500);
+    let watch_until = Instant::now().max(back + settle) + Duration::from_secs(LEADER_TTL);
+    while Instant::now() < watch_until {
+        let holders: Vec<usize> = (0..2).filter(|&i| p.holds(i, EGRESS_IP)).collect();
+        assert!(holders.len() < 2, "both members hold {EGRESS_IP}");
         assert!(
-            Instant::now() < deadline,
-            "ADD after quorum came back: {out:?}\nholders: {:?} {:?}\npeers: {:?} {:?}\n{}\n{}",
-            p.holds(0, EGRESS_IP),
-            p.holds(1, EGRESS_IP),
-            p.peers(0),
-            p.peers(1),
+            back.elapsed() < settle || holders == [leader],
+            "{:?} after quorum came back, holders {holders:?} (leader was {leader})\n{}\n{}",
+            back.elapsed(),
             p.log(0),
             p.log(1)
         );
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(10));
     }
+    let out = p.cni(0, "ADD", &c2, &conf);
+    assert_eq!(
+        out.code,
+        0,
+        "ADD after quorum came back: {out:?}\n{}\n{}",
+        p.log(0),
+        p.log(1)
+    );
     assert_eq!(echo(&c2).unwrap(), EGRESS_IP);
-    let holder = p.wait_leader(Duration::from_secs(5));
-    assert_eq!(holder, leader, "{}\n{}", p.log(0), p.log(1));
+    assert_eq!(p.wait_leader(Duration::from_secs(1)), leader);
 }
 
 #[test]
@@ -335,8 +347,11 @@ fn a_partitioned_leader_gives_its_addresses_up_within_leader_ttl() {
     ]);
     // Cut the leader off etcd (the core segment) but leave it on the isp segment, where it
     // could still answer for the egress IP.
-    let cut = Instant::now();
+    // Timed from when the links are down: under load, `ip` itself can take a few hundred
+    // ms, while the leader still renews.
+    let cutting = Instant::now();
     p.cut(leader, false);
+    let cut = Instant::now();
     let mut released = None;
     let mut taken = None;
     let deadline = cut + Duration::from_secs(10);
@@ -358,7 +373,10 @@ fn a_partitioned_leader_gives_its_addresses_up_within_leader_ttl() {
         released <= Duration::from_secs(LEADER_TTL),
         "released after {released:?}"
     );
-    eprintln!("partitioned leader released after {released:?}; taken over after {taken:?}");
+    eprintln!(
+        "partitioned leader released after {released:?}; taken over after {taken:?} (cutting took {:?})",
+        cut - cutting
+    );
     // The isp segment now reaches the egress IP at the new leader's MAC.
     let neigh = sh(&["ip", "-n", &p.isp, "neigh", "show", EGRESS_IP]);
     let mac = sh(&[
@@ -379,4 +397,56 @@ fn a_partitioned_leader_gives_its_addresses_up_within_leader_ttl() {
         !lladdr.is_empty() && mac.contains(lladdr),
         "{neigh} / {mac}"
     );
+}
+
+/// `wgexitd status` on member `i`, as text or JSON.
+fn status(p: &Pool, i: usize, json: bool) -> String {
+    let mut args = vec![
+        "ip",
+        "netns",
+        "exec",
+        &p.members[i].ns,
+        env!("CARGO_BIN_EXE_wgexitd"),
+    ];
+    let config = p.member_config(i);
+    args.extend(["status", "--config", config.to_str().unwrap()]);
+    if json {
+        args.push("--json");
+    }
+    sh(&args)
+}
+
+#[test]
+fn status_shows_the_pools_members_leader_and_leases() {
+    let p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    lease_many(&p, 1 - leader, 1, 3);
+    let leader_node = &p.members[leader].node;
+    for i in 0..2 {
+        let text = status(&p, i, false);
+        let this = format!("pool {} (this member: {})", p.id, p.members[i].node);
+        assert!(text.contains(&this), "{text}");
+        for m in &p.members {
+            assert!(
+                text.contains(&format!("{} (API {}:7443)", m.node, m.ip)),
+                "{text}"
+            );
+        }
+        assert!(
+            text.contains(&format!("leader      acme: {leader_node}")),
+            "{text}"
+        );
+        assert!(text.contains("leases      acme: 3"), "{text}");
+        let v: Value = serde_json::from_str(&status(&p, i, true)).unwrap();
+        let nodes: HashSet<&str> = v["pool"]["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["node"].as_str().unwrap())
+            .collect();
+        assert_eq!(nodes, HashSet::from(["m1", "m2"]), "{v}");
+        assert_eq!(v["pool"]["leaders"]["acme"], leader_node.as_str(), "{v}");
+        assert_eq!(v["pool"]["leases"]["acme"], 3, "{v}");
+        assert_eq!(v["egress"][0]["name"], "acme", "{v}");
+    }
 }

@@ -730,6 +730,11 @@ impl Probe {
 impl Drop for Pool {
     fn drop(&mut self) {
         self.echo_stop.store(true, Ordering::Relaxed);
+        // WGEXIT_KEEP_LOGS=1: a failed test leaves its directory (members' and etcd's logs).
+        if std::thread::panicking() && std::env::var_os("WGEXIT_KEEP_LOGS").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("pool world kept in {}", self.dir.path().display());
+        }
         for i in 0..self.members.len() {
             if let Some(mut c) = self.members[i].daemon.take() {
                 let _ = c.kill();

@@ -76,14 +76,14 @@ pub struct LeaseResults {
     pub idle_rss_kib: (u64, u64),
 }
 
-struct Target {
-    servers: Vec<String>,
-    ca: std::path::PathBuf,
+pub(crate) struct Target {
+    pub servers: Vec<String>,
+    pub ca: std::path::PathBuf,
 }
 
 impl Target {
     /// One lease the way the plugin's ADD makes it: a new client, so a new TLS connection.
-    fn lease_once(&self, n: usize) -> Result<Duration, String> {
+    pub(crate) fn lease_once(&self, n: usize) -> Result<Duration, String> {
         let key = Key::generate_private().map_err(|e| e.to_string())?;
         let start = Instant::now();
         let client =

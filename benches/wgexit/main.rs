@@ -9,17 +9,22 @@
 //! 5. tunnel throughput (iperf3) against the same WireGuard configured by hand with `wg-quick`,
 //!    and against a plain routed veth path;
 //! 6. private networks: member-to-member throughput against the egress tunnel, and the
-//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`.
+//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`;
+//! 7. pools: the failover gap when the leader dies (median, max over kills), and leases/s
+//!    on the pool (etcd store) against one exit node (embedded store).
 //!
 //! `-- --smoke` runs every row at a tiny size (seconds) so CI keeps this code working; it
 //! writes nothing under `bench/results/`.
 
+#[path = "../../netns-tests/pool_world.rs"]
+mod pool_world;
 #[path = "../../netns-tests/world.rs"]
 mod world;
 
 mod cni;
 mod leases;
 mod networks;
+mod pool;
 mod report;
 mod stats;
 mod tunnel;
@@ -42,6 +47,9 @@ pub struct Sizes {
     pub iperf_rounds: usize,
     /// DNS queries per resolver in row 6.
     pub dns_queries: usize,
+    /// Row 7: leader kills, and leases on the pool and on one exit node.
+    pub pool_kills: usize,
+    pub pool_leases: usize,
     /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
     pub perf: Option<PathBuf>,
 }
@@ -58,6 +66,8 @@ impl Sizes {
             iperf_secs: 5,
             iperf_rounds: 3,
             dns_queries: 20_000,
+            pool_kills: 10,
+            pool_leases: 400,
             perf: None,
         }
     }
@@ -73,6 +83,8 @@ impl Sizes {
             iperf_secs: 1,
             iperf_rounds: 1,
             dns_queries: 200,
+            pool_kills: 1,
+            pool_leases: 50,
             perf: None,
         }
     }
@@ -151,6 +163,19 @@ fn main() {
             sizes.iperf_secs, sizes.iperf_rounds, sizes.dns_queries
         );
         results.networks = Some(networks::run(&mut world, &sizes));
+    }
+    // Before rows 3 and 4, so the exit node compared with the pool carries few peers.
+    if wants("7") {
+        eprintln!(
+            "[7] pool: {} leader kills, {} leases on the pool and on one exit node",
+            sizes.pool_kills, sizes.pool_leases
+        );
+        results.pool = Some(pool::run(
+            &world,
+            sizes.pool_kills,
+            sizes.pool_leases,
+            sizes.concurrency,
+        ));
     }
     // After the tunnel row, so the tunnel is measured on an exit node that is not carrying
     // 60k peers.

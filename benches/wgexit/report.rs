@@ -68,6 +68,7 @@ pub struct Results {
     pub leases: Option<LeaseResults>,
     pub tunnel: Option<TunnelResults>,
     pub networks: Option<NetworkResults>,
+    pub pool: Option<crate::pool::PoolResults>,
 }
 
 #[derive(Debug, Serialize)]
@@ -130,6 +131,7 @@ impl Results {
             leases: None,
             tunnel: None,
             networks: None,
+            pool: None,
         }
     }
 
@@ -352,6 +354,11 @@ impl Results {
                 ratio(r.p99_us, d.p99_us),
                 String::new(),
             );
+        }
+        if let Some(p) = &self.pool {
+            for [metric, wgexit, comparison, ratio, target] in crate::pool::rows(p) {
+                push("7", metric, wgexit, comparison, ratio, target);
+            }
         }
         rows
     }

@@ -37,7 +37,7 @@ enum Command {
         config: PathBuf,
     },
     /// Show what each egress of the running daemon is doing: addresses, pool use, peers by
-    /// handshake age, bytes.
+    /// handshake age, bytes; in a pool, its members, leaders and lease counts.
     Status {
         #[arg(long, short)]
         config: PathBuf,
@@ -125,7 +125,7 @@ fn main() -> ExitCode {
                 println!("{} stored lease(s) pruned", pruned.len());
             }),
             Command::Status { json, peers, .. } => {
-                status::print(&config.state_dir, json, peers).map_err(Into::into)
+                status::print(&config.state_dir, config.cluster.as_ref(), json, peers).map_err(Into::into)
             }
         }
     });

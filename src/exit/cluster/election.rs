@@ -235,10 +235,13 @@ impl Election {
                 Some(PutOptions::new().with_lease(lease)),
             )])
             .or_else(vec![TxnOp::get(k.clone(), None)]);
+        // Sent to every etcd member at once (a restarted one may hold it unanswered); a
+        // second copy finds the key ours and counts as won too.
         let resp = self
             .etcd
-            .run_for("campaigning", self.ttl / 3, |mut c| async move {
-                c.txn(txn).await
+            .race("campaigning", self.ttl / 3, move |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -33,6 +33,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Etcd {
     runtime: Option<tokio::runtime::Runtime>,
     client: Client,
+    /// One client per endpoint, for calls sent to every member at once ([`Etcd::race`]).
+    each: Vec<Client>,
     endpoints: Vec<String>,
     prefix: String,
 }
@@ -58,13 +60,21 @@ impl Etcd {
         let eps = endpoints.clone();
         // Connected on its own runtime (whose tasks then carry the connection), waited for
         // without entering it, so this works from inside another runtime too.
-        let connecting = runtime.spawn(async move { Client::connect(eps, Some(options)).await });
-        let client = futures::executor::block_on(connecting)
+        let connecting = runtime.spawn(async move {
+            let client = Client::connect(&eps, Some(options.clone())).await?;
+            let mut each = Vec::new();
+            for ep in &eps {
+                each.push(Client::connect([ep], Some(options.clone())).await?);
+            }
+            Ok::<_, etcd_client::Error>((client, each))
+        });
+        let (client, each) = futures::executor::block_on(connecting)
             .map_err(|e| StoreError::failed(&name, e.to_string()))?
             .map_err(|e| StoreError::failed(&name, e.to_string()))?;
         Ok(Etcd {
             runtime: Some(runtime),
             client,
+            each,
             endpoints,
             prefix: cluster.prefix(),
         })
@@ -114,6 +124,60 @@ impl Etcd {
             )),
             Err(e) => Err(StoreError::failed(self.name(), format!("{what}: {e}"))),
         }
+    }
+
+    /// Runs `call` on every etcd member at once (each through its own connection), bounded
+    /// by `timeout`, and returns the first answer; an error only when none answers. Only for
+    /// calls that may be applied more than once: a renewal, a conditional write.
+    ///
+    /// One balanced connection sends a call to one member; when that member has just died
+    /// or restarted (it takes connections before it serves them) the call fails or waits
+    /// out its timeout although a quorum answers. A renewal lost that way can let the
+    /// member's etcd lease expire.
+    pub async fn race<T, F, Fut>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(runtime) = &self.runtime else {
+            return Err(StoreError::failed(self.name(), "the etcd client stopped"));
+        };
+        let mut calls: futures::stream::FuturesUnordered<_> = self
+            .each
+            .iter()
+            .map(|c| {
+                let fut = call(c.clone());
+                runtime.spawn(async move { tokio::time::timeout(timeout, fut).await })
+            })
+            .collect();
+        let mut last = None;
+        while let Some(answer) = futures::StreamExt::next(&mut calls).await {
+            match answer {
+                Ok(Ok(Ok(v))) => {
+                    for c in calls.iter() {
+                        c.abort();
+                    }
+                    return Ok(v);
+                }
+                Ok(Ok(Err(e))) => last = Some(self.classify(what, e)),
+                Ok(Err(_)) | Err(_) => {}
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            StoreError::unavailable(
+                self.name(),
+                format!(
+                    "{what}: no answer within {} ms; is a majority of the etcd members up and reachable?",
+                    timeout.as_millis()
+                ),
+            )
+        }))
     }
 
     /// [`Etcd::run_for`] with the usual [`CALL_TIMEOUT`].
@@ -220,5 +284,46 @@ impl Drop for Etcd {
         if let Some(rt) = self.runtime.take() {
             rt.shutdown_background();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::cluster::test_etcd::{free_port, TestEtcd};
+
+    #[test]
+    fn a_race_is_answered_by_a_live_member_when_another_is_down() {
+        let Some(live) = TestEtcd::start() else {
+            return;
+        };
+        let dead = format!("http://127.0.0.1:{}", free_port());
+        let mut cluster = live.cluster("race", "a");
+        cluster.etcd = vec![dead.clone(), live.url.clone()];
+        let etcd = Etcd::connect(&cluster).unwrap();
+        let key = etcd.key("k");
+        for _ in 0..5 {
+            let k = key.clone();
+            let got = futures::executor::block_on(etcd.race(
+                "putting",
+                Duration::from_secs(1),
+                move |mut c| {
+                    let k = k.clone();
+                    async move { c.put(k, "v", None).await }
+                },
+            ));
+            assert!(got.is_ok(), "{got:?}");
+        }
+        cluster.etcd = vec![dead];
+        let alone = Etcd::connect(&cluster).unwrap();
+        let got = futures::executor::block_on(alone.race(
+            "reading",
+            Duration::from_millis(500),
+            |mut c| async move { c.get("k", None).await },
+        ));
+        let Err(e) = got else {
+            panic!("an answer with no etcd member up")
+        };
+        assert!(e.unavailable, "{e}");
     }
 }

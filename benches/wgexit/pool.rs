@@ -1,0 +1,170 @@
+//! Row 7: pools of exit nodes, in the pool world of `netns-tests/pool_world.rs` (two
+//! members, a 3-member etcd cluster): the failover gap a container sees when the leader
+//! dies (`kill -9` with its WireGuard device, cut off its segments, as the namespace test
+//! does), over several kills, the killed member coming back as a standby each time; and
+//! lease throughput on the pool (etcd store) against one exit node (embedded store), with
+//! row 3's load generator at the same size.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::in_ns;
+use crate::leases::Target;
+use crate::pool_world::{echo_once, Pool, Probe};
+use crate::stats::{ms, Summary};
+use crate::world::{World, API};
+
+#[derive(Debug, Serialize)]
+pub struct PoolResults {
+    /// Longest time between two answered probes (one every 100 ms) per kill, ms.
+    pub failover_gaps_ms: Vec<f64>,
+    pub failover_gap: Summary,
+    /// Leases per second: (pool with the etcd store, one exit node with the embedded store).
+    pub pool_leases_per_second: f64,
+    pub embedded_leases_per_second: f64,
+    pub leases: usize,
+    pub clients: usize,
+    pub lease_errors: usize,
+    pub first_error: Option<String>,
+}
+
+/// `count` leases from `clients` concurrent clients in namespace `ns`: leases per second,
+/// errors and the first one.
+fn burst(ns: &str, t: &Target, count: usize, clients: usize) -> (f64, usize, Option<String>) {
+    let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
+    let errors = Mutex::new(Vec::new());
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..clients.min(count.max(1)) {
+            s.spawn(|| {
+                in_ns(ns, || loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= count {
+                        break;
+                    }
+                    match t.lease_once(n) {
+                        Ok(_) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => errors.lock().unwrap().push(e),
+                    }
+                })
+            });
+        }
+    });
+    let per_second = done.into_inner() as f64 / start.elapsed().as_secs_f64();
+    let errors = errors.into_inner().unwrap();
+    (per_second, errors.len(), errors.first().cloned())
+}
+
+/// Kills the leader with a probe running from container `netns`; returns the gap and the
+/// new leader, after the killed member is back as a standby.
+fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Duration, usize) {
+    let probe = Probe::start(netns);
+    std::thread::sleep(Duration::from_millis(500));
+    p.kill_member(leader);
+    let next = 1 - leader;
+    p.wait_holds(next, Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while echo_once(netns, Duration::from_secs(1)).is_err() {
+        assert!(Instant::now() < deadline, "no answer after the failover");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (_, gap) = probe.stop();
+    p.revive_member(leader);
+    // Back as a standby with every peer, before the next kill.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.peers(leader).len() < p.peers(next).len() {
+        assert!(Instant::now() < deadline, "the revived member lacks peers");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (gap, next)
+}
+
+pub fn run(world: &World, kills: usize, leases: usize, clients: usize) -> PoolResults {
+    let mut p = Pool::new();
+    let mut leader = p.wait_leader(Duration::from_secs(10));
+    let conf = p.net_conf();
+    let c = p.container("bench");
+    p.cni(0, "ADD", &c, &conf).ok();
+    p.wait_endpoints_published(1, Duration::from_secs(5));
+    let mut gaps = Vec::new();
+    for k in 0..kills {
+        let (gap, next) = one_failover(&mut p, leader, &c.netns_path);
+        eprintln!("  kill {}: member {leader} -> {next}, gap {gap:?}", k + 1);
+        gaps.push(ms(gap));
+        leader = next;
+    }
+    let pool = Target {
+        servers: p
+            .members
+            .iter()
+            .map(|m| format!("https://{}:7443", m.ip))
+            .collect(),
+        ca: p.ca_file(),
+    };
+    let (pool_rate, errors, first_error) = burst(&p.hosts[0], &pool, leases, clients);
+    drop(p);
+    let single = Target {
+        servers: vec![format!("https://{API}")],
+        ca: world.ca_file(),
+    };
+    let (embedded_rate, e2, f2) = burst(&world.host, &single, leases, clients);
+    eprintln!(
+        "  leases/s: pool (etcd) {pool_rate:.0}, one exit node (embedded) {embedded_rate:.0}"
+    );
+    PoolResults {
+        failover_gap: Summary::of(&gaps),
+        failover_gaps_ms: gaps,
+        pool_leases_per_second: pool_rate,
+        embedded_leases_per_second: embedded_rate,
+        leases,
+        clients,
+        lease_errors: errors + e2,
+        first_error: first_error.or(f2),
+    }
+}
+
+/// The table's rows: (metric, wgexit, comparison, ratio, target).
+pub fn rows(r: &PoolResults) -> Vec<[String; 5]> {
+    let g = &r.failover_gap;
+    vec![
+        [
+            format!(
+                "pool failover gap median / max (ms), {} kill(s) of the leader",
+                g.n
+            ),
+            format!("{:.0} / {:.0}", g.median, g.max),
+            "Tailscale subnet router up to ~15000 (published; exit nodes: no failover)".into(),
+            "—".into(),
+            format!(
+                "max ≤ 3000: {}",
+                if g.n > 0 && g.max <= 3000.0 {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            ),
+        ],
+        [
+            format!(
+                "leases/s on the pool (etcd), {} leases, {} clients, {} errors",
+                r.leases, r.clients, r.lease_errors
+            ),
+            format!("{:.0}", r.pool_leases_per_second),
+            format!(
+                "one exit node (embedded) {:.0}",
+                r.embedded_leases_per_second
+            ),
+            format!(
+                "{:.2}x",
+                r.pool_leases_per_second / r.embedded_leases_per_second
+            ),
+            String::new(),
+        ],
+    ]
+}
