@@ -193,7 +193,7 @@ fn status_shows_the_egress_its_leases_and_peers() {
         w.cni("ADD", c, &conf).ok();
     }
     assert_eq!(w.echo_from(&cs[0]).unwrap(), EGRESS_IP);
-    let socket = w.state_dir().join("status.sock");
+    let socket = w.state_dir().join("control.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{}", socket.display());
 

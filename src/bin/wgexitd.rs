@@ -125,7 +125,9 @@ fn main() -> ExitCode {
                 println!("{} stored lease(s) pruned", pruned.len());
             }),
             Command::Status { json, peers, .. } => {
-                status::print(&config.state_dir, config.cluster.as_ref(), json, peers).map_err(Into::into)
+                status::print(&config.state_dir, config.cluster.as_ref(), json, peers)
+                    .await
+                    .map_err(Into::into)
             }
         }
     });

@@ -1,10 +1,12 @@
 //! The local control socket, `state_dir/control.sock` (0600, root only): how `wgexitd`'s
-//! own commands reach a running daemon, whose lease store no other process may open.
+//! own commands reach a running daemon, whose lease store no other process may open. The
+//! API never carries these (they show every tenant's leases), nor the metrics listener
+//! (which may face a scraping network).
 //!
 //! One JSON request line, one JSON reply line. `check-config` reads every stored lease
 //! through it to report those a new config would leave without an egress; `leases prune`
-//! asks the daemon to delete the stored leases that do not fit its config. When no daemon
-//! answers, both open the store themselves.
+//! asks the daemon to delete the stored leases that do not fit its config (when no daemon
+//! answers, both open the store themselves); `status` asks for the daemon's report.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::place;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, StoredLease, Write};
+use crate::exit::status::snapshot::{report, StatusReport};
 
 const MAX_REQUEST: u64 = 4096;
 
@@ -28,12 +31,15 @@ pub enum Request {
     Leases,
     /// Deletes the stored leases that do not fit the daemon's config.
     Prune,
+    /// What each egress is doing; each lease's row too when `peers`.
+    Status { peers: bool },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Leases(Vec<StoredLease>),
+    Status(Box<StatusReport>),
     Error(String),
 }
 
@@ -41,6 +47,12 @@ pub enum Reply {
 pub enum ControlError {
     #[error("control socket {path}: {detail}")]
     Socket { path: PathBuf, detail: String },
+    #[error("cannot reach wgexitd at {path}: {source}; is `wgexitd serve` running with this config (same state_dir)?")]
+    NotRunning {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("wgexitd answered: {0}")]
     Daemon(String),
     #[error(transparent)]
@@ -102,6 +114,7 @@ async fn answer(stream: UnixStream, service: &LeaseService) -> std::io::Result<(
             Ok(pruned) => Reply::Leases(pruned),
             Err(e) => Reply::Error(e.to_string()),
         },
+        Ok(Request::Status { peers }) => Reply::Status(Box::new(report(service, peers).await)),
         Err(e) => Reply::Error(format!("not a control request: {e}")),
     };
     let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
@@ -109,21 +122,23 @@ async fn answer(stream: UnixStream, service: &LeaseService) -> std::io::Result<(
     write.write_all(&out).await
 }
 
-/// Asks the daemon of `state_dir`; `None` when none runs (no socket, or nobody on it).
-async fn ask(state_dir: &Path, request: Request) -> Result<Option<Vec<StoredLease>>, ControlError> {
+/// Asks the daemon of `state_dir`: `Err(NotRunning)` when none runs (no socket, or
+/// nobody on it), else its reply (an error it answered is an error here too).
+async fn ask(state_dir: &Path, request: Request) -> Result<Reply, ControlError> {
     let path = socket_path(state_dir);
-    let stream = match UnixStream::connect(&path).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
+    let stream = UnixStream::connect(&path).await.map_err(|source| {
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        ) {
+            ControlError::NotRunning {
+                path: path.clone(),
+                source,
+            }
+        } else {
+            socket_err(&path)(source)
         }
-        Err(e) => return Err(socket_err(&path)(e)),
-    };
+    })?;
     let (read, mut write) = stream.into_split();
     let mut out = serde_json::to_vec(&request)
         .map_err(std::io::Error::other)
@@ -136,12 +151,40 @@ async fn ask(state_dir: &Path, request: Request) -> Result<Option<Vec<StoredLeas
         .await
         .map_err(socket_err(&path))?;
     match serde_json::from_str::<Reply>(&line) {
-        Ok(Reply::Leases(l)) => Ok(Some(l)),
         Ok(Reply::Error(e)) => Err(ControlError::Daemon(e)),
+        Ok(reply) => Ok(reply),
         Err(e) => Err(ControlError::Socket {
             path,
             detail: format!("unreadable reply: {e}"),
         }),
+    }
+}
+
+/// The stored leases the daemon answered with; `None` when no daemon runs.
+async fn ask_leases(
+    state_dir: &Path,
+    request: Request,
+) -> Result<Option<Vec<StoredLease>>, ControlError> {
+    match ask(state_dir, request).await {
+        Ok(Reply::Leases(l)) => Ok(Some(l)),
+        Ok(_) => Err(unexpected(state_dir)),
+        Err(ControlError::NotRunning { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn unexpected(state_dir: &Path) -> ControlError {
+    ControlError::Socket {
+        path: socket_path(state_dir),
+        detail: "a reply of the wrong kind".into(),
+    }
+}
+
+/// The running daemon's status report (`NotRunning` when no daemon answers).
+pub async fn status(state_dir: &Path, peers: bool) -> Result<StatusReport, ControlError> {
+    match ask(state_dir, Request::Status { peers }).await? {
+        Reply::Status(r) => Ok(*r),
+        _ => Err(unexpected(state_dir)),
     }
 }
 
@@ -156,7 +199,7 @@ fn open_store(config: &Config) -> Result<Option<RedbStore>, StoreError> {
 /// The stored leases that `config` leaves without a place (see [`place`]), as the running
 /// daemon's store holds them, or the store itself when no daemon runs.
 pub async fn misfits(config: &Config) -> Result<Vec<StoredLease>, ControlError> {
-    let stored = match ask(&config.state_dir, Request::Leases).await? {
+    let stored = match ask_leases(&config.state_dir, Request::Leases).await? {
         Some(leases) => leases,
         None => match open_store(config)? {
             Some(store) => store.load()?,
@@ -169,7 +212,7 @@ pub async fn misfits(config: &Config) -> Result<Vec<StoredLease>, ControlError> 
 /// Deletes the stored leases that do not fit `config`: through the running daemon (which
 /// prunes against its own config), else in the store directly. Returns what was deleted.
 pub async fn prune(config: &Config) -> Result<Vec<StoredLease>, ControlError> {
-    if let Some(pruned) = ask(&config.state_dir, Request::Prune).await? {
+    if let Some(pruned) = ask_leases(&config.state_dir, Request::Prune).await? {
         return Ok(pruned);
     }
     let Some(store) = open_store(config)? else {

@@ -20,9 +20,8 @@ use crate::exit::leases::redb::RedbStore;
 use crate::exit::leases::registry::Registry;
 use crate::exit::leases::service::LeaseService;
 use crate::exit::leases::store::{LeaseStore, StoreError, StoredLease};
+use crate::exit::metrics;
 use crate::exit::networks::{self, NetworksError, Resolvers};
-use crate::exit::status::StatusError;
-use crate::exit::{metrics, status};
 use crate::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,8 +50,6 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Status(#[from] StatusError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -220,7 +217,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     for task in tasks {
         task.abort();
     }
-    let _ = std::fs::remove_file(status::server::socket_path(&api.service.config.state_dir));
+    let _ = std::fs::remove_file(control::socket_path(&api.service.config.state_dir));
     match served {
         Ok(r) => r.map_err(|source| DaemonError::Listen {
             addr: listen,
@@ -235,7 +232,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 
 /// Everything that runs beside the API until shutdown: the control socket, token reloads,
 /// the reconcile and collection loops (the egresses' and the networks'), a pool member's
-/// loops, the metrics and status listeners.
+/// loops, the metrics listener.
 fn background_tasks(
     api: &Arc<ApiState>,
     pool: Option<member::Pool>,
@@ -340,13 +337,6 @@ fn side_listeners(
         tracing::info!(listen = %m.listen, "metrics served at /metrics");
         tasks.push(task);
     }
-    let state_dir = &service.config.state_dir;
-    let task =
-        status::server::spawn(state_dir, service.clone()).map_err(|source| DaemonError::Io {
-            path: status::server::socket_path(state_dir),
-            source,
-        })?;
-    tasks.push(task);
     Ok(tasks)
 }
 

@@ -70,7 +70,7 @@ pub async fn read(etcd: &Etcd, cluster: &str) -> Result<ClusterStatus, ClusterEr
 
 /// [`read`] for a caller outside the daemon (e.g. `wgexitd status`): connects, reads,
 /// and lets go.
-pub fn read_config(cluster: &ClusterConfig) -> Result<ClusterStatus, ClusterError> {
+pub async fn read_config(cluster: &ClusterConfig) -> Result<ClusterStatus, ClusterError> {
     let etcd = Etcd::connect(cluster)?;
-    futures::executor::block_on(read(&etcd, &cluster.name))
+    read(&etcd, &cluster.name).await
 }

@@ -22,8 +22,8 @@ pub struct PoolReport {
 }
 
 /// Reads the pool's status from etcd; a failure is reported, not returned.
-pub fn fetch(cluster: &ClusterConfig) -> PoolReport {
-    let (status, error) = match read_config(cluster) {
+pub async fn fetch(cluster: &ClusterConfig) -> PoolReport {
+    let (status, error) = match read_config(cluster).await {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e.to_string())),
     };
