@@ -13,6 +13,7 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
+use crate::cni::kernel_link;
 use crate::cni::leasing::{Leasing, Requests};
 use crate::cni::member::{self, MemberState};
 use crate::cni::result::{pseudo_mac, Attached};
@@ -22,7 +23,7 @@ use crate::cni::trace::Steps;
 use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{offload, Netlink, Netns};
-use crate::wg::{Backend, DeviceConfig, DeviceStatus, WireGuard};
+use crate::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let mut steps = Steps::from_env();
@@ -265,7 +266,8 @@ async fn attach(
 }
 
 /// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
-/// gives it its private key and moves it into the container as `ifname`.
+/// gives it its private key and moves it into the container as `ifname`. A kernel link is
+/// made in the container directly, its socket still here (see [`kernel_link`]).
 async fn make_link(
     place: &Place<'_>,
     state: &mut AttachmentState,
@@ -277,6 +279,16 @@ async fn make_link(
         netns,
         dir,
     } = *place;
+    if backend.kind() == BackendKind::Kernel {
+        let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
+        kernel_link::create_in_container(&host_nl, netns, &state.ifname).await?;
+        state.in_netns = true;
+        dir.save(state)?;
+        steps.done("create WireGuard link in the container");
+        kernel_link::configure_in_container(netns, &state.ifname, private_key).await?;
+        steps.done("configure it");
+        return Ok(());
+    }
     let host = &state.host_ifname;
     backend
         .create(host)
