@@ -103,6 +103,12 @@ pub struct Settings {
     pub egress_ips: Vec<String>,
     /// Egress acme's `assign`.
     pub assign: Option<String>,
+    /// Egress other's `ips` instead of `ip = EGRESS_IP` (each added on the exit's uplink).
+    pub other_ips: Vec<String>,
+    /// Egress other's pool instead of 100.97.0.0/24.
+    pub other_pool: Option<String>,
+    /// Lines after egress other's keys (its `[egress.policy]`, say): the config's last table.
+    pub other_tail: String,
 }
 
 impl Settings {
@@ -118,6 +124,15 @@ impl Settings {
             .map(|a| format!("\nassign = {a:?}"))
             .unwrap_or_default();
         format!("ips = [{}]{assign}", ips.join(", "))
+    }
+
+    /// Egress other's IP lines of `wgexitd.toml`.
+    fn other_ip_lines(&self) -> String {
+        if self.other_ips.is_empty() {
+            return format!("ip = \"{EGRESS_IP}\"");
+        }
+        let ips: Vec<String> = self.other_ips.iter().map(|ip| format!("{ip:?}")).collect();
+        format!("ips = [{}]", ips.join(", "))
     }
 }
 
@@ -209,7 +224,7 @@ impl World {
             "dev",
             "isp0",
         ]);
-        for ip in &w.settings.egress_ips {
+        for ip in w.settings.egress_ips.iter().chain(&w.settings.other_ips) {
             let ip = format!("{ip}/24");
             sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
         }
@@ -320,16 +335,20 @@ token_file = "{tokens}"
 
 [[egress]]
 name = "other"
-ip = "{EGRESS_IP}"
+{other_ips}
 interface = "isp0"
-pool = "100.97.0.0/24"
+pool = "{other_pool}"
 wg_interface = "{wg2}"
 listen_port = 51821
 endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
+{other_tail}
 "#,
             extra = self.settings.daemon_extra,
             acme_ips = self.settings.acme_ip_lines(),
+            other_ips = self.settings.other_ip_lines(),
+            other_pool = self.settings.other_pool.as_deref().unwrap_or("100.97.0.0/24"),
+            other_tail = self.settings.other_tail,
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             backend = self.backend,

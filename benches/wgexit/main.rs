@@ -9,10 +9,12 @@
 //! 5. tunnel throughput (iperf3) against the same WireGuard configured by hand with `wg-quick`,
 //!    and against a plain routed veth path;
 //! 6. private networks: member-to-member throughput against the egress tunnel, and the
-//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`.
+//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`;
+//! 7. CNI ADD with the kernel backend against `ptp`, inside the VM test's VM (these machines
+//!    have no WireGuard module).
 //!
-//! `-- --smoke` runs every row at a tiny size (seconds) so CI keeps this code working; it
-//! writes nothing under `bench/results/`.
+//! `-- --smoke` runs every row but 7 at a tiny size (seconds) so CI keeps this code
+//! working; it writes nothing under `bench/results/`. `--only 7` runs row 7 in any mode.
 
 #[path = "../../netns-tests/world.rs"]
 mod world;
@@ -23,6 +25,7 @@ mod networks;
 mod report;
 mod stats;
 mod tunnel;
+mod vm;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,6 +47,10 @@ pub struct Sizes {
     pub dns_queries: usize,
     /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
     pub perf: Option<PathBuf>,
+    /// Rounds the lease burst of row 3 is cut into, so the row states its spread.
+    pub lease_rounds: usize,
+    /// Containers of each plugin in row 7 (in the VM, where everything is slower).
+    pub vm_containers: usize,
 }
 
 impl Sizes {
@@ -59,6 +66,8 @@ impl Sizes {
             iperf_rounds: 3,
             dns_queries: 20_000,
             perf: None,
+            lease_rounds: 3,
+            vm_containers: 20,
         }
     }
 
@@ -74,6 +83,8 @@ impl Sizes {
             iperf_rounds: 1,
             dns_queries: 200,
             perf: None,
+            lease_rounds: 1,
+            vm_containers: 2,
         }
     }
 }
@@ -87,6 +98,7 @@ fn main() {
     let mut sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     let mut out: Option<PathBuf> = None;
     let mut only: Option<String> = None;
+    let mut print_json = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -102,6 +114,8 @@ fn main() {
             }
             "--iperf-secs" => sizes.iperf_secs = num(it.next()) as u32,
             "--perf" => sizes.perf = it.next().map(PathBuf::from),
+            "--vm-containers" => sizes.vm_containers = num(it.next()),
+            "--print-json" => print_json = true,
             _ => {} // cargo bench passes --bench
         }
     }
@@ -124,12 +138,28 @@ fn main() {
         machine.line()
     );
     let started = Instant::now();
-    let mut world = World::with(world::Settings {
+    let mut results = report::Results::new(machine, smoke, sizes.clone());
+    // First, before this run's world exists: the VM has the machine to itself.
+    let explicitly = |row: &str| {
+        only.as_deref()
+            .is_some_and(|o| o.split(',').any(|r| r == row))
+    };
+    if wants("7") && (!smoke || explicitly("7")) {
+        eprintln!(
+            "[7] kernel CNI ADD in a VM: {} containers each, wgexit and ptp",
+            sizes.vm_containers
+        );
+        results.vm = Some(vm::run(sizes.vm_containers));
+    }
+    let mut settings = world::Settings {
         pool: Some(BENCH_POOL.to_string()),
         ..Default::default()
-    });
+    };
+    if wants("5") {
+        tunnel::big_egress(&mut settings);
+    }
+    let mut world = World::with(settings);
     let echo = cni::start_echo(&world);
-    let mut results = report::Results::new(machine, smoke, sizes.clone());
 
     if wants("1") || wants("2") {
         eprintln!(
@@ -166,6 +196,13 @@ fn main() {
 
     let table = results.table();
     println!("{table}");
+    if print_json {
+        // For row 7: the VM's host reads this line off the guest's console.
+        match serde_json::to_string(&results) {
+            Ok(json) => println!("{}{json}", vm::MARKER),
+            Err(e) => eprintln!("cannot encode the results: {e}"),
+        }
+    }
     if let Err(e) = results.write(&out) {
         eprintln!("cannot write results to {}: {e}", out.display());
         std::process::exit(1);

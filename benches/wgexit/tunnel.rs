@@ -4,9 +4,13 @@
 //!
 //! ```text
 //!  wgexit container ──wgexit tunnel──► exit ──► isp 198.18.0.10
+//!  wgexit container of egress "other" (64 IPs, 1,000 policy rules) ──► exit ──► isp
 //!  hand ns ──wg-quick tunnel (198.19.0.2 → 198.19.0.1:51830)──► exit (SNAT) ──► isp 203.0.113.1
 //!  hand ns ──veth 198.19.0.2 → 198.19.0.1──► exit ──► isp 198.18.0.10          (plain)
 //! ```
+//!
+//! Each round runs every path once; the order rotates from round to round, so no path
+//! always goes first (or right after the costliest one).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,6 +30,34 @@ pub struct TunnelResults {
     pub wgexit: Vec<f64>,
     pub wg_quick: Vec<f64>,
     pub plain: Vec<f64>,
+    /// Through egress "other": [`BIG_EGRESS_IPS`] egress IPs and [`BIG_POLICY_RULES`]
+    /// deny rules, none of which matches the iperf3 traffic.
+    pub big_egress: Vec<f64>,
+}
+
+/// The size of egress "other" in the bench world, for the policy row.
+pub const BIG_EGRESS_IPS: usize = 64;
+pub const BIG_POLICY_RULES: usize = 1000;
+
+/// World settings that make egress "other" the big one: [`BIG_EGRESS_IPS`] IPs and
+/// [`BIG_POLICY_RULES`] distinct deny rules (half CIDRs, half a port range of the iperf3
+/// server's /24 that leaves its port out).
+pub fn big_egress(settings: &mut crate::world::Settings) {
+    // Each egress IP takes a /29 of the pool.
+    settings.other_pool = Some("100.97.0.0/20".into());
+    settings.other_ips = (0..BIG_EGRESS_IPS)
+        .map(|i| format!("203.0.113.{}", 100 + i))
+        .collect();
+    let rules: Vec<String> = (0..BIG_POLICY_RULES)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("\"198.18.{}.{}/32\"", 100 + i / 500, i / 2 % 250 + 1)
+            } else {
+                format!("\"198.18.0.0/24 tcp/{}\"", 6000 + i)
+            }
+        })
+        .collect();
+    settings.other_tail = format!("[egress.policy]\ndeny = [{}]\n", rules.join(", "));
 }
 
 impl TunnelResults {
@@ -188,14 +220,18 @@ pub fn run(world: &mut World, sizes: &Sizes) -> TunnelResults {
             .spawn()
             .expect("start iperf3 -s"),
     );
-    // A wgexit container.
+    // A wgexit container on each egress.
     let c = world.container("iperf");
+    let big = world.container("iperfbig");
     let conf = world.net_conf("acme").to_string();
+    let big_conf = world.net_conf("other").to_string();
     let wgexit = std::path::PathBuf::from(env!("CARGO_BIN_EXE_wgexit"));
-    in_ns(&world.host, || {
-        invoke(&wgexit, REFERENCE_PLUGINS, "ADD", &c, &conf)
-    })
-    .expect("ADD");
+    for (c, conf) in [(&c, &conf), (&big, &big_conf)] {
+        in_ns(&world.host, || {
+            invoke(&wgexit, REFERENCE_PLUGINS, "ADD", c, conf)
+        })
+        .expect("ADD");
+    }
     let (hand, exit_conf, hand_conf) = hand_tunnel(world);
 
     // Wait for the iperf3 server (its listening socket: a probe connection would count as a
@@ -227,24 +263,34 @@ pub fn run(world: &mut World, sizes: &Sizes) -> TunnelResults {
         wgexit: vec![],
         wg_quick: vec![],
         plain: vec![],
+        big_egress: vec![],
     };
-    for _ in 0..sizes.iperf_rounds {
-        r.wgexit
-            .push(iperf(&c.netns, "198.18.0.10", "5201", sizes.iperf_secs));
-        r.wg_quick
-            .push(iperf(&hand, "203.0.113.1", "5201", sizes.iperf_secs));
-        r.plain
-            .push(iperf(&hand, "198.18.0.10", "5201", sizes.iperf_secs));
+    let secs = sizes.iperf_secs;
+    for round in 0..sizes.iperf_rounds {
+        let mut got = [0.0; 4];
+        for k in 0..got.len() {
+            let path = (round + k) % got.len();
+            got[path] = match path {
+                0 => iperf(&c.netns, "198.18.0.10", "5201", secs),
+                1 => iperf(&big.netns, "198.18.0.10", "5201", secs),
+                2 => iperf(&hand, "203.0.113.1", "5201", secs),
+                _ => iperf(&hand, "198.18.0.10", "5201", secs),
+            };
+        }
+        let [w, b, q, p] = got;
         eprintln!(
-            "  Mbit/s: wgexit {:.0}, wg-quick {:.0}, plain veth {:.0}",
-            r.wgexit.last().unwrap_or(&0.0),
-            r.wg_quick.last().unwrap_or(&0.0),
-            r.plain.last().unwrap_or(&0.0)
+            "  Mbit/s: wgexit {w:.0}, wgexit 64 IPs + 1000 rules {b:.0}, wg-quick {q:.0}, plain veth {p:.0}"
         );
+        r.wgexit.push(w);
+        r.big_egress.push(b);
+        r.wg_quick.push(q);
+        r.plain.push(p);
     }
-    let _ = in_ns(&world.host, || {
-        invoke(&wgexit, REFERENCE_PLUGINS, "DEL", &c, &conf)
-    });
+    for (c, conf) in [(&c, &conf), (&big, &big_conf)] {
+        let _ = in_ns(&world.host, || {
+            invoke(&wgexit, REFERENCE_PLUGINS, "DEL", c, conf)
+        });
+    }
     let _ = wg_quick(&hand, "down", &hand_conf);
     let _ = wg_quick(&world.exit, "down", &exit_conf);
     drop(server);
