@@ -391,6 +391,19 @@ impl Results {
                 ratio_with(w, q, paired_spread(&t.wgexit, &t.wg_quick)),
                 format!("≥ 0.95x: {}", verdict(w / q >= 0.95)),
             );
+            let m = TunnelResults::median(&t.moved);
+            push(
+                "5",
+                "diagnosis: by hand with wgexit's topology (TUN moved out of the socket's namespace)"
+                    .into(),
+                format!("wgexit {}", with_range(w, &t.wgexit)),
+                format!("by hand, moved {}", with_range(m, &t.moved)),
+                ratio_with(w, m, paired_spread(&t.wgexit, &t.moved)),
+                format!(
+                    "moved / wg-quick: {}",
+                    ratio_with(m, q, paired_spread(&t.moved, &t.wg_quick))
+                ),
+            );
             let b = TunnelResults::median(&t.big_egress);
             push(
                 "5",

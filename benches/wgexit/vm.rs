@@ -47,7 +47,9 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Boots the VM and runs rows 1-2 there with `containers` containers each.
+/// Boots the VM and runs rows 1-2 there with `containers` containers each. The guest sees
+/// this machine's files but has its own `/tmp`: the bench binary must not live there (under
+/// the checkout's `target/`, where cargo puts it, is fine).
 pub fn run(containers: usize) -> VmResults {
     let me = match std::env::current_exe() {
         Ok(p) => p,
@@ -70,10 +72,9 @@ pub fn run(containers: usize) -> VmResults {
         Ok(o) if o.status.success() => {}
         Ok(o) => {
             return VmResults::failed(format!(
-                "the VM run failed ({}): {} (console: {})",
+                "the VM run failed ({}): {}",
                 o.status,
-                String::from_utf8_lossy(&o.stderr).trim(),
-                log.display()
+                String::from_utf8_lossy(&o.stderr).trim()
             ))
         }
         Err(e) => return VmResults::failed(format!("cannot run netns-tests/vm/run: {e}")),
