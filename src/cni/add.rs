@@ -207,11 +207,14 @@ async fn attach(
     let made = make_link(place, state, private_key, steps).await;
     // Every granted lease is recorded before anything else can fail, so the undo releases it.
     let grants = leasing.finish(state, dir).await?;
-    made?;
+    let made = made?;
     let grants = grants?;
     steps.done("leases (made alongside)");
 
-    let (in_container, name) = container_device(state, netns)?;
+    let (in_container, name) = match made {
+        Some(wg) => (Some(wg), state.ifname.as_str()),
+        None => container_device(state, netns)?,
+    };
     let wg = in_container.as_ref().unwrap_or(backend);
     for peer in grants.peers(conf.routes) {
         wg.set_peer(name, &peer)
@@ -267,13 +270,14 @@ async fn attach(
 
 /// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
 /// gives it its private key and moves it into the container as `ifname`. A kernel link is
-/// made in the container directly, its socket still here (see [`kernel_link`]).
+/// made in the container directly, its socket still here (see [`kernel_link`]); then the
+/// backend opened in the container to configure it is returned, for the rest of ADD.
 async fn make_link(
     place: &Place<'_>,
     state: &mut AttachmentState,
     private_key: &Key,
     steps: &mut Steps,
-) -> Result<(), CniError> {
+) -> Result<Option<Backend>, CniError> {
     let Place {
         backend,
         netns,
@@ -285,9 +289,9 @@ async fn make_link(
         state.in_netns = true;
         dir.save(state)?;
         steps.done("create WireGuard link in the container");
-        kernel_link::configure_in_container(netns, &state.ifname, private_key).await?;
+        let wg = kernel_link::configure_in_container(netns, &state.ifname, private_key).await?;
         steps.done("configure it");
-        return Ok(());
+        return Ok(Some(wg));
     }
     let host = &state.host_ifname;
     backend
@@ -313,7 +317,7 @@ async fn make_link(
     state.in_netns = true;
     dir.save(state)?;
     steps.done("move into the container");
-    Ok(())
+    Ok(None)
 }
 
 /// Waits until the exit node and the gateway (whichever there are) answered a handshake, so

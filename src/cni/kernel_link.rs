@@ -8,7 +8,7 @@ use crate::cni::error::CniError;
 use crate::cni::{link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
-use crate::wg::{BackendKind, DeviceConfig, WgError, WireGuard};
+use crate::wg::{Backend, BackendKind, DeviceConfig, WgError, WireGuard};
 
 /// Creates `ifname` (down) in `netns` from this (the host's) namespace. Fails, touching
 /// nothing, when the container already has a link of that name.
@@ -32,12 +32,13 @@ pub async fn create_in_container(
     })
 }
 
-/// Gives the container's link its private key, through the backend in the container.
+/// Gives the container's link its private key, through a backend opened in the container;
+/// returns that backend, for the rest of ADD.
 pub async fn configure_in_container(
     netns: &Netns,
     ifname: &str,
     private_key: &Key,
-) -> Result<(), CniError> {
+) -> Result<Backend, CniError> {
     let wg = netns
         .run(|| open_backend(BackendKind::Kernel))
         .map_err(|e| link_error("entering the container's netns", e))??;
@@ -48,5 +49,6 @@ pub async fn configure_in_container(
     };
     wg.configure(ifname, &device)
         .await
-        .map_err(|e| wg_error("configuring the WireGuard link", e))
+        .map_err(|e| wg_error("configuring the WireGuard link", e))?;
+    Ok(wg)
 }
