@@ -347,7 +347,11 @@ token_file = "{other_tokens}"
             extra = self.settings.daemon_extra,
             acme_ips = self.settings.acme_ip_lines(),
             other_ips = self.settings.other_ip_lines(),
-            other_pool = self.settings.other_pool.as_deref().unwrap_or("100.97.0.0/24"),
+            other_pool = self
+                .settings
+                .other_pool
+                .as_deref()
+                .unwrap_or("100.97.0.0/24"),
             other_tail = self.settings.other_tail,
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),

@@ -51,6 +51,8 @@ pub struct Sizes {
     pub lease_rounds: usize,
     /// Containers of each plugin in row 7 (in the VM, where everything is slower).
     pub vm_containers: usize,
+    /// What the big egress of row 5 gets (`--big`).
+    pub big: tunnel::Big,
 }
 
 impl Sizes {
@@ -68,6 +70,7 @@ impl Sizes {
             perf: None,
             lease_rounds: 3,
             vm_containers: 20,
+            big: tunnel::Big::Both,
         }
     }
 
@@ -85,6 +88,7 @@ impl Sizes {
             perf: None,
             lease_rounds: 1,
             vm_containers: 2,
+            big: tunnel::Big::Both,
         }
     }
 }
@@ -116,6 +120,15 @@ fn main() {
             "--perf" => sizes.perf = it.next().map(PathBuf::from),
             "--vm-containers" => sizes.vm_containers = num(it.next()),
             "--print-json" => print_json = true,
+            "--big" => {
+                sizes.big = it
+                    .next()
+                    .and_then(|s| tunnel::Big::parse(s))
+                    .unwrap_or_else(|| {
+                        eprintln!("--big takes ips, rules or both");
+                        std::process::exit(2)
+                    })
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -156,7 +169,7 @@ fn main() {
         ..Default::default()
     };
     if wants("5") {
-        tunnel::big_egress(&mut settings);
+        tunnel::big_egress(&mut settings, sizes.big);
     }
     let mut world = World::with(settings);
     let echo = cni::start_echo(&world);

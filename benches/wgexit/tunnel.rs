@@ -73,15 +73,40 @@ impl Drop for Moved {
 pub const BIG_EGRESS_IPS: usize = 64;
 pub const BIG_POLICY_RULES: usize = 1000;
 
+/// What egress "other" is given for the policy row: both (the row as specified), or only
+/// the IPs or only the rules (to tell their costs apart: `--big ips|rules|both`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Big {
+    Both,
+    Ips,
+    Rules,
+}
+
+impl Big {
+    pub fn parse(s: &str) -> Option<Big> {
+        match s {
+            "both" => Some(Big::Both),
+            "ips" => Some(Big::Ips),
+            "rules" => Some(Big::Rules),
+            _ => None,
+        }
+    }
+}
+
 /// World settings that make egress "other" the big one: [`BIG_EGRESS_IPS`] IPs and
 /// [`BIG_POLICY_RULES`] distinct deny rules (half CIDRs, half a port range of the iperf3
 /// server's /24 that leaves its port out).
-pub fn big_egress(settings: &mut crate::world::Settings) {
-    // Each egress IP takes a /29 of the pool.
-    settings.other_pool = Some("100.97.0.0/20".into());
-    settings.other_ips = (0..BIG_EGRESS_IPS)
-        .map(|i| format!("203.0.113.{}", 100 + i))
-        .collect();
+pub fn big_egress(settings: &mut crate::world::Settings, big: Big) {
+    if big != Big::Rules {
+        // Each egress IP takes a /29 of the pool.
+        settings.other_pool = Some("100.97.0.0/20".into());
+        settings.other_ips = (0..BIG_EGRESS_IPS)
+            .map(|i| format!("203.0.113.{}", 100 + i))
+            .collect();
+    }
+    if big == Big::Ips {
+        return;
+    }
     let rules: Vec<String> = (0..BIG_POLICY_RULES)
         .map(|i| {
             if i % 2 == 0 {
