@@ -125,7 +125,7 @@ fn main() {
                     .next()
                     .and_then(|s| tunnel::Big::parse(s))
                     .unwrap_or_else(|| {
-                        eprintln!("--big takes ips, rules or both");
+                        eprintln!("--big takes both, ips, rules or none");
                         std::process::exit(2)
                     })
             }

@@ -73,13 +73,15 @@ impl Drop for Moved {
 pub const BIG_EGRESS_IPS: usize = 64;
 pub const BIG_POLICY_RULES: usize = 1000;
 
-/// What egress "other" is given for the policy row: both (the row as specified), or only
-/// the IPs or only the rules (to tell their costs apart: `--big ips|rules|both`).
+/// What egress "other" is given for the policy row: both (the row as specified), only the
+/// IPs, only the rules, or neither (a control: the same egress as acme but for its name,
+/// port and pool), to tell the costs apart: `--big both|ips|rules|none`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Big {
     Both,
     Ips,
     Rules,
+    None,
 }
 
 impl Big {
@@ -88,6 +90,7 @@ impl Big {
             "both" => Some(Big::Both),
             "ips" => Some(Big::Ips),
             "rules" => Some(Big::Rules),
+            "none" => Some(Big::None),
             _ => None,
         }
     }
@@ -97,6 +100,9 @@ impl Big {
 /// [`BIG_POLICY_RULES`] distinct deny rules (half CIDRs, half a port range of the iperf3
 /// server's /24 that leaves its port out).
 pub fn big_egress(settings: &mut crate::world::Settings, big: Big) {
+    if big == Big::None {
+        return;
+    }
     if big != Big::Rules {
         // Each egress IP takes a /29 of the pool.
         settings.other_pool = Some("100.97.0.0/20".into());
