@@ -1,6 +1,7 @@
 //! ADD: key pair on the host → lease over HTTPS → WireGuard link in the host namespace →
-//! configure → move into the container as `CNI_IFNAME` → address, MTU, up → routes → wait
-//! for the first handshake → result. Any failure undoes what was done (see [`super::del`]).
+//! configure → move into the container as `CNI_IFNAME` (kernel: made there directly, see
+//! [`super::kernel_link`]) → address, MTU, up → routes → wait for the first handshake →
+//! result. Any failure undoes what was done (see [`super::del`]).
 
 use std::time::{Duration, Instant};
 
