@@ -118,6 +118,12 @@ pub struct Settings {
     /// Both egresses dual stack: acme with `ip6 =` [`EGRESS_IP6`], other with its own
     /// [`OTHER_IP`] and [`OTHER_IP6`] (else other shares acme's IPv4).
     pub dual_stack: bool,
+    /// Egress other's `ips` instead of one `ip` (each added on the exit's uplink).
+    pub other_ips: Vec<String>,
+    /// Egress other's pool instead of 100.97.0.0/24.
+    pub other_pool: Option<String>,
+    /// Lines after egress other's keys (its `[egress.policy]`, say): the config's last table.
+    pub other_tail: String,
 }
 
 impl Settings {
@@ -143,12 +149,21 @@ impl Settings {
         format!("ip6 = \"{EGRESS_IP6}\"\npool6 = \"{POOL6}\"")
     }
 
-    /// Egress other's IP lines.
+    /// Egress other's IP lines: its `ips` when given, else its own [`OTHER_IP`] when dual
+    /// stack, else acme's IPv4; and its IPv6 when dual stack.
     fn other_ip_lines(&self) -> String {
+        let v4 = if !self.other_ips.is_empty() {
+            let ips: Vec<String> = self.other_ips.iter().map(|ip| format!("{ip:?}")).collect();
+            format!("ips = [{}]", ips.join(", "))
+        } else if self.dual_stack {
+            format!("ip = \"{OTHER_IP}\"")
+        } else {
+            format!("ip = \"{EGRESS_IP}\"")
+        };
         if !self.dual_stack {
-            return format!("ip = \"{EGRESS_IP}\"");
+            return v4;
         }
-        format!("ip = \"{OTHER_IP}\"\nip6 = \"{OTHER_IP6}\"\npool6 = \"{OTHER_POOL6}\"")
+        format!("{v4}\nip6 = \"{OTHER_IP6}\"\npool6 = \"{OTHER_POOL6}\"")
     }
 }
 
@@ -241,7 +256,7 @@ impl World {
             "dev",
             "isp0",
         ]);
-        for ip in &w.settings.egress_ips {
+        for ip in w.settings.egress_ips.iter().chain(&w.settings.other_ips) {
             let ip = format!("{ip}/24");
             sh(&["ip", "-n", &w.exit, "addr", "add", &ip, "dev", "isp0"]);
         }
@@ -371,16 +386,23 @@ token_file = "{tokens}"
 name = "other"
 {other_ips}
 interface = "isp0"
-pool = "100.97.0.0/24"
+pool = "{other_pool}"
 wg_interface = "{wg2}"
 listen_port = 51821
 endpoint = "198.51.100.2:51821"
 token_file = "{other_tokens}"
+{other_tail}
 "#,
             extra = self.settings.daemon_extra,
             acme_ips = self.settings.acme_ip_lines(),
             acme_ip6 = self.settings.acme_ip6_lines(),
             other_ips = self.settings.other_ip_lines(),
+            other_pool = self
+                .settings
+                .other_pool
+                .as_deref()
+                .unwrap_or("100.97.0.0/24"),
+            other_tail = self.settings.other_tail,
             pool = self.settings.pool.as_deref().unwrap_or(POOL),
             state = self.state_dir().display(),
             backend = self.backend,

@@ -27,6 +27,8 @@ pub struct Burst {
     /// CPU time per lease (ms): the exit node's daemon, its wireguard-go, and the clients
     /// (this process: TLS handshakes, JSON). Where a lease's cost goes.
     pub cpu_ms_per_lease: CpuSplit,
+    /// Leases per second of each round, when the burst was run in rounds.
+    pub rounds_per_second: Vec<f64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -149,6 +151,7 @@ fn burst(world: &World, t: &Target, count: usize, clients: usize) -> (Burst, Vec
                 wireguard_go: per(1),
                 clients: per(2),
             },
+            rounds_per_second: vec![samples.len() as f64 / seconds],
         },
         samples,
     )
@@ -187,6 +190,44 @@ fn point(world: &World, t: &Target, peers_before: usize, samples: usize) -> Scal
     }
 }
 
+/// Row 3's burst in [`Sizes::lease_rounds`] rounds (so it states its spread), as one.
+fn rounds(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64>) {
+    let n = sizes.lease_rounds.max(1);
+    let mut all: Option<(Burst, Vec<f64>)> = None;
+    for r in 0..n {
+        let count = sizes.throughput_leases / n + usize::from(r < sizes.throughput_leases % n);
+        let (b, v) = burst(world, t, count, sizes.concurrency);
+        all = Some(match all {
+            None => (b, v),
+            Some((mut a, mut samples)) => {
+                let weight = |x: f64, m: usize| x * m as f64;
+                let leases = a.leases + b.leases;
+                let cpu = |x: f64, y: f64| {
+                    (weight(x, a.leases) + weight(y, b.leases)) / leases.max(1) as f64
+                };
+                a.cpu_ms_per_lease = CpuSplit {
+                    wgexitd: cpu(a.cpu_ms_per_lease.wgexitd, b.cpu_ms_per_lease.wgexitd),
+                    wireguard_go: cpu(
+                        a.cpu_ms_per_lease.wireguard_go,
+                        b.cpu_ms_per_lease.wireguard_go,
+                    ),
+                    clients: cpu(a.cpu_ms_per_lease.clients, b.cpu_ms_per_lease.clients),
+                };
+                a.leases = leases;
+                a.errors += b.errors;
+                a.first_error = a.first_error.or(b.first_error);
+                a.seconds += b.seconds;
+                a.per_second = a.leases as f64 / a.seconds;
+                a.rounds_per_second.extend(b.rounds_per_second);
+                samples.extend(v);
+                a.latency = Summary::of(&samples);
+                (a, samples)
+            }
+        });
+    }
+    all.unwrap_or_else(|| burst(world, t, 0, sizes.concurrency))
+}
+
 /// Row 3's burst, recorded by `perf` when asked.
 fn throughput_burst(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64>) {
     let perf = sizes.perf.as_ref().and_then(|out| {
@@ -199,8 +240,7 @@ fn throughput_burst(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64
             .spawn()
             .ok()
     });
-    let (throughput, throughput_samples) =
-        burst(world, t, sizes.throughput_leases, sizes.concurrency);
+    let (throughput, throughput_samples) = rounds(world, t, sizes);
     if let Some(mut perf) = perf {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(perf.id() as i32),

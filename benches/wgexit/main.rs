@@ -10,11 +10,13 @@
 //!    and against a plain routed veth path;
 //! 6. private networks: member-to-member throughput against the egress tunnel, and the
 //!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`;
-//! 7. pools: the failover gap when the leader dies (median, max over kills), and leases/s
+//! 7. CNI ADD with the kernel backend against `ptp`, inside the VM test's VM (these machines
+//!    have no WireGuard module);
+//! 8. pools: the failover gap when the leader dies (median, max over kills), and leases/s
 //!    on the pool (etcd store) against one exit node (embedded store).
 //!
-//! `-- --smoke` runs every row at a tiny size (seconds) so CI keeps this code working; it
-//! writes nothing under `bench/results/`.
+//! `-- --smoke` runs every row but 7 at a tiny size (seconds) so CI keeps this code
+//! working; it writes nothing under `bench/results/`. `--only 7` runs row 7 in any mode.
 
 #[path = "../../netns-tests/pool_world.rs"]
 mod pool_world;
@@ -28,6 +30,7 @@ mod pool;
 mod report;
 mod stats;
 mod tunnel;
+mod vm;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -47,11 +50,17 @@ pub struct Sizes {
     pub iperf_rounds: usize,
     /// DNS queries per resolver in row 6.
     pub dns_queries: usize,
-    /// Row 7: leader kills, and leases on the pool and on one exit node.
+    /// Row 8: leader kills, and leases on the pool and on one exit node.
     pub pool_kills: usize,
     pub pool_leases: usize,
     /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
     pub perf: Option<PathBuf>,
+    /// Rounds the lease burst of row 3 is cut into, so the row states its spread.
+    pub lease_rounds: usize,
+    /// Containers of each plugin in row 7 (in the VM, where everything is slower).
+    pub vm_containers: usize,
+    /// What the big egress of row 5 gets (`--big`).
+    pub big: tunnel::Big,
 }
 
 impl Sizes {
@@ -69,6 +78,9 @@ impl Sizes {
             pool_kills: 10,
             pool_leases: 400,
             perf: None,
+            lease_rounds: 3,
+            vm_containers: 20,
+            big: tunnel::Big::Both,
         }
     }
 
@@ -86,6 +98,9 @@ impl Sizes {
             pool_kills: 1,
             pool_leases: 50,
             perf: None,
+            lease_rounds: 1,
+            vm_containers: 2,
+            big: tunnel::Big::Both,
         }
     }
 }
@@ -99,6 +114,7 @@ fn main() {
     let mut sizes = if smoke { Sizes::smoke() } else { Sizes::full() };
     let mut out: Option<PathBuf> = None;
     let mut only: Option<String> = None;
+    let mut print_json = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -114,6 +130,17 @@ fn main() {
             }
             "--iperf-secs" => sizes.iperf_secs = num(it.next()) as u32,
             "--perf" => sizes.perf = it.next().map(PathBuf::from),
+            "--vm-containers" => sizes.vm_containers = num(it.next()),
+            "--print-json" => print_json = true,
+            "--big" => {
+                sizes.big = it
+                    .next()
+                    .and_then(|s| tunnel::Big::parse(s))
+                    .unwrap_or_else(|| {
+                        eprintln!("--big takes both, ips, rules or none");
+                        std::process::exit(2)
+                    })
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -136,12 +163,28 @@ fn main() {
         machine.line()
     );
     let started = Instant::now();
-    let mut world = World::with(world::Settings {
+    let mut results = report::Results::new(machine, smoke, sizes.clone());
+    // First, before this run's world exists: the VM has the machine to itself.
+    let explicitly = |row: &str| {
+        only.as_deref()
+            .is_some_and(|o| o.split(',').any(|r| r == row))
+    };
+    if wants("7") && (!smoke || explicitly("7")) {
+        eprintln!(
+            "[7] kernel CNI ADD in a VM: {} containers each, wgexit and ptp",
+            sizes.vm_containers
+        );
+        results.vm = Some(vm::run(sizes.vm_containers));
+    }
+    let mut settings = world::Settings {
         pool: Some(BENCH_POOL.to_string()),
         ..Default::default()
-    });
+    };
+    if wants("5") {
+        tunnel::big_egress(&mut settings, sizes.big);
+    }
+    let mut world = World::with(settings);
     let echo = cni::start_echo(&world);
-    let mut results = report::Results::new(machine, smoke, sizes.clone());
 
     if wants("1") || wants("2") {
         eprintln!(
@@ -165,9 +208,9 @@ fn main() {
         results.networks = Some(networks::run(&mut world, &sizes));
     }
     // Before rows 3 and 4, so the exit node compared with the pool carries few peers.
-    if wants("7") {
+    if wants("8") {
         eprintln!(
-            "[7] pool: {} leader kills, {} leases on the pool and on one exit node",
+            "[8] pool: {} leader kills, {} leases on the pool and on one exit node",
             sizes.pool_kills, sizes.pool_leases
         );
         results.pool = Some(pool::run(
@@ -191,6 +234,13 @@ fn main() {
 
     let table = results.table();
     println!("{table}");
+    if print_json {
+        // For row 7: the VM's host reads this line off the guest's console.
+        match serde_json::to_string(&results) {
+            Ok(json) => println!("{}{json}", vm::MARKER),
+            Err(e) => eprintln!("cannot encode the results: {e}"),
+        }
+    }
     if let Err(e) = results.write(&out) {
         eprintln!("cannot write results to {}: {e}", out.display());
         std::process::exit(1);

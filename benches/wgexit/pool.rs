@@ -1,4 +1,4 @@
-//! Row 7: pools of exit nodes, in the pool world of `netns-tests/pool_world.rs` (two
+//! Row 8: pools of exit nodes, in the pool world of `netns-tests/pool_world.rs` (two
 //! members, a 3-member etcd cluster): the failover gap a container sees when the leader
 //! dies (`kill -9` with its WireGuard device, cut off its segments, as the namespace test
 //! does), over several kills, the killed member coming back as a standby each time; and

@@ -8,7 +8,9 @@ use serde::Serialize;
 use crate::cni::CniResults;
 use crate::leases::LeaseResults;
 use crate::networks::NetworkResults;
-use crate::tunnel::TunnelResults;
+use crate::stats::{range, ratio_spread};
+use crate::tunnel::{TunnelResults, BIG_EGRESS_IPS, BIG_POLICY_RULES};
+use crate::vm::VmResults;
 use crate::Sizes;
 
 /// vprox's published lease ("connect") rate, 4 vCPUs, P-256 TLS.
@@ -69,6 +71,7 @@ pub struct Results {
     pub tunnel: Option<TunnelResults>,
     pub networks: Option<NetworkResults>,
     pub pool: Option<crate::pool::PoolResults>,
+    pub vm: Option<VmResults>,
 }
 
 #[derive(Debug, Serialize)]
@@ -105,12 +108,83 @@ fn ratio(a: f64, b: f64) -> String {
     }
 }
 
+/// A ratio with its spread over rounds: "2.05x (rounds 1.92x-2.21x)".
+fn ratio_with(a: f64, b: f64, spread: Option<(f64, f64)>) -> String {
+    match spread {
+        Some((lo, hi)) if lo.is_finite() && hi.is_finite() => {
+            format!("{} (rounds {lo:.2}x–{hi:.2}x)", ratio(a, b))
+        }
+        _ => ratio(a, b),
+    }
+}
+
+/// A value with the range of its rounds: "474 (460–481)".
+fn with_range(median: f64, rounds: &[f64]) -> String {
+    let (lo, hi) = range(rounds);
+    if rounds.len() > 1 {
+        format!("{median:.0} ({lo:.0}–{hi:.0})")
+    } else {
+        format!("{median:.0}")
+    }
+}
+
+/// Per-round ratios a/b of paired rounds.
+fn paired_spread(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    (ratios.len() > 1).then(|| range(&ratios))
+}
+
+/// Rounds the ADD samples are cut into for their spread.
+const ADD_ROUNDS: usize = 3;
+
 fn verdict(met: bool) -> &'static str {
     if met {
         "met"
     } else {
         "NOT met"
     }
+}
+
+/// Row 7's lines.
+fn vm_rows(
+    v: &VmResults,
+    push: &mut impl FnMut(&'static str, String, String, String, String, String),
+) {
+    if let Some(why) = &v.error {
+        push(
+            "7",
+            "kernel CNI ADD in a VM".into(),
+            "not measured".into(),
+            "—".into(),
+            "—".into(),
+            why.clone(),
+        );
+        return;
+    }
+    let (w, p) = (&v.wgexit_add, &v.ptp_add);
+    push(
+        "7",
+        format!(
+            "kernel CNI ADD median (ms), VM (QEMU TCG, Linux {}), {} containers",
+            v.kernel, w.n
+        ),
+        format!("{:.1}", w.median),
+        format!("ptp+host-local {:.1}", p.median),
+        ratio_with(
+            w.median,
+            p.median,
+            ratio_spread(&v.wgexit_add_ms, &v.ptp_add_ms, ADD_ROUNDS),
+        ),
+        format!("≤ 1.3x: {}", verdict(w.median / p.median <= 1.3)),
+    );
+    push(
+        "7",
+        "kernel: first request after ADD OK on first try".into(),
+        format!("{}/{}", v.first_try_ok.0, v.first_try_ok.1),
+        "—".into(),
+        "—".into(),
+        String::new(),
+    );
 }
 
 impl Results {
@@ -132,6 +206,7 @@ impl Results {
             tunnel: None,
             networks: None,
             pool: None,
+            vm: None,
         }
     }
 
@@ -160,7 +235,11 @@ impl Results {
                 format!("CNI ADD median (ms), {n} containers"),
                 format!("{:.1}", c.wgexit_add.median),
                 format!("ptp+host-local {:.1}", c.ptp_add.median),
-                ratio(c.wgexit_add.median, c.ptp_add.median),
+                ratio_with(
+                    c.wgexit_add.median,
+                    c.ptp_add.median,
+                    ratio_spread(&c.wgexit_add_ms, &c.ptp_add_ms, ADD_ROUNDS),
+                ),
                 format!("≤ 2x: {}", verdict(add_ratio <= 2.0)),
             );
             push(
@@ -218,7 +297,7 @@ impl Results {
                     "leases/s, {} clients, new TLS connection each ({} leases)",
                     t.clients, t.leases
                 ),
-                format!("{:.0}", t.per_second),
+                with_range(t.per_second, &t.rounds_per_second),
                 format!("vprox {VPROX_LEASES_PER_S:.0} (4 vCPU)"),
                 ratio(t.per_second, VPROX_LEASES_PER_S),
                 format!(
@@ -308,20 +387,47 @@ impl Results {
             let p = TunnelResults::median(&t.plain);
             push(
                 "5",
-                "iperf3 container → isp (Mbit/s, median)".into(),
-                format!("{w:.0}"),
-                format!("wg-quick (wireguard-go) {q:.0}"),
-                ratio(w, q),
+                "iperf3 container → isp (Mbit/s, median; rounds' range)".into(),
+                with_range(w, &t.wgexit),
+                format!("wg-quick (wireguard-go) {}", with_range(q, &t.wg_quick)),
+                ratio_with(w, q, paired_spread(&t.wgexit, &t.wg_quick)),
                 format!("≥ 0.95x: {}", verdict(w / q >= 0.95)),
+            );
+            let m = TunnelResults::median(&t.moved);
+            push(
+                "5",
+                "diagnosis: by hand with wgexit's topology (TUN moved out of the socket's namespace)"
+                    .into(),
+                format!("wgexit {}", with_range(w, &t.wgexit)),
+                format!("by hand, moved {}", with_range(m, &t.moved)),
+                ratio_with(w, m, paired_spread(&t.wgexit, &t.moved)),
+                format!(
+                    "moved / wg-quick: {}",
+                    ratio_with(m, q, paired_spread(&t.moved, &t.wg_quick))
+                ),
+            );
+            let b = TunnelResults::median(&t.big_egress);
+            push(
+                "5",
+                format!(
+                    "iperf3 through an egress with {BIG_EGRESS_IPS} IPs and {BIG_POLICY_RULES} policy rules"
+                ),
+                with_range(b, &t.big_egress),
+                format!("one IP, no rules {}", with_range(w, &t.wgexit)),
+                ratio_with(b, w, paired_spread(&t.big_egress, &t.wgexit)),
+                format!("≥ 0.95x: {}", verdict(b / w >= 0.95)),
             );
             push(
                 "5",
                 "iperf3, against a plain veth path (ceiling)".into(),
                 format!("{w:.0}"),
-                format!("plain veth {p:.0}"),
+                format!("plain veth {}", with_range(p, &t.plain)),
                 ratio(w, p),
                 String::new(),
             );
+        }
+        if let Some(v) = &self.vm {
+            vm_rows(v, &mut push);
         }
         if let Some(n) = &self.networks {
             let m = NetworkResults::median(&n.member_to_member);
@@ -357,7 +463,7 @@ impl Results {
         }
         if let Some(p) = &self.pool {
             for [metric, wgexit, comparison, ratio, target] in crate::pool::rows(p) {
-                push("7", metric, wgexit, comparison, ratio, target);
+                push("8", metric, wgexit, comparison, ratio, target);
             }
         }
         rows

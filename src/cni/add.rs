@@ -1,6 +1,7 @@
 //! ADD: key pair on the host → lease over HTTPS → WireGuard link in the host namespace →
-//! configure → move into the container as `CNI_IFNAME` → address, MTU, up → routes → wait
-//! for the first handshake → result. Any failure undoes what was done (see [`super::del`]).
+//! configure → move into the container as `CNI_IFNAME` (kernel: made there directly, see
+//! [`super::kernel_link`]) → address, MTU, up → routes → wait for the first handshake →
+//! result. Any failure undoes what was done (see [`super::del`]).
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use crate::cni::config::NetConf;
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
+use crate::cni::kernel_link;
 use crate::cni::leasing::{Leasing, Requests};
 use crate::cni::member::{self, MemberState};
 use crate::cni::result::{pseudo_mac, Attached};
@@ -22,7 +24,7 @@ use crate::cni::trace::Steps;
 use crate::cni::{container_device, link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{offload, Netlink, Netns};
-use crate::wg::{Backend, DeviceConfig, DeviceStatus, WireGuard};
+use crate::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let mut steps = Steps::from_env();
@@ -207,11 +209,14 @@ async fn attach(
     let made = make_link(place, state, private_key, steps).await;
     // Every granted lease is recorded before anything else can fail, so the undo releases it.
     let grants = leasing.finish(state, dir).await?;
-    made?;
+    let made = made?;
     let grants = grants?;
     steps.done("leases (made alongside)");
 
-    let (in_container, name) = container_device(state, netns)?;
+    let (in_container, name) = match made {
+        Some(wg) => (Some(wg), state.ifname.as_str()),
+        None => container_device(state, netns)?,
+    };
     let wg = in_container.as_ref().unwrap_or(backend);
     for peer in grants.peers(conf.routes) {
         wg.set_peer(name, &peer)
@@ -266,18 +271,30 @@ async fn attach(
 }
 
 /// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
-/// gives it its private key and moves it into the container as `ifname`.
+/// gives it its private key and moves it into the container as `ifname`. A kernel link is
+/// made in the container directly, its socket still here (see [`kernel_link`]); then the
+/// backend opened in the container to configure it is returned, for the rest of ADD.
 async fn make_link(
     place: &Place<'_>,
     state: &mut AttachmentState,
     private_key: &Key,
     steps: &mut Steps,
-) -> Result<(), CniError> {
+) -> Result<Option<Backend>, CniError> {
     let Place {
         backend,
         netns,
         dir,
     } = *place;
+    if backend.kind() == BackendKind::Kernel {
+        let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
+        kernel_link::create_in_container(&host_nl, netns, &state.ifname).await?;
+        state.in_netns = true;
+        dir.save(state)?;
+        steps.done("create WireGuard link in the container");
+        let wg = kernel_link::configure_in_container(netns, &state.ifname, private_key).await?;
+        steps.done("configure it");
+        return Ok(Some(wg));
+    }
     let host = &state.host_ifname;
     backend
         .create(host)
@@ -302,7 +319,7 @@ async fn make_link(
     state.in_netns = true;
     dir.save(state)?;
     steps.done("move into the container");
-    Ok(())
+    Ok(None)
 }
 
 /// Waits until the exit node and the gateway (whichever there are) answered a handshake, so

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
+use ureq::config::Config;
+use ureq::http::Uri;
 use ureq::tls::{Certificate, PemItem, RootCerts, TlsConfig, TlsProvider};
+use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
+use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 use ureq::Agent;
 
 use serde::Serialize;
@@ -90,15 +94,15 @@ impl Client {
             .root_certs(RootCerts::Specific(Arc::new(certs)))
             .unversioned_rustls_crypto_provider(crate::crypto::tls_provider())
             .build();
-        let agent: Agent = Agent::config_builder()
+        let config = Agent::config_builder()
             .tls_config(tls)
             .https_only(true)
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(3)))
             .timeout_global(Some(Duration::from_secs(10)))
             .max_redirects(0)
-            .build()
-            .into();
+            .build();
+        let agent = Agent::with_parts(config, DefaultConnector::new(), LiteralFirst::default());
         Ok(Client {
             agent,
             servers: servers.to_vec(),
@@ -299,6 +303,43 @@ impl Client {
     }
 }
 
+/// Takes an IP address in a server URL as it is; resolves names as ureq does. (ureq's own
+/// resolver starts a thread per request to bound the lookup's time, even for an address,
+/// and servers are usually given as addresses.)
+#[derive(Debug, Default)]
+struct LiteralFirst(DefaultResolver);
+
+impl Resolver for LiteralFirst {
+    fn resolve(
+        &self,
+        uri: &Uri,
+        config: &Config,
+        timeout: NextTimeout,
+    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
+        match literal(uri) {
+            Some(addr) => {
+                let mut out = self.empty();
+                out.push(addr);
+                Ok(out)
+            }
+            None => self.0.resolve(uri, config, timeout),
+        }
+    }
+}
+
+/// The socket address of an `https://ADDRESS[:PORT]/…` URL whose host is an IP address.
+fn literal(uri: &Uri) -> Option<std::net::SocketAddr> {
+    let authority = uri.authority()?;
+    let host = authority.host();
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    let port = authority.port_u16().unwrap_or(443);
+    (uri.scheme_str() == Some("https")).then_some(std::net::SocketAddr::new(ip, port))
+}
+
 fn classify(server: &str, e: ureq::Error) -> ClientError {
     let server = server.to_string();
     let detail = e.to_string();
@@ -312,5 +353,29 @@ fn classify(server: &str, e: ureq::Error) -> ClientError {
         | ureq::Error::HostNotFound
         | ureq::Error::ConnectionFailed => ClientError::Unreachable { server, detail },
         _ => ClientError::Protocol { server, detail },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::literal;
+
+    #[test]
+    fn addresses_in_server_urls_need_no_lookup() {
+        let at = |u: &str| literal(&u.parse().unwrap()).map(|a| a.to_string());
+        assert_eq!(
+            at("https://198.51.100.2:7443/v1/egress/acme/leases").as_deref(),
+            Some("198.51.100.2:7443")
+        );
+        assert_eq!(
+            at("https://[2001:db8::2]:7443/v1").as_deref(),
+            Some("[2001:db8::2]:7443")
+        );
+        assert_eq!(
+            at("https://198.51.100.2/").as_deref(),
+            Some("198.51.100.2:443")
+        );
+        // Names go to the system's resolver.
+        assert_eq!(at("https://exit.example:7443/"), None);
     }
 }

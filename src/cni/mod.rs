@@ -8,6 +8,7 @@ pub mod del;
 pub mod env;
 pub mod error;
 pub mod gc;
+pub mod kernel_link;
 pub mod leasing;
 pub mod log;
 pub mod member;

@@ -101,6 +101,26 @@ impl Netlink {
             .map_err(nl_err(format!("creating WireGuard link {name}")))
     }
 
+    /// Creates a kernel WireGuard link named `name` (down) directly in `target`, in one
+    /// message from this namespace. The kernel makes the device's UDP socket in the
+    /// namespace the request came from (WireGuard's "creating namespace": this one), not
+    /// in `target`, so the link needs no move to keep its socket here.
+    pub async fn add_wireguard_in(&self, name: &str, target: &Netns) -> Result<(), LinkError> {
+        self.handle
+            .link()
+            .add(
+                LinkWireguard::new(name)
+                    .setns_by_fd(target.raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl_err(format!(
+                "creating WireGuard link {name} in {}",
+                target.path().display()
+            )))
+    }
+
     async fn require_index(&self, name: &str) -> Result<u32, LinkError> {
         self.link_index(name)
             .await?

@@ -10,9 +10,12 @@ pub mod devices;
 pub mod firewall;
 pub mod network;
 pub mod network_rules;
+pub mod peer_queue;
 pub mod sysctl;
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 
 use crate::exit::config::EgressConfig;
 use crate::keys::Key;
@@ -21,6 +24,7 @@ use crate::wg::{Backend, BackendKind, DeviceStatus, WgError, WireGuard};
 
 pub use devices::Changes;
 use firewall::{EgressRules, Firewall, FirewallError, RoutingGuard, Verification, DEFAULT_TABLE};
+use peer_queue::{PeerChange, PeerQueue};
 use sysctl::SysctlError;
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,9 @@ pub struct Peer {
     pub endpoint: Option<SocketAddr>,
 }
 
+/// A queued peer change; resolves once it is on the device.
+pub type Queued<'a> = Pin<Box<dyn Future<Output = Result<(), DataplaneError>> + Send + 'a>>;
+
 /// What the lease service needs from a data path.
 #[allow(async_fn_in_trait)]
 pub trait Dataplane: Send + Sync {
@@ -97,6 +104,10 @@ pub trait Dataplane: Send + Sync {
         seen: Option<DeviceStatus>,
         peers: &[Peer],
     ) -> Result<Changes, DataplaneError>;
+    /// Queues adding (or updating) a peer behind every peer change queued before it and
+    /// returns at once; the peer is on the device when the returned future resolves.
+    /// Changes queued by concurrent requests reach the device together (see [`peer_queue`]).
+    fn queue_peer<'a>(&'a self, egress: &'a EgressConfig, peer: &Peer) -> Queued<'a>;
     /// Adds (or updates) a peer.
     async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
@@ -114,6 +125,7 @@ pub struct HostDataplane {
     backend: Backend,
     netlink: Netlink,
     firewall: Firewall,
+    peers: PeerQueue,
 }
 
 impl HostDataplane {
@@ -124,6 +136,7 @@ impl HostDataplane {
             backend: Backend::open(kind)?,
             netlink: Netlink::current()?,
             firewall: Firewall::new(DEFAULT_TABLE),
+            peers: PeerQueue::default(),
         })
     }
 
@@ -227,16 +240,27 @@ impl Dataplane for HostDataplane {
         devices::reconcile_device(&self.backend, &self.netlink, egress, identity, seen, peers).await
     }
 
-    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError> {
-        self.backend
-            .set_peer(&egress.wg_interface, &devices::peer_config(peer))
-            .await
-            .map_err(DataplaneError::wg(egress))
+    fn queue_peer<'a>(&'a self, egress: &'a EgressConfig, peer: &Peer) -> Queued<'a> {
+        let change = PeerChange::Set {
+            device: egress.wg_interface.to_string(),
+            peer: devices::peer_config(peer),
+        };
+        let applied = self.peers.submit(&self.backend, change);
+        Box::pin(async move { applied.await.map_err(DataplaneError::wg(egress)) })
     }
 
+    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError> {
+        self.queue_peer(egress, peer).await
+    }
+
+    /// Through the queue too, so a removal never overtakes an add queued before it.
     async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError> {
-        self.backend
-            .remove_peer(&egress.wg_interface, key)
+        let change = PeerChange::Remove {
+            device: egress.wg_interface.to_string(),
+            key: *key,
+        };
+        self.peers
+            .submit(&self.backend, change)
             .await
             .map_err(DataplaneError::wg(egress))
     }

@@ -123,15 +123,22 @@ impl<D: Dataplane> LeaseService<D> {
         let mut registry = self.registry.lock().await;
         let (stored, new, durable) =
             registry.lease(egress, &req, owner, self.config.max_leases_per_owner)?;
-        // Always (re)install the peer: cheap, and it heals a peer lost since.
-        if let Err(e) = self.dataplane.add_peer(cfg, &peer_of(&stored)).await {
+        // Always (re)install the peer: cheap, and it heals a peer lost since. Queued in the
+        // registry's order and applied without the lock, together with the peers of
+        // concurrent leases.
+        let on_device = self.dataplane.queue_peer(cfg, &peer_of(&stored));
+        drop(registry);
+        if let Err(e) = on_device.await {
             if new {
                 // Queued after the lease's own write, so the store ends without it.
-                let _ = registry.release(egress, &req.public_key, None);
+                let _ = self
+                    .registry
+                    .lock()
+                    .await
+                    .release(egress, &req.public_key, None);
             }
             return Err(e.into());
         }
-        drop(registry);
         // Durable before the API answers; the fsync is shared with concurrent requests and
         // made without the registry lock.
         if let Err(e) = durable.durable().await {
