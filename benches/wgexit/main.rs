@@ -178,6 +178,8 @@ fn main() {
     }
     let mut settings = world::Settings {
         pool: Some(BENCH_POOL.to_string()),
+        // Row 4 holds 60k leases with one token, beyond the default per-token quota.
+        daemon_extra: "max_leases_per_owner = 100000".to_string(),
         ..Default::default()
     };
     if wants("5") {
