@@ -426,9 +426,6 @@ impl Results {
                 String::new(),
             );
         }
-        if let Some(v) = &self.vm {
-            vm_rows(v, &mut push);
-        }
         if let Some(n) = &self.networks {
             let m = NetworkResults::median(&n.member_to_member);
             let e = NetworkResults::median(&n.egress);
@@ -460,6 +457,9 @@ impl Results {
                 ratio(r.p99_us, d.p99_us),
                 String::new(),
             );
+        }
+        if let Some(v) = &self.vm {
+            vm_rows(v, &mut push);
         }
         if let Some(p) = &self.pool {
             for [metric, wgexit, comparison, ratio, target] in crate::pool::rows(p) {

@@ -129,6 +129,42 @@ fn ct_state() -> Expression<'static> {
     }))
 }
 
+/// `ct mark`.
+fn ct_mark() -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: "mark".into(),
+        family: None,
+        dir: None,
+    }))
+}
+
+/// The conntrack mark of flows `e`'s policy let through: a digest of everything that
+/// decides what the policy allows (the rules, the exit node's addresses, the pools), never
+/// 0 (an unmarked flow). A changed policy has another one, so flows it has not judged yet
+/// go through it again on their next packet.
+pub fn policy_generation(e: &EgressRules) -> u32 {
+    let text = format!(
+        "{}|{:?}|{:?}|{:?}",
+        e.name, e.policy, e.exit_addresses, e.pools
+    );
+    // FNV-1a: stable across builds and runs, unlike std's hasher.
+    let digest = text.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    digest.max(1)
+}
+
+/// What the policy's allowing verdicts do: mark the flow as judged by this policy, accept.
+fn pass(generation: u32) -> Vec<Statement<'static>> {
+    vec![
+        Statement::Mangle(Mangle {
+            key: ct_mark(),
+            value: Expression::Number(generation),
+        }),
+        Statement::Accept(None),
+    ]
+}
+
 fn iif(name: &str) -> Statement<'static> {
     is(meta(MetaKey::Iifname), Operator::EQ, s(name))
 }
@@ -277,7 +313,7 @@ impl Builder {
         self.mark_and_clamp(e);
         self.forward(e, &families);
         self.input(e, &families);
-        self.policy(n, &e.policy, &families);
+        self.policy(n, &e.policy, &families, policy_generation(e));
         self.refuse(n);
     }
 
@@ -430,6 +466,20 @@ impl Builder {
             Statement::Drop(None),
         ];
         self.rule("forward", Some(format!("{n}: invalid")), invalid);
+        // A flow this policy already let through goes on without the policy's lookups:
+        // they run once per flow, not per packet. A changed policy has another mark.
+        let judged = vec![
+            iif(wg),
+            oif(up),
+            is(ct_state(), Operator::IN, s("established")),
+            is(
+                ct_mark(),
+                Operator::EQ,
+                Expression::Number(policy_generation(e)),
+            ),
+            Statement::Accept(None),
+        ];
+        self.rule("forward", Some(format!("{n}: allowed before")), judged);
         self.exit_addresses(e, families);
         let protos: Vec<Expression<'static>> = families
             .iter()
@@ -514,19 +564,20 @@ impl Builder {
 
     /// `policy_<egress>`: allow sets, deny sets, private ranges, default; one lookup per
     /// kind of rule, whatever the number of rules.
-    fn policy(&mut self, n: &str, policy: &Policy, families: &[bool]) {
+    fn policy(&mut self, n: &str, policy: &Policy, families: &[bool], generation: u32) {
         let chain = format!("policy_{n}");
         let refuse = format!("refuse_{n}");
         self.chain(&chain, None);
         for (kind, rules, verdict) in [
-            ("allow", &policy.allow, Statement::Accept(None)),
-            ("deny", &policy.deny, goto(&refuse)),
+            ("allow", &policy.allow, pass(generation)),
+            ("deny", &policy.deny, vec![goto(&refuse)]),
         ] {
             for (key, elem) in rule_sets(rules, families) {
                 let name = format!("{kind}{}_{n}", key.suffix());
                 self.set_of(&name, key.set_type(), None, elem);
-                let lookup = is(key.expr(), Operator::EQ, set_ref(&name));
-                self.rule(&chain, None, vec![lookup, verdict.clone()]);
+                let mut rule = vec![is(key.expr(), Operator::EQ, set_ref(&name))];
+                rule.extend(verdict.iter().cloned());
+                self.rule(&chain, None, rule);
             }
         }
         if policy.private == Verdict::Deny {
@@ -544,10 +595,10 @@ impl Builder {
             }
         }
         let last = match policy.default {
-            Verdict::Allow => Statement::Accept(None),
-            Verdict::Deny => goto(&refuse),
+            Verdict::Allow => pass(generation),
+            Verdict::Deny => vec![goto(&refuse)],
         };
-        self.rule(&chain, Some(format!("{n}: default")), vec![last]);
+        self.rule(&chain, Some(format!("{n}: default")), last);
     }
 
     /// `refuse_<egress>`: count, then a TCP reset or ICMP administratively prohibited.

@@ -216,7 +216,9 @@ fn apply_writes_the_rules() {
         "counter name \"refused_acme\"",
         "meta l4proto tcp reject with tcp reset",
         "reject with icmpx admin-prohibited",
-        "ip daddr . meta l4proto . th dport @allowp4_globex accept",
+        "ip daddr . meta l4proto . th dport @allowp4_globex ct mark set 0x",
+        "ct state established ct mark 0x",
+        "accept comment \"globex: allowed before\"",
         "ip daddr @deny4_globex goto refuse_globex",
         "ip6 daddr @deny6_globex goto refuse_globex",
         "meta l4proto . th dport @denyp_globex goto refuse_globex",
@@ -237,7 +239,9 @@ fn apply_writes_the_rules() {
     assert!(pos("acme: to uplink") < pos("acme: replies"));
     assert!(pos("acme: replies") < pos("acme: no other forwarding in"));
     assert!(pos("acme: no other forwarding in") < pos("acme: no other forwarding out"));
-    assert!(pos("@allowp4_globex accept") < pos("@deny4_globex goto"));
+    assert!(pos("acme: invalid") < pos("acme: allowed before"));
+    assert!(pos("globex: allowed before") < pos("globex: exit node addresses"));
+    assert!(pos("@allowp4_globex ct mark set") < pos("@deny4_globex goto"));
     assert!(pos("@deny4_globex goto") < pos("globex: private"));
     assert!(pos("globex: private") < pos("globex: default"));
 }
@@ -1034,4 +1038,78 @@ fn after_a_flush_nothing_from_the_tunnel_is_forwarded() {
     let seen = stop_udp_echo(&w.isp, "203.0.113.50:7777", echo4);
     stop_udp_echo(&w.isp, "[2001:db8:77::50]:7777", echo6);
     assert!(seen.contains(&ip("100.64.0.2")), "{seen:?}");
+}
+
+/// Sends `what` on `conn` and reads as many bytes back.
+fn echo_over(conn: &mut TcpStream, what: &[u8]) -> std::io::Result<Vec<u8>> {
+    conn.write_all(what)?;
+    let mut back = vec![0; what.len()];
+    conn.read_exact(&mut back)?;
+    Ok(back)
+}
+
+#[test]
+fn a_changed_policy_judges_open_flows_again() {
+    let w = world("rejudge");
+    let (ready, bound) = std::sync::mpsc::channel();
+    w.isp.spawn(move || {
+        let listener = TcpListener::bind("203.0.113.50:8082").unwrap();
+        ready.send(()).unwrap();
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while let Ok(n @ 1..) = conn.read(&mut buf) {
+                    if conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    bound.recv().unwrap();
+    w.exit.enter();
+    let fw = Firewall::new(DEFAULT_TABLE);
+    let with = |policy| [egress(&[("100.64.0.0/24", "203.0.113.77")], policy)];
+    fw.apply(&with(Policy::default())).unwrap();
+
+    let mut conn = w
+        .client
+        .on(|| {
+            TcpStream::connect_timeout(
+                &"203.0.113.50:8082".parse().unwrap(),
+                Duration::from_secs(3),
+            )
+        })
+        .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert_eq!(echo_over(&mut conn, b"one").unwrap(), b"one");
+    // Its later packets pass on the flow's mark, without the policy's lookups.
+    assert_eq!(echo_over(&mut conn, b"two").unwrap(), b"two");
+
+    // The policy now denies the port: the open flow's next packet is judged again, refused.
+    let deny = Policy {
+        deny: vec!["tcp/8082".parse().unwrap()],
+        ..Policy::default()
+    };
+    fw.apply(&with(deny)).unwrap();
+    let after = echo_over(&mut conn, b"three");
+    assert!(
+        matches!(&after, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the open flow must be reset by the changed policy, got {after:?}"
+    );
+    assert_eq!(fw.refused_counts().unwrap()["acme"].0, 1);
+}
+
+#[test]
+fn policy_generations_differ_with_the_policy_and_are_never_zero() {
+    let open = egress(&[], Policy::default());
+    let mut closed = open.clone();
+    closed.policy.deny = vec!["tcp/25".parse().unwrap()];
+    let mut moved = open.clone();
+    moved.exit_addresses = vec![ip("198.51.100.2")];
+    let g = ruleset::policy_generation(&open);
+    assert_ne!(g, 0);
+    assert_eq!(g, ruleset::policy_generation(&open.clone()));
+    assert_ne!(g, ruleset::policy_generation(&closed));
+    assert_ne!(g, ruleset::policy_generation(&moved));
 }
