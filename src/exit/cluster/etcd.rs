@@ -115,13 +115,7 @@ impl Etcd {
         match handle.await {
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(e))) => Err(self.classify(what, e)),
-            Ok(Err(_)) => Err(StoreError::unavailable(
-                self.name(),
-                format!(
-                    "{what}: no answer within {} ms; is a majority of the etcd members up and reachable?",
-                    timeout.as_millis()
-                ),
-            )),
+            Ok(Err(_)) => Err(self.no_answer(what, timeout)),
             Err(e) => Err(StoreError::failed(self.name(), format!("{what}: {e}"))),
         }
     }
@@ -169,15 +163,18 @@ impl Etcd {
                 Ok(Err(_)) | Err(_) => {}
             }
         }
-        Err(last.unwrap_or_else(|| {
-            StoreError::unavailable(
-                self.name(),
-                format!(
-                    "{what}: no answer within {} ms; is a majority of the etcd members up and reachable?",
-                    timeout.as_millis()
-                ),
-            )
-        }))
+        Err(last.unwrap_or_else(|| self.no_answer(what, timeout)))
+    }
+
+    /// The error of a call nobody answered within `timeout`.
+    fn no_answer(&self, what: &str, timeout: Duration) -> StoreError {
+        StoreError::unavailable(
+            self.name(),
+            format!(
+                "{what}: no answer within {} ms; is a majority of the etcd members up and reachable?",
+                timeout.as_millis()
+            ),
+        )
     }
 
     /// [`Etcd::run_for`] with the usual [`CALL_TIMEOUT`].

@@ -981,26 +981,14 @@ mod tests {
                 let (l, _) = lease(&mut r, "s", &req(n), "o").unwrap();
                 before.insert(n, e.egress_ip_of(l.lease.address));
             }
-            let counts: Vec<usize> = r
-                .egress("s")
-                .unwrap()
-                .ip_usage()
-                .iter()
-                .map(|u| u.1)
-                .collect();
+            let counts = ip_counts(&r, "s");
             assert_eq!(counts, vec![10, 10, 10]);
             for n in [1, 4, 7] {
                 release(&mut r, "s", &Key([n; 32]), Some("o")).unwrap();
             }
         }
         let mut r = load_one(&e, t.path());
-        let counts: Vec<usize> = r
-            .egress("s")
-            .unwrap()
-            .ip_usage()
-            .iter()
-            .map(|u| u.1)
-            .collect();
+        let counts = ip_counts(&r, "s");
         assert_eq!(counts.iter().sum::<usize>(), 27);
         for n in (1..=30).filter(|n| ![1, 4, 7].contains(n)) {
             let (l, new) = lease(&mut r, "s", &req(n), "o").unwrap();
@@ -1015,14 +1003,18 @@ mod tests {
         for n in 40..43 {
             lease(&mut r, "s", &req(n), "o").unwrap();
         }
-        let counts: Vec<usize> = r
-            .egress("s")
+        let counts = ip_counts(&r, "s");
+        assert_eq!(counts, vec![10, 10, 10]);
+    }
+
+    /// How many leases leave from each of egress `name`'s IPs, in order.
+    fn ip_counts(r: &Registry, name: &str) -> Vec<usize> {
+        r.egress(name)
             .unwrap()
             .ip_usage()
             .iter()
             .map(|u| u.1)
-            .collect();
-        assert_eq!(counts, vec![10, 10, 10]);
+            .collect()
     }
 
     #[test]
