@@ -8,7 +8,8 @@ use crate::cni::error::CniError;
 use crate::cni::{link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{Netlink, Netns};
-use crate::wg::{Backend, BackendKind, DeviceConfig, WgError, WireGuard};
+use crate::wg::kernel::creation_refusal;
+use crate::wg::{Backend, BackendKind, DeviceConfig, WireGuard};
 
 /// Creates `ifname` (down) in `netns` from this (the host's) namespace. Fails, touching
 /// nothing, when the container already has a link of that name.
@@ -19,15 +20,9 @@ pub async fn create_in_container(
 ) -> Result<(), CniError> {
     host.add_wireguard_in(ifname, netns).await.map_err(|e| {
         let what = "creating the WireGuard link in the container";
-        match e.errno() {
-            Some(libc::EEXIST) => wg_error(what, WgError::AlreadyExists(ifname.to_string())),
-            Some(libc::EOPNOTSUPP) => wg_error(
-                what,
-                WgError::KernelModuleMissing(
-                    "the kernel does not know link kind \"wireguard\"".into(),
-                ),
-            ),
-            _ => link_error(what, e),
+        match creation_refusal(ifname, &e) {
+            Some(refusal) => wg_error(what, refusal),
+            None => link_error(what, e),
         }
     })
 }

@@ -380,19 +380,25 @@ fn handshake_time(seconds: i64, nanos: i64) -> Option<SystemTime> {
     SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }
 
+/// What the kernel's refusal to create WireGuard link `name` means, when it is one of
+/// ours to name: the name is taken, or the kernel has no WireGuard.
+pub fn creation_refusal(name: &str, e: &crate::net::LinkError) -> Option<WgError> {
+    match e.errno() {
+        Some(libc::EEXIST) => Some(WgError::AlreadyExists(name.to_string())),
+        Some(libc::EOPNOTSUPP) => Some(WgError::KernelModuleMissing(
+            "the kernel does not know link kind \"wireguard\"".to_string(),
+        )),
+        _ => None,
+    }
+}
+
 impl WireGuard for KernelBackend {
     async fn create(&self, name: &str) -> Result<(), WgError> {
         validate_name(name)?;
-        match self.route.add_wireguard(name).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.errno() == Some(libc::EEXIST) => {
-                Err(WgError::AlreadyExists(name.to_string()))
-            }
-            Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(WgError::KernelModuleMissing(
-                "the kernel does not know link kind \"wireguard\"".to_string(),
-            )),
-            Err(e) => Err(link_err(name)(e)),
-        }
+        self.route
+            .add_wireguard(name)
+            .await
+            .map_err(|e| creation_refusal(name, &e).unwrap_or_else(|| link_err(name)(e)))
     }
 
     async fn configure(&self, name: &str, config: &DeviceConfig) -> Result<(), WgError> {
