@@ -52,8 +52,8 @@ fn kill_9_with_ten_live_containers_and_restart_drops_nothing() {
     assert_eq!(stats_before.len(), 10);
 
     w.stop_daemon(Signal::SIGKILL);
-    // The data path does not need the daemon: wireguard-go runs in its own session and
-    // survives the daemon's SIGKILL, and the containers still get out.
+    // The data path does not need the daemon: wireguard-go runs in its own process group
+    // and survives the daemon's SIGKILL, and the containers still get out.
     assert!(process_alive(wg_go), "wireguard-go died with the daemon");
     assert_eq!(w.echo_from(&containers[0]).unwrap(), EGRESS_IP);
 
