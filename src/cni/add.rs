@@ -1,7 +1,8 @@
-//! ADD: key pair on the host → lease over HTTPS → WireGuard link in the host namespace →
-//! configure → move into the container as `CNI_IFNAME` (kernel: made there directly, see
-//! [`super::kernel_link`]) → address, MTU, up → routes → wait for the first handshake →
-//! result. Any failure undoes what was done (see [`super::del`]).
+//! ADD: key pair on the host → lease over HTTPS, while the WireGuard link is made in the host
+//! namespace and configured → move into the container as `CNI_IFNAME` (kernel: made there
+//! directly, see [`super::kernel_link`]), while the granted peers are set and the first
+//! handshake starts → address, MTU, up → routes → wait for the first handshake → result.
+//! Any failure undoes what was done (see [`super::del`]).
 
 use std::time::{Duration, Instant};
 
@@ -10,18 +11,18 @@ use serde_json::Value;
 
 use crate::api::{Attachment, LeaseRequest};
 use crate::cni::client::Client;
-use crate::cni::config::NetConf;
+use crate::cni::config::{NetConf, Routes};
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::kernel_link;
-use crate::cni::leasing::{Leasing, Requests};
+use crate::cni::leasing::{Grants, Leasing, Requests};
 use crate::cni::member::{self, MemberState};
 use crate::cni::result::{pseudo_mac, Attached};
 use crate::cni::stale;
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
-use crate::cni::{container_device, link_error, open_backend, wg_error};
+use crate::cni::{link_error, open_backend, wg_error};
 use crate::keys::Key;
 use crate::net::{offload, Netlink, Netns};
 use crate::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, WireGuard};
@@ -204,26 +205,41 @@ async fn attach(
         dir,
     } = *place;
     // The leases travel to the exit node and the gateway while the link is made: none needs
-    // the others, and moving a TUN device between namespaces alone takes the kernel 15-20 ms.
+    // the others.
     let leasing = Leasing::start(client, requests);
-    let made = make_link(place, state, private_key, steps).await;
-    // Every granted lease is recorded before anything else can fail, so the undo releases it.
-    let grants = leasing.finish(state, dir).await?;
-    let made = made?;
-    let grants = grants?;
-    steps.done("leases (made alongside)");
-
-    let (in_container, name) = match made {
-        Some(wg) => (Some(wg), state.ifname.as_str()),
-        None => container_device(state, netns)?,
+    let made = match make_link(place, state, private_key, steps).await {
+        Ok(made) => made,
+        Err(e) => {
+            // Every granted lease is recorded before the error is reported, so the undo
+            // releases it; the link's error is the one to report.
+            let _refusal = leasing.finish(state, dir).await?;
+            return Err(e);
+        }
     };
-    let wg = in_container.as_ref().unwrap_or(backend);
-    for peer in grants.peers(conf.routes) {
-        wg.set_peer(name, &peer)
-            .await
-            .map_err(|e| wg_error("configuring the exit node or gateway as a peer", e))?;
+    let (wg, name) = match &made {
+        Made::InContainer(wg) => (wg, state.ifname.clone()),
+        Made::InHost => (backend, state.host_ifname.clone()),
+    };
+    // Moving a TUN device between namespaces takes the kernel 15-20 ms (it waits for an RCU
+    // grace period), and the key, the peers and the first handshake need only the device's
+    // UDP socket, which stays in the host: they go on meanwhile.
+    let (host, ifname) = (state.host_ifname.clone(), state.ifname.clone());
+    let moving = async {
+        match &made {
+            Made::InHost => move_in(&host, netns, &ifname).await.map(|()| true),
+            Made::InContainer(_) => Ok(false),
+        }
+    };
+    let key = matches!(made, Made::InHost).then_some(private_key);
+    let peering = key_lease_and_peer(leasing, state, dir, (wg, &name), key, conf.routes);
+    let (moved, grants) = tokio::join!(moving, peering);
+    if let Ok(true) = moved {
+        state.in_netns = true;
+        dir.save(state)?;
     }
-    steps.done("peers");
+    moved?;
+    let grants = grants?;
+    steps.done("move into the container; key, leases and peers alongside");
 
     let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let ifname = &state.ifname;
@@ -253,7 +269,7 @@ async fn attach(
     }
 
     steps.done("address, MTU, up, routes");
-    let status = wait_for_handshake(state, wg, name, conf.handshake_timeout).await?;
+    let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
     state.listen_port = Some(status.listen_port);
     place.dir.save_detail(state)?;
@@ -270,16 +286,24 @@ async fn attach(
     })
 }
 
-/// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here,
-/// gives it its private key and moves it into the container as `ifname`. A kernel link is
-/// made in the container directly, its socket still here (see [`kernel_link`]); then the
-/// backend opened in the container to configure it is returned, for the rest of ADD.
+/// Where [`make_link`] left the WireGuard link.
+enum Made {
+    /// A kernel link, made in the container; the backend opened there configures it.
+    InContainer(Backend),
+    /// A `wireguard-go` link, still in the host namespace as `host_ifname` and without its
+    /// key: [`move_in`] moves it, [`set_key`] gives it its key.
+    InHost,
+}
+
+/// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here.
+/// A kernel link is made in the container directly, its socket still here (see
+/// [`kernel_link`]), and given its private key.
 async fn make_link(
     place: &Place<'_>,
     state: &mut AttachmentState,
     private_key: &Key,
     steps: &mut Steps,
-) -> Result<Option<Backend>, CniError> {
+) -> Result<Made, CniError> {
     let Place {
         backend,
         netns,
@@ -293,33 +317,61 @@ async fn make_link(
         steps.done("create WireGuard link in the container");
         let wg = kernel_link::configure_in_container(netns, &state.ifname, private_key).await?;
         steps.done("configure it");
-        return Ok(Some(wg));
+        return Ok(Made::InContainer(wg));
     }
-    let host = &state.host_ifname;
     backend
-        .create(host)
+        .create(&state.host_ifname)
         .await
         .map_err(|e| wg_error("creating the WireGuard link", e))?;
     steps.done("create WireGuard link");
+    Ok(Made::InHost)
+}
+
+/// Gives the link `name` its private key.
+async fn set_key(wg: &Backend, name: &str, private_key: &Key) -> Result<(), CniError> {
     let device = DeviceConfig {
         private_key: *private_key,
         listen_port: None,
         peers: Vec::new(),
     };
-    backend
-        .configure(host, &device)
+    wg.configure(name, &device)
         .await
-        .map_err(|e| wg_error("configuring the WireGuard link", e))?;
-    steps.done("configure it");
+        .map_err(|e| wg_error("configuring the WireGuard link", e))
+}
+
+/// Moves the host's link `host` into the container as `ifname`.
+async fn move_in(host: &str, netns: &Netns, ifname: &str) -> Result<(), CniError> {
     let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
     host_nl
-        .move_to_netns(host, netns, &state.ifname)
+        .move_to_netns(host, netns, ifname)
         .await
-        .map_err(|e| link_error("moving the link into the container", e))?;
-    state.in_netns = true;
-    dir.save(state)?;
-    steps.done("move into the container");
-    Ok(None)
+        .map_err(|e| link_error("moving the link into the container", e))
+}
+
+/// Gives the link `name` its private key if `key` is one, waits for the leases (recording
+/// them in `state`, whatever else failed, so the undo releases them) and gives the link its
+/// peers: with a peer's persistent keepalive set, the first handshake starts.
+async fn key_lease_and_peer(
+    leasing: Leasing,
+    state: &mut AttachmentState,
+    dir: &StateDir,
+    (wg, name): (&Backend, &str),
+    key: Option<&Key>,
+    routes: Routes,
+) -> Result<Grants, CniError> {
+    let keyed = match key {
+        Some(key) => set_key(wg, name, key).await,
+        None => Ok(()),
+    };
+    let grants = leasing.finish(state, dir).await?;
+    keyed?;
+    let grants = grants?;
+    for peer in grants.peers(routes) {
+        wg.set_peer(name, &peer)
+            .await
+            .map_err(|e| wg_error("configuring the exit node or gateway as a peer", e))?;
+    }
+    Ok(grants)
 }
 
 /// Waits until the exit node and the gateway (whichever there are) answered a handshake, so
