@@ -241,33 +241,10 @@ async fn attach(
     let grants = grants?;
     steps.done("move into the container; key, leases and peers alongside");
 
-    let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
     let ifname = &state.ifname;
     let addresses = grants.addresses();
-    for address in &addresses {
-        nl.add_address(ifname, *address)
-            .await
-            .map_err(|e| link_error("adding the address", e))?;
-    }
-    nl.set_up(ifname, Some(conf.mtu))
-        .await
-        .map_err(|e| link_error("bringing the link up", e))?;
     let routes = grants.routes(conf.routes);
-    for dst in &routes {
-        match *dst {
-            IpNet::V4(d) => nl.add_route(ifname, d).await,
-            IpNet::V6(d) => nl.add_route6(ifname, d).await,
-        }
-        .map_err(|e| link_error("adding the route", e))?;
-    }
-    if conf.gvisor {
-        // runsc's host GSO would send segments whose checksums the link never completes.
-        netns
-            .run(|| offload::set_gso(ifname, false))
-            .map_err(|e| link_error("entering the container's netns", e))?
-            .map_err(|e| link_error("turning generic segmentation offload off for gVisor", e))?;
-    }
-
+    set_up_in_container(conf, netns, ifname, &addresses, &routes).await?;
     steps.done("address, MTU, up, routes");
     let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
@@ -284,6 +261,40 @@ async fn attach(
         routes,
         nameservers: grants.member.iter().map(|g| g.dns).collect(),
     })
+}
+
+/// Gives the link `ifname` in the container its addresses, MTU and routes, and brings it up.
+async fn set_up_in_container(
+    conf: &NetConf,
+    netns: &Netns,
+    ifname: &str,
+    addresses: &[IpNet],
+    routes: &[IpNet],
+) -> Result<(), CniError> {
+    let nl = Netlink::in_netns(netns).map_err(|e| link_error("netlink in the container", e))?;
+    for address in addresses {
+        nl.add_address(ifname, *address)
+            .await
+            .map_err(|e| link_error("adding the address", e))?;
+    }
+    nl.set_up(ifname, Some(conf.mtu))
+        .await
+        .map_err(|e| link_error("bringing the link up", e))?;
+    for dst in routes {
+        match *dst {
+            IpNet::V4(d) => nl.add_route(ifname, d).await,
+            IpNet::V6(d) => nl.add_route6(ifname, d).await,
+        }
+        .map_err(|e| link_error("adding the route", e))?;
+    }
+    if conf.gvisor {
+        // runsc's host GSO would send segments whose checksums the link never completes.
+        netns
+            .run(|| offload::set_gso(ifname, false))
+            .map_err(|e| link_error("entering the container's netns", e))?
+            .map_err(|e| link_error("turning generic segmentation offload off for gVisor", e))?;
+    }
+    Ok(())
 }
 
 /// Where [`make_link`] left the WireGuard link.
