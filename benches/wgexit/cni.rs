@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::in_ns;
 use crate::stats::{ms, Summary};
+use crate::steps;
 use crate::world::{Container, World};
 
 /// Where Debian's containernetworking-plugins live.
@@ -82,6 +83,8 @@ pub fn invoke(
         .env("CNI_NETNS", &c.netns_path)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", cni_path)
+        .env("WGEXIT_TRACE", if steps::enabled() { "1" } else { "" })
+        .env("XXWARM", std::env::var("XXWARM").unwrap_or_default())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -95,6 +98,9 @@ pub fn invoke(
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let took = start.elapsed();
     if out.status.success() {
+        if command == "ADD" && steps::enabled() {
+            steps::gather(&String::from_utf8_lossy(&out.stderr));
+        }
         Ok(took)
     } else {
         Err(format!(

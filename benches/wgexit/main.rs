@@ -17,6 +17,8 @@
 //!
 //! `-- --smoke` runs every row but 7 at a tiny size (seconds) so CI keeps this code
 //! working; it writes nothing under `bench/results/`. `--only 7` runs row 7 in any mode.
+//! `--trace` prints where wgexit's ADD goes, step by step, after rows 1-2 (and in row 7's
+//! VM, on its console: `target/vm/bench-console.log`).
 
 #[path = "../../netns-tests/pool_world.rs"]
 mod pool_world;
@@ -29,6 +31,7 @@ mod networks;
 mod pool;
 mod report;
 mod stats;
+mod steps;
 mod tunnel;
 mod vm;
 
@@ -132,6 +135,7 @@ fn main() {
             "--perf" => sizes.perf = it.next().map(PathBuf::from),
             "--vm-containers" => sizes.vm_containers = num(it.next()),
             "--print-json" => print_json = true,
+            "--trace" => steps::enable(),
             "--big" => {
                 sizes.big = it
                     .next()
@@ -194,6 +198,7 @@ fn main() {
             sizes.containers
         );
         results.cni = Some(cni::run(&mut world, &echo, sizes.containers));
+        steps::print();
     }
     if wants("5") {
         eprintln!(

@@ -66,6 +66,7 @@ pub fn run(containers: usize) -> VmResults {
             "/tmp/wgexit-vm-bench",
         ])
         .args(["--containers", &containers.to_string()])
+        .args(crate::steps::enabled().then_some("--trace"))
         .output();
     let log = repo().join("target/vm/bench-console.log");
     match out {
