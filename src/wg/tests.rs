@@ -465,9 +465,15 @@ fn delete_removes_link_process_and_socket() {
         };
         assert_eq!(pid_of(&dev), Some(pid));
         assert!(is_wireguard_go_for(pid, &dev));
-        // It outlives its starter: a session of its own, output to a file, not a pipe.
+        // It outlives its starter: a process group of its own (a signal to the starter's
+        // group misses it), in the starter's session (a session of its own would be a
+        // scheduling group of its own), output to a file, not a pipe.
         let raw = nix::unistd::Pid::from_raw(pid as i32);
-        assert_eq!(nix::unistd::getsid(Some(raw)).unwrap(), raw);
+        assert_eq!(nix::unistd::getpgid(Some(raw)).unwrap(), raw);
+        assert_eq!(
+            nix::unistd::getsid(Some(raw)).unwrap(),
+            nix::unistd::getsid(None).unwrap()
+        );
         assert_eq!(
             std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(),
             std::fs::canonicalize(log_path(&dev)).unwrap()
