@@ -84,7 +84,6 @@ pub fn invoke(
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", cni_path)
         .env("WGEXIT_TRACE", if steps::enabled() { "1" } else { "" })
-        .env("XXWARM", std::env::var("XXWARM").unwrap_or_default())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
