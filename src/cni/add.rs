@@ -1,7 +1,8 @@
 //! ADD: key pair on the host → lease over HTTPS, while the WireGuard link is made in the host
-//! namespace and configured → move into the container as `CNI_IFNAME` (kernel: made there
-//! directly, see [`super::kernel_link`]), while the granted peers are set and the first
-//! handshake starts → address, MTU, up → routes → wait for the first handshake → result.
+//! namespace → move into the container as `CNI_IFNAME` (kernel: made there directly and
+//! keyed, see [`super::kernel_link`]), while the link gets its key and the granted peers and
+//! the first handshake starts → address, MTU, up → routes → wait for the first handshake →
+//! result.
 //! Any failure undoes what was done (see [`super::del`]).
 
 use std::time::{Duration, Instant};
@@ -216,6 +217,7 @@ async fn attach(
             return Err(e);
         }
     };
+    let in_host = matches!(made, Made::InHost);
     let (wg, name) = match &made {
         Made::InContainer(wg) => (wg, state.ifname.clone()),
         Made::InHost => (backend, state.host_ifname.clone()),
@@ -223,17 +225,18 @@ async fn attach(
     // Moving a TUN device between namespaces takes the kernel 15-20 ms (it waits for an RCU
     // grace period), and the key, the peers and the first handshake need only the device's
     // UDP socket, which stays in the host: they go on meanwhile.
-    let (host, ifname) = (state.host_ifname.clone(), state.ifname.clone());
+    let ifname = state.ifname.clone();
     let moving = async {
-        match &made {
-            Made::InHost => move_in(&host, netns, &ifname).await.map(|()| true),
-            Made::InContainer(_) => Ok(false),
+        if in_host {
+            move_in(&name, netns, &ifname).await
+        } else {
+            Ok(())
         }
     };
-    let key = matches!(made, Made::InHost).then_some(private_key);
+    let key = in_host.then_some(private_key);
     let peering = key_lease_and_peer(leasing, state, dir, (wg, &name), key, conf.routes);
     let (moved, grants) = tokio::join!(moving, peering);
-    if let Ok(true) = moved {
+    if in_host && moved.is_ok() {
         state.in_netns = true;
         dir.save(state)?;
     }
@@ -241,10 +244,9 @@ async fn attach(
     let grants = grants?;
     steps.done("move into the container; key, leases and peers alongside");
 
-    let ifname = &state.ifname;
     let addresses = grants.addresses();
     let routes = grants.routes(conf.routes);
-    set_up_in_container(conf, netns, ifname, &addresses, &routes).await?;
+    set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
     steps.done("address, MTU, up, routes");
     let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
@@ -253,7 +255,7 @@ async fn attach(
     steps.done("first handshake");
 
     Ok(Attached {
-        ifname: ifname.clone(),
+        ifname,
         sandbox: netns.path().to_path_buf(),
         mac: conf.report_mac.then(|| pseudo_mac(&state.public_key)),
         mtu: conf.mtu,
