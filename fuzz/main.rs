@@ -13,11 +13,11 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use serde_json::Value;
 
-use wgexit::cni::config::{version_of, NetConf};
-use wgexit::cni::error::CniError;
-use wgexit::exit::api::http::{decode_lease_request, decode_path_key};
-use wgexit::exit::api::tokens::{split_line, Tokens};
-use wgexit::exit::config::Config as ExitConfig;
+use wgexit_plugin::cni::config::{version_of, NetConf};
+use wgexit_plugin::cni::error::CniError;
+use wgexitd::api::http::{decode_lease_request, decode_path_key};
+use wgexitd::api::tokens::{split_line, Tokens};
+use wgexitd::config::Config as ExitConfig;
 
 fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -78,7 +78,7 @@ fn backend_kernel_without_the_module_is_refused_by_plugin_and_daemon() {
     )
     .unwrap();
     let out = Command::new("ip")
-        .args(["netns", "exec", &w.exit, env!("CARGO_BIN_EXE_wgexitd")])
+        .args(["netns", "exec", &w.exit, crate::world::bin("wgexitd")])
         .args(["serve", "--config"])
         .arg(&kernel_config)
         .output()

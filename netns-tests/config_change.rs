@@ -11,13 +11,7 @@ use crate::world::{sh, Container, Settings, World, EGRESS_IP, TOKEN};
 
 fn wgexitd(w: &World, args: &[&str]) -> String {
     let config = w.daemon_config();
-    let mut all = vec![
-        "ip",
-        "netns",
-        "exec",
-        &w.exit,
-        env!("CARGO_BIN_EXE_wgexitd"),
-    ];
+    let mut all = vec!["ip", "netns", "exec", &w.exit, crate::world::bin("wgexitd")];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--config", config.to_str().unwrap()]);
     sh(&all)

@@ -206,7 +206,7 @@ fn containerd_container_leaves_through_the_egress_ip_and_removal_releases_the_le
     let bin = w.path("cni-bin");
     std::fs::create_dir_all(&net_d).unwrap();
     std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_wgexit"), bin.join("wgexit")).unwrap();
+    std::fs::copy(crate::world::bin("wgexit"), bin.join("wgexit")).unwrap();
     // The example conflist of plugin-configs/containerd, pointed at this world.
     let mut list: Value = serde_json::from_str(
         &std::fs::read_to_string(concat!(

@@ -13,7 +13,7 @@ fn check_config(text: &str) -> (bool, String) {
         text.replace("/nonexistent/wgexitd-test", &state.display().to_string()),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wgexitd"))
+    let out = Command::new(crate::world::bin("wgexitd"))
         .args(["serve", "--config"])
         .arg(&path)
         .output()
@@ -135,7 +135,7 @@ fn teardown_removes_interfaces_and_table_and_sigterm_leaves_them() {
             "netns",
             "exec",
             &w.exit,
-            env!("CARGO_BIN_EXE_wgexitd"),
+            crate::world::bin("wgexitd"),
             "teardown",
             "--config",
         ])

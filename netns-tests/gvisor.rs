@@ -44,7 +44,7 @@ fn bundle(w: &World, netns: &Path, hook_conf: &Path, args: Vec<String>) -> PathB
     }
     let hook = |phase: &str| {
         json!([{
-            "path": env!("CARGO_BIN_EXE_wgexit"),
+            "path": crate::world::bin("wgexit"),
             "args": ["wgexit", "oci-hook", phase, "--config", hook_conf.display().to_string()],
             "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
         }])

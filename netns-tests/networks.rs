@@ -316,7 +316,7 @@ impl Nets {
                 "netns",
                 "exec",
                 &self.laptop,
-                env!("CARGO_BIN_EXE_wgexit"),
+                crate::world::bin("wgexit"),
                 "peer",
             ])
             .args(args)

@@ -165,7 +165,7 @@ fn metrics_after_a_few_leases_pass_promtool_and_stay_off_the_api() {
 }
 
 fn status(w: &World, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgexitd"))
+    Command::new(crate::world::bin("wgexitd"))
         .arg("status")
         .arg("--config")
         .arg(w.daemon_config())

@@ -406,7 +406,7 @@ fn status(p: &Pool, i: usize, json: bool) -> String {
         "netns",
         "exec",
         &p.members[i].ns,
-        env!("CARGO_BIN_EXE_wgexitd"),
+        crate::world::bin("wgexitd"),
     ];
     let config = p.member_config(i);
     args.extend(["status", "--config", config.to_str().unwrap()]);

@@ -393,7 +393,7 @@ leader_ttl = {LEADER_TTL}
             .open(self.path(&format!("{}.log", m.node)))
             .unwrap();
         let child = netns_exec(&m.ns)
-            .arg(env!("CARGO_BIN_EXE_wgexitd"))
+            .arg(crate::world::bin("wgexitd"))
             .args(["serve", "--config"])
             .arg(self.member_config(i))
             .env("RUST_LOG", "info,wgexit=debug")
@@ -598,7 +598,7 @@ leader_ttl = {LEADER_TTL}
     /// Runs the plugin on host `h` as a runtime would.
     pub fn cni(&self, h: usize, command: &str, c: &Container, conf: &Value) -> CniOutput {
         let mut child = netns_exec(&self.hosts[h])
-            .arg(env!("CARGO_BIN_EXE_wgexit"))
+            .arg(crate::world::bin("wgexit"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)

@@ -76,7 +76,7 @@ fn runc_container_leaves_through_the_egress_ip_via_the_oci_hook() {
     config["process"]["args"] = json!(http_request());
     let hook = |phase: &str| {
         json!([{
-            "path": env!("CARGO_BIN_EXE_wgexit"),
+            "path": crate::world::bin("wgexit"),
             "args": ["wgexit", "oci-hook", phase, "--config", hook_conf.display().to_string()],
             "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
         }])
@@ -129,7 +129,7 @@ impl Podman {
     fn new(w: &World, network_dir: &Path) -> Podman {
         let dir = w.path("podman");
         std::fs::create_dir_all(dir.join("tmp")).unwrap();
-        let plugin_dir = Path::new(env!("CARGO_BIN_EXE_wgexit")).parent().unwrap();
+        let plugin_dir = Path::new(crate::world::bin("wgexit")).parent().unwrap();
         let conf = dir.join("containers.conf");
         std::fs::write(
             &conf,

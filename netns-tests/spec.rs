@@ -136,7 +136,7 @@ fn every_command_at_every_version_answers_as_the_spec_says() {
 
 #[test]
 fn run_by_hand_it_names_itself() {
-    let out = Command::new(env!("CARGO_BIN_EXE_wgexit"))
+    let out = Command::new(crate::world::bin("wgexit"))
         .env_clear()
         .output()
         .unwrap();

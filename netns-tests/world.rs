@@ -48,6 +48,33 @@ pub const OTHER_TOKEN: &str = "other-token-0123456789abcdef";
 /// A second token of egress acme (another tenant team, say): same egress, other owner.
 pub const SECOND_TOKEN: &str = "acme-second-token-0123456789";
 
+/// The path of one of the workspace's binaries, `wgexit` or `wgexitd`. They belong to other
+/// packages of the workspace, so cargo does not hand their paths to this test: they are beside
+/// it in the profile's directory, built by `cargo build --workspace --bins` (scripts/test does).
+pub fn bin(name: &str) -> &'static str {
+    static PLUGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    static DAEMON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let cell = match name {
+        "wgexit" => &PLUGIN,
+        "wgexitd" => &DAEMON,
+        other => panic!("no workspace binary named {other}"),
+    };
+    cell.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test's own path");
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps");
+        let path = dir.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: build the binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+        path.to_string_lossy().into_owned()
+    })
+}
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The WireGuard backend of both sides, as configs name it: `$WGEXIT_TEST_BACKEND`, else
@@ -437,7 +464,7 @@ token_file = "{other_tokens}"
                 "netns",
                 "exec",
                 &self.exit,
-                env!("CARGO_BIN_EXE_wgexitd"),
+                crate::world::bin("wgexitd"),
                 "serve",
                 "--config",
             ])
@@ -675,7 +702,7 @@ token_file = "{other_tokens}"
         env: &[(&str, &str)],
     ) -> CniOutput {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", host, env!("CARGO_BIN_EXE_wgexit")])
+        cmd.args(["netns", "exec", host, crate::world::bin("wgexit")])
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CNI_COMMAND", command)
@@ -917,7 +944,7 @@ impl Container {
     /// The name the plugin gives this container's link while it is in the host namespace
     /// (and, for the userspace backend, to its UAPI socket).
     pub fn host_ifname(&self, ifname: &str) -> String {
-        wgexit::cni::state::host_ifname(&self.id, ifname, &self.netns_path)
+        wgexit_plugin::cni::state::host_ifname(&self.id, ifname, &self.netns_path)
     }
 }
 

@@ -1,14 +1,14 @@
-//! wgexit: static egress IPs for containers over WireGuard.
+//! wgexit's shared crate: what the plugin (`wgexit`) and the daemon (`wgexitd`) both speak.
 //!
-//! Two binaries sit on this library: `wgexit`, the CNI plugin, and `wgexitd`, the
-//! exit-node daemon. What both sides exchange lives in [`api`].
+//! The wire types of the control API ([`api`]) and its HTTPS client ([`client`]), WireGuard
+//! keys ([`keys`]), the kernel's links, namespaces and rules ([`net`]), and the WireGuard
+//! backends ([`wg`]). The plugin lives in `crates/plugin` (package `wgexit-plugin`), the
+//! daemon in `crates/daemon` (package `wgexitd`); neither imports the other.
 
 pub mod api;
-pub mod cni;
+pub mod client;
 pub mod crypto;
-pub mod exit;
 pub mod fsutil;
 pub mod keys;
 pub mod net;
-pub mod peer;
 pub mod wg;

@@ -150,7 +150,7 @@ pub fn ptp_conf(world: &World) -> String {
 pub fn run(world: &mut World, _echo: &Echo, n: usize) -> CniResults {
     let wg_conf = world.net_conf("acme").to_string();
     let ptp_conf = ptp_conf(world);
-    let wgexit = PathBuf::from(env!("CARGO_BIN_EXE_wgexit"));
+    let wgexit = PathBuf::from(crate::world::bin("wgexit"));
     let ptp = Path::new(REFERENCE_PLUGINS).join("ptp");
     let wg_containers: Vec<Container> = (0..n).map(|i| world.container(&format!("w{i}"))).collect();
     let ptp_containers: Vec<Container> =

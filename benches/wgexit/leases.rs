@@ -1,5 +1,5 @@
 //! Rows 3 and 4: the exit node's lease API under load, through the plugin's own client
-//! ([`wgexit::cni::client::Client`]), every lease on a new TLS connection as every CNI ADD
+//! ([`wgexit::client::Client`]), every lease on a new TLS connection as every CNI ADD
 //! makes one; then lease latency and memory as the number of live peers grows.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use wgexit::api::{Attachment, LeaseRequest};
-use wgexit::cni::client::Client;
+use wgexit::client::Client;
 use wgexit::keys::Key;
 
 use crate::stats::{ms, Summary};

@@ -202,7 +202,7 @@ fn address6(ns: &str) -> String {
 
 pub fn run(world: &mut World, sizes: &Sizes) -> NetworkResults {
     add_network(world);
-    let wgexit = std::path::PathBuf::from(env!("CARGO_BIN_EXE_wgexit"));
+    let wgexit = std::path::PathBuf::from(crate::world::bin("wgexit"));
     let (a, b, e) = (
         world.container("neta"),
         world.container("netb"),

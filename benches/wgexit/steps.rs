@@ -17,10 +17,10 @@ pub fn enabled() -> bool {
     ON.load(Ordering::Relaxed)
 }
 
-/// Gathers the step lines of one ADD's stderr (see `wgexit::cni::trace`).
+/// Gathers the step lines of one ADD's stderr (see `wgexit_plugin::cni::trace`).
 pub fn gather(stderr: &str) {
     let Ok(mut steps) = STEPS.lock() else { return };
-    for (step, ms) in stderr.lines().filter_map(wgexit::cni::trace::parse) {
+    for (step, ms) in stderr.lines().filter_map(wgexit_plugin::cni::trace::parse) {
         match steps.iter_mut().find(|(s, _)| s == step) {
             Some((_, times)) => times.push(ms),
             None => steps.push((step.to_string(), vec![ms])),

@@ -365,7 +365,7 @@ pub fn run(world: &mut World, sizes: &Sizes) -> TunnelResults {
     let big = world.container("iperfbig");
     let conf = world.net_conf("acme").to_string();
     let big_conf = world.net_conf("other").to_string();
-    let wgexit = std::path::PathBuf::from(env!("CARGO_BIN_EXE_wgexit"));
+    let wgexit = std::path::PathBuf::from(crate::world::bin("wgexit"));
     for (c, conf) in [(&c, &conf), (&big, &big_conf)] {
         in_ns(&world.host, || {
             invoke(&wgexit, REFERENCE_PLUGINS, "ADD", c, conf)

@@ -1,0 +1,148 @@
+//! Who may call the API: bearer tokens scoped to one egress or private network, re-read
+//! when their files change, with failed attempts limited per source address.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::RwLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus_client::metrics::counter::Counter;
+
+use super::ratelimit::FailedAuthLimiter;
+use super::tokens::{TokenError, Tokens};
+use crate::config::Config;
+use crate::leases::registry::network_scope;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("token not accepted for egress {0:?} (or no such egress)")]
+    Unauthorized(String),
+    #[error("token not accepted for network {0:?} (or no such network)")]
+    UnauthorizedNetwork(String),
+    #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
+    RateLimited(Duration),
+}
+
+/// One egress's token file and what was read from it.
+struct TokenFile {
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    tokens: Tokens,
+}
+
+impl TokenFile {
+    fn read(path: &PathBuf) -> Result<TokenFile, TokenError> {
+        Ok(TokenFile {
+            path: path.clone(),
+            modified: modified(path),
+            tokens: Tokens::load(path)?,
+        })
+    }
+}
+
+fn modified(path: &PathBuf) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+pub struct Authorizer {
+    /// By egress name, and by [`network_scope`] for private networks (a network may share
+    /// its name with an egress).
+    files: RwLock<HashMap<String, TokenFile>>,
+    failed: FailedAuthLimiter,
+    /// Requests refused for their token, for `/metrics`.
+    pub failures: Counter,
+}
+
+impl Authorizer {
+    /// Reads every egress's and network's token file.
+    pub fn load(config: &Config) -> Result<Authorizer, TokenError> {
+        let mut files = HashMap::new();
+        for e in &config.egress {
+            files.insert(e.name.clone(), TokenFile::read(&e.token_file)?);
+        }
+        for n in &config.network {
+            files.insert(network_scope(&n.name), TokenFile::read(&n.token_file)?);
+        }
+        Ok(Authorizer {
+            files: RwLock::new(files),
+            failed: FailedAuthLimiter::default(),
+            failures: Counter::default(),
+        })
+    }
+
+    /// Re-reads the token files that changed since they were read (`force`: all of them).
+    /// A file that cannot be read or holds no valid token keeps its previous tokens, so a
+    /// half-written edit locks nobody out; the error is logged.
+    pub fn reload(&self, force: bool) {
+        let stale: Vec<(String, PathBuf)> = match self.files.read() {
+            Ok(files) => files
+                .iter()
+                .filter(|(_, f)| force || modified(&f.path) != f.modified)
+                .map(|(egress, f)| (egress.clone(), f.path.clone()))
+                .collect(),
+            Err(_) => return,
+        };
+        for (egress, path) in stale {
+            match TokenFile::read(&path) {
+                Ok(file) => {
+                    if let Ok(mut files) = self.files.write() {
+                        files.insert(egress.clone(), file);
+                    }
+                    tracing::info!(%egress, path = %path.display(), "token file re-read");
+                }
+                Err(e) => {
+                    tracing::error!(%egress, error = %e, "token file not re-read; the tokens read before stay valid")
+                }
+            }
+        }
+    }
+
+    /// Checks `token` against `egress`'s tokens; returns the owner it stands for. A valid
+    /// token is always let through; a wrong one counts against its source address, which
+    /// gets 429 instead of 401 once it has failed too often.
+    pub fn authorize(
+        &self,
+        source: IpAddr,
+        egress: &str,
+        token: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.check(source, egress, token)
+            .map_err(|()| AuthError::Unauthorized(egress.to_string()))?
+    }
+
+    /// As [`Authorizer::authorize`], against private network `network`'s tokens.
+    pub fn authorize_network(
+        &self,
+        source: IpAddr,
+        network: &str,
+        token: Option<&str>,
+    ) -> Result<String, AuthError> {
+        self.check(source, &network_scope(network), token)
+            .map_err(|()| AuthError::UnauthorizedNetwork(network.to_string()))?
+    }
+
+    /// `Ok(Ok(owner))` for an accepted token, `Ok(Err)` for a refused token from a source
+    /// over its limit, `Err(())` for a refused token (counted against the source).
+    fn check(
+        &self,
+        source: IpAddr,
+        scope: &str,
+        token: Option<&str>,
+    ) -> Result<Result<String, AuthError>, ()> {
+        let owner = token.and_then(|t| {
+            let files = self.files.read().ok()?;
+            files.get(scope)?.tokens.owner(t).map(String::from)
+        });
+        if let Some(owner) = owner {
+            return Ok(Ok(owner));
+        }
+        self.failures.inc();
+        let now = Instant::now();
+        if let Err(retry) = self.failed.check(source, now) {
+            return Ok(Err(AuthError::RateLimited(retry)));
+        }
+        self.failed.failed(source, now);
+        Err(())
+    }
+}

@@ -1,0 +1,185 @@
+//! The private networks' routes: members (containers) and peers (laptops) per network, and
+//! the network's info, each authorized by a token of that network.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+
+use super::http::{bearer, decode_path_key, error, named_in_path, RequestError};
+use super::ApiState;
+use crate::leases::members::NetworkError;
+use crate::leases::registry::LeaseError;
+use wgexit::api::{MemberKind, MemberRequest, PeerRequest};
+
+type Shared = State<Arc<ApiState>>;
+
+pub fn routes() -> Router<Arc<ApiState>> {
+    Router::new()
+        .route("/v1/network/{network}", get(info))
+        .route(
+            "/v1/network/{network}/members",
+            get(list_members).post(lease_member),
+        )
+        .route(
+            "/v1/network/{network}/members/{key}",
+            delete(release_member),
+        )
+        .route(
+            "/v1/network/{network}/peers",
+            get(list_peers).post(add_peer),
+        )
+        .route("/v1/network/{network}/peers/{key}", delete(remove_peer))
+}
+
+/// Why a network request was not served.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkRequestError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+}
+
+impl IntoResponse for NetworkRequestError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match self {
+            NetworkRequestError::Request(r) => r.into_response(),
+            NetworkRequestError::Network(NetworkError::Lease(l)) => {
+                RequestError::Lease(l).into_response()
+            }
+            NetworkRequestError::Network(NetworkError::UnknownNetwork(_)) => {
+                error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+            }
+            NetworkRequestError::Network(NetworkError::PeerNameTaken { .. }) => {
+                error(StatusCode::CONFLICT, "name_taken", msg)
+            }
+            NetworkRequestError::Network(NetworkError::NotFound { .. }) => {
+                error(StatusCode::NOT_FOUND, "not_found", msg)
+            }
+            NetworkRequestError::Network(NetworkError::Dataplane(_)) => {
+                tracing::error!(error = %msg, "WireGuard operation failed");
+                error(StatusCode::INTERNAL_SERVER_ERROR, "wireguard_error", msg)
+            }
+        }
+    }
+}
+
+/// A caller whose bearer token `network` accepts, with the owner id it stands for.
+struct NetworkCaller {
+    network: String,
+    owner: String,
+}
+
+impl FromRequestParts<Arc<ApiState>> for NetworkCaller {
+    type Rejection = NetworkRequestError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        api: &Arc<ApiState>,
+    ) -> Result<NetworkCaller, NetworkRequestError> {
+        let (network, source) = named_in_path(parts, api, "network").await?;
+        let owner = api
+            .auth
+            .authorize_network(source, &network, bearer(&parts.headers))
+            .map_err(RequestError::Auth)?;
+        Ok(NetworkCaller { network, owner })
+    }
+}
+
+/// A JSON body of at most the API's limit, no unknown fields, checked by `validate`.
+fn decode<T: DeserializeOwned>(
+    body: Result<Bytes, BytesRejection>,
+    validate: impl Fn(&T) -> Result<(), String>,
+) -> Result<T, RequestError> {
+    let body = body.map_err(|e| RequestError::BadRequest(format!("request body: {e}")))?;
+    let req: T = serde_json::from_slice(&body)
+        .map_err(|e| RequestError::BadRequest(format!("request body: {e}")))?;
+    validate(&req).map_err(RequestError::BadRequest)?;
+    Ok(req)
+}
+
+type Answer = Result<Response, NetworkRequestError>;
+
+async fn lease_member(
+    State(api): Shared,
+    caller: NetworkCaller,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let req = decode(body, MemberRequest::validate)?;
+    let grant = api
+        .networks
+        .lease_member(&caller.network, &caller.owner, req)
+        .await?;
+    Ok(Json(grant).into_response())
+}
+
+async fn add_peer(
+    State(api): Shared,
+    caller: NetworkCaller,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer {
+    let req = decode(body, PeerRequest::validate)?;
+    let grant = api
+        .networks
+        .add_peer(&caller.network, &caller.owner, req)
+        .await?;
+    Ok(Json(grant).into_response())
+}
+
+async fn release(api: &ApiState, caller: &NetworkCaller, kind: MemberKind, key: &str) -> Answer {
+    let key = decode_path_key(key)?;
+    api.networks
+        .release(&caller.network, kind, &caller.owner, &key)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn release_member(
+    State(api): Shared,
+    caller: NetworkCaller,
+    Path((_, key)): Path<(String, String)>,
+) -> Answer {
+    release(&api, &caller, MemberKind::Container, &key).await
+}
+
+async fn remove_peer(
+    State(api): Shared,
+    caller: NetworkCaller,
+    Path((_, key)): Path<(String, String)>,
+) -> Answer {
+    release(&api, &caller, MemberKind::Peer, &key).await
+}
+
+async fn list_members(State(api): Shared, caller: NetworkCaller) -> Answer {
+    let list = api
+        .networks
+        .list(&caller.network, MemberKind::Container)
+        .await?;
+    Ok(Json(list).into_response())
+}
+
+async fn list_peers(State(api): Shared, caller: NetworkCaller) -> Answer {
+    let list = api.networks.list(&caller.network, MemberKind::Peer).await?;
+    Ok(Json(list).into_response())
+}
+
+async fn info(State(api): Shared, caller: NetworkCaller) -> Answer {
+    Ok(Json(api.networks.info(&caller.network).await?).into_response())
+}
+
+/// Unknown networks are refused as unauthorized (like unknown egresses), so names cannot be
+/// probed.
+impl From<LeaseError> for NetworkRequestError {
+    fn from(e: LeaseError) -> NetworkRequestError {
+        NetworkRequestError::Network(NetworkError::Lease(e))
+    }
+}

@@ -1,0 +1,359 @@
+//! One leader per egress: a key `leaders/<group>` in etcd, created only when absent and
+//! bound to the member's etcd lease, so it disappears when the leader stops renewing it.
+//!
+//! Egresses that share an address (an egress IP or the endpoint's) must be held by one
+//! member, so they are led together as a [`Group`] named after its first egress.
+//!
+//! The leader holds the group's addresses for as long as its [`Standing`] allows, and
+//! gives them up the moment it does not: before the lease can expire for the others.
+//! The others watch the key and campaign as soon as it goes. A restarted member whose
+//! key is still there (its old lease has not expired yet) takes it over at once.
+
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use etcd_client::{
+    Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::etcd::Etcd;
+use super::membership::Standing;
+use super::takeover::Takeover;
+use crate::config::EgressConfig;
+
+/// Egresses led together because they share an address.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub egresses: Vec<EgressConfig>,
+}
+
+/// Partitions `egresses` into groups of those sharing an egress IP or endpoint address.
+pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
+    let mut out: Vec<Group> = Vec::new();
+    for e in egresses {
+        let shares = |g: &Group| {
+            g.egresses
+                .iter()
+                .any(|o| shares_an_ip(o, e) || o.endpoint.ip() == e.endpoint.ip())
+        };
+        let joined: Vec<usize> = (0..out.len()).filter(|&i| shares(&out[i])).collect();
+        let mut group = Group {
+            name: e.name.clone(),
+            egresses: vec![e.clone()],
+        };
+        for i in joined.into_iter().rev() {
+            let g = out.remove(i);
+            group.name = g.name;
+            group.egresses.splice(0..0, g.egresses);
+        }
+        out.push(group);
+    }
+    out
+}
+
+fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
+    let ips6 = |e: &EgressConfig| {
+        e.v6.iter()
+            .flat_map(|v6| v6.ips.clone())
+            .collect::<Vec<_>>()
+    };
+    a.ips().iter().any(|ip| b.ips().contains(ip)) || ips6(a).iter().any(|ip| ips6(b).contains(ip))
+}
+
+/// Which egresses this member leads right now (for collection and status).
+#[derive(Clone, Default)]
+pub struct Leading(Arc<RwLock<HashSet<String>>>);
+
+impl Leading {
+    pub fn leads(&self, egress: &str) -> bool {
+        self.0.read().map(|s| s.contains(egress)).unwrap_or(false)
+    }
+
+    fn set(&self, group: &Group, leads: bool) {
+        if let Ok(mut s) = self.0.write() {
+            for e in &group.egresses {
+                if leads {
+                    s.insert(e.name.clone());
+                } else {
+                    s.remove(&e.name);
+                }
+            }
+        }
+    }
+}
+
+enum Campaign {
+    Won,
+    /// Another member leads; its key was read at this revision.
+    Held(i64),
+}
+
+pub struct Election {
+    pub etcd: Arc<Etcd>,
+    pub node: String,
+    pub ttl: Duration,
+    pub takeover: Arc<Takeover>,
+    pub leading: Leading,
+}
+
+impl Election {
+    /// Campaigns for `group` and holds it while allowed, for as long as the daemon runs.
+    pub async fn run(self: Arc<Self>, group: Group, mut standing: watch::Receiver<Standing>) {
+        let key = self.etcd.leader_key(&group.name);
+        // Addresses left from an earlier run are not ours until the campaign says so.
+        let mut holding = true;
+        loop {
+            let Some(lease) = self.valid_lease(&mut standing).await else {
+                self.give_up(&group, &mut holding).await;
+                continue;
+            };
+            match self.campaign(&key, lease).await {
+                Ok(Campaign::Won) => loop {
+                    tracing::info!(group = %group.name, "leading");
+                    self.hold(&group, lease, &mut standing).await;
+                    holding = true;
+                    self.give_up(&group, &mut holding).await;
+                    if !self.still_ours(lease, &mut standing).await {
+                        break;
+                    }
+                },
+                Ok(Campaign::Held(revision)) => {
+                    self.give_up(&group, &mut holding).await;
+                    self.wait_vacancy(&key, revision).await;
+                }
+                Err(e) => {
+                    tracing::debug!(group = %group.name, error = %e, "cannot campaign");
+                    self.give_up(&group, &mut holding).await;
+                    tokio::time::sleep(self.ttl / 4).await;
+                }
+            }
+        }
+    }
+
+    /// The lease to campaign with, waiting up to half a TTL for one.
+    async fn valid_lease(&self, standing: &mut watch::Receiver<Standing>) -> Option<i64> {
+        let deadline = Instant::now() + self.ttl / 2;
+        loop {
+            let current = *standing.borrow_and_update();
+            if let Some(lease) = current.valid_lease(Instant::now()) {
+                return Some(lease);
+            }
+            match tokio::time::timeout_at(deadline, standing.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// After giving a group up for want of a renewal: whether `lease` turns out to be alive
+    /// after all (renewed again, or etcd found without quorum, so it cannot have expired).
+    /// The leader key is bound to it, so the group is still this member's.
+    async fn still_ours(&self, lease: i64, standing: &mut watch::Receiver<Standing>) -> bool {
+        let deadline = Instant::now() + self.ttl;
+        loop {
+            match *standing.borrow_and_update() {
+                Standing::NoQuorum { lease: l } if l == lease => return true,
+                Standing::Renewed {
+                    lease: l,
+                    safe_until,
+                } if l == lease && Instant::now() < safe_until => return true,
+                Standing::Lost => return false,
+                _ => {}
+            }
+            match tokio::time::timeout_at(deadline, standing.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return false,
+            }
+        }
+    }
+
+    async fn give_up(&self, group: &Group, holding: &mut bool) {
+        if !*holding {
+            return;
+        }
+        self.leading.set(group, false);
+        match self.takeover.release(group).await {
+            Ok(()) => *holding = false,
+            Err(e) => {
+                tracing::error!(group = %group.name, error = %e, "cannot give the egress's addresses up; retrying")
+            }
+        }
+    }
+
+    /// Holds the group until the standing no longer allows it.
+    async fn hold(&self, group: &Group, lease: i64, standing: &mut watch::Receiver<Standing>) {
+        let mut acquired = false;
+        loop {
+            let current = *standing.borrow_and_update();
+            if current.valid_lease(Instant::now()) != Some(lease) {
+                tracing::warn!(group = %group.name, "giving the egress up: this member cannot prove it still leads");
+                return;
+            }
+            if !acquired {
+                match self.takeover.acquire(group).await {
+                    Ok(()) => {
+                        acquired = true;
+                        self.leading.set(group, true);
+                    }
+                    Err(e) => {
+                        tracing::error!(group = %group.name, error = %e, "cannot take the egress's addresses; retrying")
+                    }
+                }
+            }
+            let wake = match current {
+                Standing::Renewed { safe_until, .. } => safe_until,
+                _ => Instant::now() + self.ttl,
+            };
+            let wake = if acquired {
+                wake
+            } else {
+                wake.min(Instant::now() + Duration::from_secs(1))
+            };
+            tokio::select! {
+                changed = standing.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    async fn campaign(&self, key: &str, lease: i64) -> Result<Campaign, String> {
+        let node = self.node.clone();
+        let k = key.to_string();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                k.clone(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                k.clone(),
+                node.clone(),
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else(vec![TxnOp::get(k.clone(), None)]);
+        // Sent to every etcd member at once (a restarted one may hold it unanswered); a
+        // second copy finds the key ours and counts as won too.
+        let resp = self
+            .etcd
+            .race("campaigning", self.ttl / 3, move |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.succeeded() {
+            return Ok(Campaign::Won);
+        }
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let Some(TxnOpResponse::Get(got)) = resp.op_responses().into_iter().next() else {
+            return Ok(Campaign::Held(revision));
+        };
+        let Some(kv) = got.kvs().first().cloned() else {
+            return Ok(Campaign::Held(revision));
+        };
+        if kv.value() != node.as_bytes() {
+            return Ok(Campaign::Held(revision));
+        }
+        if kv.lease() == lease {
+            return Ok(Campaign::Won);
+        }
+        // Ours from before a restart, its old lease still running: take it over.
+        let reclaim = Txn::new()
+            .when(vec![Compare::mod_revision(
+                k.clone(),
+                CompareOp::Equal,
+                kv.mod_revision(),
+            )])
+            .and_then(vec![TxnOp::put(
+                k,
+                node,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .etcd
+            .run_for("reclaiming leadership", self.ttl / 3, |mut c| async move {
+                c.txn(reclaim).await
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(if resp.succeeded() {
+            Campaign::Won
+        } else {
+            Campaign::Held(revision)
+        })
+    }
+
+    /// Returns when the leader key is deleted (or after a TTL, to look again).
+    async fn wait_vacancy(&self, key: &str, revision: i64) {
+        let options = WatchOptions::new().with_start_revision(revision + 1);
+        let k = key.to_string();
+        let stream = self
+            .etcd
+            .run_for("watching the leader", self.ttl / 3, |mut c| async move {
+                c.watch(k, Some(options)).await
+            })
+            .await;
+        let Ok(mut stream) = stream else {
+            tokio::time::sleep(self.ttl / 4).await;
+            return;
+        };
+        let vacated = async {
+            while let Ok(Some(resp)) = stream.message().await {
+                if resp.canceled()
+                    || resp
+                        .events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(self.ttl, vacated).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::egress;
+    use crate::leases::egress_ips::EgressIps;
+
+    #[test]
+    fn egresses_sharing_an_address_are_led_together() {
+        let mut a = egress("a", "100.96.0.0/24");
+        let mut b = egress("b", "100.97.0.0/24");
+        let mut c = egress("c", "100.98.0.0/24");
+        let mut d = egress("d", "100.99.0.0/24");
+        a.egress_ips = EgressIps::single("203.0.113.1".parse().unwrap());
+        a.endpoint = "198.51.100.1:1".parse().unwrap();
+        b.egress_ips = EgressIps::single("203.0.113.2".parse().unwrap());
+        b.endpoint = "198.51.100.2:1".parse().unwrap();
+        // c shares a's egress IP and b's endpoint: all three go together.
+        c.egress_ips = a.egress_ips.clone();
+        c.endpoint = "198.51.100.2:2".parse().unwrap();
+        d.egress_ips = EgressIps::single("203.0.113.4".parse().unwrap());
+        d.endpoint = "198.51.100.4:1".parse().unwrap();
+        let g = groups(&[a, b, d, c]);
+        let names: Vec<(String, Vec<String>)> = g
+            .iter()
+            .map(|g| {
+                (
+                    g.name.clone(),
+                    g.egresses.iter().map(|e| e.name.clone()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("d".to_string(), vec!["d".to_string()]),
+                ("a".to_string(), vec!["a".into(), "b".into(), "c".into()]),
+            ]
+        );
+    }
+}

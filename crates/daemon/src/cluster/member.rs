@@ -1,0 +1,123 @@
+//! A pool member's start: what it reads from etcd before serving (leases, identities, the
+//! CA), and the loops it runs while serving (its membership, one election per group of
+//! egresses, the lease watch, endpoint publishing).
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::election::{groups, Election, Leading};
+use super::etcd::Etcd;
+use super::floating::Floating;
+use super::follow::follow;
+use super::membership::{MemberRecord, Membership, Standing};
+use super::takeover::Takeover;
+use super::{shared, ClusterError};
+use crate::config::{ClusterConfig, Config};
+use crate::dataplane::HostDataplane;
+use crate::identity::Identities;
+use crate::leases::etcd::EtcdStore;
+use crate::leases::registry::Registry;
+use crate::leases::service::LeaseService;
+
+/// A member connected to its pool, not serving yet.
+pub struct Pool {
+    cluster: ClusterConfig,
+    etcd: Arc<Etcd>,
+    store: Arc<EtcdStore>,
+    revision: i64,
+    leading: Leading,
+}
+
+/// What [`open`] reads from etcd.
+pub struct Opened {
+    pub registry: Registry,
+    pub identities: Identities,
+    pub pool: Pool,
+}
+
+/// Connects to etcd and reads the pool's leases, identities and CA (making those that do
+/// not exist yet). Needs etcd's quorum.
+pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, ClusterError> {
+    let etcd = Arc::new(Etcd::connect(cluster)?);
+    let store = Arc::new(EtcdStore::new(etcd.clone()));
+    let (leases, revision) = store.load_at().await?;
+    let (mut registry, misfits) = Registry::from_leases(&config.egress, &[], store.clone(), leases);
+    registry.spread(&cluster.node);
+    for m in misfits {
+        tracing::warn!(
+            egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
+            "a lease in etcd does not fit this member's config (are the members' egresses the same?); not served here"
+        );
+    }
+    let identities = shared::identities(&etcd, &config.egress).await?;
+    if config.api.tls_files.is_none() {
+        shared::ca(&etcd, &config.state_dir).await?;
+    }
+    Ok(Opened {
+        registry,
+        identities,
+        pool: Pool {
+            cluster: cluster.clone(),
+            etcd,
+            store,
+            revision,
+            leading: Leading::default(),
+        },
+    })
+}
+
+impl Pool {
+    /// Which egresses this member leads, as it changes.
+    pub fn leading(&self) -> Leading {
+        self.leading.clone()
+    }
+
+    /// The pool's store, for the lease registry.
+    pub fn store(&self) -> Arc<EtcdStore> {
+        self.store.clone()
+    }
+
+    /// Starts the member's loops; they run until aborted.
+    pub fn spawn(
+        self,
+        service: Arc<LeaseService<HostDataplane>>,
+    ) -> Result<Vec<JoinHandle<()>>, ClusterError> {
+        let (tx, rx) = watch::channel(Standing::Lost);
+        let membership = Membership {
+            etcd: self.etcd.clone(),
+            ttl: self.cluster.leader_ttl,
+            record: MemberRecord {
+                node: self.cluster.node.clone(),
+                api: service.config.api.listen.to_string(),
+            },
+        };
+        let takeover = Arc::new(Takeover {
+            etcd: self.etcd.clone(),
+            service: service.clone(),
+            floating: Floating::new(self.cluster.float.clone(), &self.cluster.node)?,
+        });
+        let election = Arc::new(Election {
+            etcd: self.etcd.clone(),
+            node: self.cluster.node.clone(),
+            ttl: self.cluster.leader_ttl,
+            takeover: takeover.clone(),
+            leading: self.leading.clone(),
+        });
+        let mut tasks = vec![
+            tokio::spawn(membership.run(tx)),
+            tokio::spawn(follow(
+                self.etcd.clone(),
+                self.store.clone(),
+                service,
+                self.revision + 1,
+            )),
+            tokio::spawn(takeover.publish_endpoints(self.leading.clone())),
+        ];
+        for group in groups(&election.takeover.service.config.egress) {
+            tasks.push(tokio::spawn(election.clone().run(group, rx.clone())));
+        }
+        Ok(tasks)
+    }
+}

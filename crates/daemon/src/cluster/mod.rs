@@ -1,0 +1,39 @@
+//! Pools of exit nodes (`[cluster]`): members share leases, identities and the CA in etcd
+//! ([`etcd`], [`shared`]), each programs every lease on its own devices ([`follow`]), and
+//! one leader per egress ([`membership`], [`election`]) holds its addresses
+//! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
+//! ([`takeover`]). [`member`] puts them together for the daemon; [`status`] tells what the
+//! pool is doing.
+
+pub mod announce;
+pub mod election;
+pub mod endpoint_source;
+pub mod etcd;
+pub mod floating;
+pub mod follow;
+pub mod member;
+pub mod membership;
+pub mod shared;
+pub mod status;
+pub mod takeover;
+
+#[cfg(test)]
+pub mod test_etcd;
+
+use crate::api::tls::TlsError;
+use crate::dataplane::DataplaneError;
+use crate::leases::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("pool state in etcd: {0}")]
+    Shared(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("floating addresses: {0}")]
+    Float(String),
+}

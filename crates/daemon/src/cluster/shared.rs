@@ -1,0 +1,87 @@
+//! What a pool's members share from etcd: every egress's WireGuard identity and the API's
+//! CA. The first member to start makes each (a transaction that writes it only if it is
+//! absent); every other member reads what is there, so all of them answer with the same
+//! keys and certificates chaining to the same CA.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
+use serde::{Deserialize, Serialize};
+
+use super::etcd::Etcd;
+use super::ClusterError;
+use crate::api::tls;
+use crate::config::EgressConfig;
+use crate::identity::Identities;
+use crate::leases::store::StoreError;
+use wgexit::keys::Key;
+
+/// Writes `value` at `key` unless something is there; returns what is there afterwards.
+async fn create_or_read(etcd: &Etcd, key: String, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    let txn = Txn::new()
+        .when(vec![Compare::create_revision(
+            key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then(vec![TxnOp::put(key.clone(), value.clone(), None)])
+        .or_else(vec![TxnOp::get(key, None)]);
+    let resp = etcd
+        .run(
+            "sharing pool state",
+            |mut c| async move { c.txn(txn).await },
+        )
+        .await?;
+    if resp.succeeded() {
+        return Ok(value);
+    }
+    match resp.op_responses().first() {
+        Some(TxnOpResponse::Get(g)) => Ok(g
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec())
+            .unwrap_or(value)),
+        _ => Ok(value),
+    }
+}
+
+/// Every egress's key pair, made by the first member that needed it.
+pub async fn identities(
+    etcd: &Etcd,
+    egresses: &[EgressConfig],
+) -> Result<Identities, ClusterError> {
+    let mut private = HashMap::new();
+    for e in egresses {
+        let fresh = Key::generate_private().map_err(|err| {
+            ClusterError::Shared(format!("egress {}: cannot make a key: {err}", e.name))
+        })?;
+        let key = etcd.identity_key(&e.name);
+        let stored = create_or_read(etcd, key.clone(), fresh.to_base64().into_bytes()).await?;
+        let text = String::from_utf8_lossy(&stored);
+        let shared = Key::from_base64(text.trim())
+            .map_err(|err| ClusterError::Shared(format!("{key} in etcd is not a key: {err}")))?;
+        private.insert(e.name.clone(), shared);
+    }
+    Ok(Identities::from_private(private))
+}
+
+#[derive(Serialize, Deserialize)]
+struct SharedCa {
+    cert: String,
+    key: String,
+}
+
+/// The pool's CA, made by the first member, installed under `state_dir/tls` so this
+/// member's server certificate is issued by it.
+pub async fn ca(etcd: &Etcd, state_dir: &Path) -> Result<(), ClusterError> {
+    let (cert, key) = tls::new_ca()?;
+    let fresh = serde_json::to_vec(&SharedCa { cert, key })
+        .map_err(|e| ClusterError::Shared(e.to_string()))?;
+    let stored = create_or_read(etcd, etcd.ca_key(), fresh).await?;
+    let ca: SharedCa = serde_json::from_slice(&stored).map_err(|e| {
+        ClusterError::Shared(format!("{} in etcd is unreadable: {e}", etcd.ca_key()))
+    })?;
+    tls::install_ca(state_dir, &ca.cert, &ca.key)?;
+    Ok(())
+}

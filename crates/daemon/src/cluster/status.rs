@@ -1,0 +1,76 @@
+//! What a pool is doing, as etcd says: its members, who leads which egress, and how many
+//! leases each egress holds. For `wgexitd status`.
+
+use std::collections::BTreeMap;
+
+use etcd_client::GetOptions;
+use serde::Serialize;
+
+use super::etcd::Etcd;
+use super::membership::MemberRecord;
+use super::ClusterError;
+use crate::config::ClusterConfig;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    /// Members holding a live etcd lease, by node name.
+    pub members: Vec<MemberRecord>,
+    /// Group (named after its first egress) → leading node.
+    pub leaders: BTreeMap<String, String>,
+    /// Egress → leases in the shared store.
+    pub leases: BTreeMap<String, usize>,
+}
+
+async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+    let p = prefix.clone();
+    let resp = etcd
+        .run("reading the pool's state", |mut c| async move {
+            c.get(p, Some(GetOptions::new().with_prefix())).await
+        })
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key());
+            (
+                key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect())
+}
+
+/// Reads the pool's status from etcd.
+pub async fn read(etcd: &Etcd, cluster: &str) -> Result<ClusterStatus, ClusterError> {
+    let members = range(etcd, etcd.members_prefix())
+        .await?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect();
+    let leaders = range(etcd, etcd.key("leaders/"))
+        .await?
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+        .collect();
+    let mut leases = BTreeMap::new();
+    for (k, _) in range(etcd, etcd.leases_prefix()).await? {
+        if let Some((egress, _)) = k.split_once('/') {
+            *leases.entry(egress.to_string()).or_insert(0) += 1;
+        }
+    }
+    Ok(ClusterStatus {
+        cluster: cluster.to_string(),
+        members,
+        leaders,
+        leases,
+    })
+}
+
+/// [`read`] for a caller outside the daemon (e.g. `wgexitd status`): connects, reads,
+/// and lets go.
+pub async fn read_config(cluster: &ClusterConfig) -> Result<ClusterStatus, ClusterError> {
+    let etcd = Etcd::connect(cluster)?;
+    read(&etcd, &cluster.name).await
+}

@@ -1,0 +1,261 @@
+//! `[cluster]`: a pool of exit nodes sharing leases, identities and the CA in etcd.
+//!
+//! Without the table the daemon runs alone on its embedded store. With it, `node` names
+//! this member, `etcd` lists the cluster's client URLs, `leader_ttl` bounds how long a
+//! silent leader keeps its egresses, and `float` says how an egress's addresses follow its
+//! leader: the leader adds them itself (`address`) or runs the hooks (`hooks`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{ConfigError, EgressConfig, Invalid};
+use wgexit::api::valid_egress_name;
+
+pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCluster {
+    name: String,
+    node: String,
+    etcd: Vec<String>,
+    #[serde(default)]
+    leader_ttl: Option<u64>,
+    #[serde(default)]
+    float: Option<String>,
+    #[serde(default)]
+    on_acquire: Option<PathBuf>,
+    #[serde(default)]
+    on_release: Option<PathBuf>,
+}
+
+/// How an egress's addresses move to its leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Float {
+    /// The leader adds the egress IPs (on `interface`) and the endpoint address (on
+    /// `endpoint_interface`) and announces them.
+    Address,
+    /// The leader only runs these programs (e.g. to move a cloud provider's IP).
+    Hooks {
+        on_acquire: PathBuf,
+        on_release: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Members share everything under `/wgexit/<name>/`.
+    pub name: String,
+    /// This member, unique in the pool.
+    pub node: String,
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// How long a silent leader keeps its egresses.
+    pub leader_ttl: Duration,
+    pub float: Float,
+}
+
+impl ClusterConfig {
+    /// The etcd key prefix of this pool, ending in '/'.
+    pub fn prefix(&self) -> String {
+        format!("/wgexit/{}/", self.name)
+    }
+}
+
+pub(super) fn cluster(raw: RawCluster, invalid: &Invalid) -> Result<ClusterConfig, ConfigError> {
+    let key = |k: &str| format!("cluster.{k}");
+    for (k, v) in [("name", &raw.name), ("node", &raw.node)] {
+        if !valid_egress_name(v) {
+            return Err(invalid(
+                key(k),
+                format!("{v:?} must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+            ));
+        }
+    }
+    if raw.etcd.is_empty() {
+        return Err(invalid(
+            key("etcd"),
+            "list at least one etcd client URL (e.g. \"http://198.51.100.21:2379\")".into(),
+        ));
+    }
+    for url in &raw.etcd {
+        let rest = url.strip_prefix("http://").unwrap_or_default();
+        if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
+            return Err(invalid(
+                key("etcd"),
+                format!("{url:?} is not an etcd client URL of the form \"http://HOST:PORT\""),
+            ));
+        }
+    }
+    let leader_ttl = match raw.leader_ttl {
+        None => DEFAULT_LEADER_TTL,
+        Some(n) if (1..=60).contains(&n) => Duration::from_secs(n),
+        Some(n) => {
+            return Err(invalid(
+                key("leader_ttl"),
+                format!("{n} is outside 1..=60 (seconds)"),
+            ))
+        }
+    };
+    let float = match (raw.float.as_deref(), raw.on_acquire, raw.on_release) {
+        (None | Some("address"), None, None) => Float::Address,
+        (None | Some("address"), _, _) => {
+            return Err(invalid(
+                key("on_acquire"),
+                "hooks run only with float = \"hooks\"".into(),
+            ))
+        }
+        (Some("hooks"), Some(on_acquire), Some(on_release)) => Float::Hooks {
+            on_acquire,
+            on_release,
+        },
+        (Some("hooks"), None, _) => {
+            return Err(invalid(
+                key("on_acquire"),
+                "float = \"hooks\" needs on_acquire and on_release".into(),
+            ))
+        }
+        (Some("hooks"), _, None) => {
+            return Err(invalid(
+                key("on_release"),
+                "float = \"hooks\" needs on_acquire and on_release".into(),
+            ))
+        }
+        (Some(other), _, _) => {
+            return Err(invalid(
+                key("float"),
+                format!("{other:?} is not \"address\" or \"hooks\""),
+            ))
+        }
+    };
+    Ok(ClusterConfig {
+        name: raw.name,
+        node: raw.node,
+        etcd: raw.etcd,
+        leader_ttl,
+        float,
+    })
+}
+
+/// In a pool with `float = "address"` every egress says where its endpoint floats; without
+/// a pool `endpoint_interface` means nothing and is refused, so a typo is not ignored.
+pub(super) fn check_egresses(
+    cluster: Option<&ClusterConfig>,
+    egress: &[EgressConfig],
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    for (i, e) in egress.iter().enumerate() {
+        let key = format!("egress[{i}].endpoint_interface");
+        match (cluster.map(|c| &c.float), &e.endpoint_interface) {
+            (Some(Float::Address), None) => {
+                return Err(invalid(
+                    key,
+                    "a pool member with float = \"address\" adds the endpoint's address itself: name the interface it goes on".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    key,
+                    "is only used in a pool (with a [cluster] table)".into(),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+state_dir = "/var/lib/wgexitd"
+[api]
+listen = "198.51.100.11:7443"
+[[egress]]
+name = "acme"
+ip = "203.0.113.77"
+interface = "isp0"
+pool = "100.96.0.0/20"
+wg_interface = "wgx-acme"
+listen_port = 51820
+endpoint = "198.51.100.2:51820"
+token_file = "/etc/wgexitd/acme.tokens"
+endpoint_interface = "core0"
+[cluster]
+name = "eu-1"
+node = "exit-a"
+etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(std::path::Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn parses_a_pool_member_with_defaults() {
+        let c = parse(BASE).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.prefix(), "/wgexit/eu-1/");
+        assert_eq!(cluster.node, "exit-a");
+        assert_eq!(cluster.etcd.len(), 2);
+        assert_eq!(cluster.leader_ttl, DEFAULT_LEADER_TTL);
+        assert_eq!(cluster.float, Float::Address);
+        assert_eq!(
+            c.egress[0].endpoint_interface.as_ref().unwrap().as_str(),
+            "core0"
+        );
+        let hooks = format!(
+            "{BASE}float = \"hooks\"\non_acquire = \"/a\"\non_release = \"/r\"\nleader_ttl = 5\n"
+        );
+        let cluster = parse(&hooks).unwrap().cluster.unwrap();
+        assert_eq!(cluster.leader_ttl, Duration::from_secs(5));
+        assert_eq!(
+            cluster.float,
+            Float::Hooks {
+                on_acquire: "/a".into(),
+                on_release: "/r".into()
+            }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let alone = BASE.split("[cluster]").next().unwrap().to_string();
+        for (text, key) in [
+            (format!("{BASE}leader_ttl = 0\n"), "cluster.leader_ttl"),
+            (format!("{BASE}float = \"bgp\"\n"), "cluster.float"),
+            (
+                format!("{BASE}float = \"hooks\"\non_release = \"/r\"\n"),
+                "cluster.on_acquire",
+            ),
+            (
+                format!("{BASE}float = \"hooks\"\non_acquire = \"/a\"\n"),
+                "cluster.on_release",
+            ),
+            (format!("{BASE}on_acquire = \"/a\"\n"), "cluster.on_acquire"),
+            (
+                BASE.replace("node = \"exit-a\"", "node = \"a b\""),
+                "cluster.node",
+            ),
+            (
+                BASE.replace("http://198.51.100.22:2379", "198.51.100.22"),
+                "cluster.etcd",
+            ),
+            (BASE.replace("etcd = [", "etcd = [] #"), "cluster.etcd"),
+            (
+                BASE.replace("endpoint_interface = \"core0\"\n", ""),
+                "egress[0].endpoint_interface",
+            ),
+            (alone, "egress[0].endpoint_interface"),
+            (format!("{BASE}typo = 1\n"), "typo"),
+        ] {
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(msg.contains(key), "{text}: {msg:?} should name {key}");
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! The private networks' members: containers (leased by the plugin, collected when idle)
+//! and peers (laptops, joined by `wgexit peer create`, never collected). Their leases live
+//! in the one registry beside the egresses' (under [`network_scope`]), so they share its
+//! store, its group commit and its lock; each change is programmed on the network's device
+//! before it is answered and then published to the network's resolver.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::collect::{Activity, Idle, Now, Timeouts};
+use super::commit::{CommitError, Pending};
+use super::registry::{network_scope, Holder, LeaseError, Registry};
+use super::service::LeaseService;
+use super::store::Refusal;
+use crate::config::NetworkConfig;
+use crate::dataplane::devices::Changes;
+use crate::dataplane::network::{NetworkDataplane, NetworkPlaneError};
+use crate::dns::directory::{Directory, Published};
+use crate::identity::Identities;
+use wgexit::api::{
+    Attachment, Lease, Member, MemberGrant, MemberInfo, MemberKind, MemberList, MemberRequest,
+    NetworkInfo, PeerRequest,
+};
+use wgexit::keys::Key;
+use wgexit::wg::PeerStatus;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("no network named {0:?}")]
+    UnknownNetwork(String),
+    #[error("network {network}: a peer named {name:?} exists already; pick another name or remove it first")]
+    PeerNameTaken { network: String, name: String },
+    #[error("network {network}: no {kind} with public key {key}")]
+    NotFound {
+        network: String,
+        kind: &'static str,
+        key: Key,
+    },
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error(transparent)]
+    Dataplane(#[from] NetworkPlaneError),
+}
+
+impl From<CommitError> for NetworkError {
+    fn from(e: CommitError) -> NetworkError {
+        NetworkError::Lease(LeaseError::Store(e))
+    }
+}
+
+fn kind_name(kind: MemberKind) -> &'static str {
+    match kind {
+        MemberKind::Container => "member",
+        MemberKind::Peer => "peer",
+    }
+}
+
+/// A lease as the API shows a member.
+pub fn member_of(network: &str, lease: &Lease) -> Member {
+    let info = lease.member.as_deref().cloned().unwrap_or(MemberInfo {
+        network: network.to_string(),
+        kind: MemberKind::Container,
+        app: String::new(),
+        region: String::new(),
+        name: String::new(),
+    });
+    Member {
+        network: network.to_string(),
+        kind: info.kind,
+        public_key: lease.public_key,
+        address: lease.address,
+        created_at: lease.created_at,
+        app: info.app,
+        region: info.region,
+        name: info.name,
+        attachment: lease.attachment.clone(),
+    }
+}
+
+fn kind_of(lease: &Lease) -> MemberKind {
+    lease
+        .member
+        .as_ref()
+        .map(|m| m.kind)
+        .unwrap_or(MemberKind::Container)
+}
+
+/// What joining asks for, whatever the kind of member.
+struct Join {
+    public_key: Key,
+    attachment: Attachment,
+    info: MemberInfo,
+}
+
+pub struct NetworkService {
+    leases: Arc<LeaseService>,
+    networks: Vec<NetworkConfig>,
+    dataplane: NetworkDataplane,
+    identities: Identities,
+    directories: HashMap<String, Published>,
+    pub collected: AtomicU64,
+}
+
+impl NetworkService {
+    pub fn new(
+        leases: Arc<LeaseService>,
+        dataplane: NetworkDataplane,
+        identities: Identities,
+    ) -> NetworkService {
+        let networks = leases.config.network.clone();
+        let directories = networks
+            .iter()
+            .map(|n| (n.name.clone(), Published::default()))
+            .collect();
+        NetworkService {
+            leases,
+            networks,
+            dataplane,
+            identities,
+            directories,
+            collected: AtomicU64::new(0),
+        }
+    }
+
+    pub fn networks(&self) -> &[NetworkConfig] {
+        &self.networks
+    }
+
+    pub fn dataplane(&self) -> &NetworkDataplane {
+        &self.dataplane
+    }
+
+    /// The directory `network`'s resolver reads.
+    pub fn directory(&self, network: &str) -> Published {
+        self.directories.get(network).cloned().unwrap_or_default()
+    }
+
+    fn config(&self, network: &str) -> Result<&NetworkConfig, NetworkError> {
+        self.networks
+            .iter()
+            .find(|n| n.name == network)
+            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
+    }
+
+    fn server_public_key(&self, network: &str) -> Result<Key, NetworkError> {
+        self.identities
+            .public(network)
+            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
+    }
+
+    /// Rebuilds `network`'s directory from the registry (called with it locked).
+    fn publish(&self, registry: &Registry, network: &str) {
+        let Some(published) = self.directories.get(network) else {
+            return;
+        };
+        let directory = match registry.egress(&network_scope(network)) {
+            Ok(e) => Directory::from_leases(e.leases().map(|l| &l.lease)),
+            Err(_) => Directory::default(),
+        };
+        published.publish(directory);
+    }
+
+    /// Publishes every network's directory (at start).
+    pub async fn publish_all(&self) {
+        let registry = self.leases.registry().lock().await;
+        for n in &self.networks {
+            self.publish(&registry, &n.name);
+        }
+    }
+
+    /// A container joins `network` (idempotent per public key).
+    pub async fn lease_member(
+        &self,
+        network: &str,
+        owner: &str,
+        req: MemberRequest,
+    ) -> Result<MemberGrant, NetworkError> {
+        let info = MemberInfo {
+            network: network.to_string(),
+            kind: MemberKind::Container,
+            app: req.app,
+            region: req.region,
+            name: String::new(),
+        };
+        let join = Join {
+            public_key: req.public_key,
+            attachment: req.attachment,
+            info,
+        };
+        self.join(network, owner, join).await
+    }
+
+    /// A peer (laptop) joins `network` under a name no other peer of it has.
+    pub async fn add_peer(
+        &self,
+        network: &str,
+        owner: &str,
+        req: PeerRequest,
+    ) -> Result<MemberGrant, NetworkError> {
+        let info = MemberInfo {
+            network: network.to_string(),
+            kind: MemberKind::Peer,
+            app: String::new(),
+            region: String::new(),
+            name: req.name,
+        };
+        let join = Join {
+            public_key: req.public_key,
+            attachment: Attachment::default(),
+            info,
+        };
+        self.join(network, owner, join).await
+    }
+
+    fn check_peer_name(
+        &self,
+        registry: &Registry,
+        network: &str,
+        join: &Join,
+    ) -> Result<(), NetworkError> {
+        if join.info.kind != MemberKind::Peer {
+            return Ok(());
+        }
+        let taken = registry
+            .egress(&network_scope(network))?
+            .leases()
+            .filter(|l| l.lease.public_key != join.public_key)
+            .filter_map(|l| l.lease.member.as_ref())
+            .any(|m| m.kind == MemberKind::Peer && m.name.eq_ignore_ascii_case(&join.info.name));
+        if taken {
+            return Err(NetworkError::PeerNameTaken {
+                network: network.to_string(),
+                name: join.info.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn join(
+        &self,
+        network: &str,
+        owner: &str,
+        join: Join,
+    ) -> Result<MemberGrant, NetworkError> {
+        let cfg = self.config(network)?;
+        let server_public_key = self.server_public_key(network)?;
+        let scope = network_scope(network);
+        let mut registry = self.leases.registry().lock().await;
+        self.check_peer_name(&registry, network, &join)?;
+        let holder = Holder {
+            public_key: &join.public_key,
+            attachment: &join.attachment,
+            owner,
+        };
+        let (stored, new, durable) = registry.lease_for(
+            &scope,
+            holder,
+            Some(join.info),
+            self.leases.config.max_leases_per_owner,
+        )?;
+        if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
+            if new {
+                let _ = registry.release(&scope, &join.public_key, None);
+            }
+            return Err(e.into());
+        }
+        self.publish(&registry, network);
+        drop(registry);
+        if let Err(e) = durable.durable().await {
+            if new {
+                let _ = self.remove(cfg, &join.public_key).await;
+            }
+            return Err(e.into());
+        }
+        Ok(self.grant(cfg, &stored.lease, server_public_key))
+    }
+
+    fn grant(&self, cfg: &NetworkConfig, lease: &Lease, server_public_key: Key) -> MemberGrant {
+        MemberGrant {
+            member: member_of(&cfg.name, lease),
+            address: IpNet::from(lease.address),
+            prefix: IpNet::V6(cfg.prefix),
+            server_public_key,
+            endpoint: cfg.endpoint,
+            gateway: IpAddr::V6(cfg.gateway()),
+            dns: IpAddr::V6(cfg.dns()),
+            persistent_keepalive: self.leases.config.persistent_keepalive,
+        }
+    }
+
+    /// Takes `key` out of `network` when it is a member of `kind` made with `owner`'s token.
+    pub async fn release(
+        &self,
+        network: &str,
+        kind: MemberKind,
+        owner: &str,
+        key: &Key,
+    ) -> Result<(), NetworkError> {
+        let cfg = self.config(network)?;
+        let scope = network_scope(network);
+        {
+            let registry = self.leases.registry().lock().await;
+            let lease = registry.releasable(&scope, key, Some(owner))?;
+            if kind_of(&lease.lease) != kind {
+                return Err(NetworkError::NotFound {
+                    network: network.to_string(),
+                    kind: kind_name(kind),
+                    key: *key,
+                });
+            }
+        }
+        self.remove(cfg, key).await
+    }
+
+    /// Peer off the device, lease out of the registry, directory republished; durable when
+    /// it returns. A lease released meanwhile counts as released.
+    async fn remove(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), NetworkError> {
+        let mut registry = self.leases.registry().lock().await;
+        let pending = self.remove_locked(&mut registry, cfg, key).await?;
+        drop(registry);
+        durable_removal(pending).await?;
+        Ok(())
+    }
+
+    async fn remove_locked(
+        &self,
+        registry: &mut Registry,
+        cfg: &NetworkConfig,
+        key: &Key,
+    ) -> Result<Pending, NetworkError> {
+        self.dataplane.remove_peer(cfg, key).await?;
+        let (_, pending) = registry.release(&network_scope(&cfg.name), key, None)?;
+        self.publish(registry, &cfg.name);
+        Ok(pending)
+    }
+
+    pub async fn list(&self, network: &str, kind: MemberKind) -> Result<MemberList, NetworkError> {
+        self.config(network)?;
+        let registry = self.leases.registry().lock().await;
+        let mut members: Vec<Member> = registry
+            .egress(&network_scope(network))?
+            .leases()
+            .filter(|l| kind_of(&l.lease) == kind)
+            .map(|l| member_of(network, &l.lease))
+            .collect();
+        members.sort_by_key(|m| m.address);
+        Ok(MemberList { members })
+    }
+
+    pub async fn info(&self, network: &str) -> Result<NetworkInfo, NetworkError> {
+        let cfg = self.config(network)?;
+        let registry = self.leases.registry().lock().await;
+        let leases = registry.egress(&network_scope(network))?;
+        let peers = leases
+            .leases()
+            .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
+            .count();
+        Ok(NetworkInfo {
+            name: cfg.name.clone(),
+            prefix: IpNet::V6(cfg.prefix),
+            endpoint: cfg.endpoint,
+            server_public_key: self.server_public_key(network)?,
+            gateway: IpAddr::V6(cfg.gateway()),
+            dns: IpAddr::V6(cfg.dns()),
+            members: leases.len() - peers,
+            peers,
+        })
+    }
+
+    /// Makes every network's device match the store.
+    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, NetworkPlaneError> {
+        let mut out = Vec::new();
+        for cfg in &self.networks {
+            let Some(identity) = self.identities.private(&cfg.name) else {
+                continue;
+            };
+            let seen = self.dataplane.device(cfg).await?;
+            let registry = self.leases.registry().lock().await;
+            let leases: Vec<&Lease> = registry
+                .egress(&network_scope(&cfg.name))
+                .map(|e| e.leases().map(|l| &l.lease).collect())
+                .unwrap_or_default();
+            let changes = self
+                .dataplane
+                .reconcile(cfg, identity, seen, &leases)
+                .await?;
+            drop(registry);
+            out.push((cfg.name.clone(), changes));
+        }
+        Ok(out)
+    }
+
+    /// Releases the containers whose peers have gone away; peers (laptops) stay until they
+    /// are removed. Returns what was collected, with why.
+    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+        let mut out = Vec::new();
+        for cfg in &self.networks {
+            for (lease, why, pending) in self.collect_network(cfg, activity).await {
+                match durable_removal(pending).await {
+                    Ok(()) => {
+                        self.collected.fetch_add(1, Ordering::Relaxed);
+                        out.push((lease, why));
+                    }
+                    Err(e) => {
+                        tracing::error!(network = %cfg.name, public_key = %lease.public_key, error = %e, "collected an idle member but could not write that to the store")
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    async fn collect_network(
+        &self,
+        cfg: &NetworkConfig,
+        activity: &mut Activity,
+    ) -> Vec<(Lease, Idle, Pending)> {
+        let config = &self.leases.config;
+        let timeouts = Timeouts {
+            peer: config.peer_timeout,
+            first_handshake: config.first_handshake_timeout,
+        };
+        let status = match self.dataplane.device(cfg).await {
+            Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(network = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
+                return Vec::new();
+            }
+        };
+        let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
+        let scope = network_scope(&cfg.name);
+        let mut registry = self.leases.registry().lock().await;
+        let containers: Vec<Lease> = match registry.egress(&scope) {
+            Ok(e) => e
+                .leases()
+                .filter(|l| kind_of(&l.lease) == MemberKind::Container)
+                .map(|l| l.lease.clone())
+                .collect(),
+            Err(_) => return Vec::new(),
+        };
+        let watched: HashSet<Key> = containers.iter().map(|l| l.public_key).collect();
+        activity.retain(&scope, &watched);
+        let now = Now::current();
+        let mut removed = Vec::new();
+        for lease in containers {
+            let peer = peers.get(&lease.public_key).copied();
+            let Some(why) = activity.observe(&scope, &lease.public_key, peer, now, timeouts) else {
+                continue;
+            };
+            match self
+                .remove_locked(&mut registry, cfg, &lease.public_key)
+                .await
+            {
+                Ok(pending) => removed.push((lease, why, pending)),
+                Err(e) => {
+                    tracing::error!(network = %cfg.name, public_key = %lease.public_key, error = %e, "cannot collect an idle member; will retry")
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// Waits for a removal's write; a lease the store no longer holds is removed all the same.
+async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
+    match pending.durable().await {
+        Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,124 @@
+//! The lease service in a pool: leases other members write reach this member's registry
+//! and devices (hot standby) without being written back, and a member that lost track
+//! (its watch broke) catches up with the store.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use super::{LeaseService, ServiceError};
+use crate::dataplane::Dataplane;
+use crate::leases::registry::Adopted;
+use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
+use wgexit::keys::Key;
+
+/// Attempts at a lease whose write the shared store refused because another member took
+/// its address (or made the same key's lease) meanwhile.
+pub(super) const LEASE_ATTEMPTS: usize = 8;
+
+pub(super) fn worth_retrying(why: &Refusal) -> bool {
+    matches!(
+        why,
+        Refusal::AddressLeased { .. } | Refusal::KeyLeased(_) | Refusal::Absent(_)
+    )
+}
+
+/// Another address is free at once; the same key's lease made by another member needs
+/// a moment to arrive through the watch, and is then answered as it is.
+pub(super) async fn before_retry(why: &Refusal, attempt: usize) {
+    if !matches!(why, Refusal::AddressLeased { .. }) {
+        tokio::time::sleep(Duration::from_millis(25 * attempt as u64)).await;
+    }
+}
+
+impl<D: Dataplane> LeaseService<D> {
+    /// A lease the shared store holds (written by any member): in the registry and on the
+    /// device. Nothing is written back.
+    pub async fn adopt_remote(&self, stored: StoredLease) -> Result<(), ServiceError> {
+        let Some(cfg) = self.config.egress(&stored.lease.egress) else {
+            return Ok(());
+        };
+        let mut registry = self.registry.lock().await;
+        let lease = stored.lease.clone();
+        let peer = super::peer_of(&stored);
+        match registry.adopt(stored) {
+            Adopted::New => self.dataplane.add_peer(cfg, &peer).await?,
+            Adopted::Known => {}
+            Adopted::Misfit => {
+                tracing::warn!(egress = %lease.egress, address = %lease.address, "a pool member leased an address outside this member's pool; are the members' configs the same?")
+            }
+        }
+        Ok(())
+    }
+
+    /// A lease the shared store no longer holds: off the device, out of the registry.
+    pub async fn drop_remote(&self, egress: &str, key: &Key) -> Result<(), ServiceError> {
+        let Some(cfg) = self.config.egress(egress) else {
+            return Ok(());
+        };
+        let mut registry = self.registry.lock().await;
+        if let Some(dropped) = registry.drop_remote(egress, key) {
+            self.dataplane.remove_peer(cfg, key).await?;
+            // Another lease may hold the address too (see `Registry::adopt`).
+            if let Some(holder) = registry.lease_at(egress, dropped.lease.address) {
+                self.dataplane
+                    .add_peer(cfg, &super::peer_of(holder))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the registry and the devices hold exactly what the store holds. This
+    /// member's own queued writes are applied first (with the registry locked, so no new
+    /// one comes), then `load` reads the store; returns what `load` returned besides.
+    pub async fn resync<T, F, Fut>(&self, load: F) -> Result<T, ServiceError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(Vec<StoredLease>, T), StoreError>>,
+    {
+        let mut registry = self.registry.lock().await;
+        let barrier = registry.submit(Write::Keep {
+            egress: String::new(),
+            public_key: Key([0; 32]),
+            owner: String::new(),
+        });
+        match barrier.durable().await {
+            Ok(()) | Err(crate::leases::commit::CommitError::Refused(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let (stored, extra) = load()
+            .await
+            .map_err(crate::leases::registry::LeaseError::from)?;
+        let mut by_egress: HashMap<String, HashMap<Key, StoredLease>> = HashMap::new();
+        for l in stored {
+            by_egress
+                .entry(l.lease.egress.clone())
+                .or_default()
+                .insert(l.lease.public_key, l);
+        }
+        for cfg in &self.config.egress {
+            let want = by_egress.remove(&cfg.name).unwrap_or_default();
+            let gone: Vec<Key> = registry
+                .egress(&cfg.name)
+                .map(|e| {
+                    e.leases()
+                        .map(|l| l.lease.public_key)
+                        .filter(|k| !want.contains_key(k))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for key in gone {
+                registry.drop_remote(&cfg.name, &key);
+                self.dataplane.remove_peer(cfg, &key).await?;
+            }
+            for (_, l) in want {
+                let peer = super::peer_of(&l);
+                if registry.adopt(l) == Adopted::New {
+                    self.dataplane.add_peer(cfg, &peer).await?;
+                }
+            }
+        }
+        Ok(extra)
+    }
+}
