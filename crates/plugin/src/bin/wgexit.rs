@@ -133,7 +133,8 @@ fn main() {
         Some(Command::Teardown { netns }) => {
             let stdin = read_stdin();
             let result = runtime().and_then(|rt| rt.block_on(netavark::teardown(&netns, &stdin)));
-            print_outcome(&netavark::answer(result))
+            // Success prints nothing.
+            print_outcome(&netavark::answer(result.map(|()| None::<()>)))
         }
     };
     std::process::exit(code);

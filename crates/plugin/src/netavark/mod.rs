@@ -141,14 +141,14 @@ pub async fn setup(netns: &Path, stdin: &[u8]) -> Result<Option<StatusBlock>, Cn
 }
 
 /// `teardown NETNS`: DEL (idempotent: a container never set up, or gone, tears down too).
-pub async fn teardown(netns: &Path, stdin: &[u8]) -> Result<Option<()>, CniError> {
+pub async fn teardown(netns: &Path, stdin: &[u8]) -> Result<(), CniError> {
     let exec: PluginExec = decode("the container's network options", stdin)?;
     let (_, conf) = net_conf(&exec.network)?;
     let env = cni_env("DEL", netns, &exec)?;
     crate::cni::logged(&env, &conf)
         .await
-        .map_err(name_options)?;
-    Ok(None)
+        .map(|_| ())
+        .map_err(name_options)
 }
 
 /// The part of ADD's CNI result a status block shows.
