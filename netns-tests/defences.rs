@@ -1,0 +1,193 @@
+//! A single exit node's defences (docs/exit-node-defences.md): what turning IPv6 forwarding
+//! on must not break, what the private policy covers, what one token may take, what the
+//! plugin refuses to touch, and what a flood of connections must not stop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::isolation::refused;
+use crate::world::{sh, try_sh, Settings, World, EGRESS_IP6};
+
+/// Polls `check` every 50 ms until it holds or `limit` passes; whether it held.
+fn within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed and reaped when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The NAT64 prefixes lead, through a translator, to private IPv4 addresses: with the
+/// default `private = "deny"` a container's packets to them are refused (TCP reset) and
+/// counted, like those to any other private range, even where the exit node reaches them.
+#[test]
+fn defences_private_deny_covers_the_nat64_prefixes() {
+    let mut w = World::with(Settings {
+        dual_stack: true,
+        ..Settings::default()
+    });
+    // The isp plays the NAT64 translator: it answers on both prefixes.
+    let translated = [
+        ("64:ff9b::c612:a", "[64:ff9b::c612:a]:8080"),
+        ("64:ff9b:1:2::c612:a", "[64:ff9b:1:2::c612:a]:8080"),
+    ];
+    for (addr, at) in translated {
+        let addr = format!("{addr}/128");
+        sh(&["ip", "-n", &w.isp, "addr", "add", &addr, "dev", "lo"]);
+        w.start_echo(at);
+        let from_exit = try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &w.exit,
+            "curl",
+            "-s",
+            "-m",
+            "3",
+            &format!("http://{at}/"),
+        ]);
+        assert!(from_exit.status.success(), "the exit node reaches {at}");
+    }
+    let c = w.container("n64");
+    w.cni("ADD", &c, &w.net_conf("acme")).ok();
+    assert_eq!(w.echo6_from(&c).unwrap(), EGRESS_IP6, "{}", w.daemon_log());
+    for (_, at) in translated {
+        let before = refused(&w, "acme");
+        let start = Instant::now();
+        let err = w
+            .fetch_from(&c, &format!("http://{at}/"), Duration::from_secs(3))
+            .unwrap_err();
+        assert!(err.contains("exit Some(7)"), "{at}: {err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{at}: not refused at once"
+        );
+        assert!(refused(&w, "acme") > before, "{at}: not counted as refused");
+    }
+}
+
+/// The exit node's IPv6 default route as `ip -6 route` shows it, if it came from a router
+/// advertisement.
+fn ra_default_route(w: &World) -> Option<String> {
+    let out = sh(&["ip", "-n", &w.exit, "-6", "route", "show", "default"]);
+    out.lines()
+        .find(|l| l.contains("proto ra"))
+        .map(str::to_string)
+}
+
+/// `radvd` on the isp's side of the uplink, advertising itself as the default router and
+/// 2001:db8:77::/64 for SLAAC.
+fn start_radvd(w: &World) -> Running {
+    let conf = w.path("radvd.conf");
+    std::fs::write(
+        &conf,
+        "interface up0 {\n  AdvSendAdvert on;\n  MinRtrAdvInterval 3;\n  MaxRtrAdvInterval 4;\n  \
+         AdvDefaultLifetime 60;\n  prefix 2001:db8:77::/64 { AdvOnLink on; AdvAutonomous on; };\n};\n",
+    )
+    .unwrap();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &w.isp,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.forwarding=1",
+    ]);
+    let pid = w.path("radvd.pid");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &w.isp, "radvd", "-n", "-m", "stderr", "-C"])
+        .arg(&conf)
+        .arg("-p")
+        .arg(&pid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start radvd (scripts/deps installs it)");
+    Running(child)
+}
+
+/// Sets an exit-namespace sysctl (`-w` form).
+fn exit_sysctl(w: &World, setting: &str) {
+    sh(&["ip", "netns", "exec", &w.exit, "sysctl", "-qw", setting]);
+}
+
+/// An exit node that learnt its IPv6 default route from a router advertisement (SLAAC)
+/// keeps it when wgexitd turns IPv6 forwarding on, and its containers' IPv6 leaves by it.
+#[test]
+fn defences_ipv6_forwarding_keeps_the_router_advertised_default_route() {
+    let mut w = World::with(Settings {
+        dual_stack: true,
+        ..Settings::default()
+    });
+    let c = w.container("ra");
+    w.cni("ADD", &c, &w.net_conf("acme")).ok();
+    // The exit node as it boots: not forwarding, accepting router advertisements, no
+    // static IPv6 default route; then the daemon starts again.
+    w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    exit_sysctl(&w, "net.ipv6.conf.all.forwarding=0");
+    exit_sysctl(&w, "net.ipv6.conf.isp0.accept_ra=1");
+    sh(&[
+        "ip",
+        "-n",
+        &w.exit,
+        "-6",
+        "route",
+        "del",
+        "default",
+        "via",
+        "2001:db8:77::1",
+    ]);
+    let _radvd = start_radvd(&w);
+    assert!(
+        within(Duration::from_secs(15), || ra_default_route(&w).is_some()),
+        "no default route from the router advertisement: {}",
+        sh(&["ip", "-n", &w.exit, "-6", "route"])
+    );
+
+    w.start_daemon();
+    let forwarding = || {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &w.exit,
+            "sysctl",
+            "-n",
+            "net.ipv6.conf.all.forwarding",
+        ])
+    };
+    assert!(within(Duration::from_secs(5), || forwarding().trim() == "1"));
+    assert!(
+        ra_default_route(&w).is_some(),
+        "wgexitd's forwarding removed the router-advertised default route: {}",
+        sh(&["ip", "-n", &w.exit, "-6", "route"])
+    );
+    assert_eq!(w.echo6_from(&c).unwrap(), EGRESS_IP6, "{}", w.daemon_log());
+    // Later advertisements still count: the route is renewed, not left to expire.
+    let accept_ra = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &w.exit,
+        "sysctl",
+        "-n",
+        "net.ipv6.conf.isp0.accept_ra",
+    ]);
+    assert_eq!(accept_ra.trim(), "2");
+}
