@@ -191,3 +191,90 @@ fn defences_ipv6_forwarding_keeps_the_router_advertised_default_route() {
     ]);
     assert_eq!(accept_ra.trim(), "2");
 }
+
+/// The world's host namespace's default route and links, as `ip` prints them.
+fn routes_and_links(w: &World) -> (String, Vec<String>) {
+    (sh(&["ip", "-n", &w.host, "route"]), w.links(&w.host))
+}
+
+/// A host-network container's namespace is the host's. Neither ADD given the plugin's own
+/// namespace as `CNI_NETNS` nor the OCI hook for a container whose `config.json` names no
+/// network namespace touches it: both refuse with CNI code 4, saying why, and the host's
+/// routes and links stay as they were. (The world's host namespace plays the host: the
+/// plugin runs in it.)
+#[test]
+fn defences_the_plugin_refuses_the_hosts_own_namespace() {
+    let w = World::new();
+    sh(&[
+        "ip",
+        "-n",
+        &w.host,
+        "route",
+        "add",
+        "default",
+        "via",
+        "198.51.100.2",
+    ]);
+    let before = routes_and_links(&w);
+    let conf = w.net_conf("acme");
+    let host_ns = std::path::PathBuf::from(format!("/var/run/netns/{}", w.host));
+    let out = w.cni_raw(
+        "ADD",
+        "hostnet-1",
+        Some(&host_ns),
+        "eth0",
+        conf.to_string().as_bytes(),
+    );
+    let (code, msg) = out.err();
+    assert_eq!(code, 4, "{msg}");
+    assert!(msg.contains("plugin's own network namespace"), "{msg}");
+    assert_eq!(routes_and_links(&w), before);
+    assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+
+    // The OCI hook: a container process in the host's namespace, and a config.json whose
+    // namespaces have no "network" entry.
+    let sleeper = Running(
+        Command::new("ip")
+            .args(["netns", "exec", &w.host, "sleep", "60"])
+            .spawn()
+            .unwrap(),
+    );
+    let bundle = w.path("hostnet-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let config = serde_json::json!({"ociVersion": "1.0.2",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
+    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    let hook_conf = w.path("hook.conf");
+    std::fs::write(&hook_conf, conf.to_string()).unwrap();
+    let state = serde_json::json!({"ociVersion": "1.0.2", "id": "hostnet-2",
+        "status": "created", "pid": sleeper.0.id(), "bundle": bundle});
+    let mut hook = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.host,
+            crate::world::bin("wgexit"),
+            "oci-hook",
+            "add",
+        ])
+        .arg("--config")
+        .arg(&hook_conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    hook.stdin
+        .take()
+        .unwrap()
+        .write_all(state.to_string().as_bytes())
+        .unwrap();
+    let out = hook.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("error 4:"), "{stderr}");
+    assert!(stderr.contains("host-network container"), "{stderr}");
+    assert_eq!(routes_and_links(&w), before);
+    assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+}
