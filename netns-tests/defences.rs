@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::isolation::refused;
-use crate::world::{sh, try_sh, Settings, World, EGRESS_IP6};
+use crate::world::{sh, try_sh, Settings, World, EGRESS_IP6, SECOND_TOKEN, TOKEN};
 
 /// Polls `check` every 50 ms until it holds or `limit` passes; whether it held.
 fn within(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -277,4 +277,59 @@ fn defences_the_plugin_refuses_the_hosts_own_namespace() {
     assert!(stderr.contains("host-network container"), "{stderr}");
     assert_eq!(routes_and_links(&w), before);
     assert!(w.state_files().is_empty(), "{:?}", w.state_files());
+}
+
+/// Leases an address for a fresh key through the API with `token`, as a client that never
+/// completes a handshake: (status, body).
+fn lease_random_key(w: &World, token: &str) -> (u16, String) {
+    let key = wgexit::keys::Key::generate_private().unwrap().public();
+    let body = serde_json::json!({ "public_key": key.to_base64(),
+        "attachment": { "container_id": "drain", "ifname": "eth0", "host": "nowhere" } });
+    w.api_with(
+        "POST",
+        "/v1/egress/acme/leases",
+        Some(token),
+        Some(&body.to_string()),
+        &[],
+    )
+}
+
+/// Egress acme's pool (a /28: 13 leases) is shared by two tokens. One token re-leasing random
+/// keys stops at its share (6) with 409 `quota_exceeded`, and the other still gets leases.
+/// A configured quota larger than a pool is refused by the config check.
+#[test]
+fn defences_one_token_cannot_drain_a_shared_pool() {
+    let w = World::with(Settings {
+        pool: Some("100.96.0.0/28".into()),
+        ..Settings::default()
+    });
+    let mut granted = 0;
+    let (status, body) = loop {
+        let (status, body) = lease_random_key(&w, TOKEN);
+        if status != 200 {
+            break (status, body);
+        }
+        granted += 1;
+        assert!(granted <= 13, "more leases than the pool holds");
+    };
+    assert_eq!((status, granted), (409, 6), "{body}");
+    assert!(body.contains("quota_exceeded"), "{body}");
+    for _ in 0..6 {
+        let (status, body) = lease_random_key(&w, SECOND_TOKEN);
+        assert_eq!(status, 200, "the other token: {body}");
+    }
+
+    let config = std::fs::read_to_string(w.daemon_config()).unwrap();
+    let too_big = w.path("too-big.toml");
+    std::fs::write(&too_big, format!("max_leases_per_owner = 14\n{config}")).unwrap();
+    let out = try_sh(&[
+        crate::world::bin("wgexitd"),
+        "check-config",
+        "--config",
+        &too_big.display().to_string(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("max_leases_per_owner"), "{stderr}");
+    assert!(stderr.contains("100.96.0.0/28"), "{stderr}");
 }

@@ -117,7 +117,7 @@ pub enum LeaseError {
         egress: String,
         ips: Vec<std::net::Ipv4Addr>,
     },
-    #[error("{} {}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node", kind_of_scope(.egress), name_of_scope(.egress))]
+    #[error("{} {}: this token already holds {max} leases, its quota (max_leases_per_owner; by default an equal share of the pool among the tokens); release leases (DEL) or have max_leases_per_owner raised on the exit node", kind_of_scope(.egress), name_of_scope(.egress))]
     QuotaExceeded { egress: String, max: usize },
     #[error("{} {}: no lease for public key {key}", kind_of_scope(.egress), name_of_scope(.egress))]
     NotFound { egress: String, key: Key },
