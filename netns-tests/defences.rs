@@ -333,3 +333,148 @@ fn defences_one_token_cannot_drain_a_shared_pool() {
     assert!(stderr.contains("max_leases_per_owner"), "{stderr}");
     assert!(stderr.contains("100.96.0.0/28"), "{stderr}");
 }
+
+/// A bounded flood of TCP connections from `source` (an address of namespace `ns`) to `to`:
+/// every other one stalls in the middle of a TLS ClientHello, the rest send nothing. Held
+/// open until dropped.
+struct Flood {
+    connected: usize,
+    _sockets: Vec<std::net::TcpStream>,
+}
+
+impl Flood {
+    fn open(ns: &str, source: &str, to: &str, n: usize) -> Flood {
+        use nix::sys::socket::{
+            bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+            SockaddrIn,
+        };
+        // The flood's own descriptors: this process's soft limit up to its hard one.
+        let (_, hard) =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard)
+            .unwrap();
+        assert!(hard as usize > n + 256, "the test needs {n} descriptors");
+        let ns = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        let source: SockaddrIn = format!("{source}:0")
+            .parse::<std::net::SocketAddrV4>()
+            .unwrap()
+            .into();
+        let to: SockaddrIn = to.parse::<std::net::SocketAddrV4>().unwrap().into();
+        std::thread::spawn(move || {
+            use std::os::fd::AsFd;
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let mut sockets = Vec::new();
+            for i in 0..n {
+                let fd = socket(
+                    AddressFamily::Inet,
+                    SockType::Stream,
+                    SockFlag::SOCK_CLOEXEC,
+                    None,
+                )
+                .unwrap();
+                let wait = nix::sys::time::TimeVal::new(1, 0);
+                setsockopt(&fd, sockopt::SendTimeout, &wait).unwrap();
+                bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &source).unwrap();
+                if connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &to).is_err() {
+                    continue;
+                }
+                let mut s = std::net::TcpStream::from(fd);
+                if i % 2 == 1 {
+                    // A TLS record header announcing 512 bytes of ClientHello, and its first byte.
+                    use std::io::Write;
+                    let _ = s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]);
+                }
+                sockets.push(s);
+            }
+            Flood {
+                connected: sockets.len(),
+                _sockets: sockets,
+            }
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+/// Descriptors process `pid` holds open.
+fn descriptors_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Under a 1,024-descriptor limit, 1,100 connections from one address (idle, or stalled in
+/// the TLS handshake) neither exhaust the daemon's descriptors nor stop an authenticated
+/// lease from another address, and traffic through existing tunnels goes on. The daemon,
+/// started with a soft limit of 512, raises it to the hard 1,024.
+#[test]
+fn defences_a_connection_flood_under_1024_descriptors_stops_no_lease() {
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let steady = w.container("steady");
+    w.cni("ADD", &steady, &conf).ok();
+    w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    let log = w.path("limited.log");
+    let daemon = Running(
+        Command::new("ip")
+            .args(["netns", "exec", &w.exit, "prlimit", "--nofile=512:1024"])
+            .arg(crate::world::bin("wgexitd"))
+            .arg("serve")
+            .arg("--config")
+            .arg(w.daemon_config())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        within(Duration::from_secs(30), || w
+            .api_raw("GET", "/healthz", None)
+            .0
+            == 200),
+        "{}",
+        daemon_log()
+    );
+    // `ip netns exec` and `prlimit` exec the daemon: the child's pid is the daemon's.
+    let pid = daemon.0.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["1024", "1024"],
+        "{open_files}"
+    );
+    assert_eq!(w.echo_from(&steady).unwrap(), crate::world::EGRESS_IP);
+
+    sh(&[
+        "ip",
+        "-n",
+        &w.host,
+        "addr",
+        "add",
+        "198.51.100.11/24",
+        "dev",
+        "up0",
+    ]);
+    let flood = Flood::open(&w.host, "198.51.100.11", crate::world::API, 1100);
+    let held = descriptors_of(pid);
+    assert!(held < 1024 - 128, "the daemon holds {held} descriptors");
+    let start = Instant::now();
+    let fresh = w.container("fresh");
+    w.cni("ADD", &fresh, &conf).ok();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "ADD took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(w.echo_from(&fresh).unwrap(), crate::world::EGRESS_IP);
+    assert_eq!(w.echo_from(&steady).unwrap(), crate::world::EGRESS_IP);
+    let log = daemon_log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    eprintln!(
+        "flood: {} connections made, the daemon held {held} descriptors",
+        flood.connected
+    );
+}

@@ -5,6 +5,7 @@
 //! there are none).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
@@ -15,17 +16,24 @@ use hickory_server::authority::MessageResponseBuilder;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::ServerFuture;
 use ipnet::Ipv6Net;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::directory::Published;
 use super::forward::forward;
 use super::names::{answer, txt_strings, Answer, Question, Record};
 use super::TTL;
 use crate::config::NetworkConfig;
+use crate::descriptors::{PerSource, SourceSlot};
 
 /// How long an idle TCP connection is kept.
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest UDP answer offered to clients that speak EDNS.
 const EDNS_PAYLOAD: u16 = 1232;
+/// Queries forwarded upstream at once, per network: each holds a socket until answered or
+/// timed out. More are answered SERVFAIL at once.
+pub const FORWARDS_IN_FLIGHT: usize = 64;
+/// Of those, what one member may hold, so that a member's flood leaves the others room.
+pub const FORWARDS_PER_MEMBER: usize = FORWARDS_IN_FLIGHT / 4;
 
 #[derive(Debug, thiserror::Error)]
 #[error("network {network}: cannot serve DNS on {address}: {source}")]
@@ -41,6 +49,8 @@ pub struct Resolver {
     prefix: Ipv6Net,
     directory: Published,
     upstreams: Vec<SocketAddr>,
+    forwards: Arc<Semaphore>,
+    forwarding_members: Arc<PerSource>,
 }
 
 /// What the resolver sends back, before it is written.
@@ -78,7 +88,16 @@ impl Resolver {
             prefix: n.prefix,
             directory,
             upstreams: n.dns_upstream.clone(),
+            forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
+            forwarding_members: Arc::default(),
         }
+    }
+
+    /// Room for one more forwarded query from `member`, if there is any.
+    fn forward_slot(&self, member: IpAddr) -> Option<(SourceSlot, OwnedSemaphorePermit)> {
+        let slot = self.forwarding_members.take(member, FORWARDS_PER_MEMBER)?;
+        let permit = self.forwards.clone().try_acquire_owned().ok()?;
+        Some((slot, permit))
     }
 
     async fn reply(&self, request: &Request) -> Reply {
@@ -118,6 +137,10 @@ impl Resolver {
                 Reply::code(ResponseCode::Refused, false)
             }
             Answer::Forward => {
+                let Some(_slot) = self.forward_slot(request.src().ip()) else {
+                    tracing::debug!(asker = %request.src().ip(), "too many forwarded queries in flight");
+                    return Reply::code(ResponseCode::ServFail, false);
+                };
                 let tcp = request.protocol() == Protocol::Tcp;
                 match forward(&self.upstreams, query, tcp).await {
                     Ok(mut m) => Reply {
