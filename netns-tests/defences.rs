@@ -396,6 +396,58 @@ impl Flood {
     }
 }
 
+/// The world's daemon, restarted under `prlimit --nofile=LIMITS` (soft:hard); killed when
+/// dropped (before the world, which is declared first).
+struct Limited {
+    daemon: Running,
+    log: std::path::PathBuf,
+}
+
+impl Limited {
+    /// Serving (its API answers) when it returns.
+    fn restart(w: &mut World, limits: &str) -> Limited {
+        w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+        let log = w.path("limited.log");
+        let daemon = Running(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &w.exit,
+                    "prlimit",
+                    &format!("--nofile={limits}"),
+                ])
+                .arg(crate::world::bin("wgexitd"))
+                .arg("serve")
+                .arg("--config")
+                .arg(w.daemon_config())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let limited = Limited { daemon, log };
+        assert!(
+            within(Duration::from_secs(30), || w
+                .api_raw("GET", "/healthz", None)
+                .0
+                == 200),
+            "{}",
+            limited.log()
+        );
+        limited
+    }
+
+    /// `ip netns exec` and `prlimit` exec the daemon: the child's pid is the daemon's.
+    fn pid(&self) -> u32 {
+        self.daemon.0.id()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// Descriptors process `pid` holds open.
 fn descriptors_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -411,31 +463,8 @@ fn defences_a_connection_flood_under_1024_descriptors_stops_no_lease() {
     let conf = w.net_conf("acme");
     let steady = w.container("steady");
     w.cni("ADD", &steady, &conf).ok();
-    w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
-    let log = w.path("limited.log");
-    let daemon = Running(
-        Command::new("ip")
-            .args(["netns", "exec", &w.exit, "prlimit", "--nofile=512:1024"])
-            .arg(crate::world::bin("wgexitd"))
-            .arg("serve")
-            .arg("--config")
-            .arg(w.daemon_config())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(
-        within(Duration::from_secs(30), || w
-            .api_raw("GET", "/healthz", None)
-            .0
-            == 200),
-        "{}",
-        daemon_log()
-    );
-    // `ip netns exec` and `prlimit` exec the daemon: the child's pid is the daemon's.
-    let pid = daemon.0.id();
+    let daemon = Limited::restart(&mut w, "512:1024");
+    let pid = daemon.pid();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let open_files = limits
         .lines()
@@ -471,10 +500,145 @@ fn defences_a_connection_flood_under_1024_descriptors_stops_no_lease() {
     );
     assert_eq!(w.echo_from(&fresh).unwrap(), crate::world::EGRESS_IP);
     assert_eq!(w.echo_from(&steady).unwrap(), crate::world::EGRESS_IP);
-    let log = daemon_log();
+    let log = daemon.log();
     assert!(!log.contains("Too many open files"), "{log}");
     eprintln!(
         "flood: {} connections made, the daemon held {held} descriptors",
         flood.connected
     );
+}
+
+/// The private network of the DNS flood test: its prefix and resolver.
+const NET_PREFIX: &str = "fdde:0:1::/48";
+const NET_RESOLVER: &str = "fdde:0:1::3";
+const NET_TOKEN: &str = "defence-net-token-0123456789";
+
+/// A DNS query (recursion desired) for `name`, type A.
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        q.push(label.len() as u8);
+        q.extend(label.as_bytes());
+    }
+    q.extend([0, 0, 1, 0, 1]);
+    q
+}
+
+/// `dig @resolver AAAA name` from `ns`: the addresses answered.
+fn dig_aaaa(ns: &str, name: &str) -> Vec<String> {
+    let out = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "dig",
+        "+time=2",
+        "+tries=1",
+        "+short",
+        &format!("@{NET_RESOLVER}"),
+        "AAAA",
+        name,
+    ]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Under a 1,024-descriptor limit, a network member sending 5,000 queries for outside names
+/// at once, to an upstream that never answers (each forwarded query would hold a socket for
+/// its 2 s), leaves the daemon its descriptors: another member's `.internal` names resolve,
+/// an authenticated lease is granted, and existing tunnels carry traffic.
+#[test]
+fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else() {
+    let mut w = World::new();
+    let steady = w.container("steady");
+    w.cni("ADD", &steady, &w.net_conf("acme")).ok();
+    // The network, whose upstream (in the isp) swallows every query.
+    std::fs::write(w.path("net.tokens"), format!("{NET_TOKEN}\n")).unwrap();
+    std::fs::write(w.path("net.token"), format!("{NET_TOKEN}\n")).unwrap();
+    let table = format!(
+        "\n[[network]]\nname = \"acme\"\nprefix = \"{NET_PREFIX}\"\nwg_interface = \"{id}n\"\n\
+         listen_port = 51830\nendpoint = \"198.51.100.2:51830\"\ntoken_file = \"{tokens}\"\n\
+         dns_upstream = [\"198.18.0.53:53\"]\n",
+        id = w.id,
+        tokens = w.path("net.tokens").display(),
+    );
+    let config = std::fs::read_to_string(w.daemon_config()).unwrap();
+    std::fs::write(w.daemon_config(), format!("{config}{table}")).unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &w.isp,
+        "route",
+        "add",
+        "blackhole",
+        "198.18.0.53/32",
+    ]);
+    let daemon = Limited::restart(&mut w, "1024:1024");
+
+    let mut net_conf = w.net_conf("acme");
+    net_conf["network"] = serde_json::json!("acme");
+    net_conf.as_object_mut().unwrap().remove("egress");
+    net_conf["routes"] = serde_json::json!("none");
+    net_conf["tokenFile"] = serde_json::json!(w.path("net.token"));
+    let (flooder, asker) = (w.container("flooder"), w.container("asker"));
+    let join = |c: &crate::world::Container, app: &str| {
+        let args = format!("APP={app};REGION=ams");
+        let out = w.cni_on(
+            &w.host,
+            "ADD",
+            &c.id,
+            Some(&c.netns_path),
+            "eth0",
+            net_conf.to_string().as_bytes(),
+            &[("CNI_ARGS", &args)],
+        );
+        let result = out.ok();
+        let address = result["ips"][0]["address"].as_str().unwrap();
+        address.split('/').next().unwrap().to_string()
+    };
+    let web = join(&flooder, "web");
+    join(&asker, "db");
+    assert_eq!(
+        dig_aaaa(&asker.netns, "web.internal"),
+        std::slice::from_ref(&web)
+    );
+
+    let before = descriptors_of(daemon.pid());
+    // The flood: 5,000 queries at once from one member, for names only the upstream knows.
+    let ns = std::fs::File::open(&flooder.netns_path).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let to = format!("[{NET_RESOLVER}]:53");
+        for i in 0..5000u16 {
+            let _ = s.send_to(&dns_query(i, &format!("q{i}.example")), &to);
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // At most the forwarding cap's sockets more (and a few for the checks' own traffic).
+    let held = descriptors_of(daemon.pid());
+    assert!(
+        held <= before + 64 + 16,
+        "the daemon holds {held} descriptors, {before} before"
+    );
+    assert_eq!(dig_aaaa(&asker.netns, "web.internal"), [web]);
+    let start = Instant::now();
+    let fresh = w.container("fresh");
+    w.cni("ADD", &fresh, &w.net_conf("acme")).ok();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "ADD took {:?}",
+        start.elapsed()
+    );
+    assert_eq!(w.echo_from(&fresh).unwrap(), crate::world::EGRESS_IP);
+    assert_eq!(w.echo_from(&steady).unwrap(), crate::world::EGRESS_IP);
+    let log = daemon.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    eprintln!("DNS flood: the daemon held {held} descriptors");
 }
