@@ -334,19 +334,20 @@ fn defences_one_token_cannot_drain_a_shared_pool() {
     assert!(stderr.contains("100.96.0.0/28"), "{stderr}");
 }
 
-/// A bounded flood of TCP connections from `source` (an address of namespace `ns`) to `to`:
-/// every other one stalls in the middle of a TLS ClientHello, the rest send nothing. Held
-/// open until dropped.
+/// A bounded flood of TCP connections from namespace `ns` (from its address `source`, if
+/// given) to `to`: every other one stalls in the middle of a message (a TLS ClientHello's
+/// start, or for DNS a length its bytes never reach), the rest send nothing. Held open until
+/// dropped.
 struct Flood {
     connected: usize,
     _sockets: Vec<std::net::TcpStream>,
 }
 
 impl Flood {
-    fn open(ns: &str, source: &str, to: &str, n: usize) -> Flood {
+    fn open(ns: &str, source: Option<&str>, to: &str, n: usize) -> Flood {
         use nix::sys::socket::{
             bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
-            SockaddrIn,
+            SockaddrStorage,
         };
         // The flood's own descriptors: this process's soft limit up to its hard one.
         let (_, hard) =
@@ -355,26 +356,28 @@ impl Flood {
             .unwrap();
         assert!(hard as usize > n + 256, "the test needs {n} descriptors");
         let ns = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-        let source: SockaddrIn = format!("{source}:0")
-            .parse::<std::net::SocketAddrV4>()
-            .unwrap()
-            .into();
-        let to: SockaddrIn = to.parse::<std::net::SocketAddrV4>().unwrap().into();
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let family = if to.is_ipv6() {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let source = source.map(|ip| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            SockaddrStorage::from(std::net::SocketAddr::new(ip, 0))
+        });
+        let to = SockaddrStorage::from(to);
         std::thread::spawn(move || {
             use std::os::fd::AsFd;
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let mut sockets = Vec::new();
             for i in 0..n {
-                let fd = socket(
-                    AddressFamily::Inet,
-                    SockType::Stream,
-                    SockFlag::SOCK_CLOEXEC,
-                    None,
-                )
-                .unwrap();
+                let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
                 let wait = nix::sys::time::TimeVal::new(1, 0);
                 setsockopt(&fd, sockopt::SendTimeout, &wait).unwrap();
-                bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &source).unwrap();
+                if let Some(source) = &source {
+                    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), source).unwrap();
+                }
                 if connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &to).is_err() {
                     continue;
                 }
@@ -487,7 +490,7 @@ fn defences_a_connection_flood_under_1024_descriptors_stops_no_lease() {
         "dev",
         "up0",
     ]);
-    let flood = Flood::open(&w.host, "198.51.100.11", crate::world::API, 1100);
+    let flood = Flood::open(&w.host, Some("198.51.100.11"), crate::world::API, 1100);
     let held = descriptors_of(pid);
     assert!(held < 1024 - 128, "the daemon holds {held} descriptors");
     let start = Instant::now();
@@ -548,7 +551,8 @@ fn dig_aaaa(ns: &str, name: &str) -> Vec<String> {
 
 /// Under a 1,024-descriptor limit, a network member sending 5,000 queries for outside names
 /// at once, to an upstream that never answers (each forwarded query would hold a socket for
-/// its 2 s), leaves the daemon its descriptors: another member's `.internal` names resolve,
+/// its 2 s), then holding 1,100 TCP connections to the resolver, leaves the daemon its
+/// descriptors: another member's `.internal` names resolve,
 /// an authenticated lease is granted, and existing tunnels carry traffic.
 #[test]
 fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else() {
@@ -627,7 +631,33 @@ fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else(
         held <= before + 64 + 16,
         "the daemon holds {held} descriptors, {before} before"
     );
-    assert_eq!(dig_aaaa(&asker.netns, "web.internal"), [web]);
+    assert_eq!(
+        dig_aaaa(&asker.netns, "web.internal"),
+        std::slice::from_ref(&web)
+    );
+
+    // Then 1,100 TCP connections to the resolver from the same member, held open.
+    let tcp = Flood::open(&flooder.netns, None, &format!("[{NET_RESOLVER}]:53"), 1100);
+    let held = descriptors_of(daemon.pid());
+    assert!(
+        held <= before + 64 + 16 + 16,
+        "the daemon holds {held} descriptors, {before} before"
+    );
+    let over_tcp = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &asker.netns,
+        "dig",
+        "+tcp",
+        "+time=2",
+        "+tries=1",
+        "+short",
+        &format!("@{NET_RESOLVER}"),
+        "AAAA",
+        "web.internal",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&over_tcp.stdout).trim(), web);
     let start = Instant::now();
     let fresh = w.container("fresh");
     w.cni("ADD", &fresh, &w.net_conf("acme")).ok();
@@ -640,5 +670,8 @@ fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else(
     assert_eq!(w.echo_from(&steady).unwrap(), crate::world::EGRESS_IP);
     let log = daemon.log();
     assert!(!log.contains("Too many open files"), "{log}");
-    eprintln!("DNS flood: the daemon held {held} descriptors");
+    eprintln!(
+        "DNS flood: {} TCP connections made, the daemon held {held} descriptors",
+        tcp.connected
+    );
 }
