@@ -371,4 +371,28 @@ mod tests {
             (ResponseCode::NoError, 0)
         );
     }
+
+    #[test]
+    fn forwarded_queries_are_capped_per_member_and_per_network() {
+        let r = resolver(vec!["198.18.0.53:53".parse().unwrap()]);
+        let member = |i: u16| IpAddr::from([0xfdaa, 0, 1, 0, 0, 0, 0, i]);
+        let mut held = Vec::new();
+        while let Some(slot) = r.forward_slot(member(1)) {
+            held.push(slot);
+        }
+        assert_eq!(held.len(), FORWARDS_PER_MEMBER);
+        for i in 2.. {
+            match r.forward_slot(member(i)) {
+                Some(slot) => held.push(slot),
+                None if held.len() == FORWARDS_IN_FLIGHT => break,
+                None => continue,
+            }
+        }
+        assert!(r.forward_slot(member(1000)).is_none(), "the network's cap");
+        held.clear();
+        assert!(
+            r.forward_slot(member(1)).is_some(),
+            "given back when answered"
+        );
+    }
 }
