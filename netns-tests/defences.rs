@@ -197,6 +197,43 @@ fn routes_and_links(w: &World) -> (String, Vec<String>) {
     (sh(&["ip", "-n", &w.host, "route"]), w.links(&w.host))
 }
 
+/// `wgexit oci-hook add` run in the world's host namespace for container `hostnet-2`, whose
+/// process is `pid` and whose `config.json` has no network namespace; plugin config `conf`.
+fn oci_hook_add(w: &World, conf: &serde_json::Value, pid: u32) -> std::process::Output {
+    let bundle = w.path("hostnet-bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let config = serde_json::json!({"ociVersion": "1.0.2",
+        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
+    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
+    let hook_conf = w.path("hook.conf");
+    std::fs::write(&hook_conf, conf.to_string()).unwrap();
+    let state = serde_json::json!({"ociVersion": "1.0.2", "id": "hostnet-2",
+        "status": "created", "pid": pid, "bundle": bundle});
+    let mut hook = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &w.host,
+            crate::world::bin("wgexit"),
+            "oci-hook",
+            "add",
+        ])
+        .arg("--config")
+        .arg(&hook_conf)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    hook.stdin
+        .take()
+        .unwrap()
+        .write_all(state.to_string().as_bytes())
+        .unwrap();
+    hook.wait_with_output().unwrap()
+}
+
 /// A host-network container's namespace is the host's. Neither ADD given the plugin's own
 /// namespace as `CNI_NETNS` nor the OCI hook for a container whose `config.json` names no
 /// network namespace touches it: both refuse with CNI code 4, saying why, and the host's
@@ -239,38 +276,7 @@ fn defences_the_plugin_refuses_the_hosts_own_namespace() {
             .spawn()
             .unwrap(),
     );
-    let bundle = w.path("hostnet-bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    let config = serde_json::json!({"ociVersion": "1.0.2",
-        "linux": {"namespaces": [{"type": "pid"}, {"type": "mount"}]}});
-    std::fs::write(bundle.join("config.json"), config.to_string()).unwrap();
-    let hook_conf = w.path("hook.conf");
-    std::fs::write(&hook_conf, conf.to_string()).unwrap();
-    let state = serde_json::json!({"ociVersion": "1.0.2", "id": "hostnet-2",
-        "status": "created", "pid": sleeper.0.id(), "bundle": bundle});
-    let mut hook = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &w.host,
-            crate::world::bin("wgexit"),
-            "oci-hook",
-            "add",
-        ])
-        .arg("--config")
-        .arg(&hook_conf)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    hook.stdin
-        .take()
-        .unwrap()
-        .write_all(state.to_string().as_bytes())
-        .unwrap();
-    let out = hook.wait_with_output().unwrap();
+    let out = oci_hook_add(&w, &conf, sleeper.0.id());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("error 4:"), "{stderr}");
@@ -549,17 +555,9 @@ fn dig_aaaa(ns: &str, name: &str) -> Vec<String> {
         .collect()
 }
 
-/// Under a 1,024-descriptor limit, a network member sending 5,000 queries for outside names
-/// at once, to an upstream that never answers (each forwarded query would hold a socket for
-/// its 2 s), then holding 1,100 TCP connections to the resolver, leaves the daemon its
-/// descriptors: another member's `.internal` names resolve,
-/// an authenticated lease is granted, and existing tunnels carry traffic.
-#[test]
-fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else() {
-    let mut w = World::new();
-    let steady = w.container("steady");
-    w.cni("ADD", &steady, &w.net_conf("acme")).ok();
-    // The network, whose upstream (in the isp) swallows every query.
+/// Adds private network acme ([`NET_PREFIX`]) to the world's config, its upstream resolver
+/// an address of the isp that swallows every query. Takes effect at the daemon's next start.
+fn add_network_with_a_silent_upstream(w: &World) {
     std::fs::write(w.path("net.tokens"), format!("{NET_TOKEN}\n")).unwrap();
     std::fs::write(w.path("net.token"), format!("{NET_TOKEN}\n")).unwrap();
     let table = format!(
@@ -580,31 +578,62 @@ fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else(
         "blackhole",
         "198.18.0.53/32",
     ]);
+}
+
+/// Joins `c` to network acme from the world's host with APP=`app`: its address.
+fn join_network(w: &World, c: &crate::world::Container, app: &str) -> String {
+    let mut conf = w.net_conf("acme");
+    conf["network"] = serde_json::json!("acme");
+    conf.as_object_mut().unwrap().remove("egress");
+    conf["routes"] = serde_json::json!("none");
+    conf["tokenFile"] = serde_json::json!(w.path("net.token"));
+    let args = format!("APP={app};REGION=ams");
+    let out = w.cni_on(
+        &w.host,
+        "ADD",
+        &c.id,
+        Some(&c.netns_path),
+        "eth0",
+        conf.to_string().as_bytes(),
+        &[("CNI_ARGS", &args)],
+    );
+    let result = out.ok();
+    let address = result["ips"][0]["address"].as_str().unwrap();
+    address.split('/').next().unwrap().to_string()
+}
+
+/// Sends `n` queries for distinct outside names to the network's resolver from `c`, at once.
+fn udp_query_flood(c: &crate::world::Container, n: u16) {
+    let ns = std::fs::File::open(&c.netns_path).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let to = format!("[{NET_RESOLVER}]:53");
+        for i in 0..n {
+            let _ = s.send_to(&dns_query(i, &format!("q{i}.example")), &to);
+        }
+    })
+    .join()
+    .unwrap();
+}
+
+/// Under a 1,024-descriptor limit, a network member sending 5,000 queries for outside names
+/// at once, to an upstream that never answers (each forwarded query would hold a socket for
+/// its 2 s), then holding 1,100 TCP connections to the resolver, leaves the daemon its
+/// descriptors: another member's `.internal` names resolve,
+/// an authenticated lease is granted, and existing tunnels carry traffic.
+#[test]
+fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else() {
+    let mut w = World::new();
+    let steady = w.container("steady");
+    w.cni("ADD", &steady, &w.net_conf("acme")).ok();
+    add_network_with_a_silent_upstream(&w);
     let daemon = Limited::restart(&mut w, "1024:1024");
 
-    let mut net_conf = w.net_conf("acme");
-    net_conf["network"] = serde_json::json!("acme");
-    net_conf.as_object_mut().unwrap().remove("egress");
-    net_conf["routes"] = serde_json::json!("none");
-    net_conf["tokenFile"] = serde_json::json!(w.path("net.token"));
     let (flooder, asker) = (w.container("flooder"), w.container("asker"));
-    let join = |c: &crate::world::Container, app: &str| {
-        let args = format!("APP={app};REGION=ams");
-        let out = w.cni_on(
-            &w.host,
-            "ADD",
-            &c.id,
-            Some(&c.netns_path),
-            "eth0",
-            net_conf.to_string().as_bytes(),
-            &[("CNI_ARGS", &args)],
-        );
-        let result = out.ok();
-        let address = result["ips"][0]["address"].as_str().unwrap();
-        address.split('/').next().unwrap().to_string()
-    };
-    let web = join(&flooder, "web");
-    join(&asker, "db");
+    let web = join_network(&w, &flooder, "web");
+    join_network(&w, &asker, "db");
     assert_eq!(
         dig_aaaa(&asker.netns, "web.internal"),
         std::slice::from_ref(&web)
@@ -612,18 +641,7 @@ fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else(
 
     let before = descriptors_of(daemon.pid());
     // The flood: 5,000 queries at once from one member, for names only the upstream knows.
-    let ns = std::fs::File::open(&flooder.netns_path).unwrap();
-    std::thread::spawn(move || {
-        use std::os::fd::AsFd;
-        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
-        let to = format!("[{NET_RESOLVER}]:53");
-        for i in 0..5000u16 {
-            let _ = s.send_to(&dns_query(i, &format!("q{i}.example")), &to);
-        }
-    })
-    .join()
-    .unwrap();
+    udp_query_flood(&flooder, 5000);
     std::thread::sleep(Duration::from_millis(300));
     // At most the forwarding cap's sockets more (and a few for the checks' own traffic).
     let held = descriptors_of(daemon.pid());
