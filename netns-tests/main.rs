@@ -12,6 +12,7 @@ mod config_change;
 mod containerd;
 mod cycles;
 mod daemon;
+mod defences;
 mod dual_stack;
 mod egress;
 mod egress_ips;

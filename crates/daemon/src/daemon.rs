@@ -176,6 +176,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
+    match crate::descriptors::raise_limit() {
+        Ok(limit) => tracing::info!(limit, "file descriptors"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let listen = config.api.listen;
     let Started {
         api,
@@ -274,7 +278,11 @@ fn api_server(
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let limits = &api.service.config.api;
     let (max, header, idle) = (
-        limits.max_connections,
+        limits
+            .max_connections
+            .min(crate::descriptors::api_connections(
+                crate::descriptors::limit(),
+            )),
         limits.header_timeout,
         limits.idle_timeout,
     );

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod descriptors;
 pub mod dns;
 pub mod identity;
 pub mod leases;

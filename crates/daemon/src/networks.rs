@@ -4,11 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_server::ServerFuture;
-
 use crate::config::Config;
 use crate::dataplane::network::{NetworkDataplane, NetworkPlaneError};
-use crate::dns::server::{self, DnsError, Resolver};
+use crate::dns::server::{self, DnsError};
 use crate::identity::{Identities, IdentityError};
 use crate::leases::collect::Activity;
 use crate::leases::members::NetworkService;
@@ -25,7 +23,7 @@ pub enum NetworksError {
 }
 
 /// The running resolvers; they serve until dropped.
-pub type Resolvers = Vec<ServerFuture<Resolver>>;
+pub type Resolvers = Vec<server::DnsServer>;
 
 /// Identities → devices (matching the store) → rules, then forwarding → directories →
 /// resolvers on the addresses the devices now hold.

@@ -149,7 +149,7 @@ impl NetworkDataplane {
     pub fn apply_rules(&self, networks: &[NetworkConfig]) -> Result<(), NetworkPlaneError> {
         network_rules::apply(networks)?;
         if !networks.is_empty() {
-            sysctl::ensure(&["net", "ipv6", "conf", "all", "forwarding"], "1")?;
+            sysctl::forward6()?;
         }
         Ok(())
     }

@@ -260,7 +260,7 @@ impl NetworkService {
             &scope,
             holder,
             Some(join.info),
-            self.leases.config.max_leases_per_owner,
+            self.leases.config.max_leases_per_owner.per_network_owner(),
         )?;
         if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
             if new {
