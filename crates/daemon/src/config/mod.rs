@@ -66,6 +66,8 @@ struct RawConfig {
     collect_interval: Option<u64>,
     #[serde(default)]
     max_leases_per_owner: Option<usize>,
+    #[serde(default)]
+    attribution_days: Option<u32>,
     cluster: Option<cluster::RawCluster>,
 }
 
@@ -109,6 +111,9 @@ pub struct Config {
     pub collect_interval: Duration,
     /// Most leases one token (its owner) may hold per egress.
     pub max_leases_per_owner: usize,
+    /// Days the flow attribution records are kept (0: none are recorded); see
+    /// [`crate::attribution`].
+    pub attribution_days: u32,
     /// The pool this node is a member of; `None`: alone, on the embedded store.
     pub cluster: Option<ClusterConfig>,
 }
@@ -137,6 +142,7 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_MAX_LEASES_PER_OWNER: usize = 16384;
+pub const DEFAULT_ATTRIBUTION_DAYS: u32 = 30;
 
 struct Timers {
     peer_timeout: Duration,
@@ -326,6 +332,7 @@ impl Config {
         };
         cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         Ok(Config {
+            attribution_days: raw.attribution_days.unwrap_or(DEFAULT_ATTRIBUTION_DAYS),
             cluster,
             path: path.to_path_buf(),
             state_dir: raw.state_dir,
