@@ -292,3 +292,33 @@ fn who_names_the_container_behind_every_egress_port_also_after_it_is_gone() {
         w.cni("DEL", c, &conf).ok_empty();
     }
 }
+
+#[test]
+fn in_a_pool_the_member_that_did_not_forward_a_flow_names_its_container() {
+    let mut p = crate::pool_world::Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let other = 1 - leader;
+    let stop = start_port_echo(&p.isp, &[PORT_ECHO]);
+    let conf = p.net_conf();
+    let c = p.container("c1");
+    p.cni(0, "ADD", &c, &conf).ok();
+    let seen = tcp_from(&c, PORT_ECHO);
+    assert_eq!(seen.ip().to_string(), crate::pool_world::EGRESS_IP);
+
+    // The leader forwarded it; the other member answers for the pool.
+    let answer = who_soon(&p.member_config(other), seen, &[]);
+    assert_eq!(
+        named(&answer),
+        vec![c.id.clone()],
+        "{answer}\n{}",
+        p.log(other)
+    );
+    assert_eq!(answer["flows"][0]["node"], p.members[leader].node.as_str());
+    assert_eq!(answer["flows"][0]["lease"]["egress"], "acme");
+    assert!(answer.get("unanswered").is_none(), "{answer}");
+    // Asked of the leader, the same, once.
+    let answer = who(&p.member_config(leader), seen, &[]);
+    assert_eq!(named(&answer), vec![c.id.clone()], "{answer}");
+    stop.store(true, Ordering::Relaxed);
+    p.cni(0, "DEL", &c, &conf).ok_empty();
+}
