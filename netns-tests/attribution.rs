@@ -322,3 +322,68 @@ fn in_a_pool_the_member_that_did_not_forward_a_flow_names_its_container() {
     stop.store(true, Ordering::Relaxed);
     p.cni(0, "DEL", &c, &conf).ok_empty();
 }
+
+#[test]
+fn a_burst_the_reader_cannot_take_is_counted_and_forwarding_goes_on() {
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let c = w.container("c1");
+    w.cni("ADD", &c, &conf).ok();
+    let overflows = |w: &World| {
+        w.metrics()
+            .lines()
+            .find(|l| l.starts_with("wgexit_attribution_kernel_overflows_total "))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(-1.0)
+    };
+    assert_eq!(overflows(&w), 0.0, "{}", w.metrics());
+    // The reader stops reading (as a stalled one would): its socket fills up.
+    let daemon = w.daemon_pid().unwrap().to_string();
+    let reader = sh(&["pgrep", "-P", &daemon, "-x", "conntrack"])
+        .trim()
+        .to_string();
+    let pid = nix::unistd::Pid::from_raw(reader.parse().unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // A burst of 60,000 source-NATed flows from an address of the egress's pool.
+    sh(&[
+        "ip",
+        "-n",
+        &w.exit,
+        "addr",
+        "add",
+        "100.96.0.250/32",
+        "dev",
+        "lo",
+    ]);
+    let started = Instant::now();
+    in_netns(&w.exit, || {
+        let s = UdpSocket::bind("100.96.0.250:0").unwrap();
+        for port in 1024..61_024u16 {
+            let _ = s.send_to(b"x", ("198.18.0.10", port));
+        }
+    });
+    let burst = started.elapsed();
+    // Forwarding never waited for the recorder.
+    assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while overflows(&w) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no overflow counted: {}",
+            w.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "burst of 60,000 flows sent in {burst:?}; overflows {}",
+        overflows(&w)
+    );
+    // And the recorder goes on recording.
+    let stop = start_port_echo(&w.isp, &[PORT_ECHO]);
+    let seen = tcp_from(&c, PORT_ECHO);
+    let answer = who_soon(&w.daemon_config(), seen, &[]);
+    assert_eq!(named(&answer), vec![c.id.clone()], "{answer}");
+    stop.store(true, Ordering::Relaxed);
+    w.cni("DEL", &c, &conf).ok_empty();
+}
