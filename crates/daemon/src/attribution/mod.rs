@@ -108,3 +108,23 @@ pub fn start(service: &Arc<LeaseService>) -> Result<Running, AttributionError> {
     }
     Ok((Some(attribution), tasks))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::tests::VALID;
+    use crate::config::Config;
+
+    #[test]
+    fn records_are_kept_30_days_unless_the_config_says_otherwise() {
+        let parse = |text: &str| Config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        assert_eq!(parse(VALID).attribution_days, 30);
+        assert_eq!(
+            parse(&format!("attribution_days = 7\n{VALID}")).attribution_days,
+            7
+        );
+        assert_eq!(
+            parse(&format!("attribution_days = 0\n{VALID}")).attribution_days,
+            0
+        );
+    }
+}
