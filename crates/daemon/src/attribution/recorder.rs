@@ -89,11 +89,17 @@ pub async fn write_loop(
         if day(now()) != today {
             today = day(now());
             let s = store.clone();
-            match tokio::task::spawn_blocking(move || s.prune(today)).await {
+            let pruned = move || {
+                s.compact_before(today)?;
+                s.prune(today)
+            };
+            match tokio::task::spawn_blocking(pruned).await {
                 Ok(Ok(gone)) if !gone.is_empty() => {
                     tracing::info!(days = gone.len(), "old flow records deleted")
                 }
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot delete old flow records"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot compact or delete old flow records")
+                }
                 _ => {}
             }
         }
