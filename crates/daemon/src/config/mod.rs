@@ -111,11 +111,11 @@ pub struct Config {
     pub collect_interval: Duration,
     /// Most leases one token (its owner) may hold per egress.
     pub max_leases_per_owner: usize,
+    /// The pool this node is a member of; `None`: alone, on the embedded store.
+    pub cluster: Option<ClusterConfig>,
     /// Days the flow attribution records are kept (0: none are recorded); see
     /// [`crate::attribution`].
     pub attribution_days: u32,
-    /// The pool this node is a member of; `None`: alone, on the embedded store.
-    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,12 +137,12 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_ATTRIBUTION_DAYS: u32 = 30;
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_MAX_LEASES_PER_OWNER: usize = 16384;
-pub const DEFAULT_ATTRIBUTION_DAYS: u32 = 30;
 
 struct Timers {
     peer_timeout: Duration,
@@ -332,9 +332,9 @@ impl Config {
         };
         cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         Ok(Config {
-            attribution_days: raw.attribution_days.unwrap_or(DEFAULT_ATTRIBUTION_DAYS),
             cluster,
             path: path.to_path_buf(),
+            attribution_days: raw.attribution_days.unwrap_or(DEFAULT_ATTRIBUTION_DAYS),
             state_dir: raw.state_dir,
             backend: raw.backend,
             api,
