@@ -248,6 +248,18 @@ fn recorder(world: &mut World, on: bool, original: &str) {
     std::fs::write(world.daemon_config(), config).expect("write the config");
     world.stop_daemon(nix::sys::signal::Signal::SIGTERM);
     world.start_daemon();
+    // Off is off: no per-packet accounting either (the recorder turns it on).
+    let acct = format!("net.netfilter.nf_conntrack_acct={}", u8::from(on));
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &world.exit,
+        "sysctl",
+        "-q",
+        "-w",
+        &acct,
+    ]);
 }
 
 /// The tunnel and the lease API with the recorder off and on, alternating.
