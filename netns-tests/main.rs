@@ -6,6 +6,7 @@ mod world;
 
 mod api_limits;
 mod attachments;
+mod attribution;
 mod backends;
 mod collect;
 mod config_change;

@@ -8,6 +8,7 @@ use crate::api::auth::Authorizer;
 use crate::api::tls::{self, TlsError};
 use crate::api::tokens::TokenError;
 use crate::api::{http, limits, ApiState};
+use crate::attribution::{self, AttributionError};
 use crate::cluster::election::{groups, Leading};
 use crate::cluster::floating::Floating;
 use crate::cluster::{member, ClusterError};
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Networks(#[from] NetworksError),
+    #[error(transparent)]
+    Attribution(#[from] AttributionError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -248,10 +251,12 @@ fn background_tasks(
     );
     // In a pool only an egress's leader sees its peers' traffic, so only it collects.
     let leading = pool.as_ref().map(member::Pool::leading);
+    let (attribution, attribution_tasks) = attribution::start(service)?;
     let mut tasks = vec![
         tokio::spawn(control::serve(
             control::bind(&service.config.state_dir)?,
             service.clone(),
+            attribution,
         )),
         tokio::spawn(token_reload_loop(api.clone())),
         tokio::spawn(reconcile_loop(service.clone())),
@@ -262,6 +267,7 @@ fn background_tasks(
         )),
         tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
     ];
+    tasks.extend(attribution_tasks);
     if let Some(p) = pool {
         tasks.extend(p.spawn(service.clone())?);
     }

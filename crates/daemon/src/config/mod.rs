@@ -67,6 +67,8 @@ struct RawConfig {
     collect_interval: Option<u64>,
     #[serde(default)]
     max_leases_per_owner: Option<usize>,
+    #[serde(default)]
+    attribution_days: Option<u32>,
     cluster: Option<cluster::RawCluster>,
 }
 
@@ -112,6 +114,9 @@ pub struct Config {
     pub max_leases_per_owner: quota::LeaseQuota,
     /// The pool this node is a member of; `None`: alone, on the embedded store.
     pub cluster: Option<ClusterConfig>,
+    /// Days the flow attribution records are kept (0: none are recorded); see
+    /// [`crate::attribution`].
+    pub attribution_days: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +138,7 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_ATTRIBUTION_DAYS: u32 = 30;
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
@@ -329,6 +335,7 @@ impl Config {
         Ok(Config {
             cluster,
             path: path.to_path_buf(),
+            attribution_days: raw.attribution_days.unwrap_or(DEFAULT_ATTRIBUTION_DAYS),
             state_dir: raw.state_dir,
             backend: raw.backend,
             api,
