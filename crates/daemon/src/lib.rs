@@ -7,6 +7,7 @@
 //! same path ([`leases::members`], [`dataplane::network`]) and add a resolver each ([`dns`]).
 
 pub mod api;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;

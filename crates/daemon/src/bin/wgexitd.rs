@@ -1,69 +1,11 @@
 //! `wgexitd`: the exit-node daemon. Thin: all logic is in `wgexitd`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use wgexitd::cli::{Cli, Command};
 use wgexitd::config::Config;
 use wgexitd::{daemon, status};
-
-#[derive(Parser)]
-#[command(
-    name = "wgexitd",
-    version,
-    about = "wgexit exit-node daemon: static egress IPs over WireGuard"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run in the foreground until SIGTERM/SIGINT (which leave tunnels and rules up).
-    Serve {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Remove the WireGuard interfaces and the nftables table (leases stay in the store).
-    Teardown {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Check a config (and the token files it names), report stored leases it has no
-    /// egress for, and exit.
-    CheckConfig {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-    /// Show what each egress of the running daemon is doing: addresses, pool use, peers by
-    /// handshake age, bytes; in a pool, its members, leaders and lease counts.
-    Status {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The report as JSON.
-        #[arg(long)]
-        json: bool,
-        /// One row per lease (long on a busy exit node).
-        #[arg(long)]
-        peers: bool,
-    },
-    /// Stored leases.
-    Leases {
-        #[command(subcommand)]
-        command: LeasesCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum LeasesCommand {
-    /// Delete the stored leases the config has no place for (egress renamed or removed,
-    /// pool changed); they are kept until this is run.
-    Prune {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -75,14 +17,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let (Command::Serve { config }
-    | Command::Teardown { config }
-    | Command::CheckConfig { config }
-    | Command::Leases {
-        command: LeasesCommand::Prune { config },
-    }
-    | Command::Status { config, .. }) = &cli.command;
-    let config = match Config::load(config) {
+    let config = match Config::load(cli.command.config()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("wgexitd: {e}");
