@@ -20,6 +20,14 @@ subcommand_paths() {
   done
 }
 
+# installed_binary STAGE NAME: where scripts/install put the program.
+installed_binary() {
+  case $2 in
+    wgexit) echo "$1/opt/cni/bin/wgexit" ;;
+    *) echo "$1/usr/local/bin/$2" ;;
+  esac
+}
+
 # render_man_page FILE: the page as man shows it, plain text; fails on any warning.
 render_man_page() {
   local out err
@@ -34,11 +42,11 @@ render_man_page() {
 
 check_man_pages() {
   local stage=$1 man=$1/usr/local/share/man bin text path table key
-  for bin in wgexitd; do
+  for bin in wgexit wgexitd; do
     [ -e "$man/man8/$bin.8" ] || { echo "scripts/install did not install man8/$bin.8" >&2; return 1; }
     text=$(render_man_page "$man/man8/$bin.8") || return 1
     local paths
-    paths=$(subcommand_paths "$stage/usr/local/bin/$bin")
+    paths=$(subcommand_paths "$(installed_binary "$stage" "$bin")")
     [ -n "$paths" ] || { echo "$bin --help lists no subcommand" >&2; return 1; }
     while IFS= read -r path; do
       grep -qF "$bin $path" <<<"$text" || { echo "$bin(8) does not cover \`$bin $path\`" >&2; return 1; }

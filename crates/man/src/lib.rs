@@ -18,11 +18,42 @@ pub struct Page {
 
 /// The pages this crate writes, in `man8`.
 pub fn pages() -> Vec<Page> {
-    vec![Page {
-        command: wgexitd::cli::command(),
-        extra: WGEXITD_EXTRA,
-    }]
+    vec![
+        Page {
+            command: wgexit_plugin::cli::command(),
+            extra: WGEXIT_EXTRA,
+        },
+        Page {
+            command: wgexitd::cli::command(),
+            extra: WGEXITD_EXTRA,
+        },
+    ]
 }
+
+const WGEXIT_EXTRA: &str = r#".SH ENVIRONMENT
+.TP
+.B CNI_COMMAND
+ADD, DEL, CHECK, STATUS, GC or VERSION: run as a CNI plugin, with \fBCNI_CONTAINERID\fR,
+\fBCNI_NETNS\fR, \fBCNI_IFNAME\fR and \fBCNI_ARGS\fR (\fBAPP=\fR\fIapp\fR\fB;REGION=\fR\fIregion\fR
+for a private network's names) and the network config on standard input.
+.TP
+.B WGEXIT_TRACE
+Set to 1: ADD prints how long each of its steps took, on standard error.
+.SH FILES
+.TP
+/opt/cni/bin/wgexit
+where CNI runtimes look for the plugin; a netavark plugin directory (e.g.
+/usr/libexec/netavark) holds it, or a link to it, for podman 5
+.TP
+/etc/cni/net.d/90\-wgexit.conflist
+the network config CNI runtimes read
+.TP
+/var/lib/cni/wgexit
+each attachment's state and private key (\fBdataDir\fR)
+.SH SEE ALSO
+\fBwgexitd\fR(8), \fBwgexitd.toml\fR(5), \fBwg\-quick\fR(8), \fBpodman\-network\-create\fR(1);
+the reference under docs/ in wgexit's sources (plugin.md, podman5.md, networks.md).
+"#;
 
 const WGEXITD_EXTRA: &str = r#".SH SIGNALS
 SIGTERM and SIGINT stop \fBwgexitd serve\fR but leave the WireGuard interfaces, peers and
@@ -80,9 +111,27 @@ pub fn render(page: &Page, section: &str) -> io::Result<Vec<u8>> {
     for (path, sub) in leaf_commands(&command) {
         render_subcommand(&mut out, &format!("{name} {path}"), sub)?;
     }
+    render_notes(&mut out, &command)?;
     man.render_version_section(&mut out)?;
     out.extend_from_slice(page.extra.as_bytes());
     Ok(out)
+}
+
+/// The text clap shows after the long help, as the page's NOTES.
+fn render_notes(out: &mut Vec<u8>, command: &clap::Command) -> io::Result<()> {
+    let Some(after) = command
+        .get_after_long_help()
+        .or_else(|| command.get_after_help())
+    else {
+        return Ok(());
+    };
+    let mut notes = Roff::default();
+    notes.control("SH", ["NOTES"]);
+    for paragraph in after.to_string().split("\n\n") {
+        notes.text([roman(paragraph.trim())]);
+        notes.control("PP", []);
+    }
+    notes.to_writer(out)
 }
 
 /// One subcommand as a subsection: its description, synopsis and options, the generator's
@@ -142,7 +191,7 @@ mod tests {
 
     #[test]
     fn the_daemon_page_names_its_config_option() {
-        let page = &pages()[0];
+        let page = &pages()[1];
         let text = String::from_utf8(render(page, "8").unwrap()).unwrap();
         assert!(text.contains("wgexitd leases prune"), "{text}");
         assert!(text.contains("\\-\\-config"), "{text}");
