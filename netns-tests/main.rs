@@ -19,6 +19,7 @@ mod failures;
 mod gvisor;
 mod isolation;
 mod logs;
+mod netavark;
 mod networks;
 mod ops;
 mod pool;

@@ -59,6 +59,39 @@ Peers are never collected as idle; `peer remove` takes one out."
         #[command(subcommand)]
         command: PeerCommand,
     },
+    /// netavark plugin: checks a new network's options (podman network create -d wgexit)
+    #[command(
+        long_about = "netavark plugin API, run by `podman network create -d wgexit -o KEY=VALUE …`: \
+reads the network (JSON) on standard input, checks its options (the CNI config keys in \
+snake_case, as strings: servers (comma-separated), egress, network, token_file, ca_file, app, \
+region, backend, mtu, routes, data_dir, handshake_timeout, report_mac, gvisor, \
+stale_sweep_interval, log_file, log_level, log_max_bytes) and that the token and CA files can be \
+read, and prints the network to store. An error ({\"error\": …}, exit status 1) names the option."
+    )]
+    Create,
+    /// netavark plugin: attaches a container (what the CNI plugin's ADD does)
+    #[command(
+        long_about = "netavark plugin API, run by netavark when a container on a wgexit network \
+starts: reads the container's network options (JSON) on standard input, does what the CNI \
+plugin's ADD does in the namespace NETNS, and prints netavark's status block: the interface and \
+its addresses, and a private network's resolver."
+    )]
+    Setup {
+        /// The container's network namespace (a path such as /run/netns/NAME)
+        #[arg(value_name = "NETNS")]
+        netns: PathBuf,
+    },
+    /// netavark plugin: detaches a container (what the CNI plugin's DEL does)
+    #[command(
+        long_about = "netavark plugin API, run by netavark when a container on a wgexit network \
+stops: reads the container's network options (JSON) on standard input and does what the CNI \
+plugin's DEL does: the link is removed and the leases released. Idempotent."
+    )]
+    Teardown {
+        /// The container's network namespace (it may be gone already)
+        #[arg(value_name = "NETNS")]
+        netns: PathBuf,
+    },
     /// netavark plugin: prints the plugin's version and netavark API version (JSON)
     #[command(
         long_about = "netavark plugin API: prints {\"version\": ..., \"api_version\": \"1.0.0\"} on \
@@ -195,8 +228,13 @@ mod tests {
             parse(&["wgexit", "info"]),
             Ok(Some(Command::Info))
         ));
+        match parse(&["wgexit", "setup", "/run/netns/c1"]) {
+            Ok(Some(Command::Setup { netns })) => assert_eq!(netns.to_str(), Some("/run/netns/c1")),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["wgexit", "teardown"]).is_err());
         let help = command().render_long_help().to_string();
-        for sub in ["oci-hook", "peer", "info"] {
+        for sub in ["oci-hook", "peer", "create", "setup", "teardown", "info"] {
             assert!(help.contains(sub), "{help}");
         }
     }

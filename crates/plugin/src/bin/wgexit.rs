@@ -124,6 +124,18 @@ fn main() {
         Some(Command::OciHook { phase }) => oci_hook_main(phase),
         Some(Command::Peer { command }) => peer_main(command),
         Some(Command::Info) => print_outcome(&netavark::info()),
+        Some(Command::Create) => print_outcome(&netavark::answer(netavark::create(&read_stdin()))),
+        Some(Command::Setup { netns }) => {
+            let stdin = read_stdin();
+            let result = runtime().and_then(|rt| rt.block_on(netavark::setup(&netns, &stdin)));
+            print_outcome(&netavark::answer(result))
+        }
+        Some(Command::Teardown { netns }) => {
+            let stdin = read_stdin();
+            let result = runtime().and_then(|rt| rt.block_on(netavark::teardown(&netns, &stdin)));
+            // Success prints nothing.
+            print_outcome(&netavark::answer(result.map(|()| None::<()>)))
+        }
     };
     std::process::exit(code);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::cni::config::{NetConf, Routes};
+use crate::cni::config::{invalid, NetConf, Routes};
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
@@ -36,7 +36,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
-        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+        .map_err(|e| invalid("caFile", e.to_string()))?;
     detach_stale(&dir, conf, &client).await;
     let backend = open_backend(conf.backend)?;
     let app_region = match conf.network {

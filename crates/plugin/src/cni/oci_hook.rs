@@ -130,10 +130,7 @@ pub async fn run(
         args: BTreeMap::new(),
     };
     let conf_bytes = serde_json::to_vec(&conf).map_err(|e| decode("the config", e))?;
-    let log = super::log::CommandLog::begin(&env, &conf_bytes);
-    let result = super::dispatch(&env, &conf_bytes).await;
-    log.finish(&result);
-    result
+    super::logged(&env, &conf_bytes).await
 }
 
 #[cfg(test)]
