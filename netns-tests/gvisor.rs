@@ -2,7 +2,7 @@
 //! wgexit's link by `wgexit oci-hook` (`routes: split`, `gvisor: true`), its request leaving
 //! from the egress IP. Without `gvisor: true` the link keeps generic segmentation offload on,
 //! runsc sends segments whose checksums never get completed, and the request goes unanswered
-//! (see `net/offload.rs` and the README).
+//! (see `net/offload.rs` and docs/plugin.md, "gVisor").
 //!
 //! Debian's runsc (2022-12) takes the presence of `/proc/sys/net/core/rmem_default` to mean
 //! "root network namespace" and refuses to run with networking there; kernels since 5.x show

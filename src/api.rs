@@ -1,21 +1,10 @@
 //! The control API's wire types, shared by the plugin (client) and the daemon (server).
 //!
-//! Routes, all JSON, all under TLS:
-//!
-//! | method | path | body | answer |
-//! |---|---|---|---|
-//! | `POST` | `/v1/egress/{egress}/leases` | [`LeaseRequest`] | 200 [`LeaseGrant`] |
-//! | `GET` | `/v1/egress/{egress}/leases` | | 200 [`LeaseList`] |
-//! | `DELETE` | `/v1/egress/{egress}/leases/{public_key}` | | 204 |
-//! | `GET` | `/v1/egress/{egress}` | | 200 [`EgressInfo`] |
-//! | `POST` | `/v1/network/{network}/members` | [`MemberRequest`] | 200 [`MemberGrant`] |
-//! | `GET` | `/v1/network/{network}/members` | | 200 [`MemberList`] |
-//! | `DELETE` | `/v1/network/{network}/members/{public_key}` | | 204 |
-//! | `POST` | `/v1/network/{network}/peers` | [`PeerRequest`] | 200 [`MemberGrant`] |
-//! | `GET` | `/v1/network/{network}/peers` | | 200 [`MemberList`] |
-//! | `DELETE` | `/v1/network/{network}/peers/{public_key}` | | 204 |
-//! | `GET` | `/v1/network/{network}` | | 200 [`NetworkInfo`] |
-//! | `GET` | `/healthz` | | 200 `ok` |
+//! Routes, all JSON, all under TLS, each with its request and answer, are listed in
+//! `docs/exit-node.md` ("The control API"): leases under `/v1/egress/{egress}` ([`LeaseRequest`],
+//! [`LeaseGrant`], [`LeaseList`], [`EgressInfo`]), members and peers under
+//! `/v1/network/{network}` ([`MemberRequest`], [`PeerRequest`], [`MemberGrant`],
+//! [`MemberList`], [`NetworkInfo`]), and `/healthz`.
 //!
 //! `/v1` routes need `Authorization: Bearer TOKEN` with a token of that egress or network.
 //! `{public_key}` is the key in URL-safe base64 (standard base64, percent-encoded, works too).

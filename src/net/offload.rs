@@ -5,7 +5,7 @@
 //! the TUN device behind `wireguard-go` they come out of the tunnel with bad checksums (the
 //! SYN, never segmented, is fine; every later segment is not), so the exit node's conntrack
 //! takes them for invalid and does not source-NAT them. With GSO off on the link, runsc
-//! computes every checksum itself. See the README's gVisor section.
+//! computes every checksum itself. See docs/plugin.md, "gVisor (runsc)".
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod attribution;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;

@@ -1,17 +1,5 @@
-//! The `.internal` names, answered from a [`Directory`] for one asking member:
-//!
-//! | name | type | answer |
-//! |---|---|---|
-//! | `<app>.internal`, `global.<app>.internal` | AAAA | every container of the app |
-//! | `<region>.<app>.internal` | AAAA | the app's containers in that region |
-//! | `top<N>.nearest.of.<app>.internal` | AAAA | N of the app's containers, the asker's region first |
-//! | `<id>.vm.<app>.internal` | AAAA | the container whose id starts with `<id>` (12 characters) |
-//! | `regions.<app>.internal` | TXT | `"ams,ord"` |
-//! | `vms.<app>.internal` | TXT | `"<id> <region>,…"` |
-//! | `_apps.internal` | TXT | `"api,web"` |
-//! | `_instances.internal` | TXT | `"instance=<id>,app=<app>,ip=<addr>,region=<r>;…"` |
-//! | `<peer>._peer.internal` | AAAA | the peer |
-//! | `_peer.internal` | TXT | `"alice,bob"` |
+//! The `.internal` names, answered from a [`Directory`] for one asking member;
+//! the table of names, types and answers is in `docs/networks.md` (".internal names").
 //!
 //! A name that exists asked for another type answers no data; other `.internal` names do not
 //! exist; names outside `.internal` are forwarded.

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-/// Error codes. 1-99 are the spec's; 100+ are wgexit's own (listed in the README).
+/// Error codes. 1-99 are the spec's; 100+ are wgexit's own (listed in docs/plugin.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Code {
