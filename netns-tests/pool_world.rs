@@ -11,6 +11,11 @@
 //!                                 the egress IPv6 2001:db8:77::77 floating on the leader
 //! ```
 //!
+//! etcd runs as in production: TLS on its client and peer ports, client certificates
+//! required (`--client-cert-auth`), every certificate made by the world with `openssl`
+//! ([`Pool::make_certificates`]); members hold one each, and the tests' `etcdctl` an
+//! administrator's ([`Pool::etcdctl`]). Members share a `secret_file`.
+//!
 //! Names are unique per world; dropping it kills every process and removes every namespace.
 
 #![allow(dead_code)]
@@ -108,6 +113,7 @@ impl Pool {
             id,
             dir,
         };
+        p.make_certificates();
         p.build_network();
         p.build_ipv6();
         p.start_echo(ECHO);
@@ -230,19 +236,143 @@ impl Pool {
     fn etcd_urls(&self) -> Vec<String> {
         self.etcd
             .iter()
-            .map(|e| format!("http://{}:2379", e.ip))
+            .map(|e| format!("https://{}:2379", e.ip))
             .collect()
+    }
+
+    /// Runs `openssl` with `args` in the world's directory; panics with its output on
+    /// failure.
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run openssl (scripts/deps installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `NAME.pem` and `NAME.key`, issued by the world's etcd CA with `extensions`.
+    fn issue(&self, name: &str, extensions: &str) {
+        let ext = format!("{name}.ext");
+        std::fs::write(self.path(&ext), extensions).unwrap();
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "etcd-ca.pem",
+            "-CAkey",
+            "etcd-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+
+    /// The etcd CA; a server certificate per etcd node (its IP; also its peer client
+    /// certificate), a client certificate per member and one for the administrator
+    /// (`root`); the pool's secret.
+    fn make_certificates(&self) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "etcd-ca.key",
+            "-out",
+            "etcd-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wgexit test etcd CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        let leaf =
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n";
+        for e in &self.etcd {
+            self.issue(
+                &e.name,
+                &format!(
+                    "{leaf}extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{}\n",
+                    e.ip
+                ),
+            );
+        }
+        for name in self.members.iter().map(|m| m.node.as_str()).chain(["root"]) {
+            self.issue(name, &format!("{leaf}extendedKeyUsage=clientAuth\n"));
+        }
+        let secret = self.path("pool.secret");
+        self.openssl(&["rand", "-base64", "-out", "pool.secret", "48"]);
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+
+    /// `etcdctl` in etcd node `i`'s namespace, with the administrator's certificate, talking
+    /// to that node.
+    pub fn etcdctl(&self, i: usize) -> Command {
+        let e = &self.etcd[i];
+        let mut c = netns_exec(&e.ns);
+        c.arg("etcdctl")
+            .arg(format!("--endpoints=https://{}:2379", e.ip))
+            .arg(format!("--cacert={}", self.path("etcd-ca.pem").display()))
+            .arg(format!("--cert={}", self.path("root.pem").display()))
+            .arg(format!("--key={}", self.path("root.key").display()))
+            .args(["--dial-timeout", "1s", "--command-timeout", "1s"])
+            .env("ETCDCTL_API", "3");
+        c
+    }
+
+    /// The index of an etcd node that runs.
+    pub fn live_etcd(&self) -> usize {
+        self.etcd.iter().position(|e| e.child.is_some()).unwrap()
     }
 
     pub fn start_etcd(&mut self, i: usize) {
         let cluster: Vec<String> = self
             .etcd
             .iter()
-            .map(|e| format!("{}=http://{}:2380", e.name, e.ip))
+            .map(|e| format!("{}=https://{}:2380", e.name, e.ip))
             .collect();
         let e = &self.etcd[i];
-        let client = format!("http://{}:2379", e.ip);
-        let peer = format!("http://{}:2380", e.ip);
+        let client = format!("https://{}:2379", e.ip);
+        let peer = format!("https://{}:2380", e.ip);
+        let file = |ext: &str| self.path(&format!("{}.{ext}", e.name));
+        let ca = self.path("etcd-ca.pem");
         let log = std::fs::File::create(self.path(&format!("{}.log", e.name))).unwrap();
         let child = netns_exec(&e.ns)
             .arg("etcd")
@@ -262,6 +392,20 @@ impl Pool {
             ])
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-token", &self.id])
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--cert-file")
+            .arg(file("pem"))
+            .arg("--key-file")
+            .arg(file("key"))
+            .arg("--peer-client-cert-auth")
+            .arg("--peer-trusted-ca-file")
+            .arg(&ca)
+            .arg("--peer-cert-file")
+            .arg(file("pem"))
+            .arg("--peer-key-file")
+            .arg(file("key"))
             .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -273,13 +417,11 @@ impl Pool {
     /// Waits until etcd member `i` answers as healthy (it needs a quorum for that).
     pub fn wait_etcd(&self, i: usize) {
         let e = &self.etcd[i];
-        let url = format!("http://{}:2379", e.ip);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = netns_exec(&e.ns)
-                .args(["etcdctl", "--endpoints", &url, "--dial-timeout", "1s"])
-                .args(["--command-timeout", "1s", "endpoint", "health"])
-                .env("ETCDCTL_API", "3")
+            let out = self
+                .etcdctl(i)
+                .args(["endpoint", "health"])
                 .output()
                 .unwrap();
             if out.status.success() {
@@ -293,15 +435,12 @@ impl Pool {
     /// Waits until the leader has published `n` peers' endpoints in etcd (for the next
     /// leader's handshakes).
     pub fn wait_endpoints_published(&self, n: usize, within: Duration) {
-        let e = self.etcd.iter().find(|e| e.child.is_some()).unwrap();
-        let url = format!("http://{}:2379", e.ip);
         let prefix = format!("/wgexit/{}/endpoints/acme/", self.id);
         let deadline = Instant::now() + within;
         loop {
-            let out = netns_exec(&e.ns)
-                .args(["etcdctl", "--endpoints", &url, "--command-timeout", "1s"])
+            let out = self
+                .etcdctl(self.live_etcd())
                 .args(["get", "--prefix", "--keys-only", &prefix])
-                .env("ETCDCTL_API", "3")
                 .output()
                 .unwrap();
             let keys = String::from_utf8_lossy(&out.stdout)
@@ -371,8 +510,13 @@ token_file = "{tokens}"
 name = "{id}"
 node = "{node}"
 etcd = [{etcd}]
+etcd_ca = "{dir}/etcd-ca.pem"
+etcd_cert = "{dir}/{node}.pem"
+etcd_key = "{dir}/{node}.key"
+secret_file = "{dir}/pool.secret"
 leader_ttl = {LEADER_TTL}
 "#,
+                dir = self.dir.path().display(),
                 state = self.state_dir(i).display(),
                 ip = m.ip,
                 wg = m.wg,

@@ -221,7 +221,8 @@ impl Election {
     }
 
     async fn campaign(&self, key: &str, lease: i64) -> Result<Campaign, String> {
-        let node = self.node.clone();
+        // Signed: a leader key written by anything but a member is nobody's.
+        let node = self.etcd.signed(key, &self.node);
         let k = key.to_string();
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
@@ -255,7 +256,7 @@ impl Election {
         let Some(kv) = got.kvs().first().cloned() else {
             return Ok(Campaign::Held(revision));
         };
-        if kv.value() != node.as_bytes() {
+        if kv.value() != node.as_slice() {
             return Ok(Campaign::Held(revision));
         }
         if kv.lease() == lease {

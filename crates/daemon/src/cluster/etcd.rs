@@ -9,20 +9,25 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `leases/<egress>/<public key hex>` | the lease as JSON (`StoredLease`) |
-//! | `addresses/<egress>/<address>` | public key (hex) holding the address |
-//! | `endpoints/<egress>/<public key hex>` | the peer's last seen endpoint, `ip:port` |
-//! | `identity/<egress>` | the egress's WireGuard private key (base64) |
-//! | `ca` | the API's CA, certificate and key (PEM, JSON) |
-//! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease |
-//! | `members/<node>` | a member's info as JSON, bound to its etcd lease |
+//! | `leases/<egress>/<public key hex>` | the lease as JSON (`StoredLease`), signed |
+//! | `addresses/<egress>/<address>` | public key (hex) holding the address, signed |
+//! | `endpoints/<egress>/<public key hex>` | the peer's last seen endpoint, `ip:port`, signed |
+//! | `identity/<egress>` | the egress's WireGuard private key (base64), sealed |
+//! | `ca` | the API's CA, certificate and key (PEM, JSON), sealed |
+//! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease, signed |
+//! | `members/<node>` | a member's info as JSON, bound to its etcd lease, signed |
+//!
+//! "Signed" and "sealed" are [`PoolSecret`]'s: a signed value that does not verify was
+//! not written by a member and is ignored; a sealed one is encrypted.
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
+use super::secret::PoolSecret;
+use crate::config::cluster::EtcdTls;
 use crate::config::ClusterConfig;
 use crate::leases::store::StoreError;
 use wgexit::keys::Key;
@@ -37,6 +42,21 @@ pub struct Etcd {
     each: Vec<Client>,
     endpoints: Vec<String>,
     prefix: String,
+    options: ConnectOptions,
+    secret: PoolSecret,
+}
+
+/// etcd's TLS settings from the member's files.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, String> {
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+    };
+    let ca = read(&tls.ca, "etcd_ca")?;
+    let cert = read(&tls.cert, "etcd_cert")?;
+    let key = read(&tls.key, "etcd_key")?;
+    Ok(TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key)))
 }
 
 impl Etcd {
@@ -50,12 +70,25 @@ impl Etcd {
             .enable_all()
             .build()
             .map_err(|e| StoreError::failed(&name, format!("cannot start its runtime: {e}")))?;
-        let options = ConnectOptions::new()
+        let secret = PoolSecret::load(&cluster.secret_file)
+            .map_err(|e| StoreError::failed(&name, e.to_string()))?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true)
             // A member without a raft leader refuses at once instead of queueing.
             .with_require_leader(true);
+        match &cluster.etcd_tls {
+            Some(tls) => {
+                let tls = tls_options(tls).map_err(|e| StoreError::failed(&name, e))?;
+                options = options.with_tls(tls);
+            }
+            None => tracing::warn!(
+                etcd = %name,
+                "etcd is reached WITHOUT TLS (http:// on loopback): anyone on this machine can read and write the pool's store; use https:// endpoints with etcd_ca, etcd_cert and etcd_key"
+            ),
+        }
+        let probe_options = options.clone();
         let endpoints = cluster.etcd.clone();
         let eps = endpoints.clone();
         // Connected on its own runtime (whose tasks then carry the connection), waited for
@@ -77,7 +110,37 @@ impl Etcd {
             each,
             endpoints,
             prefix: cluster.prefix(),
+            options: probe_options,
+            secret,
         })
+    }
+
+    /// The options every connection to etcd uses (TLS, timeouts), for one-off clients.
+    pub fn connect_options(&self) -> ConnectOptions {
+        self.options.clone()
+    }
+
+    /// The pool's secret, which seals and signs what members store.
+    pub fn secret(&self) -> &PoolSecret {
+        &self.secret
+    }
+
+    /// The value of a signed record at `key`, or `None` (logged) when it was not written
+    /// by a member of this pool.
+    pub fn verified<'a>(&self, key: &[u8], stored: &'a [u8]) -> Option<&'a [u8]> {
+        let key = String::from_utf8_lossy(key);
+        match self.secret.verify(&key, stored) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(%key, reason = %e, "a record in etcd fails its check; ignored");
+                None
+            }
+        }
+    }
+
+    /// `value` signed for `key`.
+    pub fn signed(&self, key: &str, value: impl AsRef<[u8]>) -> Vec<u8> {
+        self.secret.sign(key, value.as_ref())
     }
 
     /// The etcd endpoints, for messages.

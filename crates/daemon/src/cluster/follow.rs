@@ -13,9 +13,8 @@ use etcd_client::{EventType, WatchOptions};
 
 use super::etcd::{parse_lease_key, Etcd};
 use crate::dataplane::Dataplane;
-use crate::leases::etcd::EtcdStore;
+use crate::leases::etcd::{parse_record, EtcdStore};
 use crate::leases::service::LeaseService;
-use crate::leases::store::StoredLease;
 
 /// Pause between attempts to catch up while etcd cannot be read.
 const RETRY: Duration = Duration::from_millis(500);
@@ -82,12 +81,10 @@ async fn watch<D: Dataplane>(
                 continue;
             };
             let applied = match event.event_type() {
-                EventType::Put => match serde_json::from_slice::<StoredLease>(kv.value()) {
-                    Ok(stored) => service.adopt_remote(stored).await,
-                    Err(e) => {
-                        tracing::warn!(key = %rest, error = %e, "unreadable lease record in etcd; ignored");
-                        Ok(())
-                    }
+                // A record no member wrote is logged and never programmed.
+                EventType::Put => match parse_record(etcd, kv.key(), kv.value()) {
+                    Some(stored) => service.adopt_remote(stored).await,
+                    None => Ok(()),
                 },
                 EventType::Delete => service.drop_remote(&egress, &key).await,
             };

@@ -99,11 +99,11 @@ fn refused(e: &etcd_client::Error) -> bool {
     format!("{e:?}").contains("ConnectionRefused")
 }
 
-async fn quorum(endpoints: &[String], within: Duration) -> Quorum {
+async fn quorum(endpoints: &[String], options: ConnectOptions, within: Duration) -> Quorum {
     let mut answered = 0;
     let mut silent = false;
     for ep in endpoints {
-        let options = ConnectOptions::new().with_connect_timeout(within);
+        let options = options.clone().with_connect_timeout(within);
         let status = tokio::time::timeout(within, async {
             let mut c = Client::connect([ep.as_str()], Some(options)).await?;
             c.status().await
@@ -201,7 +201,13 @@ impl Membership {
         let until = Instant::now() + period;
         loop {
             let probed = Instant::now();
-            match quorum(self.etcd.endpoints(), period / 3).await {
+            match quorum(
+                self.etcd.endpoints(),
+                self.etcd.connect_options(),
+                period / 3,
+            )
+            .await
+            {
                 Quorum::Lost { silent } if !silent || alive(now, id, Instant::now()) => {
                     round.no_leader_at = Some(probed);
                     return (Standing::NoQuorum { lease: id }, false);
@@ -229,6 +235,7 @@ impl Membership {
         let ttl = self.ttl.as_secs().max(1) as i64;
         let record = serde_json::to_vec(&self.record).map_err(|_| Renewal::Failed)?;
         let key = self.etcd.member_key(&self.record.node);
+        let record = self.etcd.signed(&key, record);
         let within = self.ttl / 3;
         let failed = |e: StoreError| {
             tracing::debug!(error = %e, "cannot join the pool in etcd");

@@ -2,7 +2,8 @@
 //! ([`etcd`], [`shared`]), each programs every lease on its own devices ([`follow`]), and
 //! one leader per egress ([`membership`], [`election`]) holds its addresses
 //! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
-//! ([`takeover`]). [`member`] puts them together for the daemon; [`status`] tells what the
+//! ([`takeover`]). [`secret`] seals the private keys kept in etcd and signs every record
+//! members write. [`member`] puts them together for the daemon; [`status`] tells what the
 //! pool is doing.
 
 pub mod announce;
@@ -13,6 +14,7 @@ pub mod floating;
 pub mod follow;
 pub mod member;
 pub mod membership;
+pub mod secret;
 pub mod shared;
 pub mod status;
 pub mod takeover;

@@ -22,6 +22,7 @@ pub struct ClusterStatus {
     pub leases: BTreeMap<String, usize>,
 }
 
+/// The signed records under `prefix` (relative keys, values checked and unwrapped).
 async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
     let p = prefix.clone();
     let resp = etcd
@@ -32,12 +33,13 @@ async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, Cl
     Ok(resp
         .kvs()
         .iter()
-        .map(|kv| {
+        .filter_map(|kv| {
+            let value = etcd.verified(kv.key(), kv.value())?;
             let key = String::from_utf8_lossy(kv.key());
-            (
+            Some((
                 key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
-                kv.value().to_vec(),
-            )
+                value.to_vec(),
+            ))
         })
         .collect())
 }

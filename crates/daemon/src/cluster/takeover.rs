@@ -75,7 +75,8 @@ impl Takeover {
             .iter()
             .filter_map(|kv| {
                 let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
-                Some((key, kv.value_str().ok()?.parse().ok()?))
+                let value = self.etcd.verified(kv.key(), kv.value())?;
+                Some((key, std::str::from_utf8(value).ok()?.parse().ok()?))
             })
             .collect())
     }
@@ -159,7 +160,11 @@ impl Takeover {
         for chunk in changed.chunks(PUTS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|(k, ep)| TxnOp::put(self.etcd.endpoint_key(&e.name, k), ep.to_string(), None))
+                .map(|(k, ep)| {
+                    let key = self.etcd.endpoint_key(&e.name, k);
+                    let value = self.etcd.signed(&key, ep.to_string());
+                    TxnOp::put(key, value, None)
+                })
                 .collect();
             let txn = Txn::new().and_then(ops);
             self.etcd

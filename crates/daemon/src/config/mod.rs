@@ -325,6 +325,7 @@ impl Config {
             None => None,
         };
         cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
+        cluster::check_networks(cluster.as_ref(), &network, &invalid)?;
         Ok(Config {
             cluster,
             path: path.to_path_buf(),
