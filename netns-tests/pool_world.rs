@@ -41,6 +41,9 @@ pub const ECHO: &str = "198.18.0.10:8080";
 pub const EGRESS_IP6: &str = "2001:db8:77::77";
 pub const ECHO6: &str = "[2001:db8:ec::10]:8080";
 pub const LEADER_TTL: u64 = 1;
+/// A second egress of [`Pool::with_beta`]: its own egress IP, the same endpoint address as
+/// acme's on another port, so both are led together.
+pub const BETA_IP: &str = "203.0.113.78";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -68,6 +71,9 @@ pub struct Pool {
     pub etcd: Vec<EtcdNode>,
     pub members: Vec<Member>,
     pub containers: Vec<Container>,
+    /// Whether members also have egress "beta", member `i` listing it before acme when `i`
+    /// is odd.
+    pub beta: bool,
     echo_stop: Arc<AtomicBool>,
 }
 
@@ -80,6 +86,16 @@ fn netns_exec(ns: &str) -> Command {
 impl Pool {
     /// Makes the segments, the etcd cluster and the two members, and waits for all of them.
     pub fn new() -> Pool {
+        Pool::build(false)
+    }
+
+    /// [`Pool::new`] whose members also have egress "beta" ([`BETA_IP`]), sharing acme's
+    /// endpoint address, their tables in opposite orders.
+    pub fn with_beta() -> Pool {
+        Pool::build(true)
+    }
+
+    fn build(beta: bool) -> Pool {
         crate::world::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}p{n}", std::process::id() & 0xffff);
@@ -109,6 +125,7 @@ impl Pool {
                 })
                 .collect(),
             containers: Vec::new(),
+            beta,
             echo_stop: Arc::new(AtomicBool::new(false)),
             id,
             dir,
@@ -486,13 +503,8 @@ impl Pool {
             .map(|u| format!("\"{u}\""))
             .collect();
         for (i, m) in self.members.iter().enumerate() {
-            let config = format!(
-                r#"state_dir = "{state}"
-backend = "userspace"
-
-[api]
-listen = "{ip}:7443"
-
+            let acme = format!(
+                r#"
 [[egress]]
 name = "acme"
 ip = "{EGRESS_IP}"
@@ -505,7 +517,39 @@ listen_port = 51820
 endpoint = "{ENDPOINT_IP}:51820"
 endpoint_interface = "core0"
 token_file = "{tokens}"
+"#,
+                wg = m.wg,
+                tokens = self.path("acme.tokens").display(),
+            );
+            let beta = format!(
+                r#"
+[[egress]]
+name = "beta"
+ip = "{BETA_IP}"
+interface = "isp0"
+pool = "100.97.0.0/23"
+wg_interface = "{id}b{n}"
+listen_port = 51821
+endpoint = "{ENDPOINT_IP}:51821"
+endpoint_interface = "core0"
+token_file = "{tokens}"
+"#,
+                id = self.id,
+                n = i + 1,
+                tokens = self.path("acme.tokens").display(),
+            );
+            let egresses = match (self.beta, i % 2) {
+                (false, _) => acme,
+                (true, 0) => format!("{acme}{beta}"),
+                (true, _) => format!("{beta}{acme}"),
+            };
+            let config = format!(
+                r#"state_dir = "{state}"
+backend = "userspace"
 
+[api]
+listen = "{ip}:7443"
+{egresses}
 [cluster]
 name = "{id}"
 node = "{node}"
@@ -519,8 +563,6 @@ leader_ttl = {LEADER_TTL}
                 dir = self.dir.path().display(),
                 state = self.state_dir(i).display(),
                 ip = m.ip,
-                wg = m.wg,
-                tokens = self.path("acme.tokens").display(),
                 id = self.id,
                 node = m.node,
                 etcd = etcd.join(", "),
@@ -638,8 +680,13 @@ leader_ttl = {LEADER_TTL}
 
     /// Whether member `i` has `ip` on any link.
     pub fn holds(&self, i: usize, ip: &str) -> bool {
+        self.held(i).contains(&format!(" {ip}/"))
+    }
+
+    /// Every address on member `i`'s links (`ip -o addr show`).
+    pub fn held(&self, i: usize) -> String {
         let out = try_sh(&["ip", "-n", &self.members[i].ns, "-o", "addr", "show"]);
-        String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/"))
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Waits until member `i` holds both floating addresses.

@@ -2,7 +2,9 @@
 //! bound to the member's etcd lease, so it disappears when the leader stops renewing it.
 //!
 //! Egresses that share an address (an egress IP or the endpoint's) must be held by one
-//! member, so they are led together as a [`Group`] named after its first egress.
+//! member, so they are led together as a [`Group`] named after the least of its egresses'
+//! names: the same on every member whatever the order of its tables. A member campaigns
+//! and holds only while its shared settings agree with the pool's ([`super::agreement`]).
 //!
 //! The leader holds the group's addresses for as long as its [`Standing`] allows, and
 //! gives them up the moment it does not: before the lease can expire for the others.
@@ -32,6 +34,8 @@ pub struct Group {
 }
 
 /// Partitions `egresses` into groups of those sharing an egress IP or endpoint address.
+/// A group is named after the least name among its egresses, which are in name order: the
+/// same groups, named the same, in whatever order the tables come.
 pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
     for e in egresses {
@@ -46,12 +50,15 @@ pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
             egresses: vec![e.clone()],
         };
         for i in joined.into_iter().rev() {
-            let g = out.remove(i);
-            group.name = g.name;
-            group.egresses.splice(0..0, g.egresses);
+            group.egresses.extend(out.remove(i).egresses);
         }
         out.push(group);
     }
+    for g in &mut out {
+        g.egresses.sort_by(|a, b| a.name.cmp(&b.name));
+        g.name = g.egresses[0].name.clone();
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
@@ -98,6 +105,8 @@ pub struct Election {
     pub ttl: Duration,
     pub takeover: Arc<Takeover>,
     pub leading: Leading,
+    /// Whether this member's shared settings agree with the pool's.
+    pub agrees: watch::Receiver<bool>,
 }
 
 impl Election {
@@ -106,17 +115,27 @@ impl Election {
         let key = self.etcd.leader_key(&group.name);
         // Addresses left from an earlier run are not ours until the campaign says so.
         let mut holding = true;
+        let mut agrees = self.agrees.clone();
         loop {
             let Some(lease) = self.valid_lease(&mut standing).await else {
                 self.give_up(&group, &mut holding).await;
                 continue;
             };
+            if !*agrees.borrow_and_update() {
+                self.give_up(&group, &mut holding).await;
+                let _ = tokio::time::timeout(self.ttl / 2, agrees.changed()).await;
+                continue;
+            }
             match self.campaign(&key, lease).await {
                 Ok(Campaign::Won) => loop {
                     tracing::info!(group = %group.name, "leading");
-                    self.hold(&group, lease, &mut standing).await;
+                    self.hold(&group, lease, &mut standing, &mut agrees).await;
                     holding = true;
                     self.give_up(&group, &mut holding).await;
+                    if !*agrees.borrow() {
+                        self.resign(&key).await;
+                        break;
+                    }
                     if !self.still_ours(lease, &mut standing).await {
                         break;
                     }
@@ -185,12 +204,22 @@ impl Election {
     }
 
     /// Holds the group until the standing no longer allows it.
-    async fn hold(&self, group: &Group, lease: i64, standing: &mut watch::Receiver<Standing>) {
+    async fn hold(
+        &self,
+        group: &Group,
+        lease: i64,
+        standing: &mut watch::Receiver<Standing>,
+        agrees: &mut watch::Receiver<bool>,
+    ) {
         let mut acquired = false;
         loop {
             let current = *standing.borrow_and_update();
             if current.valid_lease(Instant::now()) != Some(lease) {
                 tracing::warn!(group = %group.name, "giving the egress up: this member cannot prove it still leads");
+                return;
+            }
+            if !*agrees.borrow_and_update() {
+                tracing::warn!(group = %group.name, "giving the egress up: this member's shared settings no longer agree with the pool's");
                 return;
             }
             if !acquired {
@@ -215,6 +244,7 @@ impl Election {
             };
             tokio::select! {
                 changed = standing.changed() => if changed.is_err() { return },
+                changed = agrees.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
@@ -288,6 +318,25 @@ impl Election {
         })
     }
 
+    /// Deletes the leader key if it is still this member's, so another member may lead
+    /// at once (this member's etcd lease lives on).
+    async fn resign(&self, key: &str) {
+        let ours = self.etcd.signed(key, &self.node);
+        let k = key.to_string();
+        let txn = Txn::new()
+            .when(vec![Compare::value(k.clone(), CompareOp::Equal, ours)])
+            .and_then(vec![TxnOp::delete(k, None)]);
+        if let Err(e) = self
+            .etcd
+            .run_for("resigning", self.ttl / 3, |mut c| async move {
+                c.txn(txn).await
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot resign; the leadership lapses with this member's etcd lease");
+        }
+    }
+
     /// Returns when the leader key is deleted (or after a TTL, to look again).
     async fn wait_vacancy(&self, key: &str, revision: i64) {
         let options = WatchOptions::new().with_start_revision(revision + 1);
@@ -339,7 +388,7 @@ mod tests {
         c.endpoint = "198.51.100.2:2".parse().unwrap();
         d.egress_ips = EgressIps::single("203.0.113.4".parse().unwrap());
         d.endpoint = "198.51.100.4:1".parse().unwrap();
-        let g = groups(&[a, b, d, c]);
+        let g = groups(&[a.clone(), b.clone(), d.clone(), c.clone()]);
         let names: Vec<(String, Vec<String>)> = g
             .iter()
             .map(|g| {
@@ -352,9 +401,24 @@ mod tests {
         assert_eq!(
             names,
             vec![
-                ("d".to_string(), vec!["d".to_string()]),
                 ("a".to_string(), vec!["a".into(), "b".into(), "c".into()]),
+                ("d".to_string(), vec!["d".to_string()]),
             ]
         );
+        // Every order of the tables gives the same groups with the same names.
+        let all = [a, b, c, d];
+        for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            let shuffled: Vec<EgressConfig> = order.iter().map(|&i| all[i].clone()).collect();
+            let again: Vec<(String, Vec<String>)> = groups(&shuffled)
+                .iter()
+                .map(|g| {
+                    (
+                        g.name.clone(),
+                        g.egresses.iter().map(|e| e.name.clone()).collect(),
+                    )
+                })
+                .collect();
+            assert_eq!(again, names, "order {order:?}");
+        }
     }
 }

@@ -16,6 +16,7 @@
 //! | `ca` | the API's CA, certificate and key (PEM, JSON), sealed |
 //! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease, signed |
 //! | `members/<node>` | a member's info as JSON, bound to its etcd lease, signed |
+//! | `settings/<node>` | the settings a member must share with the pool, as JSON, bound to its etcd lease, signed |
 //!
 //! "Signed" and "sealed" are [`PoolSecret`]'s: a signed value that does not verify was
 //! not written by a member and is ignored; a sealed one is encrypted.
@@ -42,7 +43,10 @@ pub struct Etcd {
     each: Vec<Client>,
     endpoints: Vec<String>,
     prefix: String,
-    options: ConnectOptions,
+    /// One client per endpoint, without `require_leader`, for asking each member about its
+    /// raft leader ([`Etcd::status_each`]): kept connected, so a probe costs no TLS
+    /// handshake.
+    probes: Vec<Client>,
     secret: PoolSecret,
 }
 
@@ -88,20 +92,21 @@ impl Etcd {
                 "etcd is reached WITHOUT TLS (http:// on loopback): anyone on this machine can read and write the pool's store; use https:// endpoints with etcd_ca, etcd_cert and etcd_key"
             ),
         }
-        let probe_options = options.clone();
+        let status_options = options.clone().with_require_leader(false);
         let endpoints = cluster.etcd.clone();
         let eps = endpoints.clone();
         // Connected on its own runtime (whose tasks then carry the connection), waited for
         // without entering it, so this works from inside another runtime too.
         let connecting = runtime.spawn(async move {
             let client = Client::connect(&eps, Some(options.clone())).await?;
-            let mut each = Vec::new();
+            let (mut each, mut probes) = (Vec::new(), Vec::new());
             for ep in &eps {
                 each.push(Client::connect([ep], Some(options.clone())).await?);
+                probes.push(Client::connect([ep], Some(status_options.clone())).await?);
             }
-            Ok::<_, etcd_client::Error>((client, each))
+            Ok::<_, etcd_client::Error>((client, each, probes))
         });
-        let (client, each) = futures::executor::block_on(connecting)
+        let (client, each, probes) = futures::executor::block_on(connecting)
             .map_err(|e| StoreError::failed(&name, e.to_string()))?
             .map_err(|e| StoreError::failed(&name, e.to_string()))?;
         Ok(Etcd {
@@ -110,14 +115,37 @@ impl Etcd {
             each,
             endpoints,
             prefix: cluster.prefix(),
-            options: probe_options,
+            probes,
             secret,
         })
     }
 
-    /// The options every connection to etcd uses (TLS, timeouts), for one-off clients.
-    pub fn connect_options(&self) -> ConnectOptions {
-        self.options.clone()
+    /// Every etcd member's status, asked at once, each within `within`: `Err(None)` when
+    /// one did not answer in time.
+    pub async fn status_each(
+        &self,
+        within: Duration,
+    ) -> Vec<Result<etcd_client::StatusResponse, Option<etcd_client::Error>>> {
+        let Some(runtime) = &self.runtime else {
+            return Vec::new();
+        };
+        let calls: Vec<_> = self
+            .probes
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                runtime.spawn(async move { tokio::time::timeout(within, c.status()).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(match call.await {
+                Ok(Ok(Ok(s))) => Ok(s),
+                Ok(Ok(Err(e))) => Err(Some(e)),
+                Ok(Err(_)) | Err(_) => Err(None),
+            });
+        }
+        out
     }
 
     /// The pool's secret, which seals and signs what members store.
@@ -328,6 +356,14 @@ impl Etcd {
 
     pub fn member_key(&self, node: &str) -> String {
         format!("{}{node}", self.members_prefix())
+    }
+
+    pub fn settings_prefix(&self) -> String {
+        self.key("settings/")
+    }
+
+    pub fn settings_key(&self, node: &str) -> String {
+        format!("{}{node}", self.settings_prefix())
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::agreement::{self, SharedSettings};
 use super::election::{groups, Election, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
@@ -85,7 +86,10 @@ impl Pool {
         service: Arc<LeaseService<HostDataplane>>,
     ) -> Result<Vec<JoinHandle<()>>, ClusterError> {
         let (tx, rx) = watch::channel(Standing::Lost);
+        let settings = SharedSettings::of(&service.config.egress);
+        let (agrees_tx, agrees) = watch::channel(false);
         let membership = Membership {
+            settings: settings.clone(),
             etcd: self.etcd.clone(),
             ttl: self.cluster.leader_ttl,
             record: MemberRecord {
@@ -104,9 +108,16 @@ impl Pool {
             ttl: self.cluster.leader_ttl,
             takeover: takeover.clone(),
             leading: self.leading.clone(),
+            agrees,
         });
         let mut tasks = vec![
             tokio::spawn(membership.run(tx)),
+            tokio::spawn(agreement::run(
+                self.etcd.clone(),
+                self.cluster.node.clone(),
+                settings,
+                agrees_tx,
+            )),
             tokio::spawn(follow(
                 self.etcd.clone(),
                 self.store.clone(),
