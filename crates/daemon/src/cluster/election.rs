@@ -11,7 +11,7 @@
 //! The others watch the key and campaign as soon as it goes. A restarted member whose
 //! key is still there (its old lease has not expired yet) takes it over at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -71,22 +71,50 @@ fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
     a.ips().iter().any(|ip| b.ips().contains(ip)) || ips6(a).iter().any(|ip| ips6(b).contains(ip))
 }
 
-/// Which egresses this member leads right now (for collection and status).
+/// Which egresses this member leads right now (for collection and status), each with its
+/// term: a number that grows with every takeover.
 #[derive(Clone, Default)]
-pub struct Leading(Arc<RwLock<HashSet<String>>>);
+pub struct Leading(Arc<RwLock<Terms>>);
+
+#[derive(Default)]
+struct Terms {
+    next: u64,
+    leading: HashMap<String, u64>,
+}
 
 impl Leading {
     pub fn leads(&self, egress: &str) -> bool {
-        self.0.read().map(|s| s.contains(egress)).unwrap_or(false)
+        self.term(egress).is_some()
     }
 
-    fn set(&self, group: &Group, leads: bool) {
-        if let Ok(mut s) = self.0.write() {
+    /// The term of this member's leadership of `egress`, if it leads it.
+    pub fn term(&self, egress: &str) -> Option<u64> {
+        self.0.read().ok()?.leading.get(egress).copied()
+    }
+
+    /// The egresses taken over since the terms in `known` were seen (updating `known`):
+    /// whatever this member remembers of them is from before.
+    pub fn taken_over(&self, known: &mut HashMap<String, u64>) -> Vec<String> {
+        let Ok(t) = self.0.read() else {
+            return Vec::new();
+        };
+        known.retain(|e, _| t.leading.contains_key(e));
+        t.leading
+            .iter()
+            .filter(|(e, term)| known.insert((*e).clone(), **term) != Some(**term))
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    pub(crate) fn set(&self, group: &Group, leads: bool) {
+        if let Ok(mut t) = self.0.write() {
             for e in &group.egresses {
                 if leads {
-                    s.insert(e.name.clone());
+                    t.next += 1;
+                    let term = t.next;
+                    t.leading.entry(e.name.clone()).or_insert(term);
                 } else {
-                    s.remove(&e.name);
+                    t.leading.remove(&e.name);
                 }
             }
         }
@@ -372,6 +400,25 @@ mod tests {
     use super::*;
     use crate::config::tests::egress;
     use crate::leases::egress_ips::EgressIps;
+
+    #[test]
+    fn every_takeover_is_a_new_term() {
+        let g = groups(&[egress("a", "100.96.0.0/24")]).remove(0);
+        let leading = Leading::default();
+        let mut known = HashMap::new();
+        assert!(leading.taken_over(&mut known).is_empty());
+        leading.set(&g, true);
+        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        // Still leading: no new term, even when told again.
+        leading.set(&g, true);
+        assert!(leading.taken_over(&mut known).is_empty());
+        // Lost and taken back between two looks: a new term.
+        leading.set(&g, false);
+        leading.set(&g, true);
+        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        leading.set(&g, false);
+        assert!(leading.taken_over(&mut known).is_empty() && known.is_empty());
+    }
 
     #[test]
     fn egresses_sharing_an_address_are_led_together() {
