@@ -498,3 +498,50 @@ fn members_listing_egresses_in_opposite_orders_never_both_hold_an_address() {
     never_held_twice(&p, &[0, 1], Duration::from_secs(5));
     assert_eq!(p.wait_leader(Duration::from_secs(1)), next);
 }
+
+/// A lease released while the new leader's woken peers wait to have their keepalive taken
+/// off again (5 s): its peer does not come back on the new leader.
+#[test]
+fn a_lease_released_during_a_takeover_does_not_come_back() {
+    let mut p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let next = 1 - leader;
+    let conf = p.net_conf();
+    let c = p.container("w0");
+    let out = p.cni(0, "ADD", &c, &conf);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(echo(&c).unwrap(), EGRESS_IP);
+    let peers = p.peers(next);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let key = wgexit::keys::Key::from_base64(&peers[0]).unwrap();
+    p.wait_endpoints_published(1, Duration::from_secs(5));
+    let woken = "handshakes started";
+    let before = p.log(next).matches(woken).count();
+    p.kill_member(leader);
+    p.wait_holds(next, Duration::from_secs(5));
+    let took = Instant::now();
+    // Released once the peer was woken, before its keepalive goes off again.
+    while p.log(next).matches(woken).count() == before {
+        assert!(took.elapsed() < Duration::from_secs(2), "{}", p.log(next));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let path = format!("/v1/egress/acme/leases/{}", key.to_base64_url());
+    let (code, body) = p.api(next, "DELETE", &path, None);
+    assert_eq!(code, 204, "{body}");
+    assert!(p.peers(next).is_empty(), "{:?}", p.peers(next));
+    assert!(
+        took.elapsed() < Duration::from_secs(3),
+        "released {:?} after the takeover: too late to show anything",
+        took.elapsed()
+    );
+    while took.elapsed() < Duration::from_secs(8) {
+        let now = p.peers(next);
+        assert!(
+            now.is_empty(),
+            "the released lease's peer is back after {:?}: {now:?}\n{}",
+            took.elapsed(),
+            p.log(next)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
