@@ -175,3 +175,96 @@ fn no_value_in_etcd_reveals_a_private_key() {
         );
     }
 }
+
+/// `wgexitd serve` for member `i` run to its end (within `within`): its exit status and
+/// what it wrote.
+fn serve_to_the_end(p: &Pool, i: usize, within: Duration) -> (Option<i32>, String) {
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &p.members[i].ns])
+        .arg(crate::world::bin("wgexitd"))
+        .args(["serve", "--config"])
+        .arg(p.member_config(i))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + within;
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if child.try_wait().unwrap().is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `etcdctl del --prefix` of the whole pool: the members keep every tunnel instead of
+/// mirroring the empty store, say what happened and what to do (log and `wgexitd status`),
+/// and a member started against the emptied store refuses it without making a new
+/// identity, egress key or CA.
+#[test]
+fn a_pool_deleted_with_etcdctl_is_not_mirrored_and_gets_no_new_identity() {
+    let mut p = Pool::new();
+    let conf = p.net_conf();
+    let c = p.container("c0");
+    let out = p.cni(0, "ADD", &c, &conf);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    let real = p.peers(0);
+    wait_peers(&p, &real, Duration::from_secs(5));
+
+    let prefix = format!("/wgexit/{}/", p.id);
+    etcdctl(&p, &["del", "--prefix", &prefix]);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for i in 0..2 {
+            assert_eq!(p.peers(i), real, "member {i} mirrored the emptied store");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
+        EGRESS_IP
+    );
+    for i in 0..2 {
+        assert!(
+            p.log(i).contains("has lost the pool's identity"),
+            "member {i}: {}",
+            p.log(i)
+        );
+    }
+    let m = &p.members[0];
+    let status = crate::world::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &m.ns,
+        crate::world::bin("wgexitd"),
+        "status",
+        "--config",
+        p.member_config(0).to_str().unwrap(),
+    ]);
+    assert!(
+        status.contains("IDENTITY LOST") && status.contains("etcdctl snapshot restore"),
+        "{status}"
+    );
+
+    // A member started again refuses the store and makes nothing in it.
+    p.kill_member(1);
+    p.set_links(1, true, false);
+    let (code, said) = serve_to_the_end(&p, 1, Duration::from_secs(15));
+    assert!(code.is_some_and(|c| c != 0), "{code:?}: {said}");
+    assert!(said.contains("has lost the pool's identity"), "{said}");
+    let keys = etcdctl(&p, &["get", "--prefix", "--keys-only", &prefix]);
+    for made in ["epoch", "identity/", "ca\n", "leases/"] {
+        assert!(!keys.contains(&format!("{prefix}{made}")), "{keys}");
+    }
+    assert_eq!(p.peers(0), real);
+    assert_eq!(
+        echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
+        EGRESS_IP
+    );
+}

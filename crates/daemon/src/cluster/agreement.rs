@@ -112,12 +112,14 @@ impl SharedSettings {
     }
 }
 
-/// Whether this member's settings are the pool's; `Err` says which key differs.
+/// Whether this member's settings are the pool's; `Err` says which key differs; `None`
+/// when this member's own record is not there (not published yet, or deleted with the
+/// rest of the store): nothing can be told.
 pub async fn check(
     etcd: &Etcd,
     node: &str,
     mine: &SharedSettings,
-) -> Result<Result<(), String>, StoreError> {
+) -> Result<Option<Result<(), String>>, StoreError> {
     let prefix = etcd.settings_prefix();
     let p = prefix.clone();
     let resp = etcd
@@ -125,7 +127,7 @@ pub async fn check(
             c.get(p, Some(GetOptions::new().with_prefix())).await
         })
         .await?;
-    let oldest = resp
+    let records: Vec<(i64, String, SharedSettings)> = resp
         .kvs()
         .iter()
         .filter_map(|kv| {
@@ -134,18 +136,20 @@ pub async fn check(
             let settings: SharedSettings = serde_json::from_slice(value).ok()?;
             Some((kv.create_revision(), other, settings))
         })
-        .min_by_key(|(revision, _, _)| *revision);
-    Ok(match oldest {
-        Some((_, other, _)) if other == node => Ok(()),
-        Some((_, other, pool)) => match mine.difference(&pool, &other) {
+        .collect();
+    if !records.iter().any(|(_, other, _)| other == node) {
+        return Ok(None);
+    }
+    let oldest = records.into_iter().min_by_key(|(revision, _, _)| *revision);
+    Ok(Some(match oldest {
+        Some((_, other, pool)) if other != node => match mine.difference(&pool, &other) {
             Some(d) => Err(format!(
                 "{d} (the pool's settings are its longest-running member's); this member does not lead until they agree"
             )),
             None => Ok(()),
         },
-        // Not even this member's record: it cannot lead yet.
-        None => Err("no member has published its settings yet".into()),
-    })
+        _ => Ok(()),
+    }))
 }
 
 /// How often the agreement is checked while this member agrees, and while it does not.
@@ -154,19 +158,20 @@ const DISAGREEING_EVERY: Duration = Duration::from_millis(200);
 
 /// Checks, for as long as the daemon runs, whether this member's settings are the pool's,
 /// and publishes the answer on `tx` (false until the first check agrees). A disagreement
-/// is logged when it changes. An etcd that cannot be read keeps the last answer (nobody
-/// can change the pool's settings without it either).
+/// is logged when it changes. An etcd that cannot be read, or without this member's
+/// record, keeps the last answer (nobody can change the pool's settings without it).
 pub async fn run(etcd: Arc<Etcd>, node: String, mine: SharedSettings, tx: watch::Sender<bool>) {
     let mut said: Option<String> = None;
     loop {
         match check(&etcd, &node, &mine).await {
-            Ok(Ok(())) => {
+            Ok(None) => {}
+            Ok(Some(Ok(()))) => {
                 if said.take().is_some() {
                     tracing::info!("this member's shared settings agree with the pool's again");
                 }
                 tx.send_if_modified(|v| !std::mem::replace(v, true));
             }
-            Ok(Err(why)) => {
+            Ok(Some(Err(why))) => {
                 if said.as_ref() != Some(&why) {
                     tracing::error!(reason = %why, "this member's shared settings differ from the pool's: it refuses to lead");
                     said = Some(why);
@@ -225,7 +230,7 @@ mod tests {
         let check = |node: &str, s: &SharedSettings| {
             futures::executor::block_on(check(&etcd, node, s)).unwrap()
         };
-        assert!(check("a", &a).is_err(), "nothing published yet");
+        assert_eq!(check("a", &a), None, "nothing published yet");
         // A record no member signed does not count (nor make itself the oldest).
         let forged = etcd.settings_key("0");
         let forged_value = serde_json::to_vec(&b).unwrap();
@@ -235,13 +240,13 @@ mod tests {
         .unwrap();
         publish("a", &a);
         publish("b", &b);
-        assert_eq!(check("a", &a), Ok(()));
-        let why = check("b", &b).unwrap_err();
+        assert_eq!(check("a", &a), Some(Ok(())));
+        let why = check("b", &b).unwrap().unwrap_err();
         assert!(
             why.contains("\"acme\" pool is 100.96.1.0/24 here but 100.96.0.0/24 on member a"),
             "{why}"
         );
         publish("c", &a);
-        assert_eq!(check("c", &a), Ok(()));
+        assert_eq!(check("c", &a), Some(Ok(())));
     }
 }

@@ -21,6 +21,7 @@ use etcd_client::{
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::epoch;
 use super::etcd::Etcd;
 use super::membership::Standing;
 use super::takeover::Takeover;
@@ -135,6 +136,8 @@ pub struct Election {
     pub leading: Leading,
     /// Whether this member's shared settings agree with the pool's.
     pub agrees: watch::Receiver<bool>,
+    /// The pool's identity: no campaign succeeds in a store that lost it.
+    pub epoch: String,
 }
 
 impl Election {
@@ -283,11 +286,10 @@ impl Election {
         let node = self.etcd.signed(key, &self.node);
         let k = key.to_string();
         let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                k.clone(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when(vec![
+                Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+                epoch::intact(&self.etcd, &self.epoch),
+            ])
             .and_then(vec![TxnOp::put(
                 k.clone(),
                 node.clone(),
@@ -322,11 +324,10 @@ impl Election {
         }
         // Ours from before a restart, its old lease still running: take it over.
         let reclaim = Txn::new()
-            .when(vec![Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )])
+            .when(vec![
+                Compare::mod_revision(k.clone(), CompareOp::Equal, kv.mod_revision()),
+                epoch::intact(&self.etcd, &self.epoch),
+            ])
             .and_then(vec![TxnOp::put(
                 k,
                 node,

@@ -13,6 +13,7 @@
 //! | `addresses/<egress>/<address>` | public key (hex) holding the address, signed |
 //! | `endpoints/<egress>/<public key hex>` | the peer's last seen endpoint, `ip:port`, signed |
 //! | `identity/<egress>` | the egress's WireGuard private key (base64), sealed |
+//! | `epoch` | the pool's identity, made with it ([`super::epoch`]), signed |
 //! | `ca` | the API's CA, certificate and key (PEM, JSON), sealed |
 //! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease, signed |
 //! | `members/<node>` | a member's info as JSON, bound to its etcd lease, signed |
@@ -340,6 +341,10 @@ impl Etcd {
 
     pub fn identity_key(&self, egress: &str) -> String {
         self.key(&format!("identity/{egress}"))
+    }
+
+    pub fn epoch_key(&self) -> String {
+        self.key("epoch")
     }
 
     pub fn ca_key(&self) -> String {

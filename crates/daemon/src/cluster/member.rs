@@ -14,7 +14,7 @@ use super::floating::Floating;
 use super::follow::follow;
 use super::membership::{MemberRecord, Membership, Standing};
 use super::takeover::Takeover;
-use super::{shared, ClusterError};
+use super::{epoch, shared, ClusterError};
 use crate::config::{ClusterConfig, Config};
 use crate::dataplane::HostDataplane;
 use crate::identity::Identities;
@@ -29,6 +29,8 @@ pub struct Pool {
     store: Arc<EtcdStore>,
     revision: i64,
     leading: Leading,
+    /// The pool's identity this member serves.
+    epoch: String,
 }
 
 /// What [`open`] reads from etcd.
@@ -43,6 +45,8 @@ pub struct Opened {
 pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, ClusterError> {
     let etcd = Arc::new(Etcd::connect(cluster)?);
     let store = Arc::new(EtcdStore::new(etcd.clone()));
+    // Before anything is read or made: a store that lost the pool is not served.
+    let epoch = epoch::establish(&etcd, &config.state_dir, &cluster.name).await?;
     let (leases, revision) = store.load_at().await?;
     let (mut registry, misfits) = Registry::from_leases(&config.egress, &[], store.clone(), leases);
     registry.spread(&cluster.node);
@@ -65,6 +69,7 @@ pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, Cl
             store,
             revision,
             leading: Leading::default(),
+            epoch,
         },
     })
 }
@@ -109,6 +114,7 @@ impl Pool {
             takeover: takeover.clone(),
             leading: self.leading.clone(),
             agrees,
+            epoch: self.epoch.clone(),
         });
         let mut tasks = vec![
             tokio::spawn(membership.run(tx)),
@@ -123,6 +129,7 @@ impl Pool {
                 self.store.clone(),
                 service,
                 self.revision + 1,
+                self.epoch.clone(),
             )),
             tokio::spawn(takeover.publish_endpoints(self.leading.clone())),
         ];

@@ -1,5 +1,5 @@
 //! Pools of exit nodes (`[cluster]`): members share leases, identities and the CA in etcd
-//! ([`etcd`], [`shared`]), each programs every lease on its own devices ([`follow`]), and
+//! ([`etcd`], [`shared`]) under the pool's identity ([`epoch`]), each programs every lease on its own devices ([`follow`]), and
 //! one leader per egress ([`membership`], [`election`], among members whose shared settings
 //! agree: [`agreement`]) holds its addresses
 //! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
@@ -11,6 +11,7 @@ pub mod agreement;
 pub mod announce;
 pub mod election;
 pub mod endpoint_source;
+pub mod epoch;
 pub mod etcd;
 pub mod floating;
 pub mod follow;
