@@ -672,6 +672,16 @@ leader_ttl = {LEADER_TTL}
             "dev",
             "core0",
         ]);
+        let _ = try_sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "del",
+            &format!("{BETA_IP}/32"),
+            "dev",
+            "isp0",
+        ]);
         let egress6 = format!("{EGRESS_IP6}/128");
         let _ = try_sh(&["ip", "-n", &ns, "addr", "del", &egress6, "dev", "isp0"]);
         self.set_links(i, true, false);

@@ -50,17 +50,22 @@ pub struct Takeover {
 impl Takeover {
     /// Takes the group's addresses, then starts a handshake with every peer whose endpoint
     /// is known.
+    /// The handshakes start in the background: the leader must stay free to give the group
+    /// up the moment its standing says so, even while etcd is slow to answer.
     pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
         self.floating.acquire(group).await?;
         for e in &group.egresses {
-            match self.wake_peers(e).await {
-                Ok(n) => {
-                    tracing::info!(egress = %e.name, peers = n, "took the egress over; handshakes started")
+            let (etcd, service, e) = (self.etcd.clone(), self.service.clone(), e.clone());
+            tokio::spawn(async move {
+                match wake_peers(&etcd, &service, &e).await {
+                    Ok(n) => {
+                        tracing::info!(egress = %e.name, peers = n, "took the egress over; handshakes started")
+                    }
+                    Err(err) => {
+                        tracing::warn!(egress = %e.name, error = %err, "took the egress over but cannot start handshakes; peers come back on their own timers")
+                    }
                 }
-                Err(err) => {
-                    tracing::warn!(egress = %e.name, error = %err, "took the egress over but cannot start handshakes; peers come back on their own timers")
-                }
-            }
+            });
         }
         Ok(())
     }
@@ -68,74 +73,79 @@ impl Takeover {
     pub async fn release(&self, group: &Group) -> Result<(), ClusterError> {
         self.floating.release(group).await
     }
+}
 
-    async fn endpoints(&self, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
-        let prefix = self.etcd.endpoints_prefix(egress);
-        let p = prefix.clone();
-        let resp = self
-            .etcd
-            .run("reading peers' endpoints", |mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
-                let value = self.etcd.verified(kv.key(), kv.value())?;
-                Some((key, std::str::from_utf8(value).ok()?.parse().ok()?))
-            })
-            .collect())
-    }
+async fn endpoints(etcd: &Etcd, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
+    let prefix = etcd.endpoints_prefix(egress);
+    let p = prefix.clone();
+    let resp = etcd
+        .run("reading peers' endpoints", |mut c| async move {
+            c.get(p, Some(GetOptions::new().with_prefix())).await
+        })
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
+            let value = etcd.verified(kv.key(), kv.value())?;
+            Some((key, std::str::from_utf8(value).ok()?.parse().ok()?))
+        })
+        .collect())
+}
 
-    /// Sets each leased peer's endpoint and turns its keepalive on (which starts a
-    /// handshake), and off again a little later. Returns how many peers were woken.
-    async fn wake_peers(&self, e: &EgressConfig) -> Result<usize, ClusterError> {
-        let endpoints = self.endpoints(&e.name).await?;
-        let leases = self.service.leases_of(&e.name).await;
-        let backend = self.service.dataplane().backend();
-        let mut woken = Vec::new();
-        for l in leases {
-            let Some(endpoint) = endpoints.get(&l.public_key) else {
-                continue;
-            };
-            // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
-            let peer = PeerConfig {
-                endpoint: Some(*endpoint),
-                persistent_keepalive: Some(1),
-                ..devices::peer_config(&devices::peer_of(&l))
-            };
-            let Some(_locked) = lock_if_leased(&self.service, &e.name, &l).await else {
-                continue;
-            };
-            match backend.set_peer(&e.wg_interface, &peer).await {
-                Ok(()) => woken.push((l, *endpoint)),
-                Err(err) => {
-                    tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
-                }
+/// Sets each leased peer's endpoint and turns its keepalive on (which starts a
+/// handshake), and off again a little later. Returns how many peers were woken.
+async fn wake_peers(
+    etcd: &Etcd,
+    service: &Arc<LeaseService<HostDataplane>>,
+    e: &EgressConfig,
+) -> Result<usize, ClusterError> {
+    let endpoints = endpoints(etcd, &e.name).await?;
+    let leases = service.leases_of(&e.name).await;
+    let backend = service.dataplane().backend();
+    let mut woken = Vec::new();
+    for l in leases {
+        let Some(endpoint) = endpoints.get(&l.public_key) else {
+            continue;
+        };
+        // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
+        let peer = PeerConfig {
+            endpoint: Some(*endpoint),
+            persistent_keepalive: Some(1),
+            ..devices::peer_config(&devices::peer_of(&l))
+        };
+        let Some(_locked) = lock_if_leased(service, &e.name, &l).await else {
+            continue;
+        };
+        match backend.set_peer(&e.wg_interface, &peer).await {
+            Ok(()) => woken.push((l, *endpoint)),
+            Err(err) => {
+                tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
             }
         }
-        let n = woken.len();
-        let service = self.service.clone();
-        let e = e.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(WAKE_FOR).await;
-            for (l, endpoint) in woken {
-                let Some(_locked) = lock_if_leased(&service, &e.name, &l).await else {
-                    continue;
-                };
-                // Back to the lease's own peer entry: keepalive off, endpoint kept.
-                let peer = Peer {
-                    endpoint: Some(endpoint),
-                    ..devices::peer_of(&l)
-                };
-                let _ = service.dataplane().add_peer(&e, &peer).await;
-            }
-        });
-        Ok(n)
     }
+    let n = woken.len();
+    let service = service.clone();
+    let e = e.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(WAKE_FOR).await;
+        for (l, endpoint) in woken {
+            let Some(_locked) = lock_if_leased(&service, &e.name, &l).await else {
+                continue;
+            };
+            // Back to the lease's own peer entry: keepalive off, endpoint kept.
+            let peer = Peer {
+                endpoint: Some(endpoint),
+                ..devices::peer_of(&l)
+            };
+            let _ = service.dataplane().add_peer(&e, &peer).await;
+        }
+    });
+    Ok(n)
+}
 
+impl Takeover {
     /// While this member leads an egress, writes its peers' endpoints to etcd when they
     /// change (at most every [`PUBLISH_EVERY`]), for the next leader.
     pub async fn publish_endpoints(self: Arc<Self>, leading: Leading) {
