@@ -324,8 +324,8 @@ impl Config {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
             None => None,
         };
-        cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         cluster::check_networks(cluster.as_ref(), &network, &invalid)?;
+        cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         Ok(Config {
             cluster,
             path: path.to_path_buf(),
