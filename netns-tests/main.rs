@@ -26,6 +26,7 @@ mod networks;
 mod ops;
 mod pool;
 mod pool_ipv6;
+mod pool_trust;
 mod readiness;
 mod recovery;
 mod restart;

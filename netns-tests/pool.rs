@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::pool_world::{echo_once, Pool, Probe, EGRESS_IP, ENDPOINT_IP, LEADER_TTL};
+use crate::pool_world::{echo_once, Pool, Probe, BETA_IP, EGRESS_IP, ENDPOINT_IP, LEADER_TTL};
 use crate::world::{sh, Container};
 
 const GAP: Duration = Duration::from_secs(3);
@@ -448,5 +448,100 @@ fn status_shows_the_pools_members_leader_and_leases() {
         assert_eq!(v["pool"]["leaders"]["acme"], leader_node.as_str(), "{v}");
         assert_eq!(v["pool"]["leases"]["acme"], 3, "{v}");
         assert_eq!(v["egress"][0]["name"], "acme", "{v}");
+    }
+}
+
+/// The addresses that two members hold at once, among `members`, at this moment.
+fn held_twice(p: &Pool, members: &[usize]) -> Vec<&'static str> {
+    let held: Vec<String> = members.iter().map(|&i| p.held(i)).collect();
+    [EGRESS_IP, BETA_IP, ENDPOINT_IP]
+        .into_iter()
+        .filter(|ip| {
+            held.iter()
+                .filter(|h| h.contains(&format!(" {ip}/")))
+                .count()
+                > 1
+        })
+        .collect()
+}
+
+/// Samples for `span` that no address is held by two of `members`.
+fn never_held_twice(p: &Pool, members: &[usize], span: Duration) {
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        let twice = held_twice(p, members);
+        assert!(
+            twice.is_empty(),
+            "both members hold {twice:?}\n{}\n{}",
+            p.log(0),
+            p.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// acme and beta share their endpoint's address, so one member leads both; the members
+/// list them in opposite orders, and still agree on who leads: never both hold an address,
+/// after start and through a failover and the dead member's return.
+#[test]
+fn members_listing_egresses_in_opposite_orders_never_both_hold_an_address() {
+    let mut p = Pool::with_beta();
+    never_held_twice(&p, &[0, 1], Duration::from_secs(10));
+    let leader = p.wait_leader(Duration::from_secs(5));
+    assert!(p.holds(leader, BETA_IP), "{}", p.held(leader));
+    let next = 1 - leader;
+    p.kill_member(leader);
+    // The killed member keeps its addresses on its cut-off links: only the survivor counts.
+    p.wait_holds(next, Duration::from_secs(5));
+    assert!(p.holds(next, BETA_IP), "{}", p.held(next));
+    p.revive_member(leader);
+    never_held_twice(&p, &[0, 1], Duration::from_secs(5));
+    assert_eq!(p.wait_leader(Duration::from_secs(1)), next);
+}
+
+/// A lease released while the new leader's woken peers wait to have their keepalive taken
+/// off again (5 s): its peer does not come back on the new leader.
+#[test]
+fn a_lease_released_during_a_takeover_does_not_come_back() {
+    let mut p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let next = 1 - leader;
+    let conf = p.net_conf();
+    let c = p.container("w0");
+    let out = p.cni(0, "ADD", &c, &conf);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(echo(&c).unwrap(), EGRESS_IP);
+    let peers = p.peers(next);
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    let key = wgexit::keys::Key::from_base64(&peers[0]).unwrap();
+    p.wait_endpoints_published(1, Duration::from_secs(5));
+    let woken = "handshakes started";
+    let before = p.log(next).matches(woken).count();
+    p.kill_member(leader);
+    p.wait_holds(next, Duration::from_secs(5));
+    let took = Instant::now();
+    // Released once the peer was woken, before its keepalive goes off again.
+    while p.log(next).matches(woken).count() == before {
+        assert!(took.elapsed() < Duration::from_secs(2), "{}", p.log(next));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let path = format!("/v1/egress/acme/leases/{}", key.to_base64_url());
+    let (code, body) = p.api(next, "DELETE", &path, None);
+    assert_eq!(code, 204, "{body}");
+    assert!(p.peers(next).is_empty(), "{:?}", p.peers(next));
+    assert!(
+        took.elapsed() < Duration::from_secs(3),
+        "released {:?} after the takeover: too late to show anything",
+        took.elapsed()
+    );
+    while took.elapsed() < Duration::from_secs(8) {
+        let now = p.peers(next);
+        assert!(
+            now.is_empty(),
+            "the released lease's peer is back after {:?}: {now:?}\n{}",
+            took.elapsed(),
+            p.log(next)
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

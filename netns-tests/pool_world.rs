@@ -11,6 +11,11 @@
 //!                                 the egress IPv6 2001:db8:77::77 floating on the leader
 //! ```
 //!
+//! etcd runs as in production: TLS on its client and peer ports, client certificates
+//! required (`--client-cert-auth`), every certificate made by the world with `openssl`
+//! ([`Pool::make_certificates`]); members hold one each, and the tests' `etcdctl` an
+//! administrator's ([`Pool::etcdctl`]). Members share a `secret_file`.
+//!
 //! Names are unique per world; dropping it kills every process and removes every namespace.
 
 #![allow(dead_code)]
@@ -36,6 +41,9 @@ pub const ECHO: &str = "198.18.0.10:8080";
 pub const EGRESS_IP6: &str = "2001:db8:77::77";
 pub const ECHO6: &str = "[2001:db8:ec::10]:8080";
 pub const LEADER_TTL: u64 = 1;
+/// A second egress of [`Pool::with_beta`]: its own egress IP, the same endpoint address as
+/// acme's on another port, so both are led together.
+pub const BETA_IP: &str = "203.0.113.78";
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -63,6 +71,9 @@ pub struct Pool {
     pub etcd: Vec<EtcdNode>,
     pub members: Vec<Member>,
     pub containers: Vec<Container>,
+    /// Whether members also have egress "beta", member `i` listing it before acme when `i`
+    /// is odd.
+    pub beta: bool,
     echo_stop: Arc<AtomicBool>,
 }
 
@@ -75,6 +86,16 @@ fn netns_exec(ns: &str) -> Command {
 impl Pool {
     /// Makes the segments, the etcd cluster and the two members, and waits for all of them.
     pub fn new() -> Pool {
+        Pool::build(false)
+    }
+
+    /// [`Pool::new`] whose members also have egress "beta" ([`BETA_IP`]), sharing acme's
+    /// endpoint address, their tables in opposite orders.
+    pub fn with_beta() -> Pool {
+        Pool::build(true)
+    }
+
+    fn build(beta: bool) -> Pool {
         crate::world::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}p{n}", std::process::id() & 0xffff);
@@ -104,10 +125,12 @@ impl Pool {
                 })
                 .collect(),
             containers: Vec::new(),
+            beta,
             echo_stop: Arc::new(AtomicBool::new(false)),
             id,
             dir,
         };
+        p.make_certificates();
         p.build_network();
         p.build_ipv6();
         p.start_echo(ECHO);
@@ -230,19 +253,143 @@ impl Pool {
     fn etcd_urls(&self) -> Vec<String> {
         self.etcd
             .iter()
-            .map(|e| format!("http://{}:2379", e.ip))
+            .map(|e| format!("https://{}:2379", e.ip))
             .collect()
+    }
+
+    /// Runs `openssl` with `args` in the world's directory; panics with its output on
+    /// failure.
+    fn openssl(&self, args: &[&str]) {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run openssl (scripts/deps installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `NAME.pem` and `NAME.key`, issued by the world's etcd CA with `extensions`.
+    fn issue(&self, name: &str, extensions: &str) {
+        let ext = format!("{name}.ext");
+        std::fs::write(self.path(&ext), extensions).unwrap();
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        self.openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "etcd-ca.pem",
+            "-CAkey",
+            "etcd-ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ]);
+    }
+
+    /// The etcd CA; a server certificate per etcd node (its IP; also its peer client
+    /// certificate), a client certificate per member and one for the administrator
+    /// (`root`); the pool's secret.
+    fn make_certificates(&self) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "etcd-ca.key",
+            "-out",
+            "etcd-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=wgexit test etcd CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        let leaf =
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n";
+        for e in &self.etcd {
+            self.issue(
+                &e.name,
+                &format!(
+                    "{leaf}extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:{}\n",
+                    e.ip
+                ),
+            );
+        }
+        for name in self.members.iter().map(|m| m.node.as_str()).chain(["root"]) {
+            self.issue(name, &format!("{leaf}extendedKeyUsage=clientAuth\n"));
+        }
+        let secret = self.path("pool.secret");
+        self.openssl(&["rand", "-base64", "-out", "pool.secret", "48"]);
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+    }
+
+    /// `etcdctl` in etcd node `i`'s namespace, with the administrator's certificate, talking
+    /// to that node.
+    pub fn etcdctl(&self, i: usize) -> Command {
+        let e = &self.etcd[i];
+        let mut c = netns_exec(&e.ns);
+        c.arg("etcdctl")
+            .arg(format!("--endpoints=https://{}:2379", e.ip))
+            .arg(format!("--cacert={}", self.path("etcd-ca.pem").display()))
+            .arg(format!("--cert={}", self.path("root.pem").display()))
+            .arg(format!("--key={}", self.path("root.key").display()))
+            .args(["--dial-timeout", "1s", "--command-timeout", "1s"])
+            .env("ETCDCTL_API", "3");
+        c
+    }
+
+    /// The index of an etcd node that runs.
+    pub fn live_etcd(&self) -> usize {
+        self.etcd.iter().position(|e| e.child.is_some()).unwrap()
     }
 
     pub fn start_etcd(&mut self, i: usize) {
         let cluster: Vec<String> = self
             .etcd
             .iter()
-            .map(|e| format!("{}=http://{}:2380", e.name, e.ip))
+            .map(|e| format!("{}=https://{}:2380", e.name, e.ip))
             .collect();
         let e = &self.etcd[i];
-        let client = format!("http://{}:2379", e.ip);
-        let peer = format!("http://{}:2380", e.ip);
+        let client = format!("https://{}:2379", e.ip);
+        let peer = format!("https://{}:2380", e.ip);
+        let file = |ext: &str| self.path(&format!("{}.{ext}", e.name));
+        let ca = self.path("etcd-ca.pem");
         let log = std::fs::File::create(self.path(&format!("{}.log", e.name))).unwrap();
         let child = netns_exec(&e.ns)
             .arg("etcd")
@@ -262,6 +409,20 @@ impl Pool {
             ])
             .args(["--initial-cluster", &cluster.join(",")])
             .args(["--initial-cluster-token", &self.id])
+            .arg("--client-cert-auth")
+            .arg("--trusted-ca-file")
+            .arg(&ca)
+            .arg("--cert-file")
+            .arg(file("pem"))
+            .arg("--key-file")
+            .arg(file("key"))
+            .arg("--peer-client-cert-auth")
+            .arg("--peer-trusted-ca-file")
+            .arg(&ca)
+            .arg("--peer-cert-file")
+            .arg(file("pem"))
+            .arg("--peer-key-file")
+            .arg(file("key"))
             .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -273,13 +434,11 @@ impl Pool {
     /// Waits until etcd member `i` answers as healthy (it needs a quorum for that).
     pub fn wait_etcd(&self, i: usize) {
         let e = &self.etcd[i];
-        let url = format!("http://{}:2379", e.ip);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let out = netns_exec(&e.ns)
-                .args(["etcdctl", "--endpoints", &url, "--dial-timeout", "1s"])
-                .args(["--command-timeout", "1s", "endpoint", "health"])
-                .env("ETCDCTL_API", "3")
+            let out = self
+                .etcdctl(i)
+                .args(["endpoint", "health"])
                 .output()
                 .unwrap();
             if out.status.success() {
@@ -293,15 +452,12 @@ impl Pool {
     /// Waits until the leader has published `n` peers' endpoints in etcd (for the next
     /// leader's handshakes).
     pub fn wait_endpoints_published(&self, n: usize, within: Duration) {
-        let e = self.etcd.iter().find(|e| e.child.is_some()).unwrap();
-        let url = format!("http://{}:2379", e.ip);
         let prefix = format!("/wgexit/{}/endpoints/acme/", self.id);
         let deadline = Instant::now() + within;
         loop {
-            let out = netns_exec(&e.ns)
-                .args(["etcdctl", "--endpoints", &url, "--command-timeout", "1s"])
+            let out = self
+                .etcdctl(self.live_etcd())
                 .args(["get", "--prefix", "--keys-only", &prefix])
-                .env("ETCDCTL_API", "3")
                 .output()
                 .unwrap();
             let keys = String::from_utf8_lossy(&out.stdout)
@@ -347,13 +503,8 @@ impl Pool {
             .map(|u| format!("\"{u}\""))
             .collect();
         for (i, m) in self.members.iter().enumerate() {
-            let config = format!(
-                r#"state_dir = "{state}"
-backend = "userspace"
-
-[api]
-listen = "{ip}:7443"
-
+            let acme = format!(
+                r#"
 [[egress]]
 name = "acme"
 ip = "{EGRESS_IP}"
@@ -366,17 +517,52 @@ listen_port = 51820
 endpoint = "{ENDPOINT_IP}:51820"
 endpoint_interface = "core0"
 token_file = "{tokens}"
+"#,
+                wg = m.wg,
+                tokens = self.path("acme.tokens").display(),
+            );
+            let beta = format!(
+                r#"
+[[egress]]
+name = "beta"
+ip = "{BETA_IP}"
+interface = "isp0"
+pool = "100.97.0.0/23"
+wg_interface = "{id}b{n}"
+listen_port = 51821
+endpoint = "{ENDPOINT_IP}:51821"
+endpoint_interface = "core0"
+token_file = "{tokens}"
+"#,
+                id = self.id,
+                n = i + 1,
+                tokens = self.path("acme.tokens").display(),
+            );
+            let egresses = match (self.beta, i % 2) {
+                (false, _) => acme,
+                (true, 0) => format!("{acme}{beta}"),
+                (true, _) => format!("{beta}{acme}"),
+            };
+            let config = format!(
+                r#"state_dir = "{state}"
+backend = "userspace"
 
+[api]
+listen = "{ip}:7443"
+{egresses}
 [cluster]
 name = "{id}"
 node = "{node}"
 etcd = [{etcd}]
+etcd_ca = "{dir}/etcd-ca.pem"
+etcd_cert = "{dir}/{node}.pem"
+etcd_key = "{dir}/{node}.key"
+secret_file = "{dir}/pool.secret"
 leader_ttl = {LEADER_TTL}
 "#,
+                dir = self.dir.path().display(),
                 state = self.state_dir(i).display(),
                 ip = m.ip,
-                wg = m.wg,
-                tokens = self.path("acme.tokens").display(),
                 id = self.id,
                 node = m.node,
                 etcd = etcd.join(", "),
@@ -486,6 +672,16 @@ leader_ttl = {LEADER_TTL}
             "dev",
             "core0",
         ]);
+        let _ = try_sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "del",
+            &format!("{BETA_IP}/32"),
+            "dev",
+            "isp0",
+        ]);
         let egress6 = format!("{EGRESS_IP6}/128");
         let _ = try_sh(&["ip", "-n", &ns, "addr", "del", &egress6, "dev", "isp0"]);
         self.set_links(i, true, false);
@@ -494,8 +690,13 @@ leader_ttl = {LEADER_TTL}
 
     /// Whether member `i` has `ip` on any link.
     pub fn holds(&self, i: usize, ip: &str) -> bool {
+        self.held(i).contains(&format!(" {ip}/"))
+    }
+
+    /// Every address on member `i`'s links (`ip -o addr show`).
+    pub fn held(&self, i: usize) -> String {
         let out = try_sh(&["ip", "-n", &self.members[i].ns, "-o", "addr", "show"]);
-        String::from_utf8_lossy(&out.stdout).contains(&format!(" {ip}/"))
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Waits until member `i` holds both floating addresses.

@@ -401,8 +401,13 @@ async fn collect_loop(service: Arc<LeaseService>, leading: Option<Leading>) {
     let mut tick = tokio::time::interval(service.config.collect_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let which = |egress: &str| leading.as_ref().is_none_or(|l| l.leads(egress));
+    let mut terms = std::collections::HashMap::new();
     loop {
         tick.tick().await;
+        // An egress taken over since the last look: its peers' clocks start now.
+        for egress in leading.iter().flat_map(|l| l.taken_over(&mut terms)) {
+            activity.restart(&egress);
+        }
         for (lease, why) in service.collect_where(&mut activity, which).await {
             tracing::info!(
                 egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,

@@ -3,9 +3,9 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use wgexitd::attribution::command as attribution;
 use wgexitd::cli::{Cli, Command};
 use wgexitd::config::Config;
-use wgexitd::attribution::command as attribution;
 use wgexitd::{daemon, status};
 
 fn main() -> ExitCode {

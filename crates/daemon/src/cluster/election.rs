@@ -2,14 +2,16 @@
 //! bound to the member's etcd lease, so it disappears when the leader stops renewing it.
 //!
 //! Egresses that share an address (an egress IP or the endpoint's) must be held by one
-//! member, so they are led together as a [`Group`] named after its first egress.
+//! member, so they are led together as a [`Group`] named after the least of its egresses'
+//! names: the same on every member whatever the order of its tables. A member campaigns
+//! and holds only while its shared settings agree with the pool's ([`super::agreement`]).
 //!
 //! The leader holds the group's addresses for as long as its [`Standing`] allows, and
 //! gives them up the moment it does not: before the lease can expire for the others.
 //! The others watch the key and campaign as soon as it goes. A restarted member whose
 //! key is still there (its old lease has not expired yet) takes it over at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use etcd_client::{
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::epoch;
 use super::etcd::Etcd;
 use super::membership::Standing;
 use super::takeover::Takeover;
@@ -32,6 +35,8 @@ pub struct Group {
 }
 
 /// Partitions `egresses` into groups of those sharing an egress IP or endpoint address.
+/// A group is named after the least name among its egresses, which are in name order: the
+/// same groups, named the same, in whatever order the tables come.
 pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
     for e in egresses {
@@ -46,12 +51,15 @@ pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
             egresses: vec![e.clone()],
         };
         for i in joined.into_iter().rev() {
-            let g = out.remove(i);
-            group.name = g.name;
-            group.egresses.splice(0..0, g.egresses);
+            group.egresses.extend(out.remove(i).egresses);
         }
         out.push(group);
     }
+    for g in &mut out {
+        g.egresses.sort_by(|a, b| a.name.cmp(&b.name));
+        g.name = g.egresses[0].name.clone();
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
@@ -64,22 +72,50 @@ fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
     a.ips().iter().any(|ip| b.ips().contains(ip)) || ips6(a).iter().any(|ip| ips6(b).contains(ip))
 }
 
-/// Which egresses this member leads right now (for collection and status).
+/// Which egresses this member leads right now (for collection and status), each with its
+/// term: a number that grows with every takeover.
 #[derive(Clone, Default)]
-pub struct Leading(Arc<RwLock<HashSet<String>>>);
+pub struct Leading(Arc<RwLock<Terms>>);
+
+#[derive(Default)]
+struct Terms {
+    next: u64,
+    leading: HashMap<String, u64>,
+}
 
 impl Leading {
     pub fn leads(&self, egress: &str) -> bool {
-        self.0.read().map(|s| s.contains(egress)).unwrap_or(false)
+        self.term(egress).is_some()
     }
 
-    fn set(&self, group: &Group, leads: bool) {
-        if let Ok(mut s) = self.0.write() {
+    /// The term of this member's leadership of `egress`, if it leads it.
+    pub fn term(&self, egress: &str) -> Option<u64> {
+        self.0.read().ok()?.leading.get(egress).copied()
+    }
+
+    /// The egresses taken over since the terms in `known` were seen (updating `known`):
+    /// whatever this member remembers of them is from before.
+    pub fn taken_over(&self, known: &mut HashMap<String, u64>) -> Vec<String> {
+        let Ok(t) = self.0.read() else {
+            return Vec::new();
+        };
+        known.retain(|e, _| t.leading.contains_key(e));
+        t.leading
+            .iter()
+            .filter(|(e, term)| known.insert((*e).clone(), **term) != Some(**term))
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    pub(crate) fn set(&self, group: &Group, leads: bool) {
+        if let Ok(mut t) = self.0.write() {
             for e in &group.egresses {
                 if leads {
-                    s.insert(e.name.clone());
+                    t.next += 1;
+                    let term = t.next;
+                    t.leading.entry(e.name.clone()).or_insert(term);
                 } else {
-                    s.remove(&e.name);
+                    t.leading.remove(&e.name);
                 }
             }
         }
@@ -98,6 +134,10 @@ pub struct Election {
     pub ttl: Duration,
     pub takeover: Arc<Takeover>,
     pub leading: Leading,
+    /// Whether this member's shared settings agree with the pool's.
+    pub agrees: watch::Receiver<bool>,
+    /// The pool's identity: no campaign succeeds in a store that lost it.
+    pub epoch: String,
 }
 
 impl Election {
@@ -106,17 +146,27 @@ impl Election {
         let key = self.etcd.leader_key(&group.name);
         // Addresses left from an earlier run are not ours until the campaign says so.
         let mut holding = true;
+        let mut agrees = self.agrees.clone();
         loop {
             let Some(lease) = self.valid_lease(&mut standing).await else {
                 self.give_up(&group, &mut holding).await;
                 continue;
             };
+            if !*agrees.borrow_and_update() {
+                self.give_up(&group, &mut holding).await;
+                let _ = tokio::time::timeout(self.ttl / 2, agrees.changed()).await;
+                continue;
+            }
             match self.campaign(&key, lease).await {
                 Ok(Campaign::Won) => loop {
                     tracing::info!(group = %group.name, "leading");
-                    self.hold(&group, lease, &mut standing).await;
+                    self.hold(&group, lease, &mut standing, &mut agrees).await;
                     holding = true;
                     self.give_up(&group, &mut holding).await;
+                    if !*agrees.borrow() {
+                        self.resign(&key).await;
+                        break;
+                    }
                     if !self.still_ours(lease, &mut standing).await {
                         break;
                     }
@@ -185,12 +235,22 @@ impl Election {
     }
 
     /// Holds the group until the standing no longer allows it.
-    async fn hold(&self, group: &Group, lease: i64, standing: &mut watch::Receiver<Standing>) {
+    async fn hold(
+        &self,
+        group: &Group,
+        lease: i64,
+        standing: &mut watch::Receiver<Standing>,
+        agrees: &mut watch::Receiver<bool>,
+    ) {
         let mut acquired = false;
         loop {
             let current = *standing.borrow_and_update();
             if current.valid_lease(Instant::now()) != Some(lease) {
                 tracing::warn!(group = %group.name, "giving the egress up: this member cannot prove it still leads");
+                return;
+            }
+            if !*agrees.borrow_and_update() {
+                tracing::warn!(group = %group.name, "giving the egress up: this member's shared settings no longer agree with the pool's");
                 return;
             }
             if !acquired {
@@ -215,20 +275,21 @@ impl Election {
             };
             tokio::select! {
                 changed = standing.changed() => if changed.is_err() { return },
+                changed = agrees.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
 
     async fn campaign(&self, key: &str, lease: i64) -> Result<Campaign, String> {
-        let node = self.node.clone();
+        // Signed: a leader key written by anything but a member is nobody's.
+        let node = self.etcd.signed(key, &self.node);
         let k = key.to_string();
         let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                k.clone(),
-                CompareOp::Equal,
-                0,
-            )])
+            .when(vec![
+                Compare::create_revision(k.clone(), CompareOp::Equal, 0),
+                epoch::intact(&self.etcd, &self.epoch),
+            ])
             .and_then(vec![TxnOp::put(
                 k.clone(),
                 node.clone(),
@@ -255,7 +316,7 @@ impl Election {
         let Some(kv) = got.kvs().first().cloned() else {
             return Ok(Campaign::Held(revision));
         };
-        if kv.value() != node.as_bytes() {
+        if kv.value() != node.as_slice() {
             return Ok(Campaign::Held(revision));
         }
         if kv.lease() == lease {
@@ -263,11 +324,10 @@ impl Election {
         }
         // Ours from before a restart, its old lease still running: take it over.
         let reclaim = Txn::new()
-            .when(vec![Compare::mod_revision(
-                k.clone(),
-                CompareOp::Equal,
-                kv.mod_revision(),
-            )])
+            .when(vec![
+                Compare::mod_revision(k.clone(), CompareOp::Equal, kv.mod_revision()),
+                epoch::intact(&self.etcd, &self.epoch),
+            ])
             .and_then(vec![TxnOp::put(
                 k,
                 node,
@@ -285,6 +345,25 @@ impl Election {
         } else {
             Campaign::Held(revision)
         })
+    }
+
+    /// Deletes the leader key if it is still this member's, so another member may lead
+    /// at once (this member's etcd lease lives on).
+    async fn resign(&self, key: &str) {
+        let ours = self.etcd.signed(key, &self.node);
+        let k = key.to_string();
+        let txn = Txn::new()
+            .when(vec![Compare::value(k.clone(), CompareOp::Equal, ours)])
+            .and_then(vec![TxnOp::delete(k, None)]);
+        if let Err(e) = self
+            .etcd
+            .run_for("resigning", self.ttl / 3, |mut c| async move {
+                c.txn(txn).await
+            })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot resign; the leadership lapses with this member's etcd lease");
+        }
     }
 
     /// Returns when the leader key is deleted (or after a TTL, to look again).
@@ -324,6 +403,25 @@ mod tests {
     use crate::leases::egress_ips::EgressIps;
 
     #[test]
+    fn every_takeover_is_a_new_term() {
+        let g = groups(&[egress("a", "100.96.0.0/24")]).remove(0);
+        let leading = Leading::default();
+        let mut known = HashMap::new();
+        assert!(leading.taken_over(&mut known).is_empty());
+        leading.set(&g, true);
+        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        // Still leading: no new term, even when told again.
+        leading.set(&g, true);
+        assert!(leading.taken_over(&mut known).is_empty());
+        // Lost and taken back between two looks: a new term.
+        leading.set(&g, false);
+        leading.set(&g, true);
+        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        leading.set(&g, false);
+        assert!(leading.taken_over(&mut known).is_empty() && known.is_empty());
+    }
+
+    #[test]
     fn egresses_sharing_an_address_are_led_together() {
         let mut a = egress("a", "100.96.0.0/24");
         let mut b = egress("b", "100.97.0.0/24");
@@ -338,7 +436,7 @@ mod tests {
         c.endpoint = "198.51.100.2:2".parse().unwrap();
         d.egress_ips = EgressIps::single("203.0.113.4".parse().unwrap());
         d.endpoint = "198.51.100.4:1".parse().unwrap();
-        let g = groups(&[a, b, d, c]);
+        let g = groups(&[a.clone(), b.clone(), d.clone(), c.clone()]);
         let names: Vec<(String, Vec<String>)> = g
             .iter()
             .map(|g| {
@@ -351,9 +449,24 @@ mod tests {
         assert_eq!(
             names,
             vec![
-                ("d".to_string(), vec!["d".to_string()]),
                 ("a".to_string(), vec!["a".into(), "b".into(), "c".into()]),
+                ("d".to_string(), vec!["d".to_string()]),
             ]
         );
+        // Every order of the tables gives the same groups with the same names.
+        let all = [a, b, c, d];
+        for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            let shuffled: Vec<EgressConfig> = order.iter().map(|&i| all[i].clone()).collect();
+            let again: Vec<(String, Vec<String>)> = groups(&shuffled)
+                .iter()
+                .map(|g| {
+                    (
+                        g.name.clone(),
+                        g.egresses.iter().map(|e| e.name.clone()).collect(),
+                    )
+                })
+                .collect();
+            assert_eq!(again, names, "order {order:?}");
+        }
     }
 }

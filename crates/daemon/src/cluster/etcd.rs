@@ -9,20 +9,27 @@
 //!
 //! | key | value |
 //! |---|---|
-//! | `leases/<egress>/<public key hex>` | the lease as JSON (`StoredLease`) |
-//! | `addresses/<egress>/<address>` | public key (hex) holding the address |
-//! | `endpoints/<egress>/<public key hex>` | the peer's last seen endpoint, `ip:port` |
-//! | `identity/<egress>` | the egress's WireGuard private key (base64) |
-//! | `ca` | the API's CA, certificate and key (PEM, JSON) |
-//! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease |
-//! | `members/<node>` | a member's info as JSON, bound to its etcd lease |
+//! | `leases/<egress>/<public key hex>` | the lease as JSON (`StoredLease`), signed |
+//! | `addresses/<egress>/<address>` | public key (hex) holding the address, signed |
+//! | `endpoints/<egress>/<public key hex>` | the peer's last seen endpoint, `ip:port`, signed |
+//! | `identity/<egress>` | the egress's WireGuard private key (base64), sealed |
+//! | `epoch` | the pool's identity, made with it ([`super::epoch`]), signed |
+//! | `ca` | the API's CA, certificate and key (PEM, JSON), sealed |
+//! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease, signed |
+//! | `members/<node>` | a member's info as JSON, bound to its etcd lease, signed |
+//! | `settings/<node>` | the settings a member must share with the pool, as JSON, bound to its etcd lease, signed |
+//!
+//! "Signed" and "sealed" are [`PoolSecret`]'s: a signed value that does not verify was
+//! not written by a member and is ignored; a sealed one is encrypted.
 
 use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
+use super::secret::PoolSecret;
+use crate::config::cluster::EtcdTls;
 use crate::config::ClusterConfig;
 use crate::leases::store::StoreError;
 use wgexit::keys::Key;
@@ -37,6 +44,24 @@ pub struct Etcd {
     each: Vec<Client>,
     endpoints: Vec<String>,
     prefix: String,
+    /// One client per endpoint, without `require_leader`, for asking each member about its
+    /// raft leader ([`Etcd::status_each`]): kept connected, so a probe costs no TLS
+    /// handshake.
+    probes: Vec<Client>,
+    secret: PoolSecret,
+}
+
+/// etcd's TLS settings from the member's files.
+fn tls_options(tls: &EtcdTls) -> Result<TlsOptions, String> {
+    let read = |p: &std::path::Path, what: &str| {
+        std::fs::read(p).map_err(|e| format!("cannot read {what} {}: {e}", p.display()))
+    };
+    let ca = read(&tls.ca, "etcd_ca")?;
+    let cert = read(&tls.cert, "etcd_cert")?;
+    let key = read(&tls.key, "etcd_key")?;
+    Ok(TlsOptions::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key)))
 }
 
 impl Etcd {
@@ -50,25 +75,39 @@ impl Etcd {
             .enable_all()
             .build()
             .map_err(|e| StoreError::failed(&name, format!("cannot start its runtime: {e}")))?;
-        let options = ConnectOptions::new()
+        let secret = PoolSecret::load(&cluster.secret_file)
+            .map_err(|e| StoreError::failed(&name, e.to_string()))?;
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(1))
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
             .with_keep_alive_while_idle(true)
             // A member without a raft leader refuses at once instead of queueing.
             .with_require_leader(true);
+        match &cluster.etcd_tls {
+            Some(tls) => {
+                let tls = tls_options(tls).map_err(|e| StoreError::failed(&name, e))?;
+                options = options.with_tls(tls);
+            }
+            None => tracing::warn!(
+                etcd = %name,
+                "etcd is reached WITHOUT TLS (http:// on loopback): anyone on this machine can read and write the pool's store; use https:// endpoints with etcd_ca, etcd_cert and etcd_key"
+            ),
+        }
+        let status_options = options.clone().with_require_leader(false);
         let endpoints = cluster.etcd.clone();
         let eps = endpoints.clone();
         // Connected on its own runtime (whose tasks then carry the connection), waited for
         // without entering it, so this works from inside another runtime too.
         let connecting = runtime.spawn(async move {
             let client = Client::connect(&eps, Some(options.clone())).await?;
-            let mut each = Vec::new();
+            let (mut each, mut probes) = (Vec::new(), Vec::new());
             for ep in &eps {
                 each.push(Client::connect([ep], Some(options.clone())).await?);
+                probes.push(Client::connect([ep], Some(status_options.clone())).await?);
             }
-            Ok::<_, etcd_client::Error>((client, each))
+            Ok::<_, etcd_client::Error>((client, each, probes))
         });
-        let (client, each) = futures::executor::block_on(connecting)
+        let (client, each, probes) = futures::executor::block_on(connecting)
             .map_err(|e| StoreError::failed(&name, e.to_string()))?
             .map_err(|e| StoreError::failed(&name, e.to_string()))?;
         Ok(Etcd {
@@ -77,7 +116,60 @@ impl Etcd {
             each,
             endpoints,
             prefix: cluster.prefix(),
+            probes,
+            secret,
         })
+    }
+
+    /// Every etcd member's status, asked at once, each within `within`: `Err(None)` when
+    /// one did not answer in time.
+    pub async fn status_each(
+        &self,
+        within: Duration,
+    ) -> Vec<Result<etcd_client::StatusResponse, Option<etcd_client::Error>>> {
+        let Some(runtime) = &self.runtime else {
+            return Vec::new();
+        };
+        let calls: Vec<_> = self
+            .probes
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                runtime.spawn(async move { tokio::time::timeout(within, c.status()).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for call in calls {
+            out.push(match call.await {
+                Ok(Ok(Ok(s))) => Ok(s),
+                Ok(Ok(Err(e))) => Err(Some(e)),
+                Ok(Err(_)) | Err(_) => Err(None),
+            });
+        }
+        out
+    }
+
+    /// The pool's secret, which seals and signs what members store.
+    pub fn secret(&self) -> &PoolSecret {
+        &self.secret
+    }
+
+    /// The value of a signed record at `key`, or `None` (logged) when it was not written
+    /// by a member of this pool.
+    pub fn verified<'a>(&self, key: &[u8], stored: &'a [u8]) -> Option<&'a [u8]> {
+        let key = String::from_utf8_lossy(key);
+        match self.secret.verify(&key, stored) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::warn!(%key, reason = %e, "a record in etcd fails its check; ignored");
+                None
+            }
+        }
+    }
+
+    /// `value` signed for `key`.
+    pub fn signed(&self, key: &str, value: impl AsRef<[u8]>) -> Vec<u8> {
+        self.secret.sign(key, value.as_ref())
     }
 
     /// The etcd endpoints, for messages.
@@ -251,6 +343,10 @@ impl Etcd {
         self.key(&format!("identity/{egress}"))
     }
 
+    pub fn epoch_key(&self) -> String {
+        self.key("epoch")
+    }
+
     pub fn ca_key(&self) -> String {
         self.key("ca")
     }
@@ -265,6 +361,14 @@ impl Etcd {
 
     pub fn member_key(&self, node: &str) -> String {
         format!("{}{node}", self.members_prefix())
+    }
+
+    pub fn settings_prefix(&self) -> String {
+        self.key("settings/")
+    }
+
+    pub fn settings_key(&self, node: &str) -> String {
+        format!("{}{node}", self.settings_prefix())
     }
 }
 

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::agreement::{self, SharedSettings};
 use super::election::{groups, Election, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
 use super::follow::follow;
 use super::membership::{MemberRecord, Membership, Standing};
 use super::takeover::Takeover;
-use super::{shared, ClusterError};
+use super::{epoch, shared, ClusterError};
 use crate::config::{ClusterConfig, Config};
 use crate::dataplane::HostDataplane;
 use crate::identity::Identities;
@@ -28,6 +29,8 @@ pub struct Pool {
     store: Arc<EtcdStore>,
     revision: i64,
     leading: Leading,
+    /// The pool's identity this member serves.
+    epoch: String,
 }
 
 /// What [`open`] reads from etcd.
@@ -42,6 +45,8 @@ pub struct Opened {
 pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, ClusterError> {
     let etcd = Arc::new(Etcd::connect(cluster)?);
     let store = Arc::new(EtcdStore::new(etcd.clone()));
+    // Before anything is read or made: a store that lost the pool is not served.
+    let epoch = epoch::establish(&etcd, &config.state_dir, &cluster.name).await?;
     let (leases, revision) = store.load_at().await?;
     let (mut registry, misfits) = Registry::from_leases(&config.egress, &[], store.clone(), leases);
     registry.spread(&cluster.node);
@@ -64,6 +69,7 @@ pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, Cl
             store,
             revision,
             leading: Leading::default(),
+            epoch,
         },
     })
 }
@@ -85,7 +91,10 @@ impl Pool {
         service: Arc<LeaseService<HostDataplane>>,
     ) -> Result<Vec<JoinHandle<()>>, ClusterError> {
         let (tx, rx) = watch::channel(Standing::Lost);
+        let settings = SharedSettings::of(&service.config.egress);
+        let (agrees_tx, agrees) = watch::channel(false);
         let membership = Membership {
+            settings: settings.clone(),
             etcd: self.etcd.clone(),
             ttl: self.cluster.leader_ttl,
             record: MemberRecord {
@@ -104,14 +113,23 @@ impl Pool {
             ttl: self.cluster.leader_ttl,
             takeover: takeover.clone(),
             leading: self.leading.clone(),
+            agrees,
+            epoch: self.epoch.clone(),
         });
         let mut tasks = vec![
             tokio::spawn(membership.run(tx)),
+            tokio::spawn(agreement::run(
+                self.etcd.clone(),
+                self.cluster.node.clone(),
+                settings,
+                agrees_tx,
+            )),
             tokio::spawn(follow(
                 self.etcd.clone(),
                 self.store.clone(),
                 service,
                 self.revision + 1,
+                self.epoch.clone(),
             )),
             tokio::spawn(takeover.publish_endpoints(self.leading.clone())),
         ];

@@ -25,11 +25,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, PutOptions};
+use etcd_client::{PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::agreement::SharedSettings;
 use super::etcd::Etcd;
 use crate::leases::store::StoreError;
 
@@ -69,6 +70,9 @@ pub struct Membership {
     pub etcd: Arc<Etcd>,
     pub ttl: Duration,
     pub record: MemberRecord,
+    /// What this member must share with the pool ([`super::agreement`]), published with
+    /// its record.
+    pub settings: SharedSettings,
 }
 
 /// What the etcd members that answer say about their raft leader.
@@ -99,21 +103,15 @@ fn refused(e: &etcd_client::Error) -> bool {
     format!("{e:?}").contains("ConnectionRefused")
 }
 
-async fn quorum(endpoints: &[String], within: Duration) -> Quorum {
+async fn quorum(etcd: &Etcd, within: Duration) -> Quorum {
     let mut answered = 0;
     let mut silent = false;
-    for ep in endpoints {
-        let options = ConnectOptions::new().with_connect_timeout(within);
-        let status = tokio::time::timeout(within, async {
-            let mut c = Client::connect([ep.as_str()], Some(options)).await?;
-            c.status().await
-        })
-        .await;
+    for status in etcd.status_each(within).await {
         match status {
-            Ok(Ok(s)) if s.leader() == 0 => answered += 1,
-            Ok(Ok(_)) => return Quorum::Exists,
-            Ok(Err(e)) if refused(&e) => {}
-            _ => silent = true,
+            Ok(s) if s.leader() == 0 => answered += 1,
+            Ok(_) => return Quorum::Exists,
+            Err(Some(e)) if refused(&e) => {}
+            Err(_) => silent = true,
         }
     }
     if answered > 0 {
@@ -201,7 +199,7 @@ impl Membership {
         let until = Instant::now() + period;
         loop {
             let probed = Instant::now();
-            match quorum(self.etcd.endpoints(), period / 3).await {
+            match quorum(&self.etcd, period / 3).await {
                 Quorum::Lost { silent } if !silent || alive(now, id, Instant::now()) => {
                     round.no_leader_at = Some(probed);
                     return (Standing::NoQuorum { lease: id }, false);
@@ -229,6 +227,10 @@ impl Membership {
         let ttl = self.ttl.as_secs().max(1) as i64;
         let record = serde_json::to_vec(&self.record).map_err(|_| Renewal::Failed)?;
         let key = self.etcd.member_key(&self.record.node);
+        let record = self.etcd.signed(&key, record);
+        let settings_key = self.etcd.settings_key(&self.record.node);
+        let settings = serde_json::to_vec(&self.settings).map_err(|_| Renewal::Failed)?;
+        let settings = self.etcd.signed(&settings_key, settings);
         let within = self.ttl / 3;
         let failed = |e: StoreError| {
             tracing::debug!(error = %e, "cannot join the pool in etcd");
@@ -243,11 +245,12 @@ impl Membership {
             .map_err(failed)?;
         self.etcd
             .race("joining the pool", within, move |mut c| {
-                let (key, record) = (key.clone(), record.clone());
-                async move {
-                    c.put(key, record, Some(PutOptions::new().with_lease(id)))
-                        .await
-                }
+                let bound = || Some(PutOptions::new().with_lease(id));
+                let txn = Txn::new().and_then(vec![
+                    TxnOp::put(key.clone(), record.clone(), bound()),
+                    TxnOp::put(settings_key.clone(), settings.clone(), bound()),
+                ]);
+                async move { c.txn(txn).await }
             })
             .await
             .map_err(failed)?;

@@ -1,18 +1,23 @@
 //! Pools of exit nodes (`[cluster]`): members share leases, identities and the CA in etcd
-//! ([`etcd`], [`shared`]), each programs every lease on its own devices ([`follow`]), and
-//! one leader per egress ([`membership`], [`election`]) holds its addresses
+//! ([`etcd`], [`shared`]) under the pool's identity ([`epoch`]), each programs every lease on its own devices ([`follow`]), and
+//! one leader per egress ([`membership`], [`election`], among members whose shared settings
+//! agree: [`agreement`]) holds its addresses
 //! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
-//! ([`takeover`]). [`member`] puts them together for the daemon; [`status`] tells what the
+//! ([`takeover`]). [`secret`] seals the private keys kept in etcd and signs every record
+//! members write. [`member`] puts them together for the daemon; [`status`] tells what the
 //! pool is doing.
 
+pub mod agreement;
 pub mod announce;
 pub mod election;
 pub mod endpoint_source;
+pub mod epoch;
 pub mod etcd;
 pub mod floating;
 pub mod follow;
 pub mod member;
 pub mod membership;
+pub mod secret;
 pub mod shared;
 pub mod status;
 pub mod takeover;

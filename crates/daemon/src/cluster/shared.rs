@@ -1,7 +1,8 @@
 //! What a pool's members share from etcd: every egress's WireGuard identity and the API's
 //! CA. The first member to start makes each (a transaction that writes it only if it is
 //! absent); every other member reads what is there, so all of them answer with the same
-//! keys and certificates chaining to the same CA.
+//! keys and certificates chaining to the same CA. Both private keys are stored sealed with
+//! the pool's secret ([`super::secret`]): etcd's contents alone reveal neither.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,8 +18,25 @@ use crate::identity::Identities;
 use crate::leases::store::StoreError;
 use wgexit::keys::Key;
 
+/// Seals `plain` at `key` unless something is there; returns what is there afterwards,
+/// opened.
+async fn create_or_read(etcd: &Etcd, key: String, plain: Vec<u8>) -> Result<Vec<u8>, ClusterError> {
+    let sealed = etcd
+        .secret()
+        .seal(&key, &plain)
+        .map_err(|e| ClusterError::Shared(e.to_string()))?;
+    let stored = create_or_read_raw(etcd, key.clone(), sealed).await?;
+    etcd.secret()
+        .open(&key, &stored)
+        .map_err(|e| ClusterError::Shared(format!("{key} in etcd is refused: {e}")))
+}
+
 /// Writes `value` at `key` unless something is there; returns what is there afterwards.
-async fn create_or_read(etcd: &Etcd, key: String, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+async fn create_or_read_raw(
+    etcd: &Etcd,
+    key: String,
+    value: Vec<u8>,
+) -> Result<Vec<u8>, StoreError> {
     let txn = Txn::new()
         .when(vec![Compare::create_revision(
             key.clone(),

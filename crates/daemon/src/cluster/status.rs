@@ -2,10 +2,12 @@
 //! leases each egress holds. For `wgexitd status`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use etcd_client::GetOptions;
 use serde::Serialize;
 
+use super::epoch;
 use super::etcd::Etcd;
 use super::membership::MemberRecord;
 use super::ClusterError;
@@ -20,8 +22,13 @@ pub struct ClusterStatus {
     pub leaders: BTreeMap<String, String>,
     /// Egress → leases in the shared store.
     pub leases: BTreeMap<String, usize>,
+    /// What is wrong with the store's identity as this member remembers it, and what the
+    /// operator must do ([`super::epoch`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_problem: Option<String>,
 }
 
+/// The signed records under `prefix` (relative keys, values checked and unwrapped).
 async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
     let p = prefix.clone();
     let resp = etcd
@@ -32,12 +39,13 @@ async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, Cl
     Ok(resp
         .kvs()
         .iter()
-        .map(|kv| {
+        .filter_map(|kv| {
+            let value = etcd.verified(kv.key(), kv.value())?;
             let key = String::from_utf8_lossy(kv.key());
-            (
+            Some((
                 key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
-                kv.value().to_vec(),
-            )
+                value.to_vec(),
+            ))
         })
         .collect())
 }
@@ -65,12 +73,21 @@ pub async fn read(etcd: &Etcd, cluster: &str) -> Result<ClusterStatus, ClusterEr
         members,
         leaders,
         leases,
+        identity_problem: None,
     })
 }
 
 /// [`read`] for a caller outside the daemon (e.g. `wgexitd status`): connects, reads,
 /// and lets go.
-pub async fn read_config(cluster: &ClusterConfig) -> Result<ClusterStatus, ClusterError> {
+pub async fn read_config(
+    cluster: &ClusterConfig,
+    state_dir: &Path,
+) -> Result<ClusterStatus, ClusterError> {
     let etcd = Etcd::connect(cluster)?;
-    read(&etcd, &cluster.name).await
+    let mut status = read(&etcd, &cluster.name).await?;
+    if let Some(remembered) = epoch::remembered(state_dir, &cluster.name) {
+        let stored = epoch::stored(&etcd).await?;
+        status.identity_problem = epoch::problem(&etcd, &remembered, stored.as_deref());
+    }
+    Ok(status)
 }

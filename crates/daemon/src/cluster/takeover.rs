@@ -8,13 +8,19 @@
 //! ([`Takeover::publish_endpoints`]), and the next leader sets those endpoints and turns
 //! each peer's persistent keepalive on for a moment: both backends send a keepalive at
 //! once when it is turned on, and with no session that keepalive starts a handshake.
+//!
+//! Each peer is changed with the lease registry locked and only while the registry still
+//! holds its lease at the same address ([`still_leased`]): a lease released, or its
+//! address leased to another key, between the wake and the keepalive going off again must
+//! not get its peer back, nor take the address from the new holder.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, Txn, TxnOp};
+use tokio::sync::MutexGuard;
 
 use super::election::{Group, Leading};
 use super::etcd::Etcd;
@@ -22,7 +28,9 @@ use super::floating::Floating;
 use super::ClusterError;
 use crate::config::EgressConfig;
 use crate::dataplane::{devices, Dataplane, HostDataplane, Peer};
+use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
+use wgexit::api::Lease;
 use wgexit::keys::Key;
 use wgexit::wg::{PeerConfig, WireGuard};
 
@@ -42,17 +50,22 @@ pub struct Takeover {
 impl Takeover {
     /// Takes the group's addresses, then starts a handshake with every peer whose endpoint
     /// is known.
+    /// The handshakes start in the background: the leader must stay free to give the group
+    /// up the moment its standing says so, even while etcd is slow to answer.
     pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
         self.floating.acquire(group).await?;
         for e in &group.egresses {
-            match self.wake_peers(e).await {
-                Ok(n) => {
-                    tracing::info!(egress = %e.name, peers = n, "took the egress over; handshakes started")
+            let (etcd, service, e) = (self.etcd.clone(), self.service.clone(), e.clone());
+            tokio::spawn(async move {
+                match wake_peers(&etcd, &service, &e).await {
+                    Ok(n) => {
+                        tracing::info!(egress = %e.name, peers = n, "took the egress over; handshakes started")
+                    }
+                    Err(err) => {
+                        tracing::warn!(egress = %e.name, error = %err, "took the egress over but cannot start handshakes; peers come back on their own timers")
+                    }
                 }
-                Err(err) => {
-                    tracing::warn!(egress = %e.name, error = %err, "took the egress over but cannot start handshakes; peers come back on their own timers")
-                }
-            }
+            });
         }
         Ok(())
     }
@@ -60,69 +73,79 @@ impl Takeover {
     pub async fn release(&self, group: &Group) -> Result<(), ClusterError> {
         self.floating.release(group).await
     }
+}
 
-    async fn endpoints(&self, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
-        let prefix = self.etcd.endpoints_prefix(egress);
-        let p = prefix.clone();
-        let resp = self
-            .etcd
-            .run("reading peers' endpoints", |mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
-                Some((key, kv.value_str().ok()?.parse().ok()?))
-            })
-            .collect())
-    }
+async fn endpoints(etcd: &Etcd, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
+    let prefix = etcd.endpoints_prefix(egress);
+    let p = prefix.clone();
+    let resp = etcd
+        .run("reading peers' endpoints", |mut c| async move {
+            c.get(p, Some(GetOptions::new().with_prefix())).await
+        })
+        .await?;
+    Ok(resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| {
+            let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
+            let value = etcd.verified(kv.key(), kv.value())?;
+            Some((key, std::str::from_utf8(value).ok()?.parse().ok()?))
+        })
+        .collect())
+}
 
-    /// Sets each leased peer's endpoint and turns its keepalive on (which starts a
-    /// handshake), and off again a little later. Returns how many peers were woken.
-    async fn wake_peers(&self, e: &EgressConfig) -> Result<usize, ClusterError> {
-        let endpoints = self.endpoints(&e.name).await?;
-        let leases = self.service.leases_of(&e.name).await;
-        let backend = self.service.dataplane().backend();
-        let mut woken = Vec::new();
-        for l in leases {
-            let Some(endpoint) = endpoints.get(&l.public_key) else {
-                continue;
-            };
-            // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
-            let peer = PeerConfig {
-                endpoint: Some(*endpoint),
-                persistent_keepalive: Some(1),
-                ..devices::peer_config(&devices::peer_of(&l))
-            };
-            match backend.set_peer(&e.wg_interface, &peer).await {
-                Ok(()) => woken.push((l, *endpoint)),
-                Err(err) => {
-                    tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
-                }
+/// Sets each leased peer's endpoint and turns its keepalive on (which starts a
+/// handshake), and off again a little later. Returns how many peers were woken.
+async fn wake_peers(
+    etcd: &Etcd,
+    service: &Arc<LeaseService<HostDataplane>>,
+    e: &EgressConfig,
+) -> Result<usize, ClusterError> {
+    let endpoints = endpoints(etcd, &e.name).await?;
+    let leases = service.leases_of(&e.name).await;
+    let backend = service.dataplane().backend();
+    let mut woken = Vec::new();
+    for l in leases {
+        let Some(endpoint) = endpoints.get(&l.public_key) else {
+            continue;
+        };
+        // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
+        let peer = PeerConfig {
+            endpoint: Some(*endpoint),
+            persistent_keepalive: Some(1),
+            ..devices::peer_config(&devices::peer_of(&l))
+        };
+        let Some(_locked) = lock_if_leased(service, &e.name, &l).await else {
+            continue;
+        };
+        match backend.set_peer(&e.wg_interface, &peer).await {
+            Ok(()) => woken.push((l, *endpoint)),
+            Err(err) => {
+                tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
             }
         }
-        let n = woken.len();
-        let service = self.service.clone();
-        let e = e.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(WAKE_FOR).await;
-            for (l, endpoint) in woken {
-                // Back to the lease's own peer entry: keepalive off, endpoint kept.
-                let peer = Peer {
-                    public_key: l.public_key,
-                    address: l.address,
-                    address6: l.address6,
-                    endpoint: Some(endpoint),
-                };
-                let _ = service.dataplane().add_peer(&e, &peer).await;
-            }
-        });
-        Ok(n)
     }
+    let n = woken.len();
+    let service = service.clone();
+    let e = e.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(WAKE_FOR).await;
+        for (l, endpoint) in woken {
+            let Some(_locked) = lock_if_leased(&service, &e.name, &l).await else {
+                continue;
+            };
+            // Back to the lease's own peer entry: keepalive off, endpoint kept.
+            let peer = Peer {
+                endpoint: Some(endpoint),
+                ..devices::peer_of(&l)
+            };
+            let _ = service.dataplane().add_peer(&e, &peer).await;
+        }
+    });
+    Ok(n)
+}
 
+impl Takeover {
     /// While this member leads an egress, writes its peers' endpoints to etcd when they
     /// change (at most every [`PUBLISH_EVERY`]), for the next leader.
     pub async fn publish_endpoints(self: Arc<Self>, leading: Leading) {
@@ -133,6 +156,8 @@ impl Takeover {
             tick.tick().await;
             for e in &self.service.config.egress {
                 if !leading.leads(&e.name) {
+                    // The next leader publishes its own; ours would be stale by then.
+                    published.retain(|(egress, _), _| *egress != e.name);
                     continue;
                 }
                 if let Err(err) = self.publish_egress(e, &mut published).await {
@@ -150,6 +175,11 @@ impl Takeover {
         let Some(device) = self.service.dataplane().device(e).await? else {
             return Ok(());
         };
+        prune(
+            published,
+            &e.name,
+            device.peers.iter().map(|p| p.public_key),
+        );
         let changed: Vec<(Key, SocketAddr)> = device
             .peers
             .iter()
@@ -159,7 +189,11 @@ impl Takeover {
         for chunk in changed.chunks(PUTS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
-                .map(|(k, ep)| TxnOp::put(self.etcd.endpoint_key(&e.name, k), ep.to_string(), None))
+                .map(|(k, ep)| {
+                    let key = self.etcd.endpoint_key(&e.name, k);
+                    let value = self.etcd.signed(&key, ep.to_string());
+                    TxnOp::put(key, value, None)
+                })
                 .collect();
             let txn = Txn::new().and_then(ops);
             self.etcd
@@ -173,5 +207,104 @@ impl Takeover {
             }
         }
         Ok(())
+    }
+}
+
+/// The registry, locked, if it still holds `l` as it was ([`still_leased`]): a peer changed
+/// while this is held cannot be of a lease released meanwhile.
+async fn lock_if_leased<'a>(
+    service: &'a LeaseService<HostDataplane>,
+    egress: &str,
+    l: &Lease,
+) -> Option<MutexGuard<'a, Registry>> {
+    let registry = service.registry().lock().await;
+    still_leased(&registry, egress, l).then_some(registry)
+}
+
+/// Whether `registry` still holds `l`: the same key in `egress`, at the same addresses.
+pub fn still_leased(registry: &Registry, egress: &str, l: &Lease) -> bool {
+    registry
+        .egress(egress)
+        .ok()
+        .and_then(|e| e.get(&l.public_key))
+        .is_some_and(|s| s.lease.address == l.address && s.lease.address6 == l.address6)
+}
+
+/// Forgets what was published for peers of `egress` that are no longer on its device
+/// (their leases are gone; so are their endpoints in etcd).
+fn prune(
+    published: &mut HashMap<(String, Key), SocketAddr>,
+    egress: &str,
+    peers: impl Iterator<Item = Key>,
+) {
+    let present: HashSet<Key> = peers.collect();
+    published.retain(|(e, k), _| e != egress || present.contains(k));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::tests::egress;
+    use crate::leases::redb::RedbStore;
+    use crate::leases::store::StoredLease;
+
+    fn lease(n: u8, host: u8) -> StoredLease {
+        StoredLease {
+            lease: Lease {
+                egress: "a".into(),
+                public_key: Key([n; 32]),
+                address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
+                address6: None,
+                created_at: 1,
+                attachment: Default::default(),
+                member: None,
+            },
+            owner: "o".into(),
+            endpoint: None,
+        }
+    }
+
+    /// A lease released and its address leased to another key (by another member) while
+    /// woken peers wait to be set back: the old key is no longer leased, the new one is.
+    #[test]
+    fn a_released_or_re_leased_address_is_not_the_old_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&t.path().join("l.redb")).unwrap());
+        let (mut r, _) =
+            Registry::from_leases(&[egress("a", "100.96.0.0/24")], &[], store, Vec::new());
+        let (old, new) = (lease(1, 5), lease(2, 5));
+        r.adopt(old.clone());
+        assert!(still_leased(&r, "a", &old.lease));
+        assert!(!still_leased(&r, "b", &old.lease));
+        r.drop_remote("a", &old.lease.public_key);
+        assert!(!still_leased(&r, "a", &old.lease));
+        r.adopt(new.clone());
+        assert!(!still_leased(&r, "a", &old.lease));
+        assert!(still_leased(&r, "a", &new.lease));
+        // The same key leased again elsewhere is not the lease that was woken.
+        r.adopt(lease(2, 9));
+        assert!(!still_leased(&r, "a", &new.lease));
+    }
+
+    #[test]
+    fn published_endpoints_of_gone_peers_are_forgotten() {
+        let ep: SocketAddr = "198.51.100.31:4000".parse().unwrap();
+        let mut published = HashMap::new();
+        for n in 1..=3 {
+            published.insert(("a".to_string(), Key([n; 32])), ep);
+        }
+        published.insert(("b".to_string(), Key([1; 32])), ep);
+        prune(&mut published, "a", [Key([2; 32])].into_iter());
+        let mut left: Vec<_> = published.keys().cloned().collect();
+        left.sort();
+        assert_eq!(
+            left,
+            vec![
+                ("a".to_string(), Key([2; 32])),
+                ("b".to_string(), Key([1; 32]))
+            ]
+        );
     }
 }

@@ -29,6 +29,10 @@ impl TestEtcd {
             return None;
         }
         let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("pool.secret");
+        std::fs::write(&secret, "a test pool's secret, 32 bytes or more").expect("secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod secret");
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -82,6 +86,8 @@ impl TestEtcd {
             name: name.into(),
             node: node.into(),
             etcd: vec![self.url.clone()],
+            etcd_tls: None,
+            secret_file: self._dir.path().join("pool.secret"),
             leader_ttl: Duration::from_secs(1),
             float: Float::Address,
         }

@@ -4,13 +4,19 @@
 //! this member, `etcd` lists the cluster's client URLs, `leader_ttl` bounds how long a
 //! silent leader keeps its egresses, and `float` says how an egress's addresses follow its
 //! leader: the leader adds them itself (`address`) or runs the hooks (`hooks`).
+//!
+//! etcd is reached over TLS: `https://` endpoints verified against `etcd_ca`, with this
+//! member's client certificate (`etcd_cert`, `etcd_key`) for etcd's `--client-cert-auth`.
+//! Plain `http://` is accepted only to an etcd on this machine's loopback (it never crosses
+//! a network), and the daemon warns about it at start. `secret_file` seals the private keys
+//! the pool keeps in etcd and signs every record members write (see `cluster::secret`).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, EgressConfig, Invalid};
+use super::{ConfigError, EgressConfig, Invalid, NetworkConfig};
 use wgexit::api::valid_egress_name;
 
 pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
@@ -21,6 +27,13 @@ pub(super) struct RawCluster {
     name: String,
     node: String,
     etcd: Vec<String>,
+    #[serde(default)]
+    etcd_ca: Option<PathBuf>,
+    #[serde(default)]
+    etcd_cert: Option<PathBuf>,
+    #[serde(default)]
+    etcd_key: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
     #[serde(default)]
     leader_ttl: Option<u64>,
     #[serde(default)]
@@ -44,6 +57,16 @@ pub enum Float {
     },
 }
 
+/// How this member proves itself to etcd and checks etcd's certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA that issued the etcd servers' certificates.
+    pub ca: PathBuf,
+    /// This member's client certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
     /// Members share everything under `/wgexit/<name>/`.
@@ -52,6 +75,10 @@ pub struct ClusterConfig {
     pub node: String,
     /// etcd client URLs.
     pub etcd: Vec<String>,
+    /// TLS to etcd; `None` only for `http://` endpoints on loopback.
+    pub etcd_tls: Option<EtcdTls>,
+    /// The pool's secret, the same on every member.
+    pub secret_file: PathBuf,
     /// How long a silent leader keeps its egresses.
     pub leader_ttl: Duration,
     pub float: Float,
@@ -80,15 +107,13 @@ pub(super) fn cluster(raw: RawCluster, invalid: &Invalid) -> Result<ClusterConfi
             "list at least one etcd client URL (e.g. \"http://198.51.100.21:2379\")".into(),
         ));
     }
-    for url in &raw.etcd {
-        let rest = url.strip_prefix("http://").unwrap_or_default();
-        if rest.is_empty() || rest.contains('/') || !rest.contains(':') {
-            return Err(invalid(
-                key("etcd"),
-                format!("{url:?} is not an etcd client URL of the form \"http://HOST:PORT\""),
-            ));
-        }
-    }
+    let etcd_tls = etcd_tls(&raw, invalid)?;
+    let Some(secret_file) = raw.secret_file.clone() else {
+        return Err(invalid(
+            key("secret_file"),
+            "name the pool's secret (the same file on every member, mode 0600), e.g. made with `openssl rand -base64 48`".into(),
+        ));
+    };
     let leader_ttl = match raw.leader_ttl {
         None => DEFAULT_LEADER_TTL,
         Some(n) if (1..=60).contains(&n) => Duration::from_secs(n),
@@ -134,9 +159,101 @@ pub(super) fn cluster(raw: RawCluster, invalid: &Invalid) -> Result<ClusterConfi
         name: raw.name,
         node: raw.node,
         etcd: raw.etcd,
+        etcd_tls,
+        secret_file,
         leader_ttl,
         float,
     })
+}
+
+/// The scheme and host of an etcd client URL `SCHEME://HOST:PORT`.
+fn url_parts(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    if host.is_empty() || rest.contains('/') || port.parse::<u16>().is_err() {
+        return None;
+    }
+    Some((scheme, host))
+}
+
+fn loopback(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `https://` endpoints with `etcd_ca`, `etcd_cert` and `etcd_key`; or `http://` ones on
+/// loopback without them.
+fn etcd_tls(raw: &RawCluster, invalid: &Invalid) -> Result<Option<EtcdTls>, ConfigError> {
+    let key = |k: &str| format!("cluster.{k}");
+    let mut plain = 0;
+    for url in &raw.etcd {
+        match url_parts(url) {
+            Some(("https", _)) => {}
+            Some(("http", host)) if loopback(host) => plain += 1,
+            Some(("http", _)) => {
+                return Err(invalid(
+                    key("etcd"),
+                    format!("{url:?}: etcd is reached over TLS (\"https://HOST:PORT\" with etcd_ca, etcd_cert and etcd_key); plain http:// only to an etcd on loopback"),
+                ))
+            }
+            _ => {
+                return Err(invalid(
+                    key("etcd"),
+                    format!("{url:?} is not an etcd client URL of the form \"https://HOST:PORT\""),
+                ))
+            }
+        }
+    }
+    let files = [
+        ("etcd_ca", &raw.etcd_ca),
+        ("etcd_cert", &raw.etcd_cert),
+        ("etcd_key", &raw.etcd_key),
+    ];
+    if plain > 0 {
+        if plain < raw.etcd.len() {
+            return Err(invalid(
+                key("etcd"),
+                "mixes http:// and https:// endpoints; use https:// for all".into(),
+            ));
+        }
+        if let Some((k, _)) = files.iter().find(|(_, v)| v.is_some()) {
+            return Err(invalid(
+                key(k),
+                "is only used with https:// endpoints".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    if let Some((k, _)) = files.iter().find(|(_, v)| v.is_none()) {
+        return Err(invalid(
+            key(k),
+            "https:// endpoints need etcd_ca (verifies etcd's certificates), etcd_cert and etcd_key (this member's client certificate)".into(),
+        ));
+    }
+    Ok(Some(EtcdTls {
+        ca: raw.etcd_ca.clone().unwrap_or_default(),
+        cert: raw.etcd_cert.clone().unwrap_or_default(),
+        key: raw.etcd_key.clone().unwrap_or_default(),
+    }))
+}
+
+/// Private networks do not run on a pool yet: their leases, DNS and gateway identity are
+/// not shared through etcd. This one check refuses them, naming the key, until they do.
+pub(super) fn check_networks(
+    cluster: Option<&ClusterConfig>,
+    networks: &[NetworkConfig],
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    match (cluster, networks.first()) {
+        (Some(_), Some(n)) => Err(invalid(
+            "network[0]".into(),
+            format!("[[network]] {:?}: private networks on a pool ([cluster]) are not supported yet; run them on a single exit node without [cluster]", n.name),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// In a pool with `float = "address"` every egress says where its endpoint floats; without
@@ -189,7 +306,11 @@ endpoint_interface = "core0"
 [cluster]
 name = "eu-1"
 node = "exit-a"
-etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
+etcd = ["https://198.51.100.21:2379", "https://198.51.100.22:2379"]
+etcd_ca = "/etc/wgexitd/etcd-ca.pem"
+etcd_cert = "/etc/wgexitd/etcd-client.pem"
+etcd_key = "/etc/wgexitd/etcd-client.key"
+secret_file = "/etc/wgexitd/pool.secret"
 "#;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -205,6 +326,18 @@ etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
         assert_eq!(cluster.etcd.len(), 2);
         assert_eq!(cluster.leader_ttl, DEFAULT_LEADER_TTL);
         assert_eq!(cluster.float, Float::Address);
+        assert_eq!(
+            cluster.secret_file,
+            PathBuf::from("/etc/wgexitd/pool.secret")
+        );
+        assert_eq!(
+            cluster.etcd_tls,
+            Some(EtcdTls {
+                ca: "/etc/wgexitd/etcd-ca.pem".into(),
+                cert: "/etc/wgexitd/etcd-client.pem".into(),
+                key: "/etc/wgexitd/etcd-client.key".into(),
+            })
+        );
         assert_eq!(
             c.egress[0].endpoint_interface.as_ref().unwrap().as_str(),
             "core0"
@@ -243,7 +376,7 @@ etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
                 "cluster.node",
             ),
             (
-                BASE.replace("http://198.51.100.22:2379", "198.51.100.22"),
+                BASE.replace("https://198.51.100.22:2379", "198.51.100.22"),
                 "cluster.etcd",
             ),
             (BASE.replace("etcd = [", "etcd = [] #"), "cluster.etcd"),
@@ -257,5 +390,83 @@ etcd = ["http://198.51.100.21:2379", "http://198.51.100.22:2379"]
             let msg = parse(&text).unwrap_err().to_string();
             assert!(msg.contains(key), "{text}: {msg:?} should name {key}");
         }
+    }
+
+    /// etcd is reached over TLS with a client certificate; plaintext only on loopback.
+    #[test]
+    fn etcd_needs_tls_and_the_pool_a_secret() {
+        let plain = BASE
+            .replace("https://198.51.100.21:2379", "http://198.51.100.21:2379")
+            .replace("https://198.51.100.22:2379", "http://198.51.100.22:2379");
+        let without = |k: &str| {
+            BASE.lines()
+                .filter(|l| !l.starts_with(&format!("{k} =")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let local = without("etcd_ca")
+            .replace("\netcd_cert", "\n#")
+            .replace("\netcd_key", "\n#")
+            .replace(
+                "\"https://198.51.100.21:2379\", \"https://198.51.100.22:2379\"",
+                "\"http://127.0.0.1:2379\", \"http://[::1]:2379\"",
+            );
+        let cluster = parse(&local).unwrap().cluster.unwrap();
+        assert_eq!(cluster.etcd_tls, None);
+        for (text, key, says) in [
+            (plain, "cluster.etcd", "over TLS"),
+            (without("etcd_ca"), "cluster.etcd_ca", "need etcd_ca"),
+            (
+                without("etcd_cert"),
+                "cluster.etcd_cert",
+                "client certificate",
+            ),
+            (
+                without("etcd_key"),
+                "cluster.etcd_key",
+                "client certificate",
+            ),
+            (without("secret_file"), "cluster.secret_file", "0600"),
+            (
+                local.replace("http://[::1]:2379", "https://198.51.100.22:2379"),
+                "cluster.etcd",
+                "mixes",
+            ),
+            (
+                format!("{local}\netcd_ca = \"/ca.pem\"\n"),
+                "cluster.etcd_ca",
+                "only used with https",
+            ),
+        ] {
+            let msg = parse(&text).unwrap_err().to_string();
+            assert!(
+                msg.contains(key) && msg.contains(says),
+                "{text}: {msg:?} should name {key} and say {says:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_private_network_in_a_pool_is_refused() {
+        let (egress, cluster) = BASE.split_once("[cluster]").unwrap();
+        let text = format!(
+            r#"{egress}
+[[network]]
+name = "acme-net"
+prefix = "fdaa:0:1::/48"
+wg_interface = "wgn-acme"
+listen_port = 51830
+endpoint = "198.51.100.2:51830"
+token_file = "/etc/wgexitd/acme-net.tokens"
+[cluster]{cluster}"#
+        );
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(
+            msg.contains("network[0]") && msg.contains("not supported yet"),
+            "{msg}"
+        );
+        let alone: String = text.split("[cluster]").next().unwrap().into();
+        let alone = alone.replace("endpoint_interface = \"core0\"\n", "");
+        assert!(parse(&alone).is_ok(), "{:?}", parse(&alone).err());
     }
 }

@@ -14,7 +14,10 @@
 //!   restarts the clock instead of getting every idle container's lease collected.
 //!
 //! What this process has not watched itself it does not hold against a peer: after a restart
-//! every peer gets the full timeout again, counted from the restart. Time is measured with
+//! every peer gets the full timeout again, counted from the restart. In a pool only the
+//! leader watches an egress's peers, so a member that takes an egress over (again) starts
+//! its clock anew ([`Activity::restart`]): what it saw before it lost the egress is not
+//! held against peers that have not handshaken with it yet. Time is measured with
 //! the monotonic clock; the device's wall-clock handshake times are turned into ages.
 
 use std::collections::hash_map::Entry;
@@ -174,6 +177,12 @@ impl Activity {
         }
     }
 
+    /// Starts every peer of `egress` afresh, as at this process's first look: for a member
+    /// that has just taken the egress over and did not watch it meanwhile.
+    pub fn restart(&mut self, egress: &str) {
+        self.seen.retain(|(e, _), _| e != egress);
+    }
+
     /// Forgets peers of `egress` that are no longer leased.
     pub fn retain(&mut self, egress: &str, leased: &HashSet<Key>) {
         self.seen
@@ -282,6 +291,48 @@ mod tests {
         a.observe("e", &k, None, now(0), T);
         a.retain("e", &HashSet::new());
         assert_eq!(a.observe("e", &k, None, now(5), T), None);
+    }
+
+    /// A member that led an egress, lost it and takes it back: its last look at a peer was
+    /// before it lost the egress. Taking over restarts the clock; without that the live
+    /// peer would be collected at the first look.
+    #[test]
+    fn a_takeover_restarts_the_clock() {
+        let k = Key([6; 32]);
+        let watched = |a: &mut Activity| {
+            for s in (0..=20).step_by(5) {
+                assert_eq!(
+                    a.observe("e", &k, Some(&peer(10 + s, Some(at(0)))), now(s), T),
+                    None
+                );
+            }
+        };
+        // Not leading from 20 to 100; the peer handshook with the other member meanwhile.
+        // This member's device saw none of that: its counters are where they were.
+        let seen_again = peer(30, Some(at(0)));
+        let mut stale = Activity::default();
+        watched(&mut stale);
+        assert_eq!(
+            stale.observe("e", &k, Some(&seen_again), now(100), T),
+            Some(Idle::Silent(T.peer)),
+            "the defect: collected at once"
+        );
+        let mut a = Activity::default();
+        watched(&mut a);
+        a.observe("f", &k, Some(&peer(0, None)), now(20), T);
+        a.restart("e");
+        assert_eq!(a.observe("e", &k, Some(&seen_again), now(100), T), None);
+        assert_eq!(a.observe("e", &k, Some(&seen_again), now(109), T), None);
+        // A peer that stays silent with this member goes a full timeout after the takeover.
+        assert_eq!(
+            a.observe("e", &k, Some(&seen_again), now(110), T),
+            Some(Idle::Silent(T.peer))
+        );
+        // Other egresses keep their clocks.
+        assert_eq!(
+            a.observe("f", &k, Some(&peer(0, None)), now(25), T),
+            Some(Idle::NeverHandshaken(T.first_handshake))
+        );
     }
 
     #[test]

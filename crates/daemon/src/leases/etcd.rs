@@ -37,16 +37,10 @@ impl EtcdStore {
         EtcdStore { etcd }
     }
 
-    fn parse(&self, kv: &KeyValue) -> Result<StoredLease, StoreError> {
-        serde_json::from_slice(kv.value()).map_err(|e| {
-            StoreError::failed(
-                self.etcd.name(),
-                format!(
-                    "record {} is unreadable: {e}",
-                    String::from_utf8_lossy(kv.key())
-                ),
-            )
-        })
+    /// The lease of a record, or `None` (logged) when it was not written by a member of
+    /// this pool or cannot be read: such a record is never served nor programmed.
+    fn parse(&self, kv: &KeyValue) -> Option<StoredLease> {
+        parse_record(&self.etcd, kv.key(), kv.value())
     }
 
     /// Every stored lease, and the etcd revision they were read at (a watch from the next
@@ -74,9 +68,7 @@ impl EtcdStore {
             if revision == 0 {
                 revision = resp.header().map_or(0, |h| h.revision());
             }
-            for kv in resp.kvs() {
-                out.push(self.parse(kv)?);
-            }
+            out.extend(resp.kvs().iter().filter_map(|kv| self.parse(kv)));
             match resp.kvs().last() {
                 Some(last) if resp.more() => {
                     from = last.key().to_vec();
@@ -148,6 +140,8 @@ impl EtcdStore {
         let index = self.etcd.address_key(egress, &l.lease.address);
         let value = serde_json::to_vec(l)
             .map_err(|e| StoreError::failed(self.etcd.name(), e.to_string()))?;
+        let value = self.etcd.signed(&record, value);
+        let holder = self.etcd.signed(&index, l.lease.public_key.to_hex());
         Ok((
             vec![
                 Compare::create_revision(record.clone(), CompareOp::Equal, 0),
@@ -155,7 +149,7 @@ impl EtcdStore {
             ],
             vec![
                 TxnOp::put(record, value, None),
-                TxnOp::put(index, l.lease.public_key.to_hex(), None),
+                TxnOp::put(index, holder, None),
             ],
         ))
     }
@@ -198,8 +192,11 @@ impl EtcdStore {
                 _ => None,
             }
         };
-        let existing = found(0).map(|kv| self.parse(&kv)).transpose()?;
-        let holder = found(1).and_then(|kv| Key::from_hex(kv.value_str().ok()?).ok());
+        let existing = found(0).and_then(|kv| self.parse(&kv));
+        let holder = found(1).and_then(|kv| {
+            let hex = self.etcd.verified(kv.key(), kv.value())?;
+            Key::from_hex(std::str::from_utf8(hex).ok()?).ok()
+        });
         // The write lost to one made meanwhile; say which way.
         Ok(
             match check(&Write::Create(l.clone()), |_| existing.clone(), |_| holder) {
@@ -222,10 +219,10 @@ impl EtcdStore {
                 c.get(record, None).await
             })
             .await?;
-        match resp.kvs().first() {
-            Some(kv) => Ok(Some((self.parse(kv)?, kv.mod_revision()))),
-            None => Ok(None),
-        }
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| Some((self.parse(kv)?, kv.mod_revision()))))
     }
 
     async fn delete(&self, w: &Write) -> Result<Result<(), Refusal>, StoreError> {
@@ -241,6 +238,7 @@ impl EtcdStore {
             };
             let record = self.etcd.lease_key(egress, &key);
             let index = self.etcd.address_key(egress, &lease.lease.address);
+            let ours = self.etcd.signed(&index, key.to_hex());
             let txn = Txn::new()
                 .when(vec![Compare::mod_revision(
                     record.clone(),
@@ -253,11 +251,7 @@ impl EtcdStore {
                     // The index entry goes only if it is this lease's.
                     TxnOp::txn(
                         Txn::new()
-                            .when(vec![Compare::value(
-                                index.clone(),
-                                CompareOp::Equal,
-                                key.to_hex(),
-                            )])
+                            .when(vec![Compare::value(index.clone(), CompareOp::Equal, ours)])
                             .and_then(vec![TxnOp::delete(index, None)]),
                     ),
                 ]);
@@ -273,6 +267,19 @@ impl EtcdStore {
             self.etcd.name(),
             format!("the lease of {key} in {egress} kept changing while it was being deleted"),
         ))
+    }
+}
+
+/// The lease a record at etcd key `key` holds, if a member of the pool wrote it; a record
+/// that fails its check or cannot be read is logged and `None`.
+pub fn parse_record(etcd: &Etcd, key: &[u8], value: &[u8]) -> Option<StoredLease> {
+    let json = etcd.verified(key, value)?;
+    match serde_json::from_slice(json) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(key = %String::from_utf8_lossy(key), error = %e, "unreadable lease record in etcd; ignored");
+            None
+        }
     }
 }
 
@@ -492,6 +499,33 @@ mod tests {
         addresses.sort();
         addresses.dedup();
         assert_eq!((stored.len(), addresses.len()), (100, 100));
+    }
+
+    /// A record put by hand (plain JSON, or a member's record copied to another key) is
+    /// not a lease: not loaded, and its key can still be leased properly.
+    #[test]
+    fn records_no_member_signed_are_ignored() {
+        let Some(etcd) = TestEtcd::start() else {
+            return;
+        };
+        let s = store(&etcd, "t");
+        assert!(s.apply(&[Write::Create(lease_at("a", 1, 5, "o"))]).unwrap()[0].is_ok());
+        let real_key = s.etcd.lease_key("a", &Key([1; 32]));
+        let forged_key = s.etcd.lease_key("a", &Key([9; 32]));
+        let plain_key = s.etcd.lease_key("a", &Key([8; 32]));
+        let plain = serde_json::to_vec(&lease_at("a", 8, 8, "o")).unwrap();
+        s.etcd
+            .block("forging", move |mut c| async move {
+                let real = c.get(real_key, None).await?;
+                let copied = real.kvs()[0].value().to_vec();
+                c.put(forged_key, copied, None).await?;
+                c.put(plain_key, plain, None).await
+            })
+            .unwrap();
+        assert_eq!(s.load().unwrap(), vec![lease_at("a", 1, 5, "o")]);
+        // The hand-written records hold nothing a member will honour.
+        let got = s.apply(&[Write::Create(lease_at("a", 7, 8, "o"))]).unwrap();
+        assert_eq!(got, vec![Ok(())]);
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub async fn print(
 ) -> Result<(), ControlError> {
     let report = control::status(state_dir, peers).await?;
     let pool = match cluster {
-        Some(c) => Some(pool::fetch(c).await),
+        Some(c) => Some(pool::fetch(c, state_dir).await),
         None => None,
     };
     if json {

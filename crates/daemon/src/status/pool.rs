@@ -3,6 +3,7 @@
 //! answers the same on every member, and also while this member's daemon is down).
 
 use std::fmt::Write as _;
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -22,8 +23,8 @@ pub struct PoolReport {
 }
 
 /// Reads the pool's status from etcd; a failure is reported, not returned.
-pub async fn fetch(cluster: &ClusterConfig) -> PoolReport {
-    let (status, error) = match read_config(cluster).await {
+pub async fn fetch(cluster: &ClusterConfig, state_dir: &Path) -> PoolReport {
+    let (status, error) = match read_config(cluster, state_dir).await {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e.to_string())),
     };
@@ -47,6 +48,9 @@ pub fn render(p: &PoolReport) -> String {
         return out;
     };
     let _ = writeln!(out, "pool {} (this member: {})", s.cluster, p.node);
+    if let Some(problem) = &s.identity_problem {
+        let _ = writeln!(out, "  IDENTITY LOST: {problem}");
+    }
     let members: Vec<String> = s
         .members
         .iter()
@@ -88,6 +92,7 @@ mod tests {
             ],
             leaders: [("acme".to_string(), "b".to_string())].into(),
             leases: [("acme".to_string(), 3)].into(),
+            identity_problem: None,
         };
         let p = PoolReport {
             node: "a".into(),
