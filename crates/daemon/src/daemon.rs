@@ -146,9 +146,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         tracing::info!(%egress, ?changes, "WireGuard device reconciled");
         service.metrics.reconciled(&egress, &changes);
     }
+    let config = &service.config;
     for repair in service
         .dataplane()
-        .apply_rules(&service.config.egress)
+        .apply_rules(&config.egress, &config.network)
         .await?
     {
         tracing::info!("firewall: {repair}");
@@ -362,9 +363,10 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
                 }
             }
         }
+        let config = &service.config;
         match service
             .dataplane()
-            .apply_rules(&service.config.egress)
+            .apply_rules(&config.egress, &config.network)
             .await
         {
             Ok(repairs) => {

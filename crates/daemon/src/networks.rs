@@ -27,8 +27,9 @@ pub enum NetworksError {
 /// The running resolvers; they serve until dropped.
 pub type Resolvers = Vec<ServerFuture<Resolver>>;
 
-/// Identities → devices (matching the store) → rules, then forwarding → directories →
-/// resolvers on the addresses the devices now hold.
+/// Identities → devices (matching the store) → directories → resolvers on the addresses the
+/// devices now hold. Their rules and forwarding are in place already (the host's firewall
+/// holds every space's).
 pub async fn start(
     leases: &Arc<LeaseService>,
 ) -> Result<(Arc<NetworkService>, Resolvers), NetworksError> {
@@ -39,7 +40,6 @@ pub async fn start(
     for (network, changes) in networks.reconcile().await? {
         tracing::info!(%network, ?changes, "network WireGuard device reconciled");
     }
-    networks.dataplane().apply_rules(networks.networks())?;
     networks.publish_all().await;
     let mut resolvers = Vec::new();
     for n in networks.networks() {
@@ -86,7 +86,7 @@ pub async fn collect_loop(networks: Arc<NetworkService>, every: Duration) {
     }
 }
 
-/// Removes every network's device and the networks' table.
+/// Removes every network's device.
 pub async fn teardown(config: &Config) -> Result<(), NetworksError> {
     NetworkDataplane::open(config.backend)?
         .teardown(&config.network)

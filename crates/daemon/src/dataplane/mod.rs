@@ -9,7 +9,6 @@
 pub mod devices;
 pub mod firewall;
 pub mod network;
-pub mod network_rules;
 pub mod peer_queue;
 pub mod sysctl;
 
@@ -17,13 +16,16 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 
-use crate::config::EgressConfig;
+use crate::config::{EgressConfig, NetworkConfig};
 use wgexit::keys::Key;
 use wgexit::net::{LinkError, Netlink};
 use wgexit::wg::{Backend, BackendKind, DeviceStatus, WgError, WireGuard};
 
 pub use devices::Changes;
-use firewall::{EgressRules, Firewall, FirewallError, RoutingGuard, Verification, DEFAULT_TABLE};
+use firewall::{
+    EgressRules, Firewall, FirewallError, NetworkRules, RoutingGuard, Spaces, Verification,
+    DEFAULT_TABLE,
+};
 use peer_queue::{PeerChange, PeerQueue};
 use sysctl::SysctlError;
 
@@ -112,10 +114,14 @@ pub trait Dataplane: Send + Sync {
     async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
     async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError>;
-    /// Makes the firewall and forwarding for `egresses` what they should be, the rules in
-    /// place before forwarding is on; says what it had to repair (nothing when all was in
-    /// place). Called at start and at every reconcile.
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError>;
+    /// Makes the firewall and forwarding for `egresses` and `networks` what they should be,
+    /// the rules in place before forwarding is on; says what it had to repair (nothing when
+    /// all was in place). Called at start and at every reconcile.
+    async fn apply_rules(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<Vec<String>, DataplaneError>;
     /// Removes the devices and the rules of `egresses`.
     async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError>;
 }
@@ -173,6 +179,22 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
     rules
 }
 
+/// What the firewall needs of a private network: its interface, prefix, gateway and
+/// resolver addresses.
+pub fn network_rules_for(n: &NetworkConfig) -> NetworkRules {
+    NetworkRules {
+        name: n.name.clone(),
+        wg_interface: n.wg_interface.to_string(),
+        prefix: n.prefix,
+        gateway: n.gateway(),
+        resolver: n.dns(),
+    }
+}
+
+/// The table the private networks' rules had apart before they joined [`DEFAULT_TABLE`];
+/// removed where an earlier version left it.
+const FORMER_NETWORK_TABLE: &str = "wgexitd-net";
+
 /// Every egress's endpoint address and static IPs (IPv4 and IPv6), without repeats: the
 /// exit nodes' own addresses as the config names them.
 pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
@@ -191,26 +213,51 @@ pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
 
 impl HostDataplane {
     /// The nftables table, by content.
-    fn ensure_table(&self, rules: &[EgressRules]) -> Result<Option<String>, DataplaneError> {
-        let repair = match self.firewall.verify(rules)? {
+    fn ensure_table(&self, spaces: Spaces) -> Result<Option<String>, DataplaneError> {
+        let repair = match self.firewall.verify_spaces(spaces)? {
             Verification::Matches => return Ok(None),
             Verification::Missing => format!("table inet {DEFAULT_TABLE} was missing; applied it"),
             Verification::Differs(what) => {
                 format!("table inet {DEFAULT_TABLE} differed from the config ({what}); replaced it")
             }
         };
-        self.firewall.apply(rules)?;
+        self.firewall.apply_spaces(spaces)?;
+        Firewall::new(FORMER_NETWORK_TABLE).teardown()?;
         Ok(Some(repair))
     }
 
-    /// The fail-closed routing rules, one per WireGuard interface and family.
-    async fn ensure_guard(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
-        let wg: Vec<String> = egresses
+    /// The fail-closed routing rules, one per WireGuard interface and family: the egresses'
+    /// before forwarding, the networks' before local delivery too.
+    async fn ensure_guards(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<Vec<String>, DataplaneError> {
+        let egress_wg: Vec<String> = egresses
             .iter()
             .map(|e| e.wg_interface.to_string())
             .collect();
-        let (added, removed) = RoutingGuard::default()
-            .ensure(&self.netlink, &wg)
+        let network_wg: Vec<String> = networks
+            .iter()
+            .map(|n| n.wg_interface.to_string())
+            .collect();
+        let mut repairs = Vec::new();
+        for (guard, wg) in [
+            (RoutingGuard::default(), egress_wg),
+            (RoutingGuard::before_local(), network_wg),
+        ] {
+            repairs.extend(Self::ensure_guard(&self.netlink, guard, &wg).await?);
+        }
+        Ok(repairs)
+    }
+
+    async fn ensure_guard(
+        netlink: &Netlink,
+        guard: RoutingGuard,
+        wg: &[String],
+    ) -> Result<Vec<String>, DataplaneError> {
+        let (added, removed) = guard
+            .ensure(netlink, wg)
             .await
             .map_err(FirewallError::from)?;
         Ok(added
@@ -265,7 +312,11 @@ impl Dataplane for HostDataplane {
             .map_err(DataplaneError::wg(egress))
     }
 
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
+    async fn apply_rules(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<Vec<String>, DataplaneError> {
         let own = exit_addresses(egresses);
         let rules: Vec<_> = egresses
             .iter()
@@ -274,13 +325,18 @@ impl Dataplane for HostDataplane {
                 ..rules_for(e)
             })
             .collect();
-        let mut repairs: Vec<String> = self.ensure_table(&rules)?.into_iter().collect();
-        repairs.extend(self.ensure_guard(egresses).await?);
+        let network_rules: Vec<_> = networks.iter().map(network_rules_for).collect();
+        let spaces = Spaces {
+            egresses: &rules,
+            networks: &network_rules,
+        };
+        let mut repairs: Vec<String> = self.ensure_table(spaces)?.into_iter().collect();
+        repairs.extend(self.ensure_guards(egresses, networks).await?);
         for e in egresses {
             sysctl::prepare_egress(&e.wg_interface, &e.interface)?;
         }
         sysctl::forward()?;
-        if egresses.iter().any(|e| e.v6.is_some()) {
+        if egresses.iter().any(|e| e.v6.is_some()) || !networks.is_empty() {
             sysctl::forward6()?;
         }
         Ok(repairs)
@@ -288,10 +344,13 @@ impl Dataplane for HostDataplane {
 
     async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError> {
         self.firewall.teardown()?;
-        RoutingGuard::default()
-            .remove(&self.netlink)
-            .await
-            .map_err(FirewallError::from)?;
+        Firewall::new(FORMER_NETWORK_TABLE).teardown()?;
+        for guard in [RoutingGuard::default(), RoutingGuard::before_local()] {
+            guard
+                .remove(&self.netlink)
+                .await
+                .map_err(FirewallError::from)?;
+        }
         for e in egresses {
             self.backend
                 .delete(&e.wg_interface)

@@ -1,12 +1,11 @@
 //! The private networks' data path: one WireGuard device per network, holding the gateway
 //! (`<prefix>::1`) and resolver (`<prefix>::3`) addresses and one peer per member (allowed
-//! IP: the member's /128), the rules of [`super::network_rules`], and IPv6 forwarding.
+//! IP: the member's /128). Their firewall rules and fail-closed guard are the host's, in
+//! [`super::firewall`] beside the egresses'.
 
 use ipnet::{IpNet, Ipv6Net};
 
 use super::devices::{self, Changes, Identity};
-use super::network_rules::{self, NetworkRulesError};
-use super::sysctl::{self, SysctlError};
 use crate::config::NetworkConfig;
 use wgexit::api::Lease;
 use wgexit::keys::Key;
@@ -31,10 +30,6 @@ pub enum NetworkPlaneError {
     Open(#[from] WgError),
     #[error(transparent)]
     Netlink(#[from] LinkError),
-    #[error(transparent)]
-    Rules(#[from] NetworkRulesError),
-    #[error(transparent)]
-    Sysctl(#[from] SysctlError),
 }
 
 fn wg_err(n: &NetworkConfig) -> impl Fn(WgError) -> NetworkPlaneError + Copy + '_ {
@@ -145,18 +140,8 @@ impl NetworkDataplane {
             .map_err(wg_err(n))
     }
 
-    /// The rules of every network, then IPv6 forwarding (never before the rules).
-    pub fn apply_rules(&self, networks: &[NetworkConfig]) -> Result<(), NetworkPlaneError> {
-        network_rules::apply(networks)?;
-        if !networks.is_empty() {
-            sysctl::ensure(&["net", "ipv6", "conf", "all", "forwarding"], "1")?;
-        }
-        Ok(())
-    }
-
-    /// Removes the networks' devices and their table.
+    /// Removes the networks' devices.
     pub async fn teardown(&self, networks: &[NetworkConfig]) -> Result<(), NetworkPlaneError> {
-        network_rules::teardown()?;
         for n in networks {
             let name = n.wg_interface.as_str();
             self.backend.delete(name).await.map_err(wg_err(n))?;
