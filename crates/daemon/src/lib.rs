@@ -3,8 +3,9 @@
 //! A request's path: [`api`] (HTTPS, tokens) → [`leases`] (the lease service, its registry
 //! and durable store) → [`dataplane`] (the WireGuard device's peers, firewall, sysctls).
 //! [`daemon`] starts them in that order's reverse need: config → store → identities →
-//! dataplane → API, and runs the reconcile and collection loops. Private networks take the
-//! same path ([`leases::members`], [`dataplane::network`]) and add a resolver each ([`dns`]).
+//! dataplane → API, and runs the reconcile and collection loops. Egresses and private
+//! networks are two kinds of [`space`]: networks take the same path ([`leases::members`],
+//! the same [`dataplane`] and firewall table) and add a resolver each ([`dns`]).
 
 pub mod api;
 pub mod cluster;
@@ -16,5 +17,5 @@ pub mod dns;
 pub mod identity;
 pub mod leases;
 pub mod metrics;
-pub mod networks;
+pub mod space;
 pub mod status;

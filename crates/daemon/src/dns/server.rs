@@ -175,6 +175,9 @@ impl RequestHandler for Resolver {
     }
 }
 
+/// The running resolvers; they serve until dropped.
+pub type Resolvers = Vec<ServerFuture<Resolver>>;
+
 /// Starts `n`'s resolver on `<prefix>::3` port 53, UDP and TCP. The address must be on the
 /// network's device already. It serves until the returned server is dropped.
 pub async fn start(

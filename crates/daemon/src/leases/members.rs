@@ -17,8 +17,8 @@ use super::registry::{network_scope, Holder, LeaseError, Registry};
 use super::service::LeaseService;
 use super::store::Refusal;
 use crate::config::NetworkConfig;
-use crate::dataplane::devices::Changes;
-use crate::dataplane::network::{NetworkDataplane, NetworkPlaneError};
+use crate::dataplane::devices::{peer_of, Changes};
+use crate::dataplane::{Dataplane, DataplaneError, HostDataplane, Peer};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
 use wgexit::api::{
@@ -43,7 +43,7 @@ pub enum NetworkError {
     #[error(transparent)]
     Lease(#[from] LeaseError),
     #[error(transparent)]
-    Dataplane(#[from] NetworkPlaneError),
+    Dataplane(#[from] DataplaneError),
 }
 
 impl From<CommitError> for NetworkError {
@@ -99,18 +99,14 @@ struct Join {
 pub struct NetworkService {
     leases: Arc<LeaseService>,
     networks: Vec<NetworkConfig>,
-    dataplane: NetworkDataplane,
     identities: Identities,
     directories: HashMap<String, Published>,
     pub collected: AtomicU64,
 }
 
 impl NetworkService {
-    pub fn new(
-        leases: Arc<LeaseService>,
-        dataplane: NetworkDataplane,
-        identities: Identities,
-    ) -> NetworkService {
+    /// The networks of `leases`' config, on its registry and its dataplane.
+    pub fn new(leases: Arc<LeaseService>, identities: Identities) -> NetworkService {
         let networks = leases.config.network.clone();
         let directories = networks
             .iter()
@@ -119,7 +115,6 @@ impl NetworkService {
         NetworkService {
             leases,
             networks,
-            dataplane,
             identities,
             directories,
             collected: AtomicU64::new(0),
@@ -130,8 +125,9 @@ impl NetworkService {
         &self.networks
     }
 
-    pub fn dataplane(&self) -> &NetworkDataplane {
-        &self.dataplane
+    /// The host's dataplane, shared with the egresses (one peer queue).
+    pub fn dataplane(&self) -> &HostDataplane {
+        self.leases.dataplane()
     }
 
     /// The directory `network`'s resolver reads.
@@ -262,7 +258,11 @@ impl NetworkService {
             Some(join.info),
             self.leases.config.max_leases_per_owner,
         )?;
-        if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
+        if let Err(e) = self
+            .dataplane()
+            .add_peer(cfg, &peer_of(&stored.lease))
+            .await
+        {
             if new {
                 let _ = registry.release(&scope, &join.public_key, None);
             }
@@ -332,7 +332,7 @@ impl NetworkService {
         cfg: &NetworkConfig,
         key: &Key,
     ) -> Result<Pending, NetworkError> {
-        self.dataplane.remove_peer(cfg, key).await?;
+        self.dataplane().remove_peer(cfg, key).await?;
         let (_, pending) = registry.release(&network_scope(&cfg.name), key, None)?;
         self.publish(registry, &cfg.name);
         Ok(pending)
@@ -371,27 +371,36 @@ impl NetworkService {
         })
     }
 
-    /// Makes every network's device match the store.
-    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, NetworkPlaneError> {
+    /// Makes every network's device match the store; says what changed, or why a network
+    /// was skipped this time.
+    pub async fn reconcile(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
         let mut out = Vec::new();
         for cfg in &self.networks {
             let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
-            let seen = self.dataplane.device(cfg).await?;
-            let registry = self.leases.registry().lock().await;
-            let leases: Vec<&Lease> = registry
-                .egress(&network_scope(&cfg.name))
-                .map(|e| e.leases().map(|l| &l.lease).collect())
-                .unwrap_or_default();
-            let changes = self
-                .dataplane
-                .reconcile(cfg, identity, seen, &leases)
-                .await?;
-            drop(registry);
-            out.push((cfg.name.clone(), changes));
+            out.push((
+                cfg.name.clone(),
+                self.reconcile_network(cfg, identity).await,
+            ));
         }
-        Ok(out)
+        out
+    }
+
+    async fn reconcile_network(
+        &self,
+        cfg: &NetworkConfig,
+        identity: &Key,
+    ) -> Result<Changes, DataplaneError> {
+        let seen = self.dataplane().device(cfg).await?;
+        let registry = self.leases.registry().lock().await;
+        let peers: Vec<Peer> = registry
+            .egress(&network_scope(&cfg.name))
+            .map(|e| e.leases().map(|l| peer_of(&l.lease)).collect())
+            .unwrap_or_default();
+        self.dataplane()
+            .reconcile_device(cfg, identity, seen, &peers)
+            .await
     }
 
     /// Releases the containers whose peers have gone away; peers (laptops) stay until they
@@ -424,7 +433,7 @@ impl NetworkService {
             peer: config.peer_timeout,
             first_handshake: config.first_handshake_timeout,
         };
-        let status = match self.dataplane.device(cfg).await {
+        let status = match self.dataplane().device(cfg).await {
             Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
             Err(e) => {
                 tracing::error!(network = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
