@@ -7,6 +7,7 @@
 //! networks are two kinds of [`space`]: networks take the same path ([`leases::members`],
 //! the same [`dataplane`] and firewall table) and add a resolver each ([`dns`]).
 
+pub mod addresses;
 pub mod api;
 pub mod cluster;
 pub mod config;

@@ -369,7 +369,7 @@ pub(crate) mod tests {
     pub fn egress(name: &str, pool: &str) -> EgressConfig {
         EgressConfig {
             name: name.into(),
-            egress_ips: crate::leases::egress_ips::EgressIps::single(
+            egress_ips: crate::addresses::egress_ips::EgressIps::single(
                 "203.0.113.77".parse().unwrap(),
             ),
             v6: None,

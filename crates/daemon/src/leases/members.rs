@@ -12,10 +12,9 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
-use super::commit::{CommitError, Pending};
+use super::commit::Pending;
 use super::registry::{network_scope, Holder, LeaseError, Registry};
-use super::service::LeaseService;
-use super::store::Refusal;
+use super::service::{durable_removal, LeaseService, ServiceError};
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
 use crate::dataplane::{Dataplane, DataplaneError, HostDataplane, Peer};
@@ -28,10 +27,9 @@ use wgexit::api::{
 use wgexit::keys::Key;
 use wgexit::wg::PeerStatus;
 
+/// What only a private network's members can be refused (see [`ServiceError`] for the rest).
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("no network named {0:?}")]
-    UnknownNetwork(String),
+pub enum MemberRefusal {
     #[error("network {network}: a peer named {name:?} exists already; pick another name or remove it first")]
     PeerNameTaken { network: String, name: String },
     #[error("network {network}: no {kind} with public key {key}")]
@@ -40,16 +38,6 @@ pub enum NetworkError {
         kind: &'static str,
         key: Key,
     },
-    #[error(transparent)]
-    Lease(#[from] LeaseError),
-    #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
-}
-
-impl From<CommitError> for NetworkError {
-    fn from(e: CommitError) -> NetworkError {
-        NetworkError::Lease(LeaseError::Store(e))
-    }
 }
 
 fn kind_name(kind: MemberKind) -> &'static str {
@@ -135,17 +123,17 @@ impl NetworkService {
         self.directories.get(network).cloned().unwrap_or_default()
     }
 
-    fn config(&self, network: &str) -> Result<&NetworkConfig, NetworkError> {
+    fn config(&self, network: &str) -> Result<&NetworkConfig, ServiceError> {
         self.networks
             .iter()
             .find(|n| n.name == network)
-            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
+            .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
     }
 
-    fn server_public_key(&self, network: &str) -> Result<Key, NetworkError> {
+    fn server_public_key(&self, network: &str) -> Result<Key, ServiceError> {
         self.identities
             .public(network)
-            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
+            .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
     }
 
     /// Rebuilds `network`'s directory from the registry (called with it locked).
@@ -174,7 +162,7 @@ impl NetworkService {
         network: &str,
         owner: &str,
         req: MemberRequest,
-    ) -> Result<MemberGrant, NetworkError> {
+    ) -> Result<MemberGrant, ServiceError> {
         let info = MemberInfo {
             network: network.to_string(),
             kind: MemberKind::Container,
@@ -196,7 +184,7 @@ impl NetworkService {
         network: &str,
         owner: &str,
         req: PeerRequest,
-    ) -> Result<MemberGrant, NetworkError> {
+    ) -> Result<MemberGrant, ServiceError> {
         let info = MemberInfo {
             network: network.to_string(),
             kind: MemberKind::Peer,
@@ -217,7 +205,7 @@ impl NetworkService {
         registry: &Registry,
         network: &str,
         join: &Join,
-    ) -> Result<(), NetworkError> {
+    ) -> Result<(), ServiceError> {
         if join.info.kind != MemberKind::Peer {
             return Ok(());
         }
@@ -228,10 +216,11 @@ impl NetworkService {
             .filter_map(|l| l.lease.member.as_ref())
             .any(|m| m.kind == MemberKind::Peer && m.name.eq_ignore_ascii_case(&join.info.name));
         if taken {
-            return Err(NetworkError::PeerNameTaken {
+            return Err(MemberRefusal::PeerNameTaken {
                 network: network.to_string(),
                 name: join.info.name.clone(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -241,7 +230,7 @@ impl NetworkService {
         network: &str,
         owner: &str,
         join: Join,
-    ) -> Result<MemberGrant, NetworkError> {
+    ) -> Result<MemberGrant, ServiceError> {
         let cfg = self.config(network)?;
         let server_public_key = self.server_public_key(network)?;
         let scope = network_scope(network);
@@ -299,18 +288,19 @@ impl NetworkService {
         kind: MemberKind,
         owner: &str,
         key: &Key,
-    ) -> Result<(), NetworkError> {
+    ) -> Result<(), ServiceError> {
         let cfg = self.config(network)?;
         let scope = network_scope(network);
         {
             let registry = self.leases.registry().lock().await;
             let lease = registry.releasable(&scope, key, Some(owner))?;
             if kind_of(&lease.lease) != kind {
-                return Err(NetworkError::NotFound {
+                return Err(MemberRefusal::NotFound {
                     network: network.to_string(),
                     kind: kind_name(kind),
                     key: *key,
-                });
+                }
+                .into());
             }
         }
         self.remove(cfg, key).await
@@ -318,7 +308,7 @@ impl NetworkService {
 
     /// Peer off the device, lease out of the registry, directory republished; durable when
     /// it returns. A lease released meanwhile counts as released.
-    async fn remove(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), NetworkError> {
+    async fn remove(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
         let mut registry = self.leases.registry().lock().await;
         let pending = self.remove_locked(&mut registry, cfg, key).await?;
         drop(registry);
@@ -331,14 +321,14 @@ impl NetworkService {
         registry: &mut Registry,
         cfg: &NetworkConfig,
         key: &Key,
-    ) -> Result<Pending, NetworkError> {
+    ) -> Result<Pending, ServiceError> {
         self.dataplane().remove_peer(cfg, key).await?;
         let (_, pending) = registry.release(&network_scope(&cfg.name), key, None)?;
         self.publish(registry, &cfg.name);
         Ok(pending)
     }
 
-    pub async fn list(&self, network: &str, kind: MemberKind) -> Result<MemberList, NetworkError> {
+    pub async fn list(&self, network: &str, kind: MemberKind) -> Result<MemberList, ServiceError> {
         self.config(network)?;
         let registry = self.leases.registry().lock().await;
         let mut members: Vec<Member> = registry
@@ -351,7 +341,7 @@ impl NetworkService {
         Ok(MemberList { members })
     }
 
-    pub async fn info(&self, network: &str) -> Result<NetworkInfo, NetworkError> {
+    pub async fn info(&self, network: &str) -> Result<NetworkInfo, ServiceError> {
         let cfg = self.config(network)?;
         let registry = self.leases.registry().lock().await;
         let leases = registry.egress(&network_scope(network))?;
@@ -471,13 +461,5 @@ impl NetworkService {
             }
         }
         removed
-    }
-}
-
-/// Waits for a removal's write; a lease the store no longer holds is removed all the same.
-async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
-    match pending.durable().await {
-        Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
-        other => other,
     }
 }

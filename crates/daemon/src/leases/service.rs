@@ -15,6 +15,7 @@ mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
+use super::members::MemberRefusal;
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig};
@@ -25,12 +26,17 @@ use wgexit::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseR
 use wgexit::keys::Key;
 use wgexit::wg::PeerStatus;
 
+/// Why the lease service refused or failed a request, in an egress or a network (each
+/// variant names its space).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
     Lease(#[from] LeaseError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// What only a private network's members can be refused.
+    #[error(transparent)]
+    Member(#[from] MemberRefusal),
 }
 
 impl From<CommitError> for ServiceError {
@@ -374,7 +380,7 @@ impl<D: Dataplane> LeaseService<D> {
             let registry = self.registry.lock().await;
             misfits
                 .iter()
-                .map(|m| registry.submit(crate::control::delete_of(m)))
+                .map(|m| registry.submit(m.delete()))
                 .collect()
         };
         for p in pending {
@@ -474,7 +480,8 @@ fn peer_of(l: &StoredLease) -> Peer {
 }
 
 /// Waits for a release's write; a lease the store no longer holds is released all the same.
-async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
+/// For every space's releases and collections.
+pub(super) async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
     match pending.durable().await {
         Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
         other => other,
