@@ -18,7 +18,6 @@ use crate::dataplane::{DataplaneError, HostDataplane};
 use crate::dns::server::{self as dns_server, DnsError, Resolvers};
 use crate::identity::{Identities, IdentityError};
 use crate::leases::collect::Activity;
-use crate::leases::members::NetworkService;
 use crate::leases::redb::RedbStore;
 use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
@@ -115,6 +114,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         source,
     })?;
     // Alone: the embedded store and local keys. In a pool: all three from etcd.
+    let network_identities =
+        Identities::load_or_create_networks(&config.state_dir, &config.network)?;
     let (leases, identities, pool) = match &config.cluster {
         None => (
             open_leases(&config)?,
@@ -138,6 +139,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
 
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
+    let identities = (identities, network_identities);
     let service = Arc::new(LeaseService::new(config, leases, dataplane, identities));
     service.metrics.register(
         "wgexit_auth_failures",
@@ -164,12 +166,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             service.metrics.set_leader("egress", &e.name, true);
         }
     }
-    let (networks, resolvers) = start_networks(&service).await?;
-    let api = ApiState {
-        service,
-        auth,
-        networks,
-    };
+    let resolvers = start_networks(&service).await?;
+    let api = ApiState { service, auth };
     Ok(Started {
         api: Arc::new(api),
         tls: tls_config,
@@ -179,15 +177,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
 }
 
 /// The private networks, after the egresses (their rules and forwarding are in place
-/// already): identities → devices (matching the store) → directories → resolvers on the
-/// addresses the devices now hold.
-async fn start_networks(
-    leases: &Arc<LeaseService>,
-) -> Result<(Arc<NetworkService>, Resolvers), DaemonError> {
-    let config = &leases.config;
-    let identities = Identities::load_or_create_networks(&config.state_dir, &config.network)?;
-    let networks = Arc::new(NetworkService::new(leases.clone(), identities));
-    for (network, changes) in networks.reconcile().await {
+/// already): devices (matching the store) → directories → resolvers on the addresses the
+/// devices now hold.
+async fn start_networks(networks: &LeaseService) -> Result<Resolvers, DaemonError> {
+    for (network, changes) in networks.reconcile_networks().await {
         let changes = changes?;
         tracing::info!(%network, ?changes, "network WireGuard device reconciled");
     }
@@ -197,7 +190,7 @@ async fn start_networks(
         resolvers.push(dns_server::start(n, networks.directory(&n.name)).await?);
         tracing::info!(network = %n.name, dns = %n.dns(), "resolver ready");
     }
-    Ok((networks, resolvers))
+    Ok(resolvers)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
@@ -372,7 +365,7 @@ async fn reconcile_loop(api: Arc<ApiState>) {
             }
             report_reconciled(&Space::Egress(egress), changes);
         }
-        for (network, changes) in api.networks.reconcile().await {
+        for (network, changes) in service.reconcile_networks().await {
             report_reconciled(&Space::Network(network), changes);
         }
         let config = &service.config;
@@ -424,7 +417,7 @@ async fn collect_loop(api: Arc<ApiState>, leading: Option<Leading>) {
                 "idle lease collected: {why}"
             );
         }
-        for (lease, why) in api.networks.collect(&mut network_activity).await {
+        for (lease, why) in service.collect_members(&mut network_activity).await {
             tracing::info!(
                 network = ?lease.member.as_ref().map(|m| &m.network), address = %lease.address,
                 public_key = %lease.public_key, container_id = %lease.attachment.container_id,

@@ -82,7 +82,7 @@ async fn lease_member(
 ) -> Answer {
     let req = decode(body, MemberRequest::validate)?;
     let grant = api
-        .networks
+        .service
         .lease_member(&caller.network, &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
@@ -95,7 +95,7 @@ async fn add_peer(
 ) -> Answer {
     let req = decode(body, PeerRequest::validate)?;
     let grant = api
-        .networks
+        .service
         .add_peer(&caller.network, &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
@@ -103,8 +103,8 @@ async fn add_peer(
 
 async fn release(api: &ApiState, caller: &NetworkCaller, kind: MemberKind, key: &str) -> Answer {
     let key = decode_path_key(key)?;
-    api.networks
-        .release(&caller.network, kind, &caller.owner, &key)
+    api.service
+        .release_member(&caller.network, kind, &caller.owner, &key)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -127,17 +127,20 @@ async fn remove_peer(
 
 async fn list_members(State(api): Shared, caller: NetworkCaller) -> Answer {
     let list = api
-        .networks
-        .list(&caller.network, MemberKind::Container)
+        .service
+        .list_members(&caller.network, MemberKind::Container)
         .await?;
     Ok(Json(list).into_response())
 }
 
 async fn list_peers(State(api): Shared, caller: NetworkCaller) -> Answer {
-    let list = api.networks.list(&caller.network, MemberKind::Peer).await?;
+    let list = api
+        .service
+        .list_members(&caller.network, MemberKind::Peer)
+        .await?;
     Ok(Json(list).into_response())
 }
 
 async fn info(State(api): Shared, caller: NetworkCaller) -> Answer {
-    Ok(Json(api.networks.info(&caller.network).await?).into_response())
+    Ok(Json(api.service.network_info(&caller.network).await?).into_response())
 }

@@ -1,13 +1,13 @@
-//! The private networks' members: containers (leased by the plugin, collected when idle)
-//! and peers (laptops, joined by `wgexit peer create`, never collected). Their leases live
-//! in the one registry beside the egresses' (under [`network_scope`]), so they share its
-//! store, its group commit and its lock; each change is programmed on the network's device
-//! before it is answered and then published to the network's resolver.
+//! The private networks' members, as operations of the one [`LeaseService`]: containers
+//! (leased by the plugin, collected when idle) and peers (laptops, joined by `wgexit peer
+//! create`, never collected). Their leases live in the one registry beside the egresses'
+//! (under [`network_scope`]), so they share its store, its group commit and its lock; each
+//! change is programmed on the network's device before it is answered and then published
+//! to the network's resolver.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -17,7 +17,7 @@ use super::registry::{network_scope, Holder, LeaseError, Registry};
 use super::service::{durable_removal, LeaseService, ServiceError};
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
-use crate::dataplane::{Dataplane, DataplaneError, HostDataplane, Peer};
+use crate::dataplane::{Dataplane, DataplaneError, Peer};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
 use wgexit::api::{
@@ -84,61 +84,63 @@ struct Join {
     info: MemberInfo,
 }
 
-pub struct NetworkService {
-    leases: Arc<LeaseService>,
-    networks: Vec<NetworkConfig>,
+/// The private networks' part of the lease service: their WireGuard identities, the
+/// directories their resolvers read, and how many idle members were collected.
+pub struct Members {
     identities: Identities,
     directories: HashMap<String, Published>,
     pub collected: AtomicU64,
 }
 
-impl NetworkService {
-    /// The networks of `leases`' config, on its registry and its dataplane.
-    pub fn new(leases: Arc<LeaseService>, identities: Identities) -> NetworkService {
-        let networks = leases.config.network.clone();
+impl Members {
+    /// For `networks`, with their identities.
+    pub fn new(networks: &[NetworkConfig], identities: Identities) -> Members {
         let directories = networks
             .iter()
             .map(|n| (n.name.clone(), Published::default()))
             .collect();
-        NetworkService {
-            leases,
-            networks,
+        Members {
             identities,
             directories,
             collected: AtomicU64::new(0),
         }
     }
+}
 
+/// The networks' operations of the one lease service: the same registry (under
+/// [`network_scope`]), dataplane, store and durable removal as the egresses'.
+impl LeaseService {
     pub fn networks(&self) -> &[NetworkConfig] {
-        &self.networks
-    }
-
-    /// The host's dataplane, shared with the egresses (one peer queue).
-    pub fn dataplane(&self) -> &HostDataplane {
-        self.leases.dataplane()
+        &self.config.network
     }
 
     /// The directory `network`'s resolver reads.
     pub fn directory(&self, network: &str) -> Published {
-        self.directories.get(network).cloned().unwrap_or_default()
+        self.members
+            .directories
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
     }
 
-    fn config(&self, network: &str) -> Result<&NetworkConfig, ServiceError> {
-        self.networks
+    fn network_config(&self, network: &str) -> Result<&NetworkConfig, ServiceError> {
+        self.config
+            .network
             .iter()
             .find(|n| n.name == network)
             .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
     }
 
-    fn server_public_key(&self, network: &str) -> Result<Key, ServiceError> {
-        self.identities
+    fn network_public_key(&self, network: &str) -> Result<Key, ServiceError> {
+        self.members
+            .identities
             .public(network)
             .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
     }
 
     /// Rebuilds `network`'s directory from the registry (called with it locked).
     fn publish(&self, registry: &Registry, network: &str) {
-        let Some(published) = self.directories.get(network) else {
+        let Some(published) = self.members.directories.get(network) else {
             return;
         };
         let directory = match registry.egress(&network_scope(network)) {
@@ -150,8 +152,8 @@ impl NetworkService {
 
     /// Publishes every network's directory (at start).
     pub async fn publish_all(&self) {
-        let registry = self.leases.registry().lock().await;
-        for n in &self.networks {
+        let registry = self.registry().lock().await;
+        for n in &self.config.network {
             self.publish(&registry, &n.name);
         }
     }
@@ -231,10 +233,10 @@ impl NetworkService {
         owner: &str,
         join: Join,
     ) -> Result<MemberGrant, ServiceError> {
-        let cfg = self.config(network)?;
-        let server_public_key = self.server_public_key(network)?;
+        let cfg = self.network_config(network)?;
+        let server_public_key = self.network_public_key(network)?;
         let scope = network_scope(network);
-        let mut registry = self.leases.registry().lock().await;
+        let mut registry = self.registry().lock().await;
         self.check_peer_name(&registry, network, &join)?;
         let holder = Holder {
             public_key: &join.public_key,
@@ -245,7 +247,7 @@ impl NetworkService {
             &scope,
             holder,
             Some(join.info),
-            self.leases.config.max_leases_per_owner,
+            self.config.max_leases_per_owner,
         )?;
         if let Err(e) = self
             .dataplane()
@@ -261,7 +263,7 @@ impl NetworkService {
         drop(registry);
         if let Err(e) = durable.durable().await {
             if new {
-                let _ = self.remove(cfg, &join.public_key).await;
+                let _ = self.remove_member(cfg, &join.public_key).await;
             }
             return Err(e.into());
         }
@@ -277,22 +279,22 @@ impl NetworkService {
             endpoint: cfg.endpoint,
             gateway: IpAddr::V6(cfg.gateway()),
             dns: IpAddr::V6(cfg.dns()),
-            persistent_keepalive: self.leases.config.persistent_keepalive,
+            persistent_keepalive: self.config.persistent_keepalive,
         }
     }
 
     /// Takes `key` out of `network` when it is a member of `kind` made with `owner`'s token.
-    pub async fn release(
+    pub async fn release_member(
         &self,
         network: &str,
         kind: MemberKind,
         owner: &str,
         key: &Key,
     ) -> Result<(), ServiceError> {
-        let cfg = self.config(network)?;
+        let cfg = self.network_config(network)?;
         let scope = network_scope(network);
         {
-            let registry = self.leases.registry().lock().await;
+            let registry = self.registry().lock().await;
             let lease = registry.releasable(&scope, key, Some(owner))?;
             if kind_of(&lease.lease) != kind {
                 return Err(MemberRefusal::NotFound {
@@ -303,20 +305,20 @@ impl NetworkService {
                 .into());
             }
         }
-        self.remove(cfg, key).await
+        self.remove_member(cfg, key).await
     }
 
     /// Peer off the device, lease out of the registry, directory republished; durable when
     /// it returns. A lease released meanwhile counts as released.
-    async fn remove(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
-        let mut registry = self.leases.registry().lock().await;
-        let pending = self.remove_locked(&mut registry, cfg, key).await?;
+    async fn remove_member(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
+        let mut registry = self.registry().lock().await;
+        let pending = self.remove_member_locked(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(pending).await?;
         Ok(())
     }
 
-    async fn remove_locked(
+    async fn remove_member_locked(
         &self,
         registry: &mut Registry,
         cfg: &NetworkConfig,
@@ -328,9 +330,13 @@ impl NetworkService {
         Ok(pending)
     }
 
-    pub async fn list(&self, network: &str, kind: MemberKind) -> Result<MemberList, ServiceError> {
-        self.config(network)?;
-        let registry = self.leases.registry().lock().await;
+    pub async fn list_members(
+        &self,
+        network: &str,
+        kind: MemberKind,
+    ) -> Result<MemberList, ServiceError> {
+        self.network_config(network)?;
+        let registry = self.registry().lock().await;
         let mut members: Vec<Member> = registry
             .egress(&network_scope(network))?
             .leases()
@@ -341,9 +347,9 @@ impl NetworkService {
         Ok(MemberList { members })
     }
 
-    pub async fn info(&self, network: &str) -> Result<NetworkInfo, ServiceError> {
-        let cfg = self.config(network)?;
-        let registry = self.leases.registry().lock().await;
+    pub async fn network_info(&self, network: &str) -> Result<NetworkInfo, ServiceError> {
+        let cfg = self.network_config(network)?;
+        let registry = self.registry().lock().await;
         let leases = registry.egress(&network_scope(network))?;
         let peers = leases
             .leases()
@@ -353,7 +359,7 @@ impl NetworkService {
             name: cfg.name.clone(),
             prefix: IpNet::V6(cfg.prefix),
             endpoint: cfg.endpoint,
-            server_public_key: self.server_public_key(network)?,
+            server_public_key: self.network_public_key(network)?,
             gateway: IpAddr::V6(cfg.gateway()),
             dns: IpAddr::V6(cfg.dns()),
             members: leases.len() - peers,
@@ -363,10 +369,10 @@ impl NetworkService {
 
     /// Makes every network's device match the store; says what changed, or why a network
     /// was skipped this time.
-    pub async fn reconcile(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
+    pub async fn reconcile_networks(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
         let mut out = Vec::new();
-        for cfg in &self.networks {
-            let Some(identity) = self.identities.private(&cfg.name) else {
+        for cfg in &self.config.network {
+            let Some(identity) = self.members.identities.private(&cfg.name) else {
                 continue;
             };
             out.push((
@@ -383,7 +389,7 @@ impl NetworkService {
         identity: &Key,
     ) -> Result<Changes, DataplaneError> {
         let seen = self.dataplane().device(cfg).await?;
-        let registry = self.leases.registry().lock().await;
+        let registry = self.registry().lock().await;
         let peers: Vec<Peer> = registry
             .egress(&network_scope(&cfg.name))
             .map(|e| e.leases().map(|l| peer_of(&l.lease)).collect())
@@ -395,13 +401,13 @@ impl NetworkService {
 
     /// Releases the containers whose peers have gone away; peers (laptops) stay until they
     /// are removed. Returns what was collected, with why.
-    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+    pub async fn collect_members(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
         let mut out = Vec::new();
-        for cfg in &self.networks {
+        for cfg in &self.config.network {
             for (lease, why, pending) in self.collect_network(cfg, activity).await {
                 match durable_removal(pending).await {
                     Ok(()) => {
-                        self.collected.fetch_add(1, Ordering::Relaxed);
+                        self.members.collected.fetch_add(1, Ordering::Relaxed);
                         out.push((lease, why));
                     }
                     Err(e) => {
@@ -418,7 +424,7 @@ impl NetworkService {
         cfg: &NetworkConfig,
         activity: &mut Activity,
     ) -> Vec<(Lease, Idle, Pending)> {
-        let config = &self.leases.config;
+        let config = &self.config;
         let timeouts = Timeouts {
             peer: config.peer_timeout,
             first_handshake: config.first_handshake_timeout,
@@ -432,7 +438,7 @@ impl NetworkService {
         };
         let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
         let scope = network_scope(&cfg.name);
-        let mut registry = self.leases.registry().lock().await;
+        let mut registry = self.registry().lock().await;
         let containers: Vec<Lease> = match registry.egress(&scope) {
             Ok(e) => e
                 .leases()
@@ -451,7 +457,7 @@ impl NetworkService {
                 continue;
             };
             match self
-                .remove_locked(&mut registry, cfg, &lease.public_key)
+                .remove_member_locked(&mut registry, cfg, &lease.public_key)
                 .await
             {
                 Ok(pending) => removed.push((lease, why, pending)),

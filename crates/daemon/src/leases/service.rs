@@ -15,7 +15,7 @@ mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
-use super::members::MemberRefusal;
+use super::members::{MemberRefusal, Members};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig};
@@ -54,16 +54,20 @@ pub struct LeaseService<D = HostDataplane> {
     identities: Identities,
     /// What `/metrics` exports; leases, releases and collections are counted here.
     pub metrics: Arc<Metrics>,
+    /// The private networks' identities and resolvers' directories (see [`super::members`]).
+    pub(super) members: Members,
 }
 
 impl<D: Dataplane> LeaseService<D> {
+    /// `identities`: the egresses' and the networks' WireGuard identities.
     pub fn new(
         config: Config,
         (registry, misfits): (Registry, Vec<StoredLease>),
         dataplane: D,
-        identities: Identities,
+        (identities, network_identities): (Identities, Identities),
     ) -> LeaseService<D> {
         LeaseService {
+            members: Members::new(&config.network, network_identities),
             config,
             registry: Mutex::new(registry),
             misfits: Mutex::new(misfits),
@@ -77,8 +81,7 @@ impl<D: Dataplane> LeaseService<D> {
         &self.dataplane
     }
 
-    /// The registry, for the private networks' members (see [`super::members`]): one
-    /// registry, one store and one lock for every lease.
+    /// The registry: one registry, one store and one lock for every space's leases.
     pub fn registry(&self) -> &Mutex<Registry> {
         &self.registry
     }
