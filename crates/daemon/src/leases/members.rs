@@ -5,19 +5,19 @@
 //! change is programmed on the network's device before it is answered and then published
 //! to the network's resolver.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 
-use super::collect::{Activity, Idle, Now, Timeouts};
-use super::commit::Pending;
-use super::registry::{network_scope, Holder, LeaseError, Registry};
+use super::collect::{Activity, Idle};
+use super::registry::{network_of_scope, network_scope, Holder, LeaseError, Registry};
 use super::service::{durable_removal, LeaseService, ServiceError};
+use super::store::StoredLease;
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
-use crate::dataplane::{Dataplane, DataplaneError, Peer};
+use crate::dataplane::{Dataplane, DataplaneError};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
 use wgexit::api::{
@@ -25,7 +25,6 @@ use wgexit::api::{
     NetworkInfo, PeerRequest,
 };
 use wgexit::keys::Key;
-use wgexit::wg::PeerStatus;
 
 /// What only a private network's members can be refused (see [`ServiceError`] for the rest).
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +106,22 @@ impl Members {
     }
 }
 
+impl<D: Dataplane> LeaseService<D> {
+    /// Rebuilds the directory of the network `scope` names from the registry (called with
+    /// it locked); nothing for an egress.
+    pub(super) fn publish(&self, registry: &Registry, scope: &str) {
+        let Some(published) = network_of_scope(scope).and_then(|n| self.members.directories.get(n))
+        else {
+            return;
+        };
+        let directory = match registry.egress(scope) {
+            Ok(e) => Directory::from_leases(e.leases().map(|l| &l.lease)),
+            Err(_) => Directory::default(),
+        };
+        published.publish(directory);
+    }
+}
+
 /// The networks' operations of the one lease service: the same registry (under
 /// [`network_scope`]), dataplane, store and durable removal as the egresses'.
 impl LeaseService {
@@ -138,23 +153,11 @@ impl LeaseService {
             .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
     }
 
-    /// Rebuilds `network`'s directory from the registry (called with it locked).
-    fn publish(&self, registry: &Registry, network: &str) {
-        let Some(published) = self.members.directories.get(network) else {
-            return;
-        };
-        let directory = match registry.egress(&network_scope(network)) {
-            Ok(e) => Directory::from_leases(e.leases().map(|l| &l.lease)),
-            Err(_) => Directory::default(),
-        };
-        published.publish(directory);
-    }
-
     /// Publishes every network's directory (at start).
     pub async fn publish_all(&self) {
         let registry = self.registry().lock().await;
         for n in &self.config.network {
-            self.publish(&registry, &n.name);
+            self.publish(&registry, &network_scope(&n.name));
         }
     }
 
@@ -259,7 +262,7 @@ impl LeaseService {
             }
             return Err(e.into());
         }
-        self.publish(&registry, network);
+        self.publish(&registry, &scope);
         drop(registry);
         if let Err(e) = durable.durable().await {
             if new {
@@ -312,22 +315,11 @@ impl LeaseService {
     /// it returns. A lease released meanwhile counts as released.
     async fn remove_member(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
         let mut registry = self.registry().lock().await;
-        let pending = self.remove_member_locked(&mut registry, cfg, key).await?;
+        let scope = network_scope(&cfg.name);
+        let (_, pending) = self.remove_lease(&mut registry, (cfg, &scope), key).await?;
         drop(registry);
         durable_removal(pending).await?;
         Ok(())
-    }
-
-    async fn remove_member_locked(
-        &self,
-        registry: &mut Registry,
-        cfg: &NetworkConfig,
-        key: &Key,
-    ) -> Result<Pending, ServiceError> {
-        self.dataplane().remove_peer(cfg, key).await?;
-        let (_, pending) = registry.release(&network_scope(&cfg.name), key, None)?;
-        self.publish(registry, &cfg.name);
-        Ok(pending)
     }
 
     pub async fn list_members(
@@ -375,28 +367,11 @@ impl LeaseService {
             let Some(identity) = self.members.identities.private(&cfg.name) else {
                 continue;
             };
-            out.push((
-                cfg.name.clone(),
-                self.reconcile_network(cfg, identity).await,
-            ));
+            let scope = network_scope(&cfg.name);
+            let changes = self.reconcile_space((cfg, &scope), identity).await;
+            out.push((cfg.name.clone(), changes));
         }
         out
-    }
-
-    async fn reconcile_network(
-        &self,
-        cfg: &NetworkConfig,
-        identity: &Key,
-    ) -> Result<Changes, DataplaneError> {
-        let seen = self.dataplane().device(cfg).await?;
-        let registry = self.registry().lock().await;
-        let peers: Vec<Peer> = registry
-            .egress(&network_scope(&cfg.name))
-            .map(|e| e.leases().map(|l| peer_of(&l.lease)).collect())
-            .unwrap_or_default();
-        self.dataplane()
-            .reconcile_device(cfg, identity, seen, &peers)
-            .await
     }
 
     /// Releases the containers whose peers have gone away; peers (laptops) stay until they
@@ -404,7 +379,10 @@ impl LeaseService {
     pub async fn collect_members(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
         let mut out = Vec::new();
         for cfg in &self.config.network {
-            for (lease, why, pending) in self.collect_network(cfg, activity).await {
+            let scope = network_scope(&cfg.name);
+            let containers = |l: &StoredLease| kind_of(&l.lease) == MemberKind::Container;
+            let collected = self.collect_space((cfg, &scope), activity, containers);
+            for (lease, why, pending) in collected.await {
                 match durable_removal(pending).await {
                     Ok(()) => {
                         self.members.collected.fetch_add(1, Ordering::Relaxed);
@@ -417,55 +395,5 @@ impl LeaseService {
             }
         }
         out
-    }
-
-    async fn collect_network(
-        &self,
-        cfg: &NetworkConfig,
-        activity: &mut Activity,
-    ) -> Vec<(Lease, Idle, Pending)> {
-        let config = &self.config;
-        let timeouts = Timeouts {
-            peer: config.peer_timeout,
-            first_handshake: config.first_handshake_timeout,
-        };
-        let status = match self.dataplane().device(cfg).await {
-            Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
-            Err(e) => {
-                tracing::error!(network = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
-                return Vec::new();
-            }
-        };
-        let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
-        let scope = network_scope(&cfg.name);
-        let mut registry = self.registry().lock().await;
-        let containers: Vec<Lease> = match registry.egress(&scope) {
-            Ok(e) => e
-                .leases()
-                .filter(|l| kind_of(&l.lease) == MemberKind::Container)
-                .map(|l| l.lease.clone())
-                .collect(),
-            Err(_) => return Vec::new(),
-        };
-        let watched: HashSet<Key> = containers.iter().map(|l| l.public_key).collect();
-        activity.retain(&scope, &watched);
-        let now = Now::current();
-        let mut removed = Vec::new();
-        for lease in containers {
-            let peer = peers.get(&lease.public_key).copied();
-            let Some(why) = activity.observe(&scope, &lease.public_key, peer, now, timeouts) else {
-                continue;
-            };
-            match self
-                .remove_member_locked(&mut registry, cfg, &lease.public_key)
-                .await
-            {
-                Ok(pending) => removed.push((lease, why, pending)),
-                Err(e) => {
-                    tracing::error!(network = %cfg.name, public_key = %lease.public_key, error = %e, "cannot collect an idle member; will retry")
-                }
-            }
-        }
-        removed
     }
 }

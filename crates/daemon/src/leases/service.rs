@@ -19,7 +19,7 @@ use super::members::{MemberRefusal, Members};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig};
-use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
+use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use wgexit::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
@@ -209,7 +209,7 @@ impl<D: Dataplane> LeaseService<D> {
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
         registry.releasable(egress, key, owner)?;
-        let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
+        let (removed, durable) = self.remove_lease(&mut registry, (cfg, egress), key).await?;
         drop(registry);
         durable_removal(durable).await?;
         self.metrics
@@ -219,18 +219,23 @@ impl<D: Dataplane> LeaseService<D> {
         Ok(removed)
     }
 
-    /// Takes `key`'s peer off the device, then its lease out of the registry. Called with
-    /// the registry locked, so the address is free for the next lease only once no peer
-    /// holds it any more: one address never reaches two peers. The removal is durable once
-    /// the returned [`Pending`] resolves; await it after letting the lock go.
-    async fn remove_lease(
+    /// Takes `key`'s peer off the space's device, then its lease out of the registry (and a
+    /// network's directory). Called with the registry locked, so the address is free for the
+    /// next lease only once no peer holds it any more: one address never reaches two peers.
+    /// The removal is durable once the returned [`Pending`] resolves; await it after letting
+    /// the lock go.
+    pub(super) async fn remove_lease<C: SpaceDevice>(
         &self,
         registry: &mut Registry,
-        cfg: &EgressConfig,
+        (cfg, scope): (&C, &str),
         key: &Key,
-    ) -> Result<(Lease, Pending), ServiceError> {
+    ) -> Result<(Lease, Pending), ServiceError>
+    where
+        D: Dataplane<C>,
+    {
         self.dataplane.remove_peer(cfg, key).await?;
-        let (removed, durable) = registry.release(&cfg.name, key, None)?;
+        let (removed, durable) = registry.release(scope, key, None)?;
+        self.publish(registry, scope);
         Ok((removed.lease, durable))
     }
 
@@ -248,7 +253,9 @@ impl<D: Dataplane> LeaseService<D> {
     ) -> Vec<(Lease, Idle)> {
         let mut removed = Vec::new();
         for cfg in self.config.egress.iter().filter(|e| which(&e.name)) {
-            removed.extend(self.collect_egress(cfg, activity).await);
+            let everyone = |_: &StoredLease| true;
+            let collected = self.collect_space((cfg, &cfg.name), activity, everyone);
+            removed.extend(collected.await);
         }
         let mut out = Vec::new();
         for (lease, why, durable) in removed {
@@ -268,11 +275,17 @@ impl<D: Dataplane> LeaseService<D> {
         out
     }
 
-    async fn collect_egress(
+    /// The leases of one space (`collectable` ones: a network's peers never are) whose peers
+    /// have gone away, taken off its device and out of the registry.
+    pub(super) async fn collect_space<C: SpaceDevice>(
         &self,
-        cfg: &EgressConfig,
+        (cfg, scope): (&C, &str),
         activity: &mut Activity,
-    ) -> Vec<(Lease, Idle, Pending)> {
+        collectable: impl Fn(&StoredLease) -> bool,
+    ) -> Vec<(Lease, Idle, Pending)>
+    where
+        D: Dataplane<C>,
+    {
         let timeouts = Timeouts {
             peer: self.config.peer_timeout,
             first_handshake: self.config.first_handshake_timeout,
@@ -282,29 +295,33 @@ impl<D: Dataplane> LeaseService<D> {
         let status = match self.dataplane.device(cfg).await {
             Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
             Err(e) => {
-                tracing::error!(egress = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
+                tracing::error!(space = %cfg.space(), error = %e, "cannot read the WireGuard device; nothing collected");
                 return Vec::new();
             }
         };
         let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
         let mut registry = self.registry.lock().await;
-        let leased: HashSet<Key> = match registry.egress(&cfg.name) {
-            Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
+        let watched: HashSet<Key> = match registry.egress(scope) {
+            Ok(e) => e
+                .leases()
+                .filter(|l| collectable(l))
+                .map(|l| l.lease.public_key)
+                .collect(),
             Err(_) => return Vec::new(),
         };
-        activity.retain(&cfg.name, &leased);
-        note_endpoints(&mut registry, cfg, status.iter());
+        activity.retain(scope, &watched);
+        note_endpoints(&mut registry, scope, status.iter());
         let now = Now::current();
         let mut removed = Vec::new();
-        for key in leased {
+        for key in watched {
             let peer = peers.get(&key).copied();
-            let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
+            let Some(why) = activity.observe(scope, &key, peer, now, timeouts) else {
                 continue;
             };
-            match self.remove_lease(&mut registry, cfg, &key).await {
+            match self.remove_lease(&mut registry, (cfg, scope), &key).await {
                 Ok((lease, durable)) => removed.push((lease, why, durable)),
                 Err(e) => {
-                    tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
+                    tracing::error!(space = %cfg.space(), public_key = %key, error = %e, "cannot collect an idle lease; will retry")
                 }
             }
         }
@@ -433,23 +450,28 @@ impl<D: Dataplane> LeaseService<D> {
             let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
-            out.push((cfg.name.clone(), self.reconcile_egress(cfg, identity).await));
+            let changes = self.reconcile_space((cfg, &cfg.name), identity).await;
+            out.push((cfg.name.clone(), changes));
         }
         out
     }
 
-    async fn reconcile_egress(
+    /// Makes one space's device match the store.
+    pub(super) async fn reconcile_space<C: SpaceDevice>(
         &self,
-        cfg: &EgressConfig,
+        (cfg, scope): (&C, &str),
         identity: &Key,
-    ) -> Result<Changes, DataplaneError> {
+    ) -> Result<Changes, DataplaneError>
+    where
+        D: Dataplane<C>,
+    {
         // Read the device without the lock, so leases go on meanwhile; apply the changes
         // with it, so none races a lease or a release.
         let seen = self.dataplane.device(cfg).await?;
         let mut registry = self.registry.lock().await;
-        note_endpoints(&mut registry, cfg, seen.iter().flat_map(|d| &d.peers));
+        note_endpoints(&mut registry, scope, seen.iter().flat_map(|d| &d.peers));
         let peers: Vec<Peer> = registry
-            .egress(&cfg.name)
+            .egress(scope)
             .map(|e| e.leases().map(peer_of).collect())
             .unwrap_or_default();
         self.dataplane
@@ -462,12 +484,12 @@ impl<D: Dataplane> LeaseService<D> {
 /// hint, written with the next batch.
 fn note_endpoints<'a>(
     registry: &mut Registry,
-    cfg: &EgressConfig,
+    scope: &str,
     peers: impl Iterator<Item = &'a PeerStatus>,
 ) {
     for p in peers {
         if let Some(endpoint) = p.endpoint {
-            drop(registry.note_endpoint(&cfg.name, &p.public_key, endpoint));
+            drop(registry.note_endpoint(scope, &p.public_key, endpoint));
         }
     }
 }
