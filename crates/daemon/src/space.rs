@@ -28,6 +28,29 @@ impl Space {
     }
 }
 
+/// How a network's leases are named in the store, beside the egresses': a prefix no egress
+/// name can have (egress names have no ':').
+const NETWORK_PREFIX: &str = "network:";
+
+impl Space {
+    /// The name its leases carry in the store (`Lease::egress`): the egress's name, or the
+    /// network's after [`NETWORK_PREFIX`]; what earlier versions wrote is read unchanged.
+    pub fn store_key(&self) -> String {
+        match self {
+            Space::Egress(n) => n.clone(),
+            Space::Network(n) => format!("{NETWORK_PREFIX}{n}"),
+        }
+    }
+
+    /// The space a stored lease's `egress` names.
+    pub fn from_store_key(key: &str) -> Space {
+        match key.strip_prefix(NETWORK_PREFIX) {
+            Some(n) => Space::Network(n.to_string()),
+            None => Space::Egress(key.to_string()),
+        }
+    }
+}
+
 /// "egress acme", "network acme": how messages name a space.
 impl fmt::Display for Space {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -45,5 +68,8 @@ mod tests {
         let net = Space::Network("acme".into());
         assert_eq!((net.kind(), net.name()), ("network", "acme"));
         assert_ne!(net, Space::Egress("acme".into()));
+        assert_eq!(net.store_key(), "network:acme");
+        assert_eq!(Space::from_store_key("network:acme"), net);
+        assert_eq!(Space::from_store_key("acme"), Space::Egress("acme".into()));
     }
 }

@@ -73,7 +73,7 @@ impl IntoResponse for RequestError {
         let msg = self.to_string();
         match &self {
             RequestError::Auth(AuthError::Unauthorized(_) | AuthError::UnauthorizedNetwork(_))
-            | RequestError::Lease(LeaseError::UnknownEgress(_)) => {
+            | RequestError::Lease(LeaseError::Unknown(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
             }
             RequestError::Auth(AuthError::RateLimited(retry)) => rate_limited(retry, msg),

@@ -12,14 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ipnet::IpNet;
 
 use super::collect::{Activity, Idle};
-use super::registry::{network_of_scope, network_scope, Holder, LeaseError, Registry};
+use super::registry::{Holder, LeaseError, Registry};
 use super::service::{durable_removal, LeaseService, ServiceError};
 use super::store::StoredLease;
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
-use crate::dataplane::{Dataplane, DataplaneError};
+use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
+use crate::space::Space;
 use wgexit::api::{
     Attachment, Lease, Member, MemberGrant, MemberInfo, MemberKind, MemberList, MemberRequest,
     NetworkInfo, PeerRequest,
@@ -107,14 +108,16 @@ impl Members {
 }
 
 impl<D: Dataplane> LeaseService<D> {
-    /// Rebuilds the directory of the network `scope` names from the registry (called with
-    /// it locked); nothing for an egress.
-    pub(super) fn publish(&self, registry: &Registry, scope: &str) {
-        let Some(published) = network_of_scope(scope).and_then(|n| self.members.directories.get(n))
-        else {
+    /// Rebuilds `space`'s directory from the registry (called with it locked); nothing for
+    /// an egress.
+    pub(super) fn publish(&self, registry: &Registry, space: &Space) {
+        let Space::Network(network) = space else {
             return;
         };
-        let directory = match registry.egress(scope) {
+        let Some(published) = self.members.directories.get(network) else {
+            return;
+        };
+        let directory = match registry.egress(space) {
             Ok(e) => Directory::from_leases(e.leases().map(|l| &l.lease)),
             Err(_) => Directory::default(),
         };
@@ -123,7 +126,7 @@ impl<D: Dataplane> LeaseService<D> {
 }
 
 /// The networks' operations of the one lease service: the same registry (under
-/// [`network_scope`]), dataplane, store and durable removal as the egresses'.
+/// [`Space::Network`]), dataplane, store and durable removal as the egresses'.
 impl LeaseService {
     pub fn networks(&self) -> &[NetworkConfig] {
         &self.config.network
@@ -143,21 +146,21 @@ impl LeaseService {
             .network
             .iter()
             .find(|n| n.name == network)
-            .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
+            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())).into())
     }
 
     fn network_public_key(&self, network: &str) -> Result<Key, ServiceError> {
         self.members
             .identities
             .public(network)
-            .ok_or_else(|| LeaseError::UnknownEgress(network_scope(network)).into())
+            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())).into())
     }
 
     /// Publishes every network's directory (at start).
     pub async fn publish_all(&self) {
         let registry = self.registry().lock().await;
         for n in &self.config.network {
-            self.publish(&registry, &network_scope(&n.name));
+            self.publish(&registry, &n.space());
         }
     }
 
@@ -215,7 +218,7 @@ impl LeaseService {
             return Ok(());
         }
         let taken = registry
-            .egress(&network_scope(network))?
+            .egress(&Space::Network(network.to_string()))?
             .leases()
             .filter(|l| l.lease.public_key != join.public_key)
             .filter_map(|l| l.lease.member.as_ref())
@@ -238,7 +241,7 @@ impl LeaseService {
     ) -> Result<MemberGrant, ServiceError> {
         let cfg = self.network_config(network)?;
         let server_public_key = self.network_public_key(network)?;
-        let scope = network_scope(network);
+        let scope = Space::Network(network.to_string());
         let mut registry = self.registry().lock().await;
         self.check_peer_name(&registry, network, &join)?;
         let holder = Holder {
@@ -295,7 +298,7 @@ impl LeaseService {
         key: &Key,
     ) -> Result<(), ServiceError> {
         let cfg = self.network_config(network)?;
-        let scope = network_scope(network);
+        let scope = Space::Network(network.to_string());
         {
             let registry = self.registry().lock().await;
             let lease = registry.releasable(&scope, key, Some(owner))?;
@@ -315,8 +318,7 @@ impl LeaseService {
     /// it returns. A lease released meanwhile counts as released.
     async fn remove_member(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
         let mut registry = self.registry().lock().await;
-        let scope = network_scope(&cfg.name);
-        let (_, pending) = self.remove_lease(&mut registry, (cfg, &scope), key).await?;
+        let (_, pending) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(pending).await?;
         Ok(())
@@ -330,7 +332,7 @@ impl LeaseService {
         self.network_config(network)?;
         let registry = self.registry().lock().await;
         let mut members: Vec<Member> = registry
-            .egress(&network_scope(network))?
+            .egress(&Space::Network(network.to_string()))?
             .leases()
             .filter(|l| kind_of(&l.lease) == kind)
             .map(|l| member_of(network, &l.lease))
@@ -342,7 +344,7 @@ impl LeaseService {
     pub async fn network_info(&self, network: &str) -> Result<NetworkInfo, ServiceError> {
         let cfg = self.network_config(network)?;
         let registry = self.registry().lock().await;
-        let leases = registry.egress(&network_scope(network))?;
+        let leases = registry.egress(&Space::Network(network.to_string()))?;
         let peers = leases
             .leases()
             .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
@@ -367,8 +369,7 @@ impl LeaseService {
             let Some(identity) = self.members.identities.private(&cfg.name) else {
                 continue;
             };
-            let scope = network_scope(&cfg.name);
-            let changes = self.reconcile_space((cfg, &scope), identity).await;
+            let changes = self.reconcile_space(cfg, identity).await;
             out.push((cfg.name.clone(), changes));
         }
         out
@@ -379,9 +380,8 @@ impl LeaseService {
     pub async fn collect_members(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
         let mut out = Vec::new();
         for cfg in &self.config.network {
-            let scope = network_scope(&cfg.name);
             let containers = |l: &StoredLease| kind_of(&l.lease) == MemberKind::Container;
-            let collected = self.collect_space((cfg, &scope), activity, containers);
+            let collected = self.collect_space(cfg, activity, containers);
             for (lease, why, pending) in collected.await {
                 match durable_removal(pending).await {
                     Ok(()) => {

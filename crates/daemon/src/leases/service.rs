@@ -22,6 +22,7 @@ use crate::config::{Config, EgressConfig};
 use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
+use crate::space::Space;
 use wgexit::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use wgexit::keys::Key;
 use wgexit::wg::PeerStatus;
@@ -89,13 +90,13 @@ impl<D: Dataplane> LeaseService<D> {
     fn egress_config(&self, egress: &str) -> Result<&EgressConfig, LeaseError> {
         self.config
             .egress(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
+            .ok_or_else(|| LeaseError::Unknown(Space::Egress(egress.to_string())))
     }
 
     fn server_public_key(&self, egress: &str) -> Result<Key, LeaseError> {
         self.identities
             .public(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
+            .ok_or_else(|| LeaseError::Unknown(Space::Egress(egress.to_string())))
     }
 
     /// Grants `owner` a lease in `egress` for `req`'s key (or returns the one it holds), with
@@ -131,7 +132,7 @@ impl<D: Dataplane> LeaseService<D> {
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
         let (stored, new, durable) =
-            registry.lease(egress, &req, owner, self.config.max_leases_per_owner)?;
+            registry.lease(&cfg.space(), &req, owner, self.config.max_leases_per_owner)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since. Queued in the
         // registry's order and applied without the lock, together with the peers of
         // concurrent leases.
@@ -144,7 +145,7 @@ impl<D: Dataplane> LeaseService<D> {
                     .registry
                     .lock()
                     .await
-                    .release(egress, &req.public_key, None);
+                    .release(&cfg.space(), &req.public_key, None);
             }
             return Err(e.into());
         }
@@ -187,10 +188,10 @@ impl<D: Dataplane> LeaseService<D> {
         if matches!(why, CommitError::Refused(_)) {
             let mut registry = self.registry.lock().await;
             let _ = self.dataplane.remove_peer(cfg, key).await;
-            registry.forget(&cfg.name, key);
+            registry.forget(&cfg.space(), key);
             // The peer of whoever holds the address (another member's lease) may have
             // lost it to ours on the device.
-            if let Some(holder) = registry.lease_at(&cfg.name, stored.lease.address) {
+            if let Some(holder) = registry.lease_at(&cfg.space(), stored.lease.address) {
                 let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
             }
         } else {
@@ -208,8 +209,8 @@ impl<D: Dataplane> LeaseService<D> {
         let cfg = self.egress_config(egress)?;
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
-        registry.releasable(egress, key, owner)?;
-        let (removed, durable) = self.remove_lease(&mut registry, (cfg, egress), key).await?;
+        registry.releasable(&cfg.space(), key, owner)?;
+        let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(durable).await?;
         self.metrics
@@ -227,15 +228,16 @@ impl<D: Dataplane> LeaseService<D> {
     pub(super) async fn remove_lease<C: SpaceDevice>(
         &self,
         registry: &mut Registry,
-        (cfg, scope): (&C, &str),
+        cfg: &C,
         key: &Key,
     ) -> Result<(Lease, Pending), ServiceError>
     where
         D: Dataplane<C>,
     {
+        let space = cfg.space();
         self.dataplane.remove_peer(cfg, key).await?;
-        let (removed, durable) = registry.release(scope, key, None)?;
-        self.publish(registry, scope);
+        let (removed, durable) = registry.release(&space, key, None)?;
+        self.publish(registry, &space);
         Ok((removed.lease, durable))
     }
 
@@ -254,7 +256,7 @@ impl<D: Dataplane> LeaseService<D> {
         let mut removed = Vec::new();
         for cfg in self.config.egress.iter().filter(|e| which(&e.name)) {
             let everyone = |_: &StoredLease| true;
-            let collected = self.collect_space((cfg, &cfg.name), activity, everyone);
+            let collected = self.collect_space(cfg, activity, everyone);
             removed.extend(collected.await);
         }
         let mut out = Vec::new();
@@ -279,7 +281,7 @@ impl<D: Dataplane> LeaseService<D> {
     /// have gone away, taken off its device and out of the registry.
     pub(super) async fn collect_space<C: SpaceDevice>(
         &self,
-        (cfg, scope): (&C, &str),
+        cfg: &C,
         activity: &mut Activity,
         collectable: impl Fn(&StoredLease) -> bool,
     ) -> Vec<(Lease, Idle, Pending)>
@@ -300,8 +302,9 @@ impl<D: Dataplane> LeaseService<D> {
             }
         };
         let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
-        let mut registry = self.registry.lock().await;
-        let watched: HashSet<Key> = match registry.egress(scope) {
+        let (space, mut registry) = (cfg.space(), self.registry.lock().await);
+        let scope = &space.store_key();
+        let watched: HashSet<Key> = match registry.egress(&space) {
             Ok(e) => e
                 .leases()
                 .filter(|l| collectable(l))
@@ -310,7 +313,7 @@ impl<D: Dataplane> LeaseService<D> {
             Err(_) => return Vec::new(),
         };
         activity.retain(scope, &watched);
-        note_endpoints(&mut registry, scope, status.iter());
+        note_endpoints(&mut registry, &space, status.iter());
         let now = Now::current();
         let mut removed = Vec::new();
         for key in watched {
@@ -318,7 +321,7 @@ impl<D: Dataplane> LeaseService<D> {
             let Some(why) = activity.observe(scope, &key, peer, now, timeouts) else {
                 continue;
             };
-            match self.remove_lease(&mut registry, (cfg, scope), &key).await {
+            match self.remove_lease(&mut registry, cfg, &key).await {
                 Ok((lease, durable)) => removed.push((lease, why, durable)),
                 Err(e) => {
                     tracing::error!(space = %cfg.space(), public_key = %key, error = %e, "cannot collect an idle lease; will retry")
@@ -332,7 +335,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn list(&self, egress: &str, owner: &str) -> Result<LeaseList, LeaseError> {
         let registry = self.registry.lock().await;
         let mut leases: Vec<Lease> = registry
-            .egress(egress)?
+            .egress(&Space::Egress(egress.to_string()))?
             .leases()
             .filter(|l| l.owner == owner)
             .map(|l| l.lease.clone())
@@ -344,7 +347,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn info(&self, egress: &str) -> Result<EgressInfo, LeaseError> {
         let cfg = self.egress_config(egress)?;
         let registry = self.registry.lock().await;
-        let e = registry.egress(egress)?;
+        let e = registry.egress(&cfg.space())?;
         Ok(EgressInfo {
             name: cfg.name.clone(),
             egress_ip: cfg.egress_ips.first().into(),
@@ -377,7 +380,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn leases_of(&self, egress: &str) -> Vec<Lease> {
         let registry = self.registry.lock().await;
         registry
-            .egress(egress)
+            .egress(&Space::Egress(egress.to_string()))
             .map(|e| e.leases().map(|l| l.lease.clone()).collect())
             .unwrap_or_default()
     }
@@ -450,7 +453,7 @@ impl<D: Dataplane> LeaseService<D> {
             let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
-            let changes = self.reconcile_space((cfg, &cfg.name), identity).await;
+            let changes = self.reconcile_space(cfg, identity).await;
             out.push((cfg.name.clone(), changes));
         }
         out
@@ -459,7 +462,7 @@ impl<D: Dataplane> LeaseService<D> {
     /// Makes one space's device match the store.
     pub(super) async fn reconcile_space<C: SpaceDevice>(
         &self,
-        (cfg, scope): (&C, &str),
+        cfg: &C,
         identity: &Key,
     ) -> Result<Changes, DataplaneError>
     where
@@ -468,10 +471,10 @@ impl<D: Dataplane> LeaseService<D> {
         // Read the device without the lock, so leases go on meanwhile; apply the changes
         // with it, so none races a lease or a release.
         let seen = self.dataplane.device(cfg).await?;
-        let mut registry = self.registry.lock().await;
-        note_endpoints(&mut registry, scope, seen.iter().flat_map(|d| &d.peers));
+        let (space, mut registry) = (cfg.space(), self.registry.lock().await);
+        note_endpoints(&mut registry, &space, seen.iter().flat_map(|d| &d.peers));
         let peers: Vec<Peer> = registry
-            .egress(scope)
+            .egress(&space)
             .map(|e| e.leases().map(peer_of).collect())
             .unwrap_or_default();
         self.dataplane
@@ -484,12 +487,12 @@ impl<D: Dataplane> LeaseService<D> {
 /// hint, written with the next batch.
 fn note_endpoints<'a>(
     registry: &mut Registry,
-    scope: &str,
+    space: &Space,
     peers: impl Iterator<Item = &'a PeerStatus>,
 ) {
     for p in peers {
         if let Some(endpoint) = p.endpoint {
-            drop(registry.note_endpoint(scope, &p.public_key, endpoint));
+            drop(registry.note_endpoint(space, &p.public_key, endpoint));
         }
     }
 }
