@@ -776,6 +776,9 @@ fn a_silent_container_goes_the_laptop_stays(n: &mut Nets, web: &Container) {
     std::thread::sleep(Duration::from_secs(8));
     let gone = dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0;
     assert_eq!(gone, "NXDOMAIN", "{}", n.w.daemon_log());
+    let collected = "wgexit_network_members_collected_total{network=\"acme\"} 1";
+    let metrics = n.w.metrics();
+    assert!(metrics.lines().any(|l| l == collected), "{metrics}");
     assert_eq!(
         dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
         vec!["alice"]
@@ -1009,6 +1012,15 @@ fn a_flushed_ruleset_lets_no_network_tunnel_reach_the_gateway_or_another_network
     }
     reaches_none(&n, &targets, "before the flush");
     assert_eq!(curl(&a.api.netns, &acme_web), Ok("web says hi".into()));
+    let metrics = n.w.metrics();
+    for line in [
+        "wgexit_network_members{network=\"acme\",kind=\"container\"} 2",
+        "wgexit_network_members{network=\"acme\",kind=\"peer\"} 0",
+        "wgexit_network_members{network=\"beta\",kind=\"container\"} 1",
+        "wgexit_network_members{network=\"beta\",kind=\"peer\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 
     sh(&["ip", "netns", "exec", &exit, "nft", "flush", "ruleset"]);
     let flushed = Instant::now();

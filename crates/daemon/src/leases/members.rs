@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::IpNet;
 
@@ -20,6 +19,7 @@ use crate::dataplane::devices::{peer_of, Changes};
 use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
+use crate::metrics::Metrics;
 use crate::space::Space;
 use wgexit::api::{
     Attachment, Lease, Member, MemberGrant, MemberInfo, MemberKind, MemberList, MemberRequest,
@@ -84,12 +84,11 @@ struct Join {
     info: MemberInfo,
 }
 
-/// The private networks' part of the lease service: their WireGuard identities, the
-/// directories their resolvers read, and how many idle members were collected.
+/// The private networks' part of the lease service: their WireGuard identities and the
+/// directories their resolvers read.
 pub struct Members {
     identities: Identities,
     directories: HashMap<String, Published>,
-    pub collected: AtomicU64,
 }
 
 impl Members {
@@ -102,7 +101,6 @@ impl Members {
         Members {
             identities,
             directories,
-            collected: AtomicU64::new(0),
         }
     }
 }
@@ -130,6 +128,23 @@ impl<D: Dataplane> LeaseService<D> {
 impl LeaseService {
     pub fn networks(&self) -> &[NetworkConfig] {
         &self.config.network
+    }
+
+    /// Each network's name with its containers and peers, for metrics.
+    pub async fn member_counts(&self) -> Vec<(String, usize, usize)> {
+        let registry = self.registry().lock().await;
+        let mut out = Vec::new();
+        for n in &self.config.network {
+            let Ok(leases) = registry.egress(&n.space()) else {
+                continue;
+            };
+            let peers = leases
+                .leases()
+                .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
+                .count();
+            out.push((n.name.clone(), leases.len() - peers, peers));
+        }
+        out
     }
 
     /// The directory `network`'s resolver reads.
@@ -385,7 +400,8 @@ impl LeaseService {
             for (lease, why, pending) in collected.await {
                 match durable_removal(pending).await {
                     Ok(()) => {
-                        self.members.collected.fetch_add(1, Ordering::Relaxed);
+                        let labels = Metrics::network(&cfg.name);
+                        self.metrics.network_collected.get_or_create(&labels).inc();
                         out.push((lease, why));
                     }
                     Err(e) => {
