@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::world::{sh, Settings, World, EGRESS_IP, TOKEN};
+use crate::world::{sh, Settings, World, EGRESS_IP, SECOND_TOKEN, TOKEN};
 
 fn short_timeouts() -> Settings {
     Settings {
-        daemon_extra: "peer_timeout = 4\nfirst_handshake_timeout = 3\npersistent_keepalive = 1\ncollect_interval = 1\n".into(),
-        // Five leasable addresses: reuse shows at once.
+        daemon_extra: "peer_timeout = 4\nfirst_handshake_timeout = 3\npersistent_keepalive = 1\ncollect_interval = 1\nmax_leases_per_owner = 5\n".into(),
+        // Five leasable addresses: reuse shows at once. One token fills them (acme's two
+        // tokens would each get a share of two by default).
         pool: Some("100.96.0.0/29".into()),
         ..Settings::default()
     }
@@ -103,9 +104,15 @@ fn a_vanished_host_is_collected_and_its_addresses_reused_while_live_ones_stay() 
     assert_eq!(code, 200, "{body}");
     let held = consistent_addresses(&w);
     assert_eq!(held.len(), 5);
-    // The pool is full now.
+    // The pool is full now, for acme's other token too.
     let extra = wgexit::keys::Key::generate_private().unwrap().public();
-    let (code, body) = post_lease(&w, &extra);
+    let (code, body) = w.api_with(
+        "POST",
+        "/v1/egress/acme/leases",
+        Some(SECOND_TOKEN),
+        Some(&lease_body(&extra)),
+        &[],
+    );
     assert_eq!(code, 503, "{body}");
 
     // The hosts of `gone` vanish without DEL: their namespaces go, and with the WireGuard

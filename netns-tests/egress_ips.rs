@@ -14,6 +14,13 @@ fn world(assign: &str) -> World {
     World::with(Settings {
         egress_ips: IPS.iter().map(|s| s.to_string()).collect(),
         assign: Some(assign.to_string()),
+        // Exclusive: one of acme's two tokens takes every IP (by default each would get an
+        // equal share of the three).
+        daemon_extra: if assign == "exclusive" {
+            "max_leases_per_owner = 3\n".into()
+        } else {
+            String::new()
+        },
         ..Settings::default()
     })
 }

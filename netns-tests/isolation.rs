@@ -90,7 +90,7 @@ fn url(addr: &str, port: u16) -> String {
 }
 
 /// The refusals counted for `egress` (its named counter).
-fn refused(w: &World, egress: &str) -> u64 {
+pub(crate) fn refused(w: &World, egress: &str) -> u64 {
     let listed = sh(&[
         "ip",
         "netns",

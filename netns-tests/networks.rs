@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::world::{sh, try_sh, Container, Settings, World, API, EGRESS_IP, TOKEN};
 
 const ACME_PREFIX: &str = "fdaa:0:1::/48";
-const ACME_DNS: &str = "fdaa:0:1::3";
+pub(crate) const ACME_DNS: &str = "fdaa:0:1::3";
 const BETA_PREFIX: &str = "fdaa:0:2::/48";
 const BETA_DNS: &str = "fdaa:0:2::3";
 const ACME_NET_TOKEN: &str = "acme-net-token-0123456789abcdef";
@@ -33,8 +33,8 @@ const API_ID: &str = "fedcba9876543210api";
 
 /// The test world plus a second container host, a laptop's uplink, the networks acme and
 /// beta, and dnsmasq as acme's upstream resolver.
-struct Nets {
-    w: World,
+pub(crate) struct Nets {
+    pub(crate) w: World,
     host2: String,
     laptop: String,
     dnsmasq: Option<Child>,
@@ -103,7 +103,7 @@ fn uplink(w: &World, ns: &str, exit_if: &str, exit_ip: &str, ns_ip: &str) {
 }
 
 impl Nets {
-    fn new() -> Nets {
+    pub(crate) fn new() -> Nets {
         Nets::with("")
     }
 
@@ -195,7 +195,7 @@ impl Nets {
     }
 
     /// The plugin config joining `network` (routes none), or also leaving through `egress`.
-    fn conf(&self, network: &str, egress: Option<&str>, data_dir: &str) -> Value {
+    pub(crate) fn conf(&self, network: &str, egress: Option<&str>, data_dir: &str) -> Value {
         let mut c = json!({
             "cniVersion": "1.0.0", "name": "private", "type": "wgexit",
             "servers": [format!("https://{API}")],
@@ -213,14 +213,21 @@ impl Nets {
         c
     }
 
-    fn container(&mut self, name: &str, id: &str) -> Container {
+    pub(crate) fn container(&mut self, name: &str, id: &str) -> Container {
         let mut c = self.w.container(name);
         c.id = id.to_string();
         c
     }
 
     /// ADD from `host` with APP and REGION in CNI_ARGS; the result.
-    fn add(&self, host: &str, c: &Container, conf: &Value, app: &str, region: &str) -> Value {
+    pub(crate) fn add(
+        &self,
+        host: &str,
+        c: &Container,
+        conf: &Value,
+        app: &str,
+        region: &str,
+    ) -> Value {
         let args = format!("APP={app};REGION={region}");
         self.w
             .cni_on(
@@ -405,7 +412,7 @@ impl Drop for Nets {
 }
 
 /// `dig TYPE NAME @SERVER` from `ns`: (status, the answers' data; TXT strings joined).
-fn dig(ns: &str, server: &str, name: &str, rtype: &str) -> (String, Vec<String>) {
+pub(crate) fn dig(ns: &str, server: &str, name: &str, rtype: &str) -> (String, Vec<String>) {
     let out = try_sh(&[
         "ip",
         "netns",
@@ -447,7 +454,7 @@ fn dig(ns: &str, server: &str, name: &str, rtype: &str) -> (String, Vec<String>)
     (status, answers)
 }
 
-fn address_of(result: &Value, v6: bool) -> String {
+pub(crate) fn address_of(result: &Value, v6: bool) -> String {
     result["ips"]
         .as_array()
         .unwrap()

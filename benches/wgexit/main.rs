@@ -13,7 +13,9 @@
 //! 7. CNI ADD with the kernel backend against `ptp`, inside the VM test's VM (these machines
 //!    have no WireGuard module);
 //! 8. pools: the failover gap when the leader dies (median, max over kills), and leases/s
-//!    on the pool (etcd store) against one exit node (embedded store).
+//!    on the pool (etcd store) against one exit node (embedded store);
+//! 9. flow attribution: flows/s recorded without loss, the store's size per million flows,
+//!    and the tunnel and lease rows with the recorder on against off.
 //!
 //! `-- --smoke` runs every row but 7 at a tiny size (seconds) so CI keeps this code
 //! working; it writes nothing under `bench/results/`. `--only 7` runs row 7 in any mode.
@@ -25,6 +27,7 @@ mod pool_world;
 #[path = "../../netns-tests/world.rs"]
 mod world;
 
+mod attribution;
 mod cni;
 mod leases;
 mod networks;
@@ -226,6 +229,14 @@ fn main() {
             sizes.pool_leases,
             sizes.concurrency,
         ));
+    }
+    // Before rows 3 and 4 too: the on/off comparison restarts the daemon, cheaper with few
+    // peers.
+    if wants("9") {
+        eprintln!(
+            "[9] attribution: flows recorded per second, store size, recorder on against off"
+        );
+        results.attribution = Some(attribution::run(&mut world, &sizes));
     }
     // After the tunnel row, so the tunnel is measured on an exit node that is not carrying
     // 60k peers.

@@ -33,7 +33,12 @@ pub struct PoolResults {
 
 /// `count` leases from `clients` concurrent clients in namespace `ns`: leases per second,
 /// errors and the first one.
-fn burst(ns: &str, t: &Target, count: usize, clients: usize) -> (f64, usize, Option<String>) {
+pub(crate) fn burst(
+    ns: &str,
+    t: &Target,
+    count: usize,
+    clients: usize,
+) -> (f64, usize, Option<String>) {
     let next = AtomicUsize::new(0);
     let done = AtomicUsize::new(0);
     let errors = Mutex::new(Vec::new());

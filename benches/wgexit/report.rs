@@ -71,6 +71,7 @@ pub struct Results {
     pub tunnel: Option<TunnelResults>,
     pub networks: Option<NetworkResults>,
     pub pool: Option<crate::pool::PoolResults>,
+    pub attribution: Option<crate::attribution::AttributionResults>,
     pub vm: Option<VmResults>,
 }
 
@@ -206,6 +207,7 @@ impl Results {
             tunnel: None,
             networks: None,
             pool: None,
+            attribution: None,
             vm: None,
         }
     }
@@ -464,6 +466,11 @@ impl Results {
         if let Some(p) = &self.pool {
             for [metric, wgexit, comparison, ratio, target] in crate::pool::rows(p) {
                 push("8", metric, wgexit, comparison, ratio, target);
+            }
+        }
+        if let Some(a) = &self.attribution {
+            for [metric, wgexit, comparison, ratio, target] in crate::attribution::rows(a) {
+                push("9", metric, wgexit, comparison, ratio, target);
             }
         }
         rows

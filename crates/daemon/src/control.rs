@@ -6,7 +6,9 @@
 //! One JSON request line, one JSON reply line. `check-config` reads every stored lease
 //! through it to report those a new config would leave without an egress; `leases prune`
 //! asks the daemon to delete the stored leases that do not fit its config (when no daemon
-//! answers, both open the store themselves); `status` asks for the daemon's report.
+//! answers, both open the store themselves); `status` asks for the daemon's report; `who`
+//! and `flows` ask the flow records ([`crate::attribution`]; `flows` is answered with one
+//! line per flow and an end line).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::attribution::query::{Attribution, WhoAnswer, WhoRequest};
+use crate::attribution::FlowRecord;
 use crate::config::Config;
 use crate::leases::redb::RedbStore;
 use crate::leases::registry::place;
@@ -33,6 +37,10 @@ pub enum Request {
     Prune,
     /// What each egress is doing; each lease's row too when `peers`.
     Status { peers: bool },
+    /// Which lease held an egress address and port (see [`crate::attribution`]).
+    Who(WhoRequest),
+    /// The flows that started at or after `since` (Unix microseconds), one per line.
+    Flows { since: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +48,11 @@ pub enum Request {
 pub enum Reply {
     Leases(Vec<StoredLease>),
     Status(Box<StatusReport>),
+    Who(Box<WhoAnswer>),
+    /// One of `flows`' lines ...
+    Flow(Box<FlowRecord>),
+    /// ... and the last one.
+    End,
     Error(String),
 }
 
@@ -82,14 +95,20 @@ pub fn bind(state_dir: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Answers requests on `listener` until the task is dropped.
-pub async fn serve(listener: UnixListener, service: Arc<LeaseService>) {
+/// Answers requests on `listener` until the task is dropped; `who` and `flows` from
+/// `attribution` (refused when the recorder is off).
+pub async fn serve(
+    listener: UnixListener,
+    service: Arc<LeaseService>,
+    attribution: Option<Arc<Attribution>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let service = service.clone();
+                let attribution = attribution.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &service).await {
+                    if let Err(e) = answer(stream, &service, attribution.as_deref()).await {
                         tracing::warn!(error = %e, "control socket request failed");
                     }
                 });
@@ -102,13 +121,30 @@ pub async fn serve(listener: UnixListener, service: Arc<LeaseService>) {
     }
 }
 
-async fn answer(stream: UnixStream, service: &LeaseService) -> std::io::Result<()> {
+async fn answer(
+    stream: UnixStream,
+    service: &LeaseService,
+    attribution: Option<&Attribution>,
+) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     BufReader::new(read.take(MAX_REQUEST))
         .read_line(&mut line)
         .await?;
-    let reply = match serde_json::from_str::<Request>(&line) {
+    let request = serde_json::from_str::<Request>(&line);
+    if let (Ok(Request::Flows { since }), Some(a)) = (&request, attribution) {
+        return export(&mut write, a, *since).await;
+    }
+    let reply = match request {
+        Ok(Request::Who(req)) => match attribution {
+            Some(a) => match a.who(req).await {
+                Ok(answer) => Reply::Who(Box::new(answer)),
+                Err(e) => Reply::Error(e.to_string()),
+            },
+            None => not_recorded(),
+        },
+        // With a recorder, answered above.
+        Ok(Request::Flows { .. }) => not_recorded(),
         Ok(Request::Leases) => Reply::Leases(service.stored_leases().await),
         Ok(Request::Prune) => match service.prune().await {
             Ok(pruned) => Reply::Leases(pruned),
@@ -117,14 +153,44 @@ async fn answer(stream: UnixStream, service: &LeaseService) -> std::io::Result<(
         Ok(Request::Status { peers }) => Reply::Status(Box::new(report(service, peers).await)),
         Err(e) => Reply::Error(format!("not a control request: {e}")),
     };
-    let mut out = serde_json::to_vec(&reply).map_err(std::io::Error::other)?;
+    write_reply(&mut write, &reply).await
+}
+
+fn not_recorded() -> Reply {
+    Reply::Error(
+        "flows are not recorded by this daemon (attribution_days = 0 in its config)".into(),
+    )
+}
+
+async fn write_reply(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    reply: &Reply,
+) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
     out.push(b'\n');
     write.write_all(&out).await
 }
 
-/// Asks the daemon of `state_dir`: `Err(NotRunning)` when none runs (no socket, or
-/// nobody on it), else its reply (an error it answered is an error here too).
-async fn ask(state_dir: &Path, request: Request) -> Result<Reply, ControlError> {
+/// `flows`: one line per flow, then [`Reply::End`].
+async fn export(
+    write: &mut (impl AsyncWriteExt + Unpin),
+    attribution: &Attribution,
+    since: u64,
+) -> std::io::Result<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+    attribution.export(since, tx);
+    while let Some(flow) = rx.recv().await {
+        write_reply(write, &Reply::Flow(Box::new(flow))).await?;
+    }
+    write_reply(write, &Reply::End).await
+}
+
+/// Connects to the daemon of `state_dir` and sends `request`: `Err(NotRunning)` when
+/// none runs (no socket, or nobody on it).
+async fn send(
+    state_dir: &Path,
+    request: Request,
+) -> Result<BufReader<tokio::net::unix::OwnedReadHalf>, ControlError> {
     let path = socket_path(state_dir);
     let stream = UnixStream::connect(&path).await.map_err(|source| {
         if matches!(
@@ -145,11 +211,17 @@ async fn ask(state_dir: &Path, request: Request) -> Result<Reply, ControlError> 
         .map_err(socket_err(&path))?;
     out.push(b'\n');
     write.write_all(&out).await.map_err(socket_err(&path))?;
+    Ok(BufReader::new(read))
+}
+
+/// The next reply line (an error the daemon answered is an error here too).
+async fn next_reply(
+    state_dir: &Path,
+    read: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+) -> Result<Reply, ControlError> {
+    let path = socket_path(state_dir);
     let mut line = String::new();
-    BufReader::new(read)
-        .read_line(&mut line)
-        .await
-        .map_err(socket_err(&path))?;
+    read.read_line(&mut line).await.map_err(socket_err(&path))?;
     match serde_json::from_str::<Reply>(&line) {
         Ok(Reply::Error(e)) => Err(ControlError::Daemon(e)),
         Ok(reply) => Ok(reply),
@@ -157,6 +229,41 @@ async fn ask(state_dir: &Path, request: Request) -> Result<Reply, ControlError> 
             path,
             detail: format!("unreadable reply: {e}"),
         }),
+    }
+}
+
+/// Asks the daemon of `state_dir`: `Err(NotRunning)` when none runs, else its reply.
+async fn ask(state_dir: &Path, request: Request) -> Result<Reply, ControlError> {
+    let mut read = send(state_dir, request).await?;
+    next_reply(state_dir, &mut read).await
+}
+
+/// The running daemon's answer to `who`.
+pub async fn who(state_dir: &Path, request: WhoRequest) -> Result<WhoAnswer, ControlError> {
+    match ask(state_dir, Request::Who(request)).await? {
+        Reply::Who(answer) => Ok(*answer),
+        _ => Err(unexpected(state_dir)),
+    }
+}
+
+/// The running daemon's flows since `since` (Unix microseconds), each to `each`; how
+/// many there were.
+pub async fn flows(
+    state_dir: &Path,
+    since: u64,
+    mut each: impl FnMut(FlowRecord) -> std::io::Result<()>,
+) -> Result<u64, ControlError> {
+    let mut read = send(state_dir, Request::Flows { since }).await?;
+    let mut n = 0;
+    loop {
+        match next_reply(state_dir, &mut read).await? {
+            Reply::Flow(f) => {
+                each(*f).map_err(socket_err(&socket_path(state_dir)))?;
+                n += 1;
+            }
+            Reply::End => return Ok(n),
+            _ => return Err(unexpected(state_dir)),
+        }
     }
 }
 

@@ -8,6 +8,7 @@ use crate::api::auth::Authorizer;
 use crate::api::tls::{self, TlsError};
 use crate::api::tokens::TokenError;
 use crate::api::{http, limits, ApiState};
+use crate::attribution::{self, AttributionError};
 use crate::cluster::election::{groups, Leading};
 use crate::cluster::floating::Floating;
 use crate::cluster::{member, ClusterError};
@@ -46,6 +47,8 @@ pub enum DaemonError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Dns(#[from] DnsError),
+    #[error(transparent)]
+    Attribution(#[from] AttributionError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -195,6 +198,10 @@ async fn start_networks(networks: &LeaseService) -> Result<Resolvers, DaemonErro
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
+    match crate::descriptors::raise_limit() {
+        Ok(limit) => tracing::info!(limit, "file descriptors"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+    }
     let listen = config.api.listen;
     let Started {
         api,
@@ -259,15 +266,18 @@ fn background_tasks(
     let service = &api.service;
     // In a pool only an egress's leader sees its peers' traffic, so only it collects.
     let leading = pool.as_ref().map(member::Pool::leading);
+    let (attribution, attribution_tasks) = attribution::start(service)?;
     let mut tasks = vec![
         tokio::spawn(control::serve(
             control::bind(&service.config.state_dir)?,
             service.clone(),
+            attribution,
         )),
         tokio::spawn(token_reload_loop(api.clone())),
         tokio::spawn(reconcile_loop(api.clone())),
         tokio::spawn(collect_loop(api.clone(), leading)),
     ];
+    tasks.extend(attribution_tasks);
     if let Some(p) = pool {
         tasks.extend(p.spawn(service.clone())?);
     }
@@ -284,7 +294,11 @@ fn api_server(
 ) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     let limits = &api.service.config.api;
     let (max, header, idle) = (
-        limits.max_connections,
+        limits
+            .max_connections
+            .min(crate::descriptors::api_connections(
+                crate::descriptors::limit(),
+            )),
         limits.header_timeout,
         limits.idle_timeout,
     );

@@ -9,11 +9,13 @@
 
 pub mod addresses;
 pub mod api;
+pub mod attribution;
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod descriptors;
 pub mod dns;
 pub mod identity;
 pub mod leases;

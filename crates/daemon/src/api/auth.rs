@@ -122,6 +122,15 @@ impl Authorizer {
             .map_err(|()| AuthError::UnauthorizedNetwork(network.to_string()))?
     }
 
+    /// How many owners `egress`'s token file names (1 when it cannot tell).
+    pub fn owners(&self, egress: &str) -> usize {
+        let files = self.files.read().ok();
+        let owners = files
+            .as_ref()
+            .and_then(|f| Some(f.get(egress)?.tokens.owners()));
+        owners.unwrap_or(1).max(1)
+    }
+
     /// `Ok(Ok(owner))` for an accepted token, `Ok(Err)` for a refused token from a source
     /// over its limit, `Err(())` for a refused token (counted against the source).
     fn check(

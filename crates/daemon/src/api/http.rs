@@ -217,9 +217,10 @@ async fn lease(
 ) -> Result<Response, RequestError> {
     let body = body.map_err(|e| RequestError::BadRequest(format!("request body: {e}")))?;
     let req = decode_lease_request(&body)?;
+    let owners = api.auth.owners(&caller.egress);
     let grant = api
         .service
-        .lease(&caller.egress, &caller.owner, req)
+        .lease(&caller.egress, (&caller.owner, owners), req)
         .await?;
     Ok(Json(grant).into_response())
 }

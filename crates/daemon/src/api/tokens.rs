@@ -104,6 +104,13 @@ impl Tokens {
         Ok(Tokens { accepted })
     }
 
+    /// How many owners the tokens stand for (a named token's lines count once).
+    pub fn owners(&self) -> usize {
+        let owners: std::collections::HashSet<&str> =
+            self.accepted.iter().map(|(_, o)| o.as_str()).collect();
+        owners.len()
+    }
+
     /// The owner `token` stands for, if it is one of ours. Every stored digest is
     /// compared, in constant time.
     pub fn owner(&self, token: &str) -> Option<&str> {
@@ -168,6 +175,13 @@ mod tests {
             Tokens::parse(Path::new("t"), "team-a:short\n"),
             Err(TokenError::TooShort { line: 1, .. })
         ));
+    }
+
+    #[test]
+    fn owners_count_each_name_once() {
+        let text = "a:0123456789abcdef0\na:0123456789abcdef1\n0123456789abcdef2\n# c\n";
+        let t = Tokens::parse(Path::new("t"), text).unwrap();
+        assert_eq!(t.owners(), 2);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! `wgexitd`: the exit-node daemon. Thin: all logic is in `wgexitd`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wgexitd::attribution::{command as attribution, Proto};
 use wgexitd::config::Config;
 use wgexitd::{daemon, status};
 
@@ -48,6 +50,32 @@ enum Command {
         #[arg(long)]
         peers: bool,
     },
+    /// Which container held an egress IP and port, now or at a time: egress, container ID,
+    /// host, owner, overlay address, and the flow's first and last time (from the running
+    /// daemon's flow records; in a pool, every member's).
+    Who {
+        /// The egress IP and port, e.g. 203.0.113.77:40123 or [2001:db8::77]:40123.
+        address: SocketAddr,
+        /// tcp, udp or icmp (the port is then the echo identifier); tcp and udp when absent.
+        #[arg(long, value_parser = attribution::parse_proto)]
+        proto: Option<Proto>,
+        /// An RFC 3339 time, e.g. 2026-12-05T12:03:00Z; now when absent.
+        #[arg(long, value_parser = attribution::parse_time)]
+        at: Option<u64>,
+        /// The answer as JSON.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Every recorded flow that started at or after a time, as JSON lines (for a SIEM).
+    Flows {
+        /// An RFC 3339 time, e.g. 2026-12-05T00:00:00Z.
+        #[arg(long, value_parser = attribution::parse_time)]
+        since: u64,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Stored leases.
     Leases {
         #[command(subcommand)]
@@ -81,7 +109,9 @@ fn main() -> ExitCode {
     | Command::Leases {
         command: LeasesCommand::Prune { config },
     }
-    | Command::Status { config, .. }) = &cli.command;
+    | Command::Status { config, .. }
+    | Command::Who { config, .. }
+    | Command::Flows { config, .. }) = &cli.command;
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -124,6 +154,18 @@ fn main() -> ExitCode {
                 }
                 println!("{} stored lease(s) pruned", pruned.len());
             }),
+            Command::Who {
+                address,
+                proto,
+                at,
+                json,
+                ..
+            } => attribution::who(&config.state_dir, address, proto, at, json)
+                .await
+                .map_err(Into::into),
+            Command::Flows { since, .. } => attribution::flows(&config.state_dir, since)
+                .await
+                .map_err(Into::into),
             Command::Status { json, peers, .. } => {
                 status::print(&config.state_dir, config.cluster.as_ref(), json, peers)
                     .await

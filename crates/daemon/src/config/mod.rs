@@ -7,6 +7,7 @@ pub mod egress6;
 pub mod metrics;
 pub mod network;
 pub mod policy;
+pub mod quota;
 
 pub use cluster::ClusterConfig;
 pub use egress::EgressConfig;
@@ -66,6 +67,8 @@ struct RawConfig {
     collect_interval: Option<u64>,
     #[serde(default)]
     max_leases_per_owner: Option<usize>,
+    #[serde(default)]
+    attribution_days: Option<u32>,
     cluster: Option<cluster::RawCluster>,
 }
 
@@ -107,10 +110,13 @@ pub struct Config {
     pub reconcile_interval: Duration,
     /// How often idle leases are looked for.
     pub collect_interval: Duration,
-    /// Most leases one token (its owner) may hold per egress.
-    pub max_leases_per_owner: usize,
+    /// Most leases one token (its owner) may hold per egress (see [`quota`]).
+    pub max_leases_per_owner: quota::LeaseQuota,
     /// The pool this node is a member of; `None`: alone, on the embedded store.
     pub cluster: Option<ClusterConfig>,
+    /// Days the flow attribution records are kept (0: none are recorded); see
+    /// [`crate::attribution`].
+    pub attribution_days: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,11 +138,11 @@ pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_FIRST_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_ATTRIBUTION_DAYS: u32 = 30;
 pub const DEFAULT_KEEPALIVE: u16 = 25;
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_COLLECT_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_MTU: u32 = 1420;
-pub const DEFAULT_MAX_LEASES_PER_OWNER: usize = 16384;
 
 struct Timers {
     peer_timeout: Duration,
@@ -326,9 +332,11 @@ impl Config {
             None => None,
         };
         cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
+        let max_leases_per_owner = quota::parse(raw.max_leases_per_owner, &egress, &invalid)?;
         Ok(Config {
             cluster,
             path: path.to_path_buf(),
+            attribution_days: raw.attribution_days.unwrap_or(DEFAULT_ATTRIBUTION_DAYS),
             state_dir: raw.state_dir,
             backend: raw.backend,
             api,
@@ -340,15 +348,7 @@ impl Config {
             persistent_keepalive: timers.persistent_keepalive,
             reconcile_interval: timers.reconcile_interval,
             collect_interval: timers.collect_interval,
-            max_leases_per_owner: match raw.max_leases_per_owner {
-                Some(0) => {
-                    return Err(invalid(
-                        "max_leases_per_owner".into(),
-                        "must be at least 1".into(),
-                    ))
-                }
-                n => n.unwrap_or(DEFAULT_MAX_LEASES_PER_OWNER),
-            },
+            max_leases_per_owner,
         })
     }
 

@@ -16,7 +16,9 @@ use serde::Deserialize;
 use super::{ConfigError, Invalid};
 
 /// Destinations refused by default: private, shared (CGNAT), link-local (cloud metadata
-/// services), loopback, "this network", multicast, reserved, and their IPv6 counterparts.
+/// services), loopback, "this network", multicast, reserved, their IPv6 counterparts, and the
+/// NAT64 prefixes (RFC 6052's well-known prefix and RFC 8215's local-use one), which lead to
+/// private IPv4 addresses wherever a NAT64 translator serves them.
 pub const PRIVATE: &[&str] = &[
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -31,6 +33,8 @@ pub const PRIVATE: &[&str] = &[
     "fc00::/7",
     "fe80::/10",
     "ff00::/8",
+    "64:ff9b::/96",
+    "64:ff9b:1::/48",
 ];
 
 /// [`PRIVATE`], parsed.
@@ -356,10 +360,20 @@ mod tests {
             "fd12::1",
             "fe80::1",
             "ff02::1",
+            // NAT64: 10.0.0.1 and 169.254.169.254 behind the well-known and local prefixes.
+            "64:ff9b::a00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b:1:2::a00:1",
         ] {
             assert_eq!(p.judge(ip(dst), None), Verdict::Deny, "{dst}");
         }
-        for dst in ["198.18.0.10", "203.0.113.9", "2001:db8::1", "172.32.0.1"] {
+        for dst in [
+            "198.18.0.10",
+            "203.0.113.9",
+            "2001:db8::1",
+            "172.32.0.1",
+            "64:ff9b:2::1",
+        ] {
             assert_eq!(p.judge(ip(dst), None), Verdict::Allow, "{dst}");
         }
         let open = Policy {

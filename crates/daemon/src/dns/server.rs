@@ -5,27 +5,44 @@
 //! there are none).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{AAAA, TXT};
 use hickory_proto::rr::{RData, Record as DnsRecord, RecordType};
+use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_proto::serialize::binary::BinDecodable;
 use hickory_proto::xfer::Protocol;
-use hickory_server::authority::MessageResponseBuilder;
-use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::authority::{MessageRequest, MessageResponseBuilder};
+use hickory_server::server::{
+    Request, RequestHandler, ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream,
+};
 use hickory_server::ServerFuture;
 use ipnet::Ipv6Net;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::directory::Published;
 use super::forward::forward;
 use super::names::{answer, txt_strings, Answer, Question, Record};
 use super::TTL;
 use crate::config::NetworkConfig;
+use crate::descriptors::{PerSource, SourceSlot};
 
 /// How long an idle TCP connection is kept.
 const TCP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest UDP answer offered to clients that speak EDNS.
 const EDNS_PAYLOAD: u16 = 1232;
+/// Queries forwarded upstream at once, per network: each holds a socket until answered or
+/// timed out. More are answered SERVFAIL at once.
+pub const FORWARDS_IN_FLIGHT: usize = 64;
+/// Of those, what one member may hold, so that a member's flood leaves the others room.
+pub const FORWARDS_PER_MEMBER: usize = FORWARDS_IN_FLIGHT / 4;
+/// TCP connections served at once, per network; more are closed as soon as accepted.
+pub const TCP_CONNECTIONS: usize = 64;
+/// Of those, what one member may hold.
+pub const TCP_PER_MEMBER: usize = TCP_CONNECTIONS / 4;
 
 #[derive(Debug, thiserror::Error)]
 #[error("network {network}: cannot serve DNS on {address}: {source}")]
@@ -37,10 +54,13 @@ pub struct DnsError {
 }
 
 /// One network's resolver.
+#[derive(Clone)]
 pub struct Resolver {
     prefix: Ipv6Net,
     directory: Published,
     upstreams: Vec<SocketAddr>,
+    forwards: Arc<Semaphore>,
+    forwarding_members: Arc<PerSource>,
 }
 
 /// What the resolver sends back, before it is written.
@@ -78,7 +98,16 @@ impl Resolver {
             prefix: n.prefix,
             directory,
             upstreams: n.dns_upstream.clone(),
+            forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
+            forwarding_members: Arc::default(),
         }
+    }
+
+    /// Room for one more forwarded query from `member`, if there is any.
+    fn forward_slot(&self, member: IpAddr) -> Option<(SourceSlot, OwnedSemaphorePermit)> {
+        let slot = self.forwarding_members.take(member, FORWARDS_PER_MEMBER)?;
+        let permit = self.forwards.clone().try_acquire_owned().ok()?;
+        Some((slot, permit))
     }
 
     async fn reply(&self, request: &Request) -> Reply {
@@ -118,6 +147,10 @@ impl Resolver {
                 Reply::code(ResponseCode::Refused, false)
             }
             Answer::Forward => {
+                let Some(_slot) = self.forward_slot(request.src().ip()) else {
+                    tracing::debug!(asker = %request.src().ip(), "too many forwarded queries in flight");
+                    return Reply::code(ResponseCode::ServFail, false);
+                };
                 let tcp = request.protocol() == Protocol::Tcp;
                 match forward(&self.upstreams, query, tcp).await {
                     Ok(mut m) => Reply {
@@ -175,15 +208,25 @@ impl RequestHandler for Resolver {
     }
 }
 
+/// A network's running resolver: hickory's UDP server and the bounded TCP accept loop.
+/// Both stop when it is dropped.
+pub struct DnsServer {
+    _udp: ServerFuture<Resolver>,
+    tcp: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.tcp.abort();
+    }
+}
+
 /// The running resolvers; they serve until dropped.
-pub type Resolvers = Vec<ServerFuture<Resolver>>;
+pub type Resolvers = Vec<DnsServer>;
 
 /// Starts `n`'s resolver on `<prefix>::3` port 53, UDP and TCP. The address must be on the
 /// network's device already. It serves until the returned server is dropped.
-pub async fn start(
-    n: &NetworkConfig,
-    directory: Published,
-) -> Result<ServerFuture<Resolver>, DnsError> {
+pub async fn start(n: &NetworkConfig, directory: Published) -> Result<DnsServer, DnsError> {
     let address = SocketAddr::new(n.dns().into(), 53);
     let err = |source| DnsError {
         network: n.name.clone(),
@@ -192,10 +235,58 @@ pub async fn start(
     };
     let udp = tokio::net::UdpSocket::bind(address).await.map_err(err)?;
     let tcp = tokio::net::TcpListener::bind(address).await.map_err(err)?;
-    let mut server = ServerFuture::new(Resolver::new(n, directory));
+    let resolver = Resolver::new(n, directory);
+    let mut server = ServerFuture::new(resolver.clone());
     server.register_socket(udp);
-    server.register_listener(tcp, TCP_TIMEOUT);
-    Ok(server)
+    Ok(DnsServer {
+        _udp: server,
+        tcp: tokio::spawn(serve_tcp(tcp, resolver)),
+    })
+}
+
+/// Accepts DNS over TCP: at most [`TCP_CONNECTIONS`] at once, [`TCP_PER_MEMBER`] from one
+/// address; one over either is closed at once. A failed accept (out of descriptors, say)
+/// is retried after a pause, never in a busy loop.
+async fn serve_tcp(listener: tokio::net::TcpListener, resolver: Resolver) {
+    let connections = Arc::new(Semaphore::new(TCP_CONNECTIONS));
+    let members = Arc::new(PerSource::default());
+    loop {
+        let (stream, src) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "DNS over TCP: cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = members.take(src.ip(), TCP_PER_MEMBER) else {
+            continue;
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue;
+        };
+        let resolver = resolver.clone();
+        tokio::spawn(async move {
+            serve_tcp_connection(stream, src, &resolver).await;
+            drop((slot, permit));
+        });
+    }
+}
+
+/// Answers the length-prefixed queries of one TCP connection, one at a time, until it is
+/// closed or idle for [`TCP_TIMEOUT`].
+async fn serve_tcp_connection(stream: tokio::net::TcpStream, src: SocketAddr, resolver: &Resolver) {
+    let (stream, handle) =
+        hickory_proto::tcp::TcpStream::from_stream(AsyncIoTokioAsStd(stream), src);
+    let mut messages = TimeoutStream::new(stream, TCP_TIMEOUT);
+    while let Some(Ok(message)) = messages.next().await {
+        let Ok(request) = MessageRequest::from_bytes(message.bytes()) else {
+            return;
+        };
+        let request = Request::new(request, src, Protocol::Tcp);
+        let response = ResponseHandle::new(src, handle.clone(), Protocol::Tcp);
+        resolver.handle_request(&request, response).await;
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +372,30 @@ mod tests {
         assert_eq!(
             (nodata.code, nodata.answers.len()),
             (ResponseCode::NoError, 0)
+        );
+    }
+
+    #[test]
+    fn forwarded_queries_are_capped_per_member_and_per_network() {
+        let r = resolver(vec!["198.18.0.53:53".parse().unwrap()]);
+        let member = |i: u16| IpAddr::from([0xfdaa, 0, 1, 0, 0, 0, 0, i]);
+        let mut held = Vec::new();
+        while let Some(slot) = r.forward_slot(member(1)) {
+            held.push(slot);
+        }
+        assert_eq!(held.len(), FORWARDS_PER_MEMBER);
+        for i in 2.. {
+            match r.forward_slot(member(i)) {
+                Some(slot) => held.push(slot),
+                None if held.len() == FORWARDS_IN_FLIGHT => break,
+                None => continue,
+            }
+        }
+        assert!(r.forward_slot(member(1000)).is_none(), "the network's cap");
+        held.clear();
+        assert!(
+            r.forward_slot(member(1)).is_some(),
+            "given back when answered"
         );
     }
 }

@@ -268,7 +268,7 @@ impl LeaseService {
             &scope,
             holder,
             Some(join.info),
-            self.config.max_leases_per_owner,
+            self.config.max_leases_per_owner.per_network_owner(),
         )?;
         if let Err(e) = self
             .dataplane()

@@ -100,7 +100,7 @@ pub enum LeaseError {
         space: Space,
         ips: Vec<std::net::Ipv4Addr>,
     },
-    #[error("{space}: this token already holds {max} leases, the most max_leases_per_owner allows; release leases (DEL) or raise max_leases_per_owner on the exit node")]
+    #[error("{space}: this token already holds {max} leases, its quota (max_leases_per_owner; by default an equal share of the pool among the tokens); release leases (DEL) or have max_leases_per_owner raised on the exit node")]
     QuotaExceeded { space: Space, max: usize },
     #[error("{space}: no lease for public key {key}")]
     NotFound { space: Space, key: Key },
@@ -537,7 +537,8 @@ impl Registry {
             });
             return Ok((existing.clone(), false, pending));
         }
-        if e.held_by(owner) >= max_per_owner {
+        // A full pool is said to be full, whoever asks.
+        if e.held_by(owner) >= max_per_owner && e.len() < e.capacity() {
             return Err(LeaseError::QuotaExceeded {
                 space: space.clone(),
                 max: max_per_owner,
@@ -708,6 +709,23 @@ mod tests {
         assert!(new1 && !new1b);
         assert_eq!(l1, l1b);
         assert_ne!(l1.lease.address, l2.lease.address);
+    }
+
+    #[test]
+    fn a_full_pool_is_said_to_be_full_even_to_an_owner_at_its_quota() {
+        let t = tempfile::tempdir().unwrap();
+        let mut r = open(t.path());
+        for n in 1..=5 {
+            r.lease(&sp("a"), &req(n), "alice", 5)
+                .unwrap()
+                .2
+                .wait()
+                .unwrap();
+        }
+        assert!(matches!(
+            r.lease(&sp("a"), &req(6), "alice", 5),
+            Err(LeaseError::PoolExhausted { .. })
+        ));
     }
 
     #[test]

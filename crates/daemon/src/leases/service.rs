@@ -102,15 +102,17 @@ impl<D: Dataplane> LeaseService<D> {
     /// Grants `owner` a lease in `egress` for `req`'s key (or returns the one it holds), with
     /// its peer on the device and the lease durable before it returns. In a pool the shared
     /// store may refuse an address another member took a moment ago: another is tried.
+    /// `owners`: how many owners the egress's tokens name, for the owner's fair share of the
+    /// pool (see [`crate::config::quota`]).
     pub async fn lease(
         &self,
         egress: &str,
-        owner: &str,
+        (owner, owners): (&str, usize),
         req: LeaseRequest,
     ) -> Result<LeaseGrant, ServiceError> {
         let mut attempt = 0;
         loop {
-            match self.lease_once(egress, owner, req.clone()).await {
+            match self.lease_once(egress, (owner, owners), req.clone()).await {
                 Err(ServiceError::Lease(LeaseError::Store(CommitError::Refused(why))))
                     if attempt < remote::LEASE_ATTEMPTS && remote::worth_retrying(&why) =>
                 {
@@ -125,14 +127,18 @@ impl<D: Dataplane> LeaseService<D> {
     async fn lease_once(
         &self,
         egress: &str,
-        owner: &str,
+        (owner, owners): (&str, usize),
         req: LeaseRequest,
     ) -> Result<LeaseGrant, ServiceError> {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
-        let (stored, new, durable) =
-            registry.lease(&cfg.space(), &req, owner, self.config.max_leases_per_owner)?;
+        let space = cfg.space();
+        let quota = self
+            .config
+            .max_leases_per_owner
+            .per_owner(registry.egress(&space)?.capacity(), owners);
+        let (stored, new, durable) = registry.lease(&space, &req, owner, quota)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since. Queued in the
         // registry's order and applied without the lock, together with the peers of
         // concurrent leases.

@@ -1,21 +1,18 @@
-//! `wgexit`: the CNI plugin, `wgexit oci-hook add|del` for OCI runtime hooks, and
-//! `wgexit peer create|list|remove` for laptops joining a private network. Thin: all logic
-//! is in `wgexit::cni` and `wgexit_plugin::peer`.
+//! `wgexit`: the CNI plugin (no arguments, `CNI_COMMAND` set), `wgexit oci-hook add|del` for
+//! OCI runtime hooks, the netavark plugin's commands, and `wgexit peer create|list|remove` for
+//! laptops joining a private network. Thin: the command line is `wgexit_plugin::cli`, the
+//! logic `wgexit_plugin::cni`, `wgexit_plugin::netavark` and `wgexit_plugin::peer`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+use wgexit_plugin::cli::{Cli, Command, GatewayArgs, HookArgs, HookPhase, PeerCommand};
 use wgexit_plugin::cni::{self, env::CniEnv, error::CniError, oci_hook};
-use wgexit_plugin::peer;
+use wgexit_plugin::{netavark, peer};
 
 /// Configs are small; refuse to buffer more than this from a runtime.
 const MAX_STDIN: u64 = 1 << 20;
-
-const HOOK_USAGE: &str = "usage: wgexit oci-hook add|del --config FILE [--ifname NAME]
-  add  in the createRuntime (or prestart) hook, del in the poststop hook;
-  FILE holds the plugin's network config or a conflist with a wgexit plugin;
-  NAME is the interface in the container (default eth0).";
 
 fn read_stdin() -> Vec<u8> {
     let mut stdin = Vec::new();
@@ -30,31 +27,10 @@ fn runtime() -> Result<tokio::runtime::Runtime, CniError> {
         .map_err(|e| CniError::new(cni::error::Code::Io, format!("cannot start: {e}")))
 }
 
-fn hook_args(args: &[String]) -> Result<(oci_hook::Phase, PathBuf, String), String> {
-    let phase = match args.first().map(String::as_str) {
-        Some("add") => oci_hook::Phase::Add,
-        Some("del") => oci_hook::Phase::Del,
-        _ => return Err("the first argument must be add or del".into()),
-    };
-    let (mut config, mut ifname) = (None, "eth0".to_string());
-    let mut rest = args[1..].iter();
-    while let Some(a) = rest.next() {
-        match (a.as_str(), rest.next()) {
-            ("--config", Some(v)) => config = Some(PathBuf::from(v)),
-            ("--ifname", Some(v)) => ifname = v.clone(),
-            _ => return Err(format!("unexpected argument {a:?}")),
-        }
-    }
-    Ok((phase, config.ok_or("--config is required")?, ifname))
-}
-
-fn oci_hook_main(args: &[String]) -> i32 {
-    let (phase, config, ifname) = match hook_args(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("wgexit oci-hook: {e}\n{HOOK_USAGE}");
-            return 2;
-        }
+fn oci_hook_main(phase: HookPhase) -> i32 {
+    let (phase, HookArgs { config, ifname }) = match phase {
+        HookPhase::Add(args) => (oci_hook::Phase::Add, args),
+        HookPhase::Del(args) => (oci_hook::Phase::Del, args),
     };
     let stdin = read_stdin();
     let result =
@@ -72,87 +48,24 @@ fn oci_hook_main(args: &[String]) -> i32 {
     }
 }
 
-/// `wgexit peer`: WireGuard configs for laptops joining a private network.
-#[derive(Parser)]
-#[command(
-    name = "wgexit peer",
-    about = "WireGuard peers (laptops) of a private network"
-)]
-struct PeerCli {
-    #[command(subcommand)]
-    command: PeerCommand,
-}
-
-#[derive(Args)]
-struct GatewayArgs {
-    /// The gateway's API, e.g. https://198.51.100.2:7443
-    #[arg(long)]
-    server: String,
-    /// The gateway's CA certificate (its state_dir/tls/ca.pem)
-    #[arg(long)]
-    ca_file: PathBuf,
-    /// A file holding a token of the network
-    #[arg(long)]
-    token_file: PathBuf,
-    /// The private network
-    #[arg(long)]
-    network: String,
-}
-
-impl GatewayArgs {
-    fn gateway(self) -> peer::Gateway {
-        peer::Gateway {
-            server: self.server,
-            ca_file: self.ca_file,
-            token_file: self.token_file,
-            network: self.network,
-        }
+fn gateway(args: GatewayArgs) -> peer::Gateway {
+    peer::Gateway {
+        server: args.server,
+        ca_file: args.ca_file,
+        token_file: args.token_file,
+        network: args.network,
     }
 }
 
-#[derive(Subcommand)]
-enum PeerCommand {
-    /// Makes a key pair here, joins the network with its public key, and writes a
-    /// wg-quick config (0600; an existing file is never overwritten)
-    Create {
-        #[command(flatten)]
-        gateway: GatewayArgs,
-        /// The peer's name: it answers as <name>._peer.internal
-        #[arg(long)]
-        name: String,
-        /// Where to write the config (default: ./<network>.conf; wg-quick names the
-        /// interface after the file)
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// Lists the network's peers: name, address, public key
-    List {
-        #[command(flatten)]
-        gateway: GatewayArgs,
-    },
-    /// Takes a peer out of the network
-    Remove {
-        #[command(flatten)]
-        gateway: GatewayArgs,
-        #[arg(long)]
-        name: String,
-    },
-}
-
-fn peer_main(args: &[String]) -> i32 {
-    let cli = match PeerCli::try_parse_from(
-        std::iter::once("wgexit peer".to_string()).chain(args.iter().cloned()),
-    ) {
-        Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() { 2 } else { 0 };
-        }
-    };
-    let result = match cli.command {
-        PeerCommand::Create { gateway, name, out } => {
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("{}.conf", gateway.network)));
-            peer::create(&gateway.gateway(), &name, &out).map(|grant| {
+fn peer_main(command: PeerCommand) -> i32 {
+    let result = match command {
+        PeerCommand::Create {
+            gateway: args,
+            name,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{}.conf", args.network)));
+            peer::create(&gateway(args), &name, &out).map(|grant| {
                 println!(
                     "wrote {}: {} joins {} as {} ({name}._peer.internal); bring it up with `wg-quick up {}`",
                     out.display(),
@@ -163,8 +76,11 @@ fn peer_main(args: &[String]) -> i32 {
                 );
             })
         }
-        PeerCommand::List { gateway } => peer::list(&gateway.gateway()).map(|l| print!("{l}")),
-        PeerCommand::Remove { gateway, name } => peer::remove(&gateway.gateway(), &name),
+        PeerCommand::List { gateway: args } => peer::list(&gateway(args)).map(|l| print!("{l}")),
+        PeerCommand::Remove {
+            gateway: args,
+            name,
+        } => peer::remove(&gateway(args), &name),
     };
     match result {
         Ok(()) => 0,
@@ -175,18 +91,12 @@ fn peer_main(args: &[String]) -> i32 {
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("oci-hook") {
-        std::process::exit(oci_hook_main(&args[1..]));
-    }
-    if args.first().map(String::as_str) == Some("peer") {
-        std::process::exit(peer_main(&args[1..]));
-    }
+/// The CNI plugin: the command in `CNI_COMMAND`, the config on stdin, the answer on stdout.
+fn cni_main() -> i32 {
     let env = CniEnv::from_env();
     if env.command.is_empty() {
         eprint!("{}", cni::about());
-        return;
+        return 0;
     }
     let stdin = read_stdin();
     let outcome = match runtime() {
@@ -196,10 +106,36 @@ fn main() {
             exit_code: 1,
         },
     };
+    print_outcome(&outcome)
+}
+
+fn print_outcome(outcome: &cni::Outcome) -> i32 {
     let mut out = std::io::stdout().lock();
     if !outcome.stdout.is_empty() {
         let _ = writeln!(out, "{}", outcome.stdout);
     }
     let _ = out.flush();
-    std::process::exit(outcome.exit_code);
+    outcome.exit_code
+}
+
+fn main() {
+    let code = match Cli::parse().command {
+        None => cni_main(),
+        Some(Command::OciHook { phase }) => oci_hook_main(phase),
+        Some(Command::Peer { command }) => peer_main(command),
+        Some(Command::Info) => print_outcome(&netavark::info()),
+        Some(Command::Create) => print_outcome(&netavark::answer(netavark::create(&read_stdin()))),
+        Some(Command::Setup { netns }) => {
+            let stdin = read_stdin();
+            let result = runtime().and_then(|rt| rt.block_on(netavark::setup(&netns, &stdin)));
+            print_outcome(&netavark::answer(result))
+        }
+        Some(Command::Teardown { netns }) => {
+            let stdin = read_stdin();
+            let result = runtime().and_then(|rt| rt.block_on(netavark::teardown(&netns, &stdin)));
+            // Success prints nothing.
+            print_outcome(&netavark::answer(result.map(|()| None::<()>)))
+        }
+    };
+    std::process::exit(code);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::cni::config::{NetConf, Routes};
+use crate::cni::config::{invalid, NetConf, Routes};
 use crate::cni::del::detach;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
@@ -34,9 +34,18 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let ifname = env.ifname()?;
     let netns_path = env.netns()?;
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
+    if is_own_namespace(&netns)? {
+        return Err(CniError::new(
+            Code::InvalidEnv,
+            format!(
+                "CNI_NETNS {} is the plugin's own network namespace (the host's): a wgexit interface there would replace the host's default route; only a container with a network namespace of its own can be attached, so leave wgexit out of a host-network container's networks",
+                netns_path.display()
+            ),
+        ));
+    }
     let dir = StateDir::open(&conf.data_dir)?;
     let client = Client::new(&conf.servers, &conf.ca_file, conf.token()?)
-        .map_err(|e| CniError::new(Code::InvalidConfig, format!("config key \"caFile\": {e}")))?;
+        .map_err(|e| invalid("caFile", e.to_string()))?;
     detach_stale(&dir, conf, &client).await;
     let backend = open_backend(conf.backend)?;
     let app_region = match conf.network {
@@ -94,6 +103,18 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
             Err(e)
         }
     }
+}
+
+/// Whether `netns` is the namespace the plugin itself runs in (compared by the identity of
+/// the namespace, not by path): for a runtime on the host, the host's own.
+pub(crate) fn is_own_namespace(netns: &Netns) -> Result<bool, CniError> {
+    let own = Netns::open(std::path::Path::new("/proc/self/ns/net"))
+        .and_then(|own| own.id())
+        .map_err(|e| link_error("cannot identify the plugin's own network namespace", e))?;
+    let target = netns
+        .id()
+        .map_err(|e| link_error("cannot identify the container's network namespace", e))?;
+    Ok(own == target)
 }
 
 /// Every `staleCheckInterval`, ADD first detaches the attachments whose namespace is gone.

@@ -103,10 +103,17 @@ pub struct NetConf {
     pub raw: Value,
 }
 
-fn invalid(key: &str, msg: impl Into<String>) -> CniError {
+/// How an error names config key `key`: `config key "tokenFile"`. A front end with other
+/// names for the keys (netavark's options) renames them at its edge.
+pub fn key_label(key: &str) -> String {
+    format!("config key {key:?}")
+}
+
+/// An invalid config: the key, and what is wrong with it.
+pub(crate) fn invalid(key: &str, msg: impl Into<String>) -> CniError {
     CniError::new(
         Code::InvalidConfig,
-        format!("config key {key:?}: {}", msg.into()),
+        format!("{}: {}", key_label(key), msg.into()),
     )
 }
 

@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::cni::config::DEFAULT_DATA_DIR;
 use crate::cni::env::CniEnv;
-use crate::cni::error::{CniError, Code};
+use crate::cni::error::CniError;
 use crate::cni::state::StateDir;
 
 pub const DEFAULT_MAX_BYTES: u64 = 10 << 20;
@@ -49,7 +49,7 @@ pub struct LogConfig {
 }
 
 fn invalid(key: &str, msg: impl std::fmt::Display) -> CniError {
-    CniError::new(Code::InvalidConfig, format!("config key {key:?}: {msg}"))
+    crate::cni::config::invalid(key, msg.to_string())
 }
 
 fn field<T: serde::de::DeserializeOwned>(raw: &Value, key: &str) -> Result<Option<T>, CniError> {

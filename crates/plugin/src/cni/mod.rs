@@ -91,10 +91,7 @@ impl Command {
 
 /// Runs one CNI command. `stdin` is the network config.
 pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
-    let log = log::CommandLog::begin(env, stdin);
-    let result = dispatch(env, stdin).await;
-    log.finish(&result);
-    match result {
+    match logged(env, stdin).await {
         Ok(Some(v)) => Outcome {
             stdout: v.to_string(),
             exit_code: 0,
@@ -108,6 +105,16 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> Outcome {
             exit_code: 1,
         },
     }
+}
+
+/// Runs one command as [`dispatch`] does, and logs it (`logFile`): what every front end runs
+/// (the CNI plugin, the OCI hook, the netavark plugin) with the environment and the network
+/// config it made of its input.
+pub async fn logged(env: &CniEnv, config: &[u8]) -> Result<Option<Value>, CniError> {
+    let log = log::CommandLog::begin(env, config);
+    let result = dispatch(env, config).await;
+    log.finish(&result);
+    result
 }
 
 /// Runs one command: `Some(result)` for ADD and VERSION, `None` for the commands that print
@@ -215,8 +222,11 @@ pub(crate) fn client_error(what: &str, e: &ClientError) -> CniError {
         ClientError::Refused { .. } | ClientError::Protocol { .. } => Code::LeaseRefused,
     };
     let hint = match code {
-        Code::Unauthorized => " (check tokenFile: the token must be one of the egress's token_file lines on the exit node)",
-        _ => "",
+        Code::Unauthorized => format!(
+            " (check {}: the token must be one of the egress's token_file lines on the exit node)",
+            config::key_label("tokenFile")
+        ),
+        _ => String::new(),
     };
     CniError::new(code, format!("{what}: {e}{hint}"))
 }

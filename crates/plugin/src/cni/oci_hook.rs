@@ -11,8 +11,11 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::cni::add::is_own_namespace;
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
+use crate::cni::link_error;
+use wgexit::net::Netns;
 
 /// Which hook runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +96,24 @@ pub fn netns_of(state: &OciState) -> Result<Option<PathBuf>, CniError> {
         .filter(|p| p.exists()))
 }
 
+/// Refuses a container whose network namespace is the hook's own: one that `config.json`
+/// gives no namespace of its own (a host-network container) runs in the runtime's, i.e. the
+/// host's, and ADD would replace the host's default route.
+fn refuse_host_network(id: &str, path: &Path) -> Result<(), CniError> {
+    let netns = Netns::open(path)
+        .map_err(|e| link_error("cannot use the container's network namespace", e))?;
+    if is_own_namespace(&netns)? {
+        return Err(CniError::new(
+            Code::InvalidEnv,
+            format!(
+                "container {id}: its network namespace ({}) is the host's: config.json gives it none of its own (a host-network container), and a wgexit interface there would replace the host's default route; add {{\"type\": \"network\"}} to linux.namespaces in config.json, or leave the wgexit hook out of this container's hooks",
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs the hook: the OCI state on `stdin`, the plugin config in `config`.
 pub async fn run(
     phase: Phase,
@@ -118,6 +139,9 @@ pub async fn run(
             ),
         ));
     }
+    if let (Phase::Add, Some(path)) = (phase, &netns) {
+        refuse_host_network(&state.id, path)?;
+    }
     let env = CniEnv {
         command: match phase {
             Phase::Add => "ADD",
@@ -130,10 +154,7 @@ pub async fn run(
         args: BTreeMap::new(),
     };
     let conf_bytes = serde_json::to_vec(&conf).map_err(|e| decode("the config", e))?;
-    let log = super::log::CommandLog::begin(&env, &conf_bytes);
-    let result = super::dispatch(&env, &conf_bytes).await;
-    log.finish(&result);
-    result
+    super::logged(&env, &conf_bytes).await
 }
 
 #[cfg(test)]
