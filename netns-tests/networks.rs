@@ -104,10 +104,15 @@ fn uplink(w: &World, ns: &str, exit_if: &str, exit_ip: &str, ns_ip: &str) {
 
 impl Nets {
     pub(crate) fn new() -> Nets {
+        Nets::with("")
+    }
+
+    /// As [`Nets::new`], with `extra` top-level lines in the daemon's config.
+    fn with(extra: &str) -> Nets {
         // The networks' tables name token files in the world's own directory, which exists
         // only once the world does: make it, add the tokens and tables, restart the daemon.
         let settings = Settings {
-            daemon_extra: "peer_timeout = 4\nfirst_handshake_timeout = 2\npersistent_keepalive = 1\ncollect_interval = 1\n".into(),
+            daemon_extra: format!("peer_timeout = 4\nfirst_handshake_timeout = 2\npersistent_keepalive = 1\ncollect_interval = 1\n{extra}"),
             ..Default::default()
         };
         let mut w = World::with(settings);
@@ -306,7 +311,7 @@ impl Nets {
             "list",
             "table",
             "inet",
-            "wgexitd-net",
+            "wgexitd",
         ]);
         let line = listing
             .lines()
@@ -318,6 +323,11 @@ impl Nets {
 
     /// `wgexit peer ARGS…` on the laptop, against network acme with its token.
     fn peer_cmd(&self, args: &[&str]) -> std::process::Output {
+        self.peer_cmd_in("acme", args)
+    }
+
+    /// `wgexit peer ARGS…` on the laptop, against `network` with its token.
+    fn peer_cmd_in(&self, network: &str, args: &[&str]) -> std::process::Output {
         Command::new("ip")
             .args([
                 "netns",
@@ -327,11 +337,11 @@ impl Nets {
                 "peer",
             ])
             .args(args)
-            .args(["--server", &format!("https://{API}"), "--network", "acme"])
+            .args(["--server", &format!("https://{API}"), "--network", network])
             .arg("--ca-file")
             .arg(self.w.ca_file())
             .arg("--token-file")
-            .arg(self.w.path("acme-net.token"))
+            .arg(self.w.path(&format!("{network}-net.token")))
             .output()
             .unwrap()
     }
@@ -722,7 +732,7 @@ fn peer_create_writes_a_config(n: &Nets, conf_path: &PathBuf) -> String {
 
 /// The real wg-quick brings the config up in the laptop's namespace; its DNS line goes
 /// through resolvconf, here a stand-in that writes the laptop's own resolv.conf.
-fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf) {
+fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf, dns: &str) {
     use std::os::unix::fs::PermissionsExt;
     n.resolv_conf(&n.laptop.clone(), "198.18.2.1");
     let bin = n.w.path("bin");
@@ -753,7 +763,7 @@ fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf) {
         String::from_utf8_lossy(&up.stderr)
     );
     let resolv = std::fs::read_to_string(&resolv).unwrap();
-    assert_eq!(resolv.trim(), format!("nameserver {ACME_DNS}"));
+    assert_eq!(resolv.trim(), format!("nameserver {dns}"));
 }
 
 /// Silent longer than peer_timeout + first_handshake_timeout (collected every second): a
@@ -773,6 +783,9 @@ fn a_silent_container_goes_the_laptop_stays(n: &mut Nets, web: &Container) {
     std::thread::sleep(Duration::from_secs(8));
     let gone = dig(&web.netns, ACME_DNS, "tmp.internal", "AAAA").0;
     assert_eq!(gone, "NXDOMAIN", "{}", n.w.daemon_log());
+    let collected = "wgexit_network_members_collected_total{network=\"acme\"} 1";
+    let metrics = n.w.metrics();
+    assert!(metrics.lines().any(|l| l == collected), "{metrics}");
     assert_eq!(
         dig(&web.netns, ACME_DNS, "_peer.internal", "TXT").1,
         vec!["alice"]
@@ -804,7 +817,7 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     let iface = format!("{}lap", n.w.id);
     let conf_path = n.w.path(&format!("{iface}.conf"));
     let written = peer_create_writes_a_config(&n, &conf_path);
-    wg_quick_up(&mut n, &conf_path);
+    wg_quick_up(&mut n, &conf_path, ACME_DNS);
 
     // Resolves web by name with its configured resolver (wg-quick's first packet starts
     // the handshake), reaches it, and shows up as a peer.
@@ -864,4 +877,185 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     let gone = dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").0;
     assert_eq!(gone, "NXDOMAIN");
     assert!(curl(&n.laptop, &format!("http://[{web_ip}]:8080/")).is_err());
+}
+
+/// How often the flush test's daemon reconciles (seconds).
+const FLUSH_INTERVAL: u64 = 2;
+
+/// A TCP connection from `ns` to `[addr]:8080` that an HTTP server answers (1 s at most).
+fn reaches(ns: &str, addr: &str) -> bool {
+    let out = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "curl",
+        "-s",
+        "-g",
+        "--connect-timeout",
+        "0.5",
+        "-m",
+        "1",
+        &format!("http://[{addr}]:8080/"),
+    ]);
+    out.status.success()
+}
+
+/// Every global IPv6 address of namespace `ns`.
+fn global_addresses6(ns: &str) -> Vec<String> {
+    let listing = sh(&[
+        "ip", "-n", ns, "-6", "-j", "addr", "show", "scope", "global",
+    ]);
+    let links: Value = serde_json::from_str(&listing).unwrap();
+    let infos = links.as_array().unwrap().iter();
+    infos
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Beta's laptop, its wg-quick tunnel widened to acme's prefix and to every address of the
+/// gateway: (its interface, the targets it must never reach).
+fn beta_laptop_probing_everything(n: &mut Nets, acme: &Acme) -> (String, Vec<String>) {
+    let iface = format!("{}lap", n.w.id);
+    let conf_path = n.w.path(&format!("{iface}.conf"));
+    let out = conf_path.display().to_string();
+    let create = n.peer_cmd_in("beta", &["create", "--name", "eve", "--out", &out]);
+    assert!(create.status.success(), "{create:?}");
+    wg_quick_up(n, &conf_path, BETA_DNS);
+    let gateway = global_addresses6(&n.w.exit);
+    let mut allowed = vec![BETA_PREFIX.to_string(), ACME_PREFIX.to_string()];
+    let laptop = n.laptop.clone();
+    for addr in &gateway {
+        let host = format!("{addr}/128");
+        sh(&[
+            "ip", "-n", &laptop, "-6", "route", "replace", &host, "dev", &iface,
+        ]);
+        allowed.push(host);
+    }
+    sh(&[
+        "ip",
+        "-n",
+        &laptop,
+        "-6",
+        "route",
+        "replace",
+        ACME_PREFIX,
+        "dev",
+        &iface,
+    ]);
+    let beta_key = n.gateway_key("beta", BETA_NET_TOKEN);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &laptop,
+        "wg",
+        "set",
+        &iface,
+        "peer",
+        &beta_key,
+        "allowed-ips",
+        &allowed.join(","),
+    ]);
+    let mut targets = gateway;
+    targets.extend([acme.web_ip.clone(), acme.api_ip.clone()]);
+    (iface, targets)
+}
+
+/// Beta's laptop reaches none of `targets`.
+fn reaches_none(n: &Nets, targets: &[String], when: &str) {
+    for t in targets {
+        assert!(
+            !reaches(&n.laptop, t),
+            "{when}: beta's laptop reached [{t}]:8080\n{}",
+            n.w.daemon_log()
+        );
+    }
+}
+
+#[test]
+fn a_flushed_ruleset_lets_no_network_tunnel_reach_the_gateway_or_another_network() {
+    let mut n = Nets::with(&format!("reconcile_interval = {FLUSH_INTERVAL}\n"));
+    let a = acme_on_two_hosts(&mut n);
+    n.serve_http(&a.api.netns, "api says hi\n");
+    let exit = n.w.exit.clone();
+    // Another address of the gateway, outside every network, and a service on all of them.
+    sh(&[
+        "ip",
+        "-n",
+        &exit,
+        "addr",
+        "add",
+        "2001:db8:1a9::1/128",
+        "dev",
+        "lo",
+    ]);
+    n.serve_http(&exit, "the gateway itself\n");
+    let db = n.container("db", "99887766554433db");
+    let rdb = n.add(
+        &n.w.host.clone(),
+        &db,
+        &n.conf("beta", None, "cni-data"),
+        "db",
+        "ams",
+    );
+    let db_ip = address_of(&rdb, true);
+    n.serve_http(&db.netns, "db\n");
+    let (_, targets) = beta_laptop_probing_everything(&mut n, &a);
+    assert!(
+        targets.iter().any(|t| t == "2001:db8:1a9::1"),
+        "{targets:?}"
+    );
+    let acme_web = format!("http://[{}]:8080/", a.web_ip);
+
+    // Before: the laptop's tunnel works (beta's db), and goes nowhere else.
+    let start = Instant::now();
+    while !reaches(&n.laptop, &db_ip) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no tunnel to beta"
+        );
+    }
+    reaches_none(&n, &targets, "before the flush");
+    assert_eq!(curl(&a.api.netns, &acme_web), Ok("web says hi".into()));
+    sh(&["ip", "netns", "exec", &exit, "nft", "flush", "ruleset"]);
+    let flushed = Instant::now();
+    let during = Duration::from_secs(3 * FLUSH_INTERVAL);
+    let acme_back = std::thread::scope(|s| {
+        let back = s.spawn(|| loop {
+            if reaches(&a.api.netns, &a.web_ip) {
+                return flushed.elapsed();
+            }
+            if flushed.elapsed() > during {
+                return during;
+            }
+        });
+        while flushed.elapsed() < during {
+            reaches_none(&n, &targets, "after the flush");
+        }
+        back.join().unwrap()
+    });
+    // The next round puts the table back; a round and a probe take well under a second.
+    assert!(
+        acme_back < Duration::from_secs(FLUSH_INTERVAL + 1),
+        "acme's members apart for {acme_back:?}\n{}",
+        n.w.daemon_log()
+    );
+    reaches_none(&n, &targets, "after the repair");
+    assert!(
+        reaches(&n.laptop, &db_ip),
+        "beta's laptop lost its own network"
+    );
+    assert_eq!(curl(&a.api.netns, &acme_web), Ok("web says hi".into()));
+    // /metrics counts each network's members by kind.
+    let metrics = n.w.metrics();
+    for line in [
+        "wgexit_network_members{network=\"acme\",kind=\"container\"} 2",
+        "wgexit_network_members{network=\"acme\",kind=\"peer\"} 0",
+        "wgexit_network_members{network=\"beta\",kind=\"container\"} 1",
+        "wgexit_network_members{network=\"beta\",kind=\"peer\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
 }

@@ -54,7 +54,100 @@ impl ProhibitRule {
     }
 }
 
+/// The kernel's `local` routing table (addresses of this host), consulted by the rule
+/// `ip rule pref 0 lookup local` unless it was moved.
+const LOCAL_TABLE: u32 = 255;
+
+/// Whether `msg` is a rule that looks every packet up in the `local` table (no selector).
+fn is_local_lookup(msg: &RuleMessage) -> bool {
+    let table = msg.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Table(t) => Some(*t),
+        _ => None,
+    });
+    let selective = msg.attributes.iter().any(|a| {
+        matches!(
+            a,
+            RuleAttribute::Iifname(_)
+                | RuleAttribute::Oifname(_)
+                | RuleAttribute::FwMark(_)
+                | RuleAttribute::Source(_)
+                | RuleAttribute::Destination(_)
+        )
+    });
+    msg.header.action == RuleAction::ToTable
+        && table.unwrap_or(u32::from(msg.header.table)) == LOCAL_TABLE
+        && !selective
+}
+
+fn priority_of(msg: &RuleMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 impl Netlink {
+    /// The priorities of the rules that look every packet up in the `local` table (one
+    /// family): `[0]` on a host that never moved it.
+    pub async fn local_lookup_priorities(&self, v6: bool) -> Result<Vec<u32>, LinkError> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let mut stream = self.handle.rule().get(version).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err("listing routing rules"))?
+        {
+            if is_local_lookup(&msg) {
+                out.push(priority_of(&msg));
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip [-6] rule add pref PRIORITY lookup local`.
+    pub async fn add_local_lookup(&self, v6: bool, priority: u32) -> Result<(), LinkError> {
+        let request = self
+            .handle
+            .rule()
+            .add()
+            .table_id(LOCAL_TABLE)
+            .priority(priority)
+            .action(RuleAction::ToTable);
+        let done = if v6 {
+            request.v6().execute().await
+        } else {
+            request.v4().execute().await
+        };
+        let what = format!("adding ip rule pref {priority} lookup local");
+        done.map_err(nl_err(what))
+    }
+
+    /// `ip [-6] rule del pref PRIORITY lookup local`; true if it was there.
+    pub async fn delete_local_lookup(&self, v6: bool, priority: u32) -> Result<bool, LinkError> {
+        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
+        let mut stream = self.handle.rule().get(version).execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(nl_err("listing routing rules"))?
+        {
+            if is_local_lookup(&msg) && priority_of(&msg) == priority {
+                return match self.handle.rule().del(msg).execute().await {
+                    Ok(()) => Ok(true),
+                    Err(e) if super::link::is_not_found(&e) => Ok(false),
+                    Err(e) => Err(nl_err(format!(
+                        "deleting ip rule pref {priority} lookup local"
+                    ))(e)),
+                };
+            }
+        }
+        Ok(false)
+    }
+
     /// Every `prohibit` rule of one family.
     pub async fn prohibit_rules(&self, v6: bool) -> Result<Vec<ProhibitRule>, LinkError> {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };

@@ -326,16 +326,7 @@ pub async fn prune(config: &Config) -> Result<Vec<StoredLease>, ControlError> {
         return Ok(Vec::new());
     };
     let misfits = place(&config.egress, &config.network, store.load()?).1;
-    let deletes: Vec<Write> = misfits.iter().map(delete_of).collect();
+    let deletes: Vec<Write> = misfits.iter().map(StoredLease::delete).collect();
     store.apply(&deletes)?;
     Ok(misfits)
-}
-
-/// The unconditional delete of a stored lease.
-pub fn delete_of(l: &StoredLease) -> Write {
-    Write::Delete {
-        egress: l.lease.egress.clone(),
-        public_key: l.lease.public_key,
-        owner: None,
-    }
 }

@@ -14,7 +14,9 @@ use crate::cluster::floating::Floating;
 use crate::cluster::{member, ClusterError};
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlError};
-use crate::dataplane::{Dataplane, DataplaneError, HostDataplane};
+use crate::dataplane::Changes;
+use crate::dataplane::{DataplaneError, HostDataplane};
+use crate::dns::server::{self as dns_server, DnsError, Resolvers};
 use crate::identity::{Identities, IdentityError};
 use crate::leases::collect::Activity;
 use crate::leases::redb::RedbStore;
@@ -22,7 +24,7 @@ use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
 use crate::leases::store::{LeaseStore, StoreError, StoredLease};
 use crate::metrics;
-use crate::networks::{self, NetworksError, Resolvers};
+use crate::space::Space;
 use wgexit::fsutil;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +46,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
-    Networks(#[from] NetworksError),
+    Dns(#[from] DnsError),
     #[error(transparent)]
     Attribution(#[from] AttributionError),
     #[error("{path}: {source}")]
@@ -115,6 +117,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         source,
     })?;
     // Alone: the embedded store and local keys. In a pool: all three from etcd.
+    let network_identities =
+        Identities::load_or_create_networks(&config.state_dir, &config.network)?;
     let (leases, identities, pool) = match &config.cluster {
         None => (
             open_leases(&config)?,
@@ -138,6 +142,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
 
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
+    let identities = (identities, network_identities);
     let service = Arc::new(LeaseService::new(config, leases, dataplane, identities));
     service.metrics.register(
         "wgexit_auth_failures",
@@ -149,9 +154,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         tracing::info!(%egress, ?changes, "WireGuard device reconciled");
         service.metrics.reconciled(&egress, &changes);
     }
+    let config = &service.config;
     for repair in service
         .dataplane()
-        .apply_rules(&service.config.egress)
+        .apply_rules(&config.egress, &config.network)
         .await?
     {
         tracing::info!("firewall: {repair}");
@@ -163,18 +169,31 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             service.metrics.set_leader("egress", &e.name, true);
         }
     }
-    let (networks, resolvers) = networks::start(&service).await?;
-    let api = ApiState {
-        service,
-        auth,
-        networks,
-    };
+    let resolvers = start_networks(&service).await?;
+    let api = ApiState { service, auth };
     Ok(Started {
         api: Arc::new(api),
         tls: tls_config,
         pool,
         resolvers,
     })
+}
+
+/// The private networks, after the egresses (their rules and forwarding are in place
+/// already): devices (matching the store) → directories → resolvers on the addresses the
+/// devices now hold.
+async fn start_networks(networks: &LeaseService) -> Result<Resolvers, DaemonError> {
+    for (network, changes) in networks.reconcile_networks().await {
+        let changes = changes?;
+        tracing::info!(%network, ?changes, "network WireGuard device reconciled");
+    }
+    networks.publish_all().await;
+    let mut resolvers = Vec::new();
+    for n in networks.networks() {
+        resolvers.push(dns_server::start(n, networks.directory(&n.name)).await?);
+        tracing::info!(network = %n.name, dns = %n.dns(), "resolver ready");
+    }
+    Ok(resolvers)
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. Interfaces and rules stay in place on exit.
@@ -238,17 +257,13 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 }
 
 /// Everything that runs beside the API until shutdown: the control socket, token reloads,
-/// the reconcile and collection loops (the egresses' and the networks'), a pool member's
-/// loops, the metrics listener.
+/// the reconcile and collection loops (of every space), a pool member's loops, the metrics
+/// listener.
 fn background_tasks(
     api: &Arc<ApiState>,
     pool: Option<member::Pool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, DaemonError> {
     let service = &api.service;
-    let (reconcile_every, collect_every) = (
-        service.config.reconcile_interval,
-        service.config.collect_interval,
-    );
     // In a pool only an egress's leader sees its peers' traffic, so only it collects.
     let leading = pool.as_ref().map(member::Pool::leading);
     let (attribution, attribution_tasks) = attribution::start(service)?;
@@ -259,13 +274,8 @@ fn background_tasks(
             attribution,
         )),
         tokio::spawn(token_reload_loop(api.clone())),
-        tokio::spawn(reconcile_loop(service.clone())),
-        tokio::spawn(collect_loop(service.clone(), leading)),
-        tokio::spawn(networks::reconcile_loop(
-            api.networks.clone(),
-            reconcile_every,
-        )),
-        tokio::spawn(networks::collect_loop(api.networks.clone(), collect_every)),
+        tokio::spawn(reconcile_loop(api.clone())),
+        tokio::spawn(collect_loop(api.clone(), leading)),
     ];
     tasks.extend(attribution_tasks);
     if let Some(p) = pool {
@@ -354,31 +364,28 @@ fn side_listeners(
     Ok(tasks)
 }
 
-/// Every `reconcile_interval`: repairs devices that drifted from the store.
-async fn reconcile_loop(service: Arc<LeaseService>) {
+/// Every `reconcile_interval`: repairs the devices of every space that drifted from the
+/// store, then a firewall that was flushed or changed.
+async fn reconcile_loop(api: Arc<ApiState>) {
+    let service = &api.service;
     let mut tick = tokio::time::interval(service.config.reconcile_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
         for (egress, changes) in service.reconcile().await {
-            match changes {
-                Ok(c) => {
-                    service.metrics.reconciled(&egress, &c);
-                    if c != Default::default() {
-                        tracing::warn!(%egress, changes = ?c, "WireGuard device had drifted; repaired");
-                    }
-                }
-                // E.g. a wireguard-go too busy to answer: its device and sessions are left
-                // alone, and the next round looks again.
-                Err(e) => {
-                    tracing::warn!(%egress, error = %e, "cannot reconcile this round; skipped")
-                }
+            if let Ok(c) = &changes {
+                service.metrics.reconciled(&egress, c);
             }
+            report_reconciled(&Space::Egress(egress), changes);
         }
+        for (network, changes) in service.reconcile_networks().await {
+            report_reconciled(&Space::Network(network), changes);
+        }
+        let config = &service.config;
         match service
             .dataplane()
-            .apply_rules(&service.config.egress)
+            .apply_rules(&config.egress, &config.network)
             .await
         {
             Ok(repairs) => {
@@ -394,10 +401,24 @@ async fn reconcile_loop(service: Arc<LeaseService>) {
     }
 }
 
+fn report_reconciled(space: &Space, changes: Result<Changes, DataplaneError>) {
+    match changes {
+        Ok(c) if c != Changes::default() => {
+            tracing::warn!(%space, changes = ?c, "WireGuard device had drifted; repaired")
+        }
+        Ok(_) => {}
+        // E.g. a wireguard-go too busy to answer: its device and sessions are left alone,
+        // and the next round looks again.
+        Err(e) => tracing::warn!(%space, error = %e, "cannot reconcile this round; skipped"),
+    }
+}
+
 /// Every `collect_interval`: releases the leases of peers that have gone away (in a pool,
-/// of the egresses this member leads).
-async fn collect_loop(service: Arc<LeaseService>, leading: Option<Leading>) {
-    let mut activity = Activity::default();
+/// of the egresses this member leads), and the private networks' containers that have gone
+/// away (never their peers).
+async fn collect_loop(api: Arc<ApiState>, leading: Option<Leading>) {
+    let service = &api.service;
+    let (mut activity, mut network_activity) = (Activity::default(), Activity::default());
     let mut tick = tokio::time::interval(service.config.collect_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let which = |egress: &str| leading.as_ref().is_none_or(|l| l.leads(egress));
@@ -413,6 +434,13 @@ async fn collect_loop(service: Arc<LeaseService>, leading: Option<Leading>) {
                 egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,
                 container_id = %lease.attachment.container_id, host = %lease.attachment.host,
                 "idle lease collected: {why}"
+            );
+        }
+        for (lease, why) in service.collect_members(&mut network_activity).await {
+            tracing::info!(
+                network = ?lease.member.as_ref().map(|m| &m.network), address = %lease.address,
+                public_key = %lease.public_key, container_id = %lease.attachment.container_id,
+                "idle network member collected: {why}"
             );
         }
     }
@@ -440,7 +468,7 @@ async fn wait_for_signal() {
 /// Leases stay in the store, so a later `serve` brings the same tunnels back.
 pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     HostDataplane::open(config.backend)?
-        .teardown(&config.egress)
+        .teardown(&config.egress, &config.network)
         .await?;
     // A pool member also lets go of the floating addresses it may hold.
     if let Some(cluster) = &config.cluster {
@@ -449,6 +477,5 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
             floating.release(&group).await?;
         }
     }
-    networks::teardown(config).await?;
     Ok(())
 }

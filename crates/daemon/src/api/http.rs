@@ -19,12 +19,13 @@ use super::observe::observe;
 use super::ApiState;
 use crate::dataplane::DataplaneError;
 use crate::leases::commit::CommitError;
+use crate::leases::members::MemberRefusal;
 use crate::leases::registry::LeaseError;
 use crate::leases::service::ServiceError;
 use wgexit::api::{ApiError, LeaseRequest, MAX_BODY_BYTES, STORE_UNAVAILABLE};
 use wgexit::keys::Key;
 
-/// Why a request was not served.
+/// Why a request was not served, in an egress or a network.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     #[error(transparent)]
@@ -35,6 +36,8 @@ pub enum RequestError {
     Lease(#[from] LeaseError),
     #[error("WireGuard: {0}")]
     Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Member(#[from] MemberRefusal),
 }
 
 impl From<ServiceError> for RequestError {
@@ -42,6 +45,7 @@ impl From<ServiceError> for RequestError {
         match e {
             ServiceError::Lease(e) => RequestError::Lease(e),
             ServiceError::Dataplane(e) => RequestError::Dataplane(e),
+            ServiceError::Member(e) => RequestError::Member(e),
         }
     }
 }
@@ -69,7 +73,7 @@ impl IntoResponse for RequestError {
         let msg = self.to_string();
         match &self {
             RequestError::Auth(AuthError::Unauthorized(_) | AuthError::UnauthorizedNetwork(_))
-            | RequestError::Lease(LeaseError::UnknownEgress(_)) => {
+            | RequestError::Lease(LeaseError::Unknown(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
             }
             RequestError::Auth(AuthError::RateLimited(retry)) => rate_limited(retry, msg),
@@ -104,6 +108,12 @@ impl IntoResponse for RequestError {
             RequestError::Dataplane(_) => {
                 tracing::error!(error = %msg, "WireGuard operation failed");
                 error(StatusCode::INTERNAL_SERVER_ERROR, "wireguard_error", msg)
+            }
+            RequestError::Member(MemberRefusal::PeerNameTaken { .. }) => {
+                error(StatusCode::CONFLICT, "name_taken", msg)
+            }
+            RequestError::Member(MemberRefusal::NotFound { .. }) => {
+                error(StatusCode::NOT_FOUND, "not_found", msg)
             }
         }
     }

@@ -15,13 +15,11 @@ pub mod tokens;
 use std::sync::Arc;
 
 use crate::dataplane::HostDataplane;
-use crate::leases::members::NetworkService;
 use crate::leases::service::LeaseService;
 
 /// What the routes work with.
 pub struct ApiState<D = HostDataplane> {
+    /// Every space's leases: the egresses' and the private networks' members and peers.
     pub service: Arc<LeaseService<D>>,
     pub auth: auth::Authorizer,
-    /// The private networks' members and peers.
-    pub networks: Arc<NetworkService>,
 }

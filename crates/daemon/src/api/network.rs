@@ -13,10 +13,8 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::http::{bearer, decode_path_key, error, named_in_path, RequestError};
+use super::http::{bearer, decode_path_key, named_in_path, RequestError};
 use super::ApiState;
-use crate::leases::members::NetworkError;
-use crate::leases::registry::LeaseError;
 use wgexit::api::{MemberKind, MemberRequest, PeerRequest};
 
 type Shared = State<Arc<ApiState>>;
@@ -39,40 +37,6 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/network/{network}/peers/{key}", delete(remove_peer))
 }
 
-/// Why a network request was not served.
-#[derive(Debug, thiserror::Error)]
-pub enum NetworkRequestError {
-    #[error(transparent)]
-    Request(#[from] RequestError),
-    #[error(transparent)]
-    Network(#[from] NetworkError),
-}
-
-impl IntoResponse for NetworkRequestError {
-    fn into_response(self) -> Response {
-        let msg = self.to_string();
-        match self {
-            NetworkRequestError::Request(r) => r.into_response(),
-            NetworkRequestError::Network(NetworkError::Lease(l)) => {
-                RequestError::Lease(l).into_response()
-            }
-            NetworkRequestError::Network(NetworkError::UnknownNetwork(_)) => {
-                error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
-            }
-            NetworkRequestError::Network(NetworkError::PeerNameTaken { .. }) => {
-                error(StatusCode::CONFLICT, "name_taken", msg)
-            }
-            NetworkRequestError::Network(NetworkError::NotFound { .. }) => {
-                error(StatusCode::NOT_FOUND, "not_found", msg)
-            }
-            NetworkRequestError::Network(NetworkError::Dataplane(_)) => {
-                tracing::error!(error = %msg, "WireGuard operation failed");
-                error(StatusCode::INTERNAL_SERVER_ERROR, "wireguard_error", msg)
-            }
-        }
-    }
-}
-
 /// A caller whose bearer token `network` accepts, with the owner id it stands for.
 struct NetworkCaller {
     network: String,
@@ -80,13 +44,15 @@ struct NetworkCaller {
 }
 
 impl FromRequestParts<Arc<ApiState>> for NetworkCaller {
-    type Rejection = NetworkRequestError;
+    type Rejection = RequestError;
 
     async fn from_request_parts(
         parts: &mut Parts,
         api: &Arc<ApiState>,
-    ) -> Result<NetworkCaller, NetworkRequestError> {
+    ) -> Result<NetworkCaller, RequestError> {
         let (network, source) = named_in_path(parts, api, "network").await?;
+        // Unknown networks are refused as unauthorized (like unknown egresses), so names
+        // cannot be probed.
         let owner = api
             .auth
             .authorize_network(source, &network, bearer(&parts.headers))
@@ -107,7 +73,7 @@ fn decode<T: DeserializeOwned>(
     Ok(req)
 }
 
-type Answer = Result<Response, NetworkRequestError>;
+type Answer = Result<Response, RequestError>;
 
 async fn lease_member(
     State(api): Shared,
@@ -116,7 +82,7 @@ async fn lease_member(
 ) -> Answer {
     let req = decode(body, MemberRequest::validate)?;
     let grant = api
-        .networks
+        .service
         .lease_member(&caller.network, &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
@@ -129,7 +95,7 @@ async fn add_peer(
 ) -> Answer {
     let req = decode(body, PeerRequest::validate)?;
     let grant = api
-        .networks
+        .service
         .add_peer(&caller.network, &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
@@ -137,8 +103,8 @@ async fn add_peer(
 
 async fn release(api: &ApiState, caller: &NetworkCaller, kind: MemberKind, key: &str) -> Answer {
     let key = decode_path_key(key)?;
-    api.networks
-        .release(&caller.network, kind, &caller.owner, &key)
+    api.service
+        .release_member(&caller.network, kind, &caller.owner, &key)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -161,25 +127,20 @@ async fn remove_peer(
 
 async fn list_members(State(api): Shared, caller: NetworkCaller) -> Answer {
     let list = api
-        .networks
-        .list(&caller.network, MemberKind::Container)
+        .service
+        .list_members(&caller.network, MemberKind::Container)
         .await?;
     Ok(Json(list).into_response())
 }
 
 async fn list_peers(State(api): Shared, caller: NetworkCaller) -> Answer {
-    let list = api.networks.list(&caller.network, MemberKind::Peer).await?;
+    let list = api
+        .service
+        .list_members(&caller.network, MemberKind::Peer)
+        .await?;
     Ok(Json(list).into_response())
 }
 
 async fn info(State(api): Shared, caller: NetworkCaller) -> Answer {
-    Ok(Json(api.networks.info(&caller.network).await?).into_response())
-}
-
-/// Unknown networks are refused as unauthorized (like unknown egresses), so names cannot be
-/// probed.
-impl From<LeaseError> for NetworkRequestError {
-    fn from(e: LeaseError) -> NetworkRequestError {
-        NetworkRequestError::Network(NetworkError::Lease(e))
-    }
+    Ok(Json(api.service.network_info(&caller.network).await?).into_response())
 }

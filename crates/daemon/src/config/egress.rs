@@ -9,8 +9,8 @@ use serde::Deserialize;
 use super::egress6::{self, EgressV6, Raw6};
 use super::policy::{self, Policy};
 use super::{ifname, parsed, ConfigError, Invalid, DEFAULT_MTU};
-use crate::leases::egress_ips::{Assign, EgressIps, IpUsage};
-use crate::leases::pool::Pool;
+use crate::addresses::egress_ips::{Assign, EgressIps, IpUsage};
+use crate::addresses::pool::Pool;
 use wgexit::api::valid_egress_name;
 use wgexit::net::IfName;
 

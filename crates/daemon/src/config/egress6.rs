@@ -2,7 +2,7 @@
 //! `pool6` (the overlay IPv6 prefix leases get a /128 from). Both or neither.
 //!
 //! `pool6` is split into one block per egress IPv6, as the IPv4 pool is per egress IP (see
-//! [`crate::leases::egress_ips`]): a lease's IPv6 overlay address lies in the block of
+//! [`crate::addresses::egress_ips`]): a lease's IPv6 overlay address lies in the block of
 //! its egress IPv6, so the firewall's SNAT map from block to IP needs no change per lease.
 //! A lease's egress IPv6 follows its egress IPv4: the IP at the same index in `ips6` (modulo
 //! the number of `ips6`), so with as many IPv6s as IPv4s `exclusive` holds for both.

@@ -326,6 +326,7 @@ impl Config {
         let network = network::networks(raw_network, &egress, &invalid)?;
         egress6::check_no_clash(&egress, &network, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
+        network::check_not_in_cluster(&network, raw.cluster.is_some(), &invalid)?;
         let cluster = match raw.cluster {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
             None => None,
@@ -370,7 +371,7 @@ pub(crate) mod tests {
     pub fn egress(name: &str, pool: &str) -> EgressConfig {
         EgressConfig {
             name: name.into(),
-            egress_ips: crate::leases::egress_ips::EgressIps::single(
+            egress_ips: crate::addresses::egress_ips::EgressIps::single(
                 "203.0.113.77".parse().unwrap(),
             ),
             v6: None,

@@ -76,6 +76,27 @@ pub(super) fn networks(
     Ok(out)
 }
 
+/// Private networks do not run on a pool of exit nodes yet: their leases and identities are
+/// per member, so a network in a config with `[cluster]` would refuse every join. Refused
+/// at start, naming the table, rather than accepted and failing later.
+pub(super) fn check_not_in_cluster(
+    networks: &[NetworkConfig],
+    in_cluster: bool,
+    invalid: &Invalid,
+) -> Result<(), ConfigError> {
+    match networks.first() {
+        Some(n) if in_cluster => Err(invalid(
+            "network[0]".into(),
+            format!(
+                "network {:?}: private networks do not run on a pool of exit nodes ([cluster]) \
+                 yet; serve them from a gateway without [cluster], or remove the [[network]] tables",
+                n.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn network(i: usize, n: RawNetwork, invalid: &Invalid) -> Result<NetworkConfig, ConfigError> {
     let key = |k: &str| format!("network[{i}].{k}");
     if !valid_egress_name(&n.name) {
@@ -287,6 +308,15 @@ dns_upstream = ["198.18.0.53:53", "2001:db8::53"]
             ]
         );
         assert_eq!(c.network("acme"), Some(n));
+    }
+
+    #[test]
+    fn a_network_in_a_pool_is_refused_naming_the_table() {
+        let cluster = "[cluster]\nname = \"eu-1\"\nnode = \"exit-a\"\n\
+                       etcd = [\"http://198.51.100.21:2379\"]\n";
+        let e = err(&format!("{BASE}{NETWORK}{cluster}"));
+        assert!(e.contains("network[0]"), "{e}");
+        assert!(e.contains("[cluster]"), "{e}");
     }
 
     #[test]

@@ -9,13 +9,12 @@ use std::collections::{HashMap, HashSet};
 
 use std::net::IpAddr;
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::IpNet;
 
-use super::{DataplaneError, Peer};
-use crate::config::EgressConfig;
+use super::{DataplaneError, Peer, SpaceDevice};
 use wgexit::api::Lease;
 use wgexit::keys::Key;
-use wgexit::net::{LinkError, Netlink};
+use wgexit::net::Netlink;
 use wgexit::wg::{DeviceConfig, DeviceStatus, PeerConfig, WgError, WireGuard};
 
 /// What a reconcile pass changed.
@@ -84,17 +83,17 @@ async fn initiate_handshakes<W: WireGuard>(
     wg.set_peers(name, &with_endpoint).await
 }
 
-/// Reads `egress`'s device: `None` only when the backend answers that there is no working
+/// Reads a space's device: `None` only when the backend answers that there is no working
 /// device (no link, or no `wireguard-go` behind it). A device that is slow to answer (a
 /// UAPI timeout) is an error, so the caller skips this round instead of recreating a device
 /// that is merely busy and dropping every session on it.
-pub async fn read_device<W: WireGuard>(
+pub async fn read_device<W: WireGuard, C: SpaceDevice>(
     wg: &W,
-    egress: &EgressConfig,
+    space: &C,
 ) -> Result<Option<DeviceStatus>, DataplaneError> {
-    read_wireguard(wg, &egress.wg_interface)
+    read_wireguard(wg, space.wg_interface())
         .await
-        .map_err(DataplaneError::wg(egress))
+        .map_err(DataplaneError::wg(space))
 }
 
 /// Device `name` as it is: `None` only when the backend answers that it is absent (for an
@@ -114,26 +113,26 @@ pub async fn read_wireguard<W: WireGuard>(
 /// exit's overlay address, its MTU, up. `device` is what [`read_device`] saw; it may be a
 /// little older than `peers` (a lease made or released in between), which only costs a
 /// redundant, idempotent single-peer change.
-pub async fn reconcile_device<W: WireGuard>(
+pub async fn reconcile_device<W: WireGuard, C: SpaceDevice>(
     wg: &W,
     netlink: &Netlink,
-    egress: &EgressConfig,
+    space: &C,
     private_key: &Key,
     device: Option<DeviceStatus>,
     peers: &[Peer],
 ) -> Result<Changes, DataplaneError> {
-    let name = egress.wg_interface.as_str();
+    let name = space.wg_interface();
     let identity = Identity {
         private_key,
-        listen_port: egress.listen_port,
+        listen_port: space.listen_port(),
     };
     let (changes, made) = reconcile_wireguard(wg, name, identity, device, peers)
         .await
-        .map_err(DataplaneError::wg(egress))?;
-    bring_up(netlink, egress).await?;
+        .map_err(DataplaneError::wg(space))?;
+    bring_up(netlink, space).await?;
     initiate_handshakes(wg, name, &made)
         .await
-        .map_err(DataplaneError::wg(egress))?;
+        .map_err(DataplaneError::wg(space))?;
     Ok(changes)
 }
 
@@ -222,36 +221,15 @@ async fn sync_peers<'p, W: WireGuard>(
     Ok((missing, removed))
 }
 
-/// The exit node's overlay address on the device, its MTU, up.
-async fn bring_up(netlink: &Netlink, egress: &EgressConfig) -> Result<(), DataplaneError> {
-    let link_err = DataplaneError::link(egress);
-    let name = egress.wg_interface.as_str();
-    let overlay = Ipv4Net::new(egress.overlay_ip(), egress.pool.prefix_len()).map_err(|e| {
-        link_err(LinkError::Netlink {
-            what: "overlay address".into(),
-            detail: e.to_string(),
-            errno: None,
-        })
-    })?;
-    netlink
-        .add_address(name, IpNet::V4(overlay))
-        .await
-        .map_err(link_err)?;
-    if let Some(v6) = &egress.v6 {
-        let overlay6 = Ipv6Net::new(v6.gateway(), v6.pool.prefix_len()).map_err(|e| {
-            link_err(LinkError::Netlink {
-                what: "overlay IPv6 address".into(),
-                detail: e.to_string(),
-                errno: None,
-            })
-        })?;
-        netlink
-            .add_address(name, IpNet::V6(overlay6))
-            .await
-            .map_err(link_err)?;
+/// The space's addresses on the device, its MTU, up.
+async fn bring_up<C: SpaceDevice>(netlink: &Netlink, space: &C) -> Result<(), DataplaneError> {
+    let link_err = DataplaneError::link(space);
+    let name = space.wg_interface();
+    for address in space.device_addresses() {
+        netlink.add_address(name, address).await.map_err(link_err)?;
     }
     netlink
-        .set_up(name, Some(egress.mtu))
+        .set_up(name, Some(space.mtu()))
         .await
         .map_err(link_err)
 }

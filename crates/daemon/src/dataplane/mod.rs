@@ -1,43 +1,49 @@
 //! The exit node's data path: WireGuard devices and their peers, the firewall (SNAT,
-//! forwarding rules, MSS clamp) and the sysctls, behind the [`Dataplane`] seam the lease
-//! service talks to.
+//! forwarding rules, MSS clamp, the private networks' rules) and the sysctls, behind the
+//! [`Dataplane`] seam the lease services talk to.
 //!
-//! [`HostDataplane`] programs this host's network namespace. In a pool of exit nodes every
-//! member programs every lease on its own devices, while only the leader of an egress holds
-//! its addresses; that split is made here, not in the lease service.
+//! [`HostDataplane`] programs this host's network namespace, for both kinds of space: an
+//! egress's device and a private network's are one mechanism ([`SpaceDevice`] says what
+//! differs: the addresses the device holds), with one peer queue. In a pool of exit nodes
+//! every member programs every lease on its own devices, while only the leader of an egress
+//! holds its addresses; that split is made here, not in the lease service.
 
 pub mod devices;
 pub mod firewall;
-pub mod network;
-pub mod network_rules;
 pub mod peer_queue;
+pub mod space_device;
 pub mod sysctl;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 
-use crate::config::EgressConfig;
+use crate::config::{EgressConfig, NetworkConfig};
+use crate::space::Space;
 use wgexit::keys::Key;
 use wgexit::net::{LinkError, Netlink};
 use wgexit::wg::{Backend, BackendKind, DeviceStatus, WgError, WireGuard};
 
 pub use devices::Changes;
-use firewall::{EgressRules, Firewall, FirewallError, RoutingGuard, Verification, DEFAULT_TABLE};
+use firewall::{
+    EgressRules, Firewall, FirewallError, NetworkRules, RoutingGuard, Spaces, Verification,
+    DEFAULT_TABLE,
+};
 use peer_queue::{PeerChange, PeerQueue};
+pub use space_device::SpaceDevice;
 use sysctl::SysctlError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("egress {egress}: {source}")]
+    #[error("{space}: {source}")]
     Wg {
-        egress: String,
+        space: Space,
         #[source]
         source: WgError,
     },
-    #[error("egress {egress}: {source}")]
+    #[error("{space}: {source}")]
     Link {
-        egress: String,
+        space: Space,
         #[source]
         source: LinkError,
     },
@@ -52,20 +58,22 @@ pub enum DataplaneError {
 }
 
 impl DataplaneError {
-    /// Maps a WireGuard error on `egress`'s device.
-    pub fn wg(egress: &EgressConfig) -> impl Fn(WgError) -> DataplaneError + Copy + '_ {
-        let name = egress.name.as_str();
+    /// Maps a WireGuard error on `space`'s device.
+    pub fn wg<C: SpaceDevice + ?Sized>(
+        space: &C,
+    ) -> impl Fn(WgError) -> DataplaneError + Copy + '_ {
         move |source| DataplaneError::Wg {
-            egress: name.to_string(),
+            space: space.space(),
             source,
         }
     }
 
-    /// Maps a link error on `egress`'s device.
-    pub fn link(egress: &EgressConfig) -> impl Fn(LinkError) -> DataplaneError + Copy + '_ {
-        let name = egress.name.as_str();
+    /// Maps a link error on `space`'s device.
+    pub fn link<C: SpaceDevice + ?Sized>(
+        space: &C,
+    ) -> impl Fn(LinkError) -> DataplaneError + Copy + '_ {
         move |source| DataplaneError::Link {
-            egress: name.to_string(),
+            space: space.space(),
             source,
         }
     }
@@ -87,19 +95,20 @@ pub struct Peer {
 /// A queued peer change; resolves once it is on the device.
 pub type Queued<'a> = Pin<Box<dyn Future<Output = Result<(), DataplaneError>> + Send + 'a>>;
 
-/// What the lease service needs from a data path.
+/// What a lease service needs from a data path, for spaces of one kind `C` (the egresses'
+/// [`EgressConfig`] unless named): one device per space, its peers one per lease.
 #[allow(async_fn_in_trait)]
-pub trait Dataplane: Send + Sync {
-    /// `egress`'s device as it is: `None` when there is no working device. Called without
+pub trait Dataplane<C: SpaceDevice = EgressConfig>: Send + Sync {
+    /// The space's device as it is: `None` when there is no working device. Called without
     /// the registry locked, since a device with many peers takes a while to read.
-    async fn device(&self, egress: &EgressConfig) -> Result<Option<DeviceStatus>, DataplaneError>;
-    /// Brings `egress`'s device to its identity, its port, exactly `peers`, its overlay
-    /// address, MTU and up; peers it had to make anew whose endpoint is known are sent a
-    /// handshake at once. `seen` is what [`Dataplane::device`] returned a moment ago; it may
-    /// lag `peers` a little, which only costs an idempotent peer change.
+    async fn device(&self, space: &C) -> Result<Option<DeviceStatus>, DataplaneError>;
+    /// Brings the space's device to its identity, its port, exactly `peers`, its addresses,
+    /// MTU and up; peers it had to make anew whose endpoint is known are sent a handshake at
+    /// once. `seen` is what [`Dataplane::device`] returned a moment ago; it may lag `peers` a
+    /// little, which only costs an idempotent peer change.
     async fn reconcile_device(
         &self,
-        egress: &EgressConfig,
+        space: &C,
         identity: &Key,
         seen: Option<DeviceStatus>,
         peers: &[Peer],
@@ -107,17 +116,11 @@ pub trait Dataplane: Send + Sync {
     /// Queues adding (or updating) a peer behind every peer change queued before it and
     /// returns at once; the peer is on the device when the returned future resolves.
     /// Changes queued by concurrent requests reach the device together (see [`peer_queue`]).
-    fn queue_peer<'a>(&'a self, egress: &'a EgressConfig, peer: &Peer) -> Queued<'a>;
+    fn queue_peer<'a>(&'a self, space: &'a C, peer: &Peer) -> Queued<'a>;
     /// Adds (or updates) a peer.
-    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError>;
+    async fn add_peer(&self, space: &C, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
-    async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError>;
-    /// Makes the firewall and forwarding for `egresses` what they should be, the rules in
-    /// place before forwarding is on; says what it had to repair (nothing when all was in
-    /// place). Called at start and at every reconcile.
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError>;
-    /// Removes the devices and the rules of `egresses`.
-    async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError>;
+    async fn remove_peer(&self, space: &C, key: &Key) -> Result<(), DataplaneError>;
 }
 
 /// The data path in this process's network namespace.
@@ -173,6 +176,22 @@ pub fn rules_for(e: &EgressConfig) -> EgressRules {
     rules
 }
 
+/// What the firewall needs of a private network: its interface, prefix, gateway and
+/// resolver addresses.
+pub fn network_rules_for(n: &NetworkConfig) -> NetworkRules {
+    NetworkRules {
+        name: n.name.clone(),
+        wg_interface: n.wg_interface.to_string(),
+        prefix: n.prefix,
+        gateway: n.gateway(),
+        resolver: n.dns(),
+    }
+}
+
+/// The table the private networks' rules had apart before they joined [`DEFAULT_TABLE`];
+/// removed where an earlier version left it.
+const FORMER_NETWORK_TABLE: &str = "wgexitd-net";
+
 /// Every egress's endpoint address and static IPs (IPv4 and IPv6), without repeats: the
 /// exit nodes' own addresses as the config names them.
 pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
@@ -191,26 +210,51 @@ pub fn exit_addresses(egresses: &[EgressConfig]) -> Vec<IpAddr> {
 
 impl HostDataplane {
     /// The nftables table, by content.
-    fn ensure_table(&self, rules: &[EgressRules]) -> Result<Option<String>, DataplaneError> {
-        let repair = match self.firewall.verify(rules)? {
+    fn ensure_table(&self, spaces: Spaces) -> Result<Option<String>, DataplaneError> {
+        let repair = match self.firewall.verify_spaces(spaces)? {
             Verification::Matches => return Ok(None),
             Verification::Missing => format!("table inet {DEFAULT_TABLE} was missing; applied it"),
             Verification::Differs(what) => {
                 format!("table inet {DEFAULT_TABLE} differed from the config ({what}); replaced it")
             }
         };
-        self.firewall.apply(rules)?;
+        self.firewall.apply_spaces(spaces)?;
+        Firewall::new(FORMER_NETWORK_TABLE).teardown()?;
         Ok(Some(repair))
     }
 
-    /// The fail-closed routing rules, one per WireGuard interface and family.
-    async fn ensure_guard(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
-        let wg: Vec<String> = egresses
+    /// The fail-closed routing rules, one per WireGuard interface and family: the egresses'
+    /// before forwarding, the networks' before local delivery too.
+    async fn ensure_guards(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<Vec<String>, DataplaneError> {
+        let egress_wg: Vec<String> = egresses
             .iter()
             .map(|e| e.wg_interface.to_string())
             .collect();
-        let (added, removed) = RoutingGuard::default()
-            .ensure(&self.netlink, &wg)
+        let network_wg: Vec<String> = networks
+            .iter()
+            .map(|n| n.wg_interface.to_string())
+            .collect();
+        let mut repairs = Vec::new();
+        for (guard, wg) in [
+            (RoutingGuard::default(), egress_wg),
+            (RoutingGuard::before_local(), network_wg),
+        ] {
+            repairs.extend(Self::ensure_guard(&self.netlink, guard, &wg).await?);
+        }
+        Ok(repairs)
+    }
+
+    async fn ensure_guard(
+        netlink: &Netlink,
+        guard: RoutingGuard,
+        wg: &[String],
+    ) -> Result<Vec<String>, DataplaneError> {
+        let (added, removed) = guard
+            .ensure(netlink, wg)
             .await
             .map_err(FirewallError::from)?;
         Ok(added
@@ -225,47 +269,56 @@ impl HostDataplane {
     }
 }
 
-impl Dataplane for HostDataplane {
-    async fn device(&self, egress: &EgressConfig) -> Result<Option<DeviceStatus>, DataplaneError> {
-        devices::read_device(&self.backend, egress).await
+impl<C: SpaceDevice> Dataplane<C> for HostDataplane {
+    async fn device(&self, space: &C) -> Result<Option<DeviceStatus>, DataplaneError> {
+        devices::read_device(&self.backend, space).await
     }
 
     async fn reconcile_device(
         &self,
-        egress: &EgressConfig,
+        space: &C,
         identity: &Key,
         seen: Option<DeviceStatus>,
         peers: &[Peer],
     ) -> Result<Changes, DataplaneError> {
-        devices::reconcile_device(&self.backend, &self.netlink, egress, identity, seen, peers).await
+        devices::reconcile_device(&self.backend, &self.netlink, space, identity, seen, peers).await
     }
 
-    fn queue_peer<'a>(&'a self, egress: &'a EgressConfig, peer: &Peer) -> Queued<'a> {
+    fn queue_peer<'a>(&'a self, space: &'a C, peer: &Peer) -> Queued<'a> {
         let change = PeerChange::Set {
-            device: egress.wg_interface.to_string(),
+            device: space.wg_interface().to_string(),
             peer: devices::peer_config(peer),
         };
         let applied = self.peers.submit(&self.backend, change);
-        Box::pin(async move { applied.await.map_err(DataplaneError::wg(egress)) })
+        Box::pin(async move { applied.await.map_err(DataplaneError::wg(space)) })
     }
 
-    async fn add_peer(&self, egress: &EgressConfig, peer: &Peer) -> Result<(), DataplaneError> {
-        self.queue_peer(egress, peer).await
+    async fn add_peer(&self, space: &C, peer: &Peer) -> Result<(), DataplaneError> {
+        self.queue_peer(space, peer).await
     }
 
     /// Through the queue too, so a removal never overtakes an add queued before it.
-    async fn remove_peer(&self, egress: &EgressConfig, key: &Key) -> Result<(), DataplaneError> {
+    async fn remove_peer(&self, space: &C, key: &Key) -> Result<(), DataplaneError> {
         let change = PeerChange::Remove {
-            device: egress.wg_interface.to_string(),
+            device: space.wg_interface().to_string(),
             key: *key,
         };
         self.peers
             .submit(&self.backend, change)
             .await
-            .map_err(DataplaneError::wg(egress))
+            .map_err(DataplaneError::wg(space))
     }
+}
 
-    async fn apply_rules(&self, egresses: &[EgressConfig]) -> Result<Vec<String>, DataplaneError> {
+impl HostDataplane {
+    /// Makes the firewall and forwarding for `egresses` and `networks` what they should be,
+    /// the rules in place before forwarding is on; says what it had to repair (nothing when
+    /// all was in place). Called at start and at every reconcile.
+    pub async fn apply_rules(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<Vec<String>, DataplaneError> {
         let own = exit_addresses(egresses);
         let rules: Vec<_> = egresses
             .iter()
@@ -274,35 +327,57 @@ impl Dataplane for HostDataplane {
                 ..rules_for(e)
             })
             .collect();
-        let mut repairs: Vec<String> = self.ensure_table(&rules)?.into_iter().collect();
-        repairs.extend(self.ensure_guard(egresses).await?);
+        let network_rules: Vec<_> = networks.iter().map(network_rules_for).collect();
+        let spaces = Spaces {
+            egresses: &rules,
+            networks: &network_rules,
+        };
+        let mut repairs: Vec<String> = self.ensure_table(spaces)?.into_iter().collect();
+        repairs.extend(self.ensure_guards(egresses, networks).await?);
         for e in egresses {
             sysctl::prepare_egress(&e.wg_interface, &e.interface)?;
         }
         sysctl::forward()?;
-        if egresses.iter().any(|e| e.v6.is_some()) {
+        if egresses.iter().any(|e| e.v6.is_some()) || !networks.is_empty() {
             sysctl::forward6()?;
         }
         Ok(repairs)
     }
 
-    async fn teardown(&self, egresses: &[EgressConfig]) -> Result<(), DataplaneError> {
+    /// Removes the rules and the devices of `egresses` and `networks`.
+    pub async fn teardown(
+        &self,
+        egresses: &[EgressConfig],
+        networks: &[NetworkConfig],
+    ) -> Result<(), DataplaneError> {
         self.firewall.teardown()?;
-        RoutingGuard::default()
-            .remove(&self.netlink)
-            .await
-            .map_err(FirewallError::from)?;
+        Firewall::new(FORMER_NETWORK_TABLE).teardown()?;
+        for guard in [RoutingGuard::default(), RoutingGuard::before_local()] {
+            guard
+                .remove(&self.netlink)
+                .await
+                .map_err(FirewallError::from)?;
+        }
         for e in egresses {
-            self.backend
-                .delete(&e.wg_interface)
-                .await
-                .map_err(DataplaneError::wg(e))?;
-            self.netlink
-                .delete_link(&e.wg_interface)
-                .await
-                .map_err(DataplaneError::link(e))?;
+            self.delete_device(e).await?;
+        }
+        for n in networks {
+            self.delete_device(n).await?;
         }
         Ok(())
+    }
+
+    async fn delete_device<C: SpaceDevice>(&self, space: &C) -> Result<(), DataplaneError> {
+        let name = space.wg_interface();
+        self.backend
+            .delete(name)
+            .await
+            .map_err(DataplaneError::wg(space))?;
+        self.netlink
+            .delete_link(name)
+            .await
+            .map_err(DataplaneError::link(space))
+            .map(drop)
     }
 }
 

@@ -221,6 +221,9 @@ impl Drop for DnsServer {
     }
 }
 
+/// The running resolvers; they serve until dropped.
+pub type Resolvers = Vec<DnsServer>;
+
 /// Starts `n`'s resolver on `<prefix>::3` port 53, UDP and TCP. The address must be on the
 /// network's device already. It serves until the returned server is dropped.
 pub async fn start(n: &NetworkConfig, directory: Published) -> Result<DnsServer, DnsError> {

@@ -1,37 +1,35 @@
-//! The private networks' members: containers (leased by the plugin, collected when idle)
-//! and peers (laptops, joined by `wgexit peer create`, never collected). Their leases live
-//! in the one registry beside the egresses' (under [`network_scope`]), so they share its
-//! store, its group commit and its lock; each change is programmed on the network's device
-//! before it is answered and then published to the network's resolver.
+//! The private networks' members, as operations of the one [`LeaseService`]: containers
+//! (leased by the plugin, collected when idle) and peers (laptops, joined by `wgexit peer
+//! create`, never collected). Their leases live in the one registry beside the egresses'
+//! (under [`network_scope`]), so they share its store, its group commit and its lock; each
+//! change is programmed on the network's device before it is answered and then published
+//! to the network's resolver.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::collect::{Activity, Idle, Now, Timeouts};
-use super::commit::{CommitError, Pending};
-use super::registry::{network_scope, Holder, LeaseError, Registry};
-use super::service::LeaseService;
-use super::store::Refusal;
+use super::collect::{Activity, Idle};
+use super::registry::{Holder, LeaseError, Registry};
+use super::service::{durable_removal, LeaseService, ServiceError};
+use super::store::StoredLease;
 use crate::config::NetworkConfig;
-use crate::dataplane::devices::Changes;
-use crate::dataplane::network::{NetworkDataplane, NetworkPlaneError};
+use crate::dataplane::devices::{peer_of, Changes};
+use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
+use crate::metrics::Metrics;
+use crate::space::Space;
 use wgexit::api::{
     Attachment, Lease, Member, MemberGrant, MemberInfo, MemberKind, MemberList, MemberRequest,
     NetworkInfo, PeerRequest,
 };
 use wgexit::keys::Key;
-use wgexit::wg::PeerStatus;
 
+/// What only a private network's members can be refused (see [`ServiceError`] for the rest).
 #[derive(Debug, thiserror::Error)]
-pub enum NetworkError {
-    #[error("no network named {0:?}")]
-    UnknownNetwork(String),
+pub enum MemberRefusal {
     #[error("network {network}: a peer named {name:?} exists already; pick another name or remove it first")]
     PeerNameTaken { network: String, name: String },
     #[error("network {network}: no {kind} with public key {key}")]
@@ -40,16 +38,6 @@ pub enum NetworkError {
         kind: &'static str,
         key: Key,
     },
-    #[error(transparent)]
-    Lease(#[from] LeaseError),
-    #[error(transparent)]
-    Dataplane(#[from] NetworkPlaneError),
-}
-
-impl From<CommitError> for NetworkError {
-    fn from(e: CommitError) -> NetworkError {
-        NetworkError::Lease(LeaseError::Store(e))
-    }
 }
 
 fn kind_name(kind: MemberKind) -> &'static str {
@@ -96,79 +84,98 @@ struct Join {
     info: MemberInfo,
 }
 
-pub struct NetworkService {
-    leases: Arc<LeaseService>,
-    networks: Vec<NetworkConfig>,
-    dataplane: NetworkDataplane,
+/// The private networks' part of the lease service: their WireGuard identities and the
+/// directories their resolvers read.
+pub struct Members {
     identities: Identities,
     directories: HashMap<String, Published>,
-    pub collected: AtomicU64,
 }
 
-impl NetworkService {
-    pub fn new(
-        leases: Arc<LeaseService>,
-        dataplane: NetworkDataplane,
-        identities: Identities,
-    ) -> NetworkService {
-        let networks = leases.config.network.clone();
+impl Members {
+    /// For `networks`, with their identities.
+    pub fn new(networks: &[NetworkConfig], identities: Identities) -> Members {
         let directories = networks
             .iter()
             .map(|n| (n.name.clone(), Published::default()))
             .collect();
-        NetworkService {
-            leases,
-            networks,
-            dataplane,
+        Members {
             identities,
             directories,
-            collected: AtomicU64::new(0),
         }
     }
+}
 
-    pub fn networks(&self) -> &[NetworkConfig] {
-        &self.networks
-    }
-
-    pub fn dataplane(&self) -> &NetworkDataplane {
-        &self.dataplane
-    }
-
-    /// The directory `network`'s resolver reads.
-    pub fn directory(&self, network: &str) -> Published {
-        self.directories.get(network).cloned().unwrap_or_default()
-    }
-
-    fn config(&self, network: &str) -> Result<&NetworkConfig, NetworkError> {
-        self.networks
-            .iter()
-            .find(|n| n.name == network)
-            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
-    }
-
-    fn server_public_key(&self, network: &str) -> Result<Key, NetworkError> {
-        self.identities
-            .public(network)
-            .ok_or_else(|| NetworkError::UnknownNetwork(network.to_string()))
-    }
-
-    /// Rebuilds `network`'s directory from the registry (called with it locked).
-    fn publish(&self, registry: &Registry, network: &str) {
-        let Some(published) = self.directories.get(network) else {
+impl<D: Dataplane> LeaseService<D> {
+    /// Rebuilds `space`'s directory from the registry (called with it locked); nothing for
+    /// an egress.
+    pub(super) fn publish(&self, registry: &Registry, space: &Space) {
+        let Space::Network(network) = space else {
             return;
         };
-        let directory = match registry.egress(&network_scope(network)) {
+        let Some(published) = self.members.directories.get(network) else {
+            return;
+        };
+        let directory = match registry.egress(space) {
             Ok(e) => Directory::from_leases(e.leases().map(|l| &l.lease)),
             Err(_) => Directory::default(),
         };
         published.publish(directory);
     }
+}
+
+/// The networks' operations of the one lease service: the same registry (under
+/// [`Space::Network`]), dataplane, store and durable removal as the egresses'.
+impl LeaseService {
+    pub fn networks(&self) -> &[NetworkConfig] {
+        &self.config.network
+    }
+
+    /// Each network's name with its containers and peers, for metrics.
+    pub async fn member_counts(&self) -> Vec<(String, usize, usize)> {
+        let registry = self.registry().lock().await;
+        let mut out = Vec::new();
+        for n in &self.config.network {
+            let Ok(leases) = registry.egress(&n.space()) else {
+                continue;
+            };
+            let peers = leases
+                .leases()
+                .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
+                .count();
+            out.push((n.name.clone(), leases.len() - peers, peers));
+        }
+        out
+    }
+
+    /// The directory `network`'s resolver reads.
+    pub fn directory(&self, network: &str) -> Published {
+        self.members
+            .directories
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn network_config(&self, network: &str) -> Result<&NetworkConfig, ServiceError> {
+        self.config
+            .network
+            .iter()
+            .find(|n| n.name == network)
+            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())).into())
+    }
+
+    fn network_public_key(&self, network: &str) -> Result<Key, ServiceError> {
+        self.members
+            .identities
+            .public(network)
+            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())).into())
+    }
 
     /// Publishes every network's directory (at start).
     pub async fn publish_all(&self) {
-        let registry = self.leases.registry().lock().await;
-        for n in &self.networks {
-            self.publish(&registry, &n.name);
+        let registry = self.registry().lock().await;
+        for n in &self.config.network {
+            self.publish(&registry, &n.space());
         }
     }
 
@@ -178,7 +185,7 @@ impl NetworkService {
         network: &str,
         owner: &str,
         req: MemberRequest,
-    ) -> Result<MemberGrant, NetworkError> {
+    ) -> Result<MemberGrant, ServiceError> {
         let info = MemberInfo {
             network: network.to_string(),
             kind: MemberKind::Container,
@@ -200,7 +207,7 @@ impl NetworkService {
         network: &str,
         owner: &str,
         req: PeerRequest,
-    ) -> Result<MemberGrant, NetworkError> {
+    ) -> Result<MemberGrant, ServiceError> {
         let info = MemberInfo {
             network: network.to_string(),
             kind: MemberKind::Peer,
@@ -221,21 +228,22 @@ impl NetworkService {
         registry: &Registry,
         network: &str,
         join: &Join,
-    ) -> Result<(), NetworkError> {
+    ) -> Result<(), ServiceError> {
         if join.info.kind != MemberKind::Peer {
             return Ok(());
         }
         let taken = registry
-            .egress(&network_scope(network))?
+            .egress(&Space::Network(network.to_string()))?
             .leases()
             .filter(|l| l.lease.public_key != join.public_key)
             .filter_map(|l| l.lease.member.as_ref())
             .any(|m| m.kind == MemberKind::Peer && m.name.eq_ignore_ascii_case(&join.info.name));
         if taken {
-            return Err(NetworkError::PeerNameTaken {
+            return Err(MemberRefusal::PeerNameTaken {
                 network: network.to_string(),
                 name: join.info.name.clone(),
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -245,11 +253,11 @@ impl NetworkService {
         network: &str,
         owner: &str,
         join: Join,
-    ) -> Result<MemberGrant, NetworkError> {
-        let cfg = self.config(network)?;
-        let server_public_key = self.server_public_key(network)?;
-        let scope = network_scope(network);
-        let mut registry = self.leases.registry().lock().await;
+    ) -> Result<MemberGrant, ServiceError> {
+        let cfg = self.network_config(network)?;
+        let server_public_key = self.network_public_key(network)?;
+        let scope = Space::Network(network.to_string());
+        let mut registry = self.registry().lock().await;
         self.check_peer_name(&registry, network, &join)?;
         let holder = Holder {
             public_key: &join.public_key,
@@ -260,19 +268,23 @@ impl NetworkService {
             &scope,
             holder,
             Some(join.info),
-            self.leases.config.max_leases_per_owner.per_network_owner(),
+            self.config.max_leases_per_owner.per_network_owner(),
         )?;
-        if let Err(e) = self.dataplane.add_peer(cfg, &stored.lease).await {
+        if let Err(e) = self
+            .dataplane()
+            .add_peer(cfg, &peer_of(&stored.lease))
+            .await
+        {
             if new {
                 let _ = registry.release(&scope, &join.public_key, None);
             }
             return Err(e.into());
         }
-        self.publish(&registry, network);
+        self.publish(&registry, &scope);
         drop(registry);
         if let Err(e) = durable.durable().await {
             if new {
-                let _ = self.remove(cfg, &join.public_key).await;
+                let _ = self.remove_member(cfg, &join.public_key).await;
             }
             return Err(e.into());
         }
@@ -288,61 +300,54 @@ impl NetworkService {
             endpoint: cfg.endpoint,
             gateway: IpAddr::V6(cfg.gateway()),
             dns: IpAddr::V6(cfg.dns()),
-            persistent_keepalive: self.leases.config.persistent_keepalive,
+            persistent_keepalive: self.config.persistent_keepalive,
         }
     }
 
     /// Takes `key` out of `network` when it is a member of `kind` made with `owner`'s token.
-    pub async fn release(
+    pub async fn release_member(
         &self,
         network: &str,
         kind: MemberKind,
         owner: &str,
         key: &Key,
-    ) -> Result<(), NetworkError> {
-        let cfg = self.config(network)?;
-        let scope = network_scope(network);
+    ) -> Result<(), ServiceError> {
+        let cfg = self.network_config(network)?;
+        let scope = Space::Network(network.to_string());
         {
-            let registry = self.leases.registry().lock().await;
+            let registry = self.registry().lock().await;
             let lease = registry.releasable(&scope, key, Some(owner))?;
             if kind_of(&lease.lease) != kind {
-                return Err(NetworkError::NotFound {
+                return Err(MemberRefusal::NotFound {
                     network: network.to_string(),
                     kind: kind_name(kind),
                     key: *key,
-                });
+                }
+                .into());
             }
         }
-        self.remove(cfg, key).await
+        self.remove_member(cfg, key).await
     }
 
     /// Peer off the device, lease out of the registry, directory republished; durable when
     /// it returns. A lease released meanwhile counts as released.
-    async fn remove(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), NetworkError> {
-        let mut registry = self.leases.registry().lock().await;
-        let pending = self.remove_locked(&mut registry, cfg, key).await?;
+    async fn remove_member(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
+        let mut registry = self.registry().lock().await;
+        let (_, pending) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(pending).await?;
         Ok(())
     }
 
-    async fn remove_locked(
+    pub async fn list_members(
         &self,
-        registry: &mut Registry,
-        cfg: &NetworkConfig,
-        key: &Key,
-    ) -> Result<Pending, NetworkError> {
-        self.dataplane.remove_peer(cfg, key).await?;
-        let (_, pending) = registry.release(&network_scope(&cfg.name), key, None)?;
-        self.publish(registry, &cfg.name);
-        Ok(pending)
-    }
-
-    pub async fn list(&self, network: &str, kind: MemberKind) -> Result<MemberList, NetworkError> {
-        self.config(network)?;
-        let registry = self.leases.registry().lock().await;
+        network: &str,
+        kind: MemberKind,
+    ) -> Result<MemberList, ServiceError> {
+        self.network_config(network)?;
+        let registry = self.registry().lock().await;
         let mut members: Vec<Member> = registry
-            .egress(&network_scope(network))?
+            .egress(&Space::Network(network.to_string()))?
             .leases()
             .filter(|l| kind_of(&l.lease) == kind)
             .map(|l| member_of(network, &l.lease))
@@ -351,10 +356,10 @@ impl NetworkService {
         Ok(MemberList { members })
     }
 
-    pub async fn info(&self, network: &str) -> Result<NetworkInfo, NetworkError> {
-        let cfg = self.config(network)?;
-        let registry = self.leases.registry().lock().await;
-        let leases = registry.egress(&network_scope(network))?;
+    pub async fn network_info(&self, network: &str) -> Result<NetworkInfo, ServiceError> {
+        let cfg = self.network_config(network)?;
+        let registry = self.registry().lock().await;
+        let leases = registry.egress(&Space::Network(network.to_string()))?;
         let peers = leases
             .leases()
             .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
@@ -363,7 +368,7 @@ impl NetworkService {
             name: cfg.name.clone(),
             prefix: IpNet::V6(cfg.prefix),
             endpoint: cfg.endpoint,
-            server_public_key: self.server_public_key(network)?,
+            server_public_key: self.network_public_key(network)?,
             gateway: IpAddr::V6(cfg.gateway()),
             dns: IpAddr::V6(cfg.dns()),
             members: leases.len() - peers,
@@ -371,38 +376,32 @@ impl NetworkService {
         })
     }
 
-    /// Makes every network's device match the store.
-    pub async fn reconcile(&self) -> Result<Vec<(String, Changes)>, NetworkPlaneError> {
+    /// Makes every network's device match the store; says what changed, or why a network
+    /// was skipped this time.
+    pub async fn reconcile_networks(&self) -> Vec<(String, Result<Changes, DataplaneError>)> {
         let mut out = Vec::new();
-        for cfg in &self.networks {
-            let Some(identity) = self.identities.private(&cfg.name) else {
+        for cfg in &self.config.network {
+            let Some(identity) = self.members.identities.private(&cfg.name) else {
                 continue;
             };
-            let seen = self.dataplane.device(cfg).await?;
-            let registry = self.leases.registry().lock().await;
-            let leases: Vec<&Lease> = registry
-                .egress(&network_scope(&cfg.name))
-                .map(|e| e.leases().map(|l| &l.lease).collect())
-                .unwrap_or_default();
-            let changes = self
-                .dataplane
-                .reconcile(cfg, identity, seen, &leases)
-                .await?;
-            drop(registry);
+            let changes = self.reconcile_space(cfg, identity).await;
             out.push((cfg.name.clone(), changes));
         }
-        Ok(out)
+        out
     }
 
     /// Releases the containers whose peers have gone away; peers (laptops) stay until they
     /// are removed. Returns what was collected, with why.
-    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+    pub async fn collect_members(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
         let mut out = Vec::new();
-        for cfg in &self.networks {
-            for (lease, why, pending) in self.collect_network(cfg, activity).await {
+        for cfg in &self.config.network {
+            let containers = |l: &StoredLease| kind_of(&l.lease) == MemberKind::Container;
+            let collected = self.collect_space(cfg, activity, containers);
+            for (lease, why, pending) in collected.await {
                 match durable_removal(pending).await {
                     Ok(()) => {
-                        self.collected.fetch_add(1, Ordering::Relaxed);
+                        let labels = Metrics::network(&cfg.name);
+                        self.metrics.network_collected.get_or_create(&labels).inc();
                         out.push((lease, why));
                     }
                     Err(e) => {
@@ -412,63 +411,5 @@ impl NetworkService {
             }
         }
         out
-    }
-
-    async fn collect_network(
-        &self,
-        cfg: &NetworkConfig,
-        activity: &mut Activity,
-    ) -> Vec<(Lease, Idle, Pending)> {
-        let config = &self.leases.config;
-        let timeouts = Timeouts {
-            peer: config.peer_timeout,
-            first_handshake: config.first_handshake_timeout,
-        };
-        let status = match self.dataplane.device(cfg).await {
-            Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
-            Err(e) => {
-                tracing::error!(network = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
-                return Vec::new();
-            }
-        };
-        let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
-        let scope = network_scope(&cfg.name);
-        let mut registry = self.leases.registry().lock().await;
-        let containers: Vec<Lease> = match registry.egress(&scope) {
-            Ok(e) => e
-                .leases()
-                .filter(|l| kind_of(&l.lease) == MemberKind::Container)
-                .map(|l| l.lease.clone())
-                .collect(),
-            Err(_) => return Vec::new(),
-        };
-        let watched: HashSet<Key> = containers.iter().map(|l| l.public_key).collect();
-        activity.retain(&scope, &watched);
-        let now = Now::current();
-        let mut removed = Vec::new();
-        for lease in containers {
-            let peer = peers.get(&lease.public_key).copied();
-            let Some(why) = activity.observe(&scope, &lease.public_key, peer, now, timeouts) else {
-                continue;
-            };
-            match self
-                .remove_locked(&mut registry, cfg, &lease.public_key)
-                .await
-            {
-                Ok(pending) => removed.push((lease, why, pending)),
-                Err(e) => {
-                    tracing::error!(network = %cfg.name, public_key = %lease.public_key, error = %e, "cannot collect an idle member; will retry")
-                }
-            }
-        }
-        removed
-    }
-}
-
-/// Waits for a removal's write; a lease the store no longer holds is removed all the same.
-async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
-    match pending.durable().await {
-        Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
-        other => other,
     }
 }

@@ -8,13 +8,13 @@
 
 pub mod collect;
 pub mod commit;
-pub mod egress_ips;
 pub mod etcd;
 pub mod members;
 pub mod overlay6;
-pub mod pool;
-pub mod pool6;
 pub mod redb;
 pub mod registry;
 pub mod service;
 pub mod store;
+
+/// The address pools and egress IP assignment leases are made from (see [`crate::addresses`]).
+pub use crate::addresses::{egress_ips, pool, pool6};

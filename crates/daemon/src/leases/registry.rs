@@ -15,32 +15,15 @@ use super::pool::Pool;
 use super::pool6::Pool6;
 use super::store::{LeaseStore, StoreError, StoredLease, Write};
 use crate::config::{EgressConfig, NetworkConfig};
+use crate::space::Space;
 use wgexit::api::{Attachment, Lease, LeaseRequest, MemberInfo};
 use wgexit::keys::Key;
 
-/// Where a private network's members are kept in the registry and the store: beside the
-/// egresses, under a name no egress can have (egress names have no ':'), so an egress and a
-/// network may share a name and one public key may hold a lease in both.
+/// Where a private network's members are kept in the store: beside the egresses, under a
+/// name no egress can have (see [`Space::store_key`]), so an egress and a network may share
+/// a name and one public key may hold a lease in both.
 pub fn network_scope(network: &str) -> String {
-    format!("network:{network}")
-}
-
-/// The network a scope of [`network_scope`] names.
-pub fn network_of_scope(scope: &str) -> Option<&str> {
-    scope.strip_prefix("network:")
-}
-
-/// "egress" or "network", for messages about a scope.
-fn kind_of_scope(scope: &str) -> &'static str {
-    match network_of_scope(scope) {
-        Some(_) => "network",
-        None => "egress",
-    }
-}
-
-/// The egress's or network's own name, for messages about a scope.
-fn name_of_scope(scope: &str) -> &str {
-    network_of_scope(scope).unwrap_or(scope)
+    Space::Network(network.to_string()).store_key()
 }
 
 /// The addresses of one egress (IPv4, handed out in turn) or network (IPv6, derived from
@@ -104,25 +87,25 @@ impl AddressPool {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("no {} named {:?}", kind_of_scope(.0), name_of_scope(.0))]
-    UnknownEgress(String),
-    #[error("{} {}: pool {pool} has no free address ({in_use} leased); release leases or give it a larger pool", kind_of_scope(.egress), name_of_scope(.egress))]
+    #[error("no {} named {:?}", .0.kind(), .0.name())]
+    Unknown(Space),
+    #[error("{space}: pool {pool} has no free address ({in_use} leased); release leases or give it a larger pool")]
     PoolExhausted {
-        egress: String,
+        space: Space,
         pool: String,
         in_use: usize,
     },
-    #[error("egress {egress}: every egress IP ({}) is held by a lease and assign = \"exclusive\"; release a lease (DEL) or add IPs to the egress's ips", list_ips(.ips))]
+    #[error("{space}: every egress IP ({}) is held by a lease and assign = \"exclusive\"; release a lease (DEL) or add IPs to the egress's ips", list_ips(.ips))]
     EgressIpsExhausted {
-        egress: String,
+        space: Space,
         ips: Vec<std::net::Ipv4Addr>,
     },
-    #[error("{} {}: this token already holds {max} leases, its quota (max_leases_per_owner; by default an equal share of the pool among the tokens); release leases (DEL) or have max_leases_per_owner raised on the exit node", kind_of_scope(.egress), name_of_scope(.egress))]
-    QuotaExceeded { egress: String, max: usize },
-    #[error("{} {}: no lease for public key {key}", kind_of_scope(.egress), name_of_scope(.egress))]
-    NotFound { egress: String, key: Key },
-    #[error("{} {}: the lease for {key} was made with another token", kind_of_scope(.egress), name_of_scope(.egress))]
-    NotOwner { egress: String, key: Key },
+    #[error("{space}: this token already holds {max} leases, its quota (max_leases_per_owner; by default an equal share of the pool among the tokens); release leases (DEL) or have max_leases_per_owner raised on the exit node")]
+    QuotaExceeded { space: Space, max: usize },
+    #[error("{space}: no lease for public key {key}")]
+    NotFound { space: Space, key: Key },
+    #[error("{space}: the lease for {key} was made with another token")]
+    NotOwner { space: Space, key: Key },
     #[error(transparent)]
     Store(#[from] CommitError),
 }
@@ -263,7 +246,7 @@ impl EgressLeases {
     /// freed again.
     fn allocate6(
         &mut self,
-        scope: &str,
+        space: &Space,
         key: &Key,
         address: IpAddr,
     ) -> Result<Option<std::net::Ipv6Addr>, LeaseError> {
@@ -275,7 +258,7 @@ impl EgressLeases {
             return Ok(Some(a));
         }
         let err = LeaseError::PoolExhausted {
-            egress: scope.to_string(),
+            space: space.clone(),
             pool: v6.pool().to_string(),
             in_use: v6.in_use(),
         };
@@ -299,9 +282,9 @@ impl EgressLeases {
     }
 
     /// A free address for `key`: in an egress, in the block of the IP its `assign` picks.
-    fn allocate(&mut self, scope: &str, key: &Key) -> Result<IpAddr, LeaseError> {
+    fn allocate(&mut self, space: &Space, key: &Key) -> Result<IpAddr, LeaseError> {
         let exhausted = |pool: &AddressPool| LeaseError::PoolExhausted {
-            egress: scope.to_string(),
+            space: space.clone(),
             pool: pool.net(),
             in_use: pool.in_use(),
         };
@@ -311,7 +294,7 @@ impl EgressLeases {
         let blocks = ips
             .candidates()
             .map_err(|Exhausted(ips)| LeaseError::EgressIpsExhausted {
-                egress: scope.to_string(),
+                space: space.clone(),
                 ips,
             })?;
         let found = blocks.into_iter().find_map(|b| pool.allocate_in(b));
@@ -332,7 +315,7 @@ pub struct Holder<'a> {
 }
 
 pub struct Registry {
-    egresses: HashMap<String, EgressLeases>,
+    egresses: HashMap<Space, EgressLeases>,
     commit: GroupCommit,
 }
 
@@ -345,24 +328,27 @@ pub fn place(
     egresses: &[EgressConfig],
     networks: &[NetworkConfig],
     stored: Vec<StoredLease>,
-) -> (HashMap<String, EgressLeases>, Vec<StoredLease>) {
-    let mut map: HashMap<String, EgressLeases> = egresses
+) -> (HashMap<Space, EgressLeases>, Vec<StoredLease>) {
+    let mut map: HashMap<Space, EgressLeases> = egresses
         .iter()
         .map(|e| {
             let pool = AddressPool::V4(Pool::new(e.pool));
             let ips = IpUsage::new(&e.egress_ips, e.pool);
             let mut leases = EgressLeases::new(pool, Some(ips));
             leases.v6 = e.v6.as_ref().map(Overlay6::new);
-            (e.name.clone(), leases)
+            (Space::Egress(e.name.clone()), leases)
         })
         .chain(networks.iter().map(|n| {
             let pool = AddressPool::V6(Pool6::new(n.prefix));
-            (network_scope(&n.name), EgressLeases::new(pool, None))
+            (
+                Space::Network(n.name.clone()),
+                EgressLeases::new(pool, None),
+            )
         }))
         .collect();
     let mut misfits = Vec::new();
     for lease in stored {
-        let Some(e) = map.get_mut(&lease.lease.egress) else {
+        let Some(e) = map.get_mut(&Space::from_store_key(&lease.lease.egress)) else {
             misfits.push(lease);
             continue;
         };
@@ -446,7 +432,10 @@ impl Registry {
     /// back. The store is the authority: if one of our own not yet written leases holds
     /// the address, both hold it until the store refuses ours.
     pub fn adopt(&mut self, stored: StoredLease) -> Adopted {
-        let Some(e) = self.egresses.get_mut(&stored.lease.egress) else {
+        let Some(e) = self
+            .egresses
+            .get_mut(&Space::from_store_key(&stored.lease.egress))
+        else {
             return Adopted::Misfit;
         };
         let address = stored.lease.address;
@@ -470,31 +459,32 @@ impl Registry {
     }
 
     /// Drops a lease another member deleted, without writing anything.
-    pub fn drop_remote(&mut self, egress: &str, key: &Key) -> Option<StoredLease> {
-        self.egresses.get_mut(egress)?.remove(key)
+    pub fn drop_remote(&mut self, space: &Space, key: &Key) -> Option<StoredLease> {
+        self.egresses.get_mut(space)?.remove(key)
     }
 
     /// The lease holding `address` in `egress`, if any (a scan: for rare repairs).
-    pub fn lease_at(&self, egress: &str, address: IpAddr) -> Option<&StoredLease> {
+    pub fn lease_at(&self, space: &Space, address: IpAddr) -> Option<&StoredLease> {
         self.egresses
-            .get(egress)?
+            .get(space)?
             .by_key
             .values()
             .find(|l| l.lease.address == address)
     }
 
-    pub fn egress(&self, name: &str) -> Result<&EgressLeases, LeaseError> {
+    /// The leases of `space`.
+    pub fn egress(&self, space: &Space) -> Result<&EgressLeases, LeaseError> {
         self.egresses
-            .get(name)
-            .ok_or_else(|| LeaseError::UnknownEgress(name.to_string()))
+            .get(space)
+            .ok_or_else(|| LeaseError::Unknown(space.clone()))
     }
 
     /// Every egress's name and leases (not the networks' members).
     pub fn egresses(&self) -> impl Iterator<Item = (&str, &EgressLeases)> {
-        self.egresses
-            .iter()
-            .filter(|(name, _)| network_of_scope(name).is_none())
-            .map(|(name, e)| (name.as_str(), e))
+        self.egresses.iter().filter_map(|(space, e)| match space {
+            Space::Egress(name) => Some((name.as_str(), e)),
+            Space::Network(_) => None,
+        })
     }
 
     /// Grants a lease, or returns the existing one for this public key (idempotent).
@@ -503,7 +493,7 @@ impl Registry {
     /// A new lease is refused when `owner` holds `max_per_owner` already.
     pub fn lease(
         &mut self,
-        egress: &str,
+        space: &Space,
         req: &LeaseRequest,
         owner: &str,
         max_per_owner: usize,
@@ -513,13 +503,13 @@ impl Registry {
             attachment: &req.attachment,
             owner,
         };
-        self.lease_for(egress, holder, None, max_per_owner)
+        self.lease_for(space, holder, None, max_per_owner)
     }
 
     /// [`Registry::lease`] for any scope: an egress, or a network's member (`member`).
     pub fn lease_for(
         &mut self,
-        egress: &str,
+        space: &Space,
         holder: Holder<'_>,
         member: Option<MemberInfo>,
         max_per_owner: usize,
@@ -531,17 +521,17 @@ impl Registry {
         } = holder;
         let e = self
             .egresses
-            .get_mut(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
+            .get_mut(space)
+            .ok_or_else(|| LeaseError::Unknown(space.clone()))?;
         if let Some(existing) = e.by_key.get(public_key) {
             if existing.owner != owner {
                 return Err(LeaseError::NotOwner {
-                    egress: egress.to_string(),
+                    space: space.clone(),
                     key: *public_key,
                 });
             }
             let pending = self.commit.submit(Write::Keep {
-                egress: egress.to_string(),
+                egress: space.store_key(),
                 public_key: *public_key,
                 owner: owner.to_string(),
             });
@@ -550,15 +540,15 @@ impl Registry {
         // A full pool is said to be full, whoever asks.
         if e.held_by(owner) >= max_per_owner && e.len() < e.capacity() {
             return Err(LeaseError::QuotaExceeded {
-                egress: egress.to_string(),
+                space: space.clone(),
                 max: max_per_owner,
             });
         }
-        let address = e.allocate(egress, public_key)?;
-        let address6 = e.allocate6(egress, public_key, address)?;
+        let address = e.allocate(space, public_key)?;
+        let address6 = e.allocate6(space, public_key, address)?;
         let stored = StoredLease {
             lease: Lease {
-                egress: egress.to_string(),
+                egress: space.store_key(),
                 public_key: *public_key,
                 address,
                 address6,
@@ -578,20 +568,20 @@ impl Registry {
     /// own collection).
     pub fn releasable(
         &self,
-        egress: &str,
+        space: &Space,
         key: &Key,
         owner: Option<&str>,
     ) -> Result<&StoredLease, LeaseError> {
         let existing = self
-            .egress(egress)?
+            .egress(space)?
             .get(key)
             .ok_or_else(|| LeaseError::NotFound {
-                egress: egress.to_string(),
+                space: space.clone(),
                 key: *key,
             })?;
         if owner.is_some_and(|o| o != existing.owner) {
             return Err(LeaseError::NotOwner {
-                egress: egress.to_string(),
+                space: space.clone(),
                 key: *key,
             });
         }
@@ -602,21 +592,21 @@ impl Registry {
     /// own collection). Durable once the [`Pending`] resolves.
     pub fn release(
         &mut self,
-        egress: &str,
+        space: &Space,
         key: &Key,
         owner: Option<&str>,
     ) -> Result<(StoredLease, Pending), LeaseError> {
-        self.releasable(egress, key, owner)?;
+        self.releasable(space, key, owner)?;
         let e = self
             .egresses
-            .get_mut(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))?;
+            .get_mut(space)
+            .ok_or_else(|| LeaseError::Unknown(space.clone()))?;
         let removed = e.remove(key).ok_or_else(|| LeaseError::NotFound {
-            egress: egress.to_string(),
+            space: space.clone(),
             key: *key,
         })?;
         let pending = self.commit.submit(Write::Delete {
-            egress: egress.to_string(),
+            egress: space.store_key(),
             public_key: *key,
             owner: owner.map(String::from),
         });
@@ -626,17 +616,17 @@ impl Registry {
     /// Records that `key`'s peer was seen at `endpoint`; a write only when that changed.
     pub fn note_endpoint(
         &mut self,
-        egress: &str,
+        space: &Space,
         key: &Key,
         endpoint: SocketAddr,
     ) -> Option<Pending> {
-        let lease = self.egresses.get_mut(egress)?.by_key.get_mut(key)?;
+        let lease = self.egresses.get_mut(space)?.by_key.get_mut(key)?;
         if lease.endpoint == Some(endpoint) {
             return None;
         }
         lease.endpoint = Some(endpoint);
         Some(self.commit.submit(Write::Seen {
-            egress: egress.to_string(),
+            egress: space.store_key(),
             public_key: *key,
             endpoint,
         }))
@@ -644,8 +634,8 @@ impl Registry {
 
     /// Drops `key`'s lease from memory only: for a lease whose creation the store refused,
     /// so the store holds nothing to delete.
-    pub fn forget(&mut self, egress: &str, key: &Key) {
-        if let Some(e) = self.egresses.get_mut(egress) {
+    pub fn forget(&mut self, space: &Space, key: &Key) {
+        if let Some(e) = self.egresses.get_mut(space) {
             e.remove(key);
         }
     }
@@ -661,6 +651,11 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::config::tests::egress;
+
+    /// The egress named `name`.
+    fn sp(name: &str) -> Space {
+        Space::Egress(name.into())
+    }
     use crate::leases::redb::RedbStore;
 
     fn req(n: u8) -> LeaseRequest {
@@ -677,7 +672,7 @@ mod tests {
         req: &LeaseRequest,
         owner: &str,
     ) -> Result<(StoredLease, bool), LeaseError> {
-        let (l, new, pending) = r.lease(egress, req, owner, usize::MAX)?;
+        let (l, new, pending) = r.lease(&sp(egress), req, owner, usize::MAX)?;
         pending.wait().map_err(LeaseError::Store)?;
         Ok((l, new))
     }
@@ -688,7 +683,7 @@ mod tests {
         key: &Key,
         owner: Option<&str>,
     ) -> Result<StoredLease, LeaseError> {
-        let (l, pending) = r.release(egress, key, owner)?;
+        let (l, pending) = r.release(&sp(egress), key, owner)?;
         pending.wait().map_err(LeaseError::Store)?;
         Ok(l)
     }
@@ -721,10 +716,14 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut r = open(t.path());
         for n in 1..=5 {
-            r.lease("a", &req(n), "alice", 5).unwrap().2.wait().unwrap();
+            r.lease(&sp("a"), &req(n), "alice", 5)
+                .unwrap()
+                .2
+                .wait()
+                .unwrap();
         }
         assert!(matches!(
-            r.lease("a", &req(6), "alice", 5),
+            r.lease(&sp("a"), &req(6), "alice", 5),
             Err(LeaseError::PoolExhausted { .. })
         ));
     }
@@ -734,18 +733,34 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let mut r = open(t.path());
         for n in 1..=2 {
-            r.lease("a", &req(n), "alice", 2).unwrap().2.wait().unwrap();
+            r.lease(&sp("a"), &req(n), "alice", 2)
+                .unwrap()
+                .2
+                .wait()
+                .unwrap();
         }
         assert!(matches!(
-            r.lease("a", &req(3), "alice", 2),
+            r.lease(&sp("a"), &req(3), "alice", 2),
             Err(LeaseError::QuotaExceeded { max: 2, .. })
         ));
         // Others are not held to alice's count, renewing is not a new lease, and a
         // release makes room.
-        r.lease("a", &req(4), "bob", 2).unwrap().2.wait().unwrap();
-        r.lease("a", &req(1), "alice", 2).unwrap().2.wait().unwrap();
+        r.lease(&sp("a"), &req(4), "bob", 2)
+            .unwrap()
+            .2
+            .wait()
+            .unwrap();
+        r.lease(&sp("a"), &req(1), "alice", 2)
+            .unwrap()
+            .2
+            .wait()
+            .unwrap();
         release(&mut r, "a", &Key([1; 32]), Some("alice")).unwrap();
-        r.lease("a", &req(3), "alice", 2).unwrap().2.wait().unwrap();
+        r.lease(&sp("a"), &req(3), "alice", 2)
+            .unwrap()
+            .2
+            .wait()
+            .unwrap();
     }
 
     #[test]
@@ -767,7 +782,7 @@ mod tests {
         ));
         assert!(matches!(
             lease(&mut r, "zzz", &req(1), "alice"),
-            Err(LeaseError::UnknownEgress(_))
+            Err(LeaseError::Unknown(_))
         ));
         release(&mut r, "a", &Key([1; 32]), Some("alice")).unwrap();
     }
@@ -784,7 +799,7 @@ mod tests {
             release(&mut r, "a", &Key([2; 32]), Some("o")).unwrap();
         }
         let mut r = open(t.path());
-        assert_eq!(r.egress("a").unwrap().len(), 2);
+        assert_eq!(r.egress(&sp("a")).unwrap().len(), 2);
         assert_eq!(lease(&mut r, "a", &req(1), "o").unwrap().0, before[0]);
         let taken: Vec<_> = [&before[0], &before[2]]
             .iter()
@@ -828,7 +843,7 @@ mod tests {
         outside.lease.egress = "zzz".into();
         assert_eq!(r.adopt(outside), Adopted::Misfit);
         // Our own lease is never given an address another member holds.
-        let (mine, _, pending) = r.lease("a", &req(1), "o", usize::MAX).unwrap();
+        let (mine, _, pending) = r.lease(&sp("a"), &req(1), "o", usize::MAX).unwrap();
         pending.wait().unwrap();
         assert_ne!(mine.lease.address, foreign(9, 2).lease.address);
         // Another member's lease at the address of ours (which the store will refuse):
@@ -838,9 +853,9 @@ mod tests {
             _ => unreachable!(),
         };
         assert_eq!(r.adopt(foreign(7, host)), Adopted::New);
-        assert!(r.lease_at("a", mine.lease.address).is_some());
+        assert!(r.lease_at(&sp("a"), mine.lease.address).is_some());
         // Ours refused (here: taken out of the embedded store by hand) and forgotten.
-        r.forget("a", &Key([1; 32]));
+        r.forget(&sp("a"), &Key([1; 32]));
         r.submit(Write::Delete {
             egress: "a".into(),
             public_key: Key([1; 32]),
@@ -849,13 +864,13 @@ mod tests {
         .wait()
         .unwrap();
         for n in 20..23 {
-            let (l, _, p) = r.lease("a", &req(n), "o", usize::MAX).unwrap();
+            let (l, _, p) = r.lease(&sp("a"), &req(n), "o", usize::MAX).unwrap();
             p.wait().unwrap();
             assert_ne!(l.lease.address, mine.lease.address, "a held address reused");
         }
-        assert!(r.drop_remote("a", &Key([7; 32])).is_some());
-        assert!(r.drop_remote("a", &Key([7; 32])).is_none());
-        let (l, _, p) = r.lease("a", &req(30), "o", usize::MAX).unwrap();
+        assert!(r.drop_remote(&sp("a"), &Key([7; 32])).is_some());
+        assert!(r.drop_remote(&sp("a"), &Key([7; 32])).is_none());
+        let (l, _, p) = r.lease(&sp("a"), &req(30), "o", usize::MAX).unwrap();
         p.wait().unwrap();
         assert_eq!(
             l.lease.address, mine.lease.address,
@@ -873,7 +888,7 @@ mod tests {
         let r = Mutex::new(r);
         let check = |r: &Registry| {
             let addrs: Vec<_> = r
-                .egress("a")
+                .egress(&sp("a"))
                 .unwrap()
                 .leases()
                 .map(|l| l.lease.address)
@@ -894,7 +909,7 @@ mod tests {
                         let mut g = r.lock().unwrap();
                         // Leasing, releasing (as DEL or collection would) and leasing again
                         // race with the other threads; the pool of 5 is always contended.
-                        match g.lease("a", &key, "o", usize::MAX) {
+                        match g.lease(&sp("a"), &key, "o", usize::MAX) {
                             Ok(_) | Err(LeaseError::PoolExhausted { .. }) => {}
                             Err(e) => panic!("{e}"),
                         }
@@ -903,7 +918,7 @@ mod tests {
                         std::thread::yield_now();
                         let mut g = r.lock().unwrap();
                         if i % 3 != 0 {
-                            let _ = g.release("a", &key.public_key, None);
+                            let _ = g.release(&sp("a"), &key.public_key, None);
                         }
                         check(&g);
                     }
@@ -913,7 +928,7 @@ mod tests {
         // The store says the same as memory.
         let r = r.into_inner().unwrap();
         let mut held: Vec<_> = r
-            .egress("a")
+            .egress(&sp("a"))
             .unwrap()
             .leases()
             .map(|l| l.lease.clone())
@@ -940,7 +955,7 @@ mod tests {
             Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store.clone())
                 .unwrap();
         assert!(misfits.is_empty());
-        assert_eq!(r.egress("a").unwrap().get(&Key([1; 32])), Some(&old));
+        assert_eq!(r.egress(&sp("a")).unwrap().get(&Key([1; 32])), Some(&old));
         let info = MemberInfo {
             network: "a".into(),
             kind: MemberKind::Container,
@@ -948,7 +963,7 @@ mod tests {
             region: "ams".into(),
             name: String::new(),
         };
-        let scope = network_scope("a");
+        let scope = Space::Network("a".into());
         let holder = Holder {
             public_key: &Key([1; 32]),
             attachment: &Attachment::default(),
@@ -964,7 +979,7 @@ mod tests {
             Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store).unwrap();
         assert!(misfits.is_empty());
         assert_eq!(r.egress(&scope).unwrap().get(&Key([1; 32])), Some(&m));
-        assert_eq!(network_of_scope(&scope), Some("a"));
+        assert_eq!(m.lease.egress, network_scope("a"));
     }
 
     fn three_ips(assign: crate::leases::egress_ips::Assign) -> EgressConfig {
@@ -1023,7 +1038,7 @@ mod tests {
 
     /// How many leases leave from each of egress `name`'s IPs, in order.
     fn ip_counts(r: &Registry, name: &str) -> Vec<usize> {
-        r.egress(name)
+        r.egress(&sp(name))
             .unwrap()
             .ip_usage()
             .iter()
@@ -1041,7 +1056,7 @@ mod tests {
             .map(|n| e.egress_ip_of(lease(&mut r, "s", &req(n), "o").unwrap().0.lease.address))
             .collect();
         assert_eq!(ips.len(), 3);
-        assert_eq!(r.egress("s").unwrap().capacity(), 3);
+        assert_eq!(r.egress(&sp("s")).unwrap().capacity(), 3);
         let refused = lease(&mut r, "s", &req(4), "o").unwrap_err();
         assert!(matches!(refused, LeaseError::EgressIpsExhausted { .. }));
         let msg = refused.to_string();
@@ -1100,7 +1115,7 @@ mod tests {
         let mut made = Vec::new();
         {
             let mut r = load_one(&e, t.path());
-            assert_eq!(r.egress("s").unwrap().get(&Key([1; 32])), Some(&old));
+            assert_eq!(r.egress(&sp("s")).unwrap().get(&Key([1; 32])), Some(&old));
             for n in 2..=3 {
                 let (l, _) = lease(&mut r, "s", &req(n), "o").unwrap();
                 let a6 = l.lease.address6.expect("an IPv6");
@@ -1116,7 +1131,7 @@ mod tests {
                 made.push(l);
             }
             let used: Vec<usize> = r
-                .egress("s")
+                .egress(&sp("s"))
                 .unwrap()
                 .ip6_usage()
                 .iter()
@@ -1125,9 +1140,12 @@ mod tests {
             assert_eq!(used.iter().sum::<usize>(), 2);
         }
         let mut r = load_one(&e, t.path());
-        assert_eq!(r.egress("s").unwrap().get(&Key([2; 32])), Some(&made[0]));
         assert_eq!(
-            r.egress("s")
+            r.egress(&sp("s")).unwrap().get(&Key([2; 32])),
+            Some(&made[0])
+        );
+        assert_eq!(
+            r.egress(&sp("s"))
                 .unwrap()
                 .ip6_usage()
                 .iter()
@@ -1137,7 +1155,7 @@ mod tests {
         );
         release(&mut r, "s", &Key([2; 32]), Some("o")).unwrap();
         assert_eq!(
-            r.egress("s")
+            r.egress(&sp("s"))
                 .unwrap()
                 .ip6_usage()
                 .iter()
@@ -1164,7 +1182,7 @@ mod tests {
         outside.lease.address6 = Some("fd77:0:2::1234".parse().unwrap());
         let (placed, misfits) = place(std::slice::from_ref(&e), &[], vec![inside, outside.clone()]);
         assert_eq!(misfits, vec![outside.clone()]);
-        let a = &placed["a"];
+        let a = &placed[&sp("a")];
         assert_eq!(a.len(), 1);
         assert_eq!(a.ip6_usage()[0].1, 1);
         // The misfit holds no IPv4 either.

@@ -15,22 +15,29 @@ mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
+use super::members::{MemberRefusal, Members};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig};
-use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer};
+use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
+use crate::space::Space;
 use wgexit::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
 use wgexit::keys::Key;
 use wgexit::wg::PeerStatus;
 
+/// Why the lease service refused or failed a request, in an egress or a network (each
+/// variant names its space).
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
     Lease(#[from] LeaseError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// What only a private network's members can be refused.
+    #[error(transparent)]
+    Member(#[from] MemberRefusal),
 }
 
 impl From<CommitError> for ServiceError {
@@ -48,16 +55,20 @@ pub struct LeaseService<D = HostDataplane> {
     identities: Identities,
     /// What `/metrics` exports; leases, releases and collections are counted here.
     pub metrics: Arc<Metrics>,
+    /// The private networks' identities and resolvers' directories (see [`super::members`]).
+    pub(super) members: Members,
 }
 
 impl<D: Dataplane> LeaseService<D> {
+    /// `identities`: the egresses' and the networks' WireGuard identities.
     pub fn new(
         config: Config,
         (registry, misfits): (Registry, Vec<StoredLease>),
         dataplane: D,
-        identities: Identities,
+        (identities, network_identities): (Identities, Identities),
     ) -> LeaseService<D> {
         LeaseService {
+            members: Members::new(&config.network, network_identities),
             config,
             registry: Mutex::new(registry),
             misfits: Mutex::new(misfits),
@@ -71,8 +82,7 @@ impl<D: Dataplane> LeaseService<D> {
         &self.dataplane
     }
 
-    /// The registry, for the private networks' members (see [`super::members`]): one
-    /// registry, one store and one lock for every lease.
+    /// The registry: one registry, one store and one lock for every space's leases.
     pub fn registry(&self) -> &Mutex<Registry> {
         &self.registry
     }
@@ -80,13 +90,13 @@ impl<D: Dataplane> LeaseService<D> {
     fn egress_config(&self, egress: &str) -> Result<&EgressConfig, LeaseError> {
         self.config
             .egress(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
+            .ok_or_else(|| LeaseError::Unknown(Space::Egress(egress.to_string())))
     }
 
     fn server_public_key(&self, egress: &str) -> Result<Key, LeaseError> {
         self.identities
             .public(egress)
-            .ok_or_else(|| LeaseError::UnknownEgress(egress.to_string()))
+            .ok_or_else(|| LeaseError::Unknown(Space::Egress(egress.to_string())))
     }
 
     /// Grants `owner` a lease in `egress` for `req`'s key (or returns the one it holds), with
@@ -123,11 +133,12 @@ impl<D: Dataplane> LeaseService<D> {
         let cfg = self.egress_config(egress)?;
         let server_public_key = self.server_public_key(egress)?;
         let mut registry = self.registry.lock().await;
+        let space = cfg.space();
         let quota = self
             .config
             .max_leases_per_owner
-            .per_owner(registry.egress(egress)?.capacity(), owners);
-        let (stored, new, durable) = registry.lease(egress, &req, owner, quota)?;
+            .per_owner(registry.egress(&space)?.capacity(), owners);
+        let (stored, new, durable) = registry.lease(&space, &req, owner, quota)?;
         // Always (re)install the peer: cheap, and it heals a peer lost since. Queued in the
         // registry's order and applied without the lock, together with the peers of
         // concurrent leases.
@@ -140,7 +151,7 @@ impl<D: Dataplane> LeaseService<D> {
                     .registry
                     .lock()
                     .await
-                    .release(egress, &req.public_key, None);
+                    .release(&cfg.space(), &req.public_key, None);
             }
             return Err(e.into());
         }
@@ -183,10 +194,10 @@ impl<D: Dataplane> LeaseService<D> {
         if matches!(why, CommitError::Refused(_)) {
             let mut registry = self.registry.lock().await;
             let _ = self.dataplane.remove_peer(cfg, key).await;
-            registry.forget(&cfg.name, key);
+            registry.forget(&cfg.space(), key);
             // The peer of whoever holds the address (another member's lease) may have
             // lost it to ours on the device.
-            if let Some(holder) = registry.lease_at(&cfg.name, stored.lease.address) {
+            if let Some(holder) = registry.lease_at(&cfg.space(), stored.lease.address) {
                 let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
             }
         } else {
@@ -204,7 +215,7 @@ impl<D: Dataplane> LeaseService<D> {
         let cfg = self.egress_config(egress)?;
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
-        registry.releasable(egress, key, owner)?;
+        registry.releasable(&cfg.space(), key, owner)?;
         let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
         drop(registry);
         durable_removal(durable).await?;
@@ -215,18 +226,24 @@ impl<D: Dataplane> LeaseService<D> {
         Ok(removed)
     }
 
-    /// Takes `key`'s peer off the device, then its lease out of the registry. Called with
-    /// the registry locked, so the address is free for the next lease only once no peer
-    /// holds it any more: one address never reaches two peers. The removal is durable once
-    /// the returned [`Pending`] resolves; await it after letting the lock go.
-    async fn remove_lease(
+    /// Takes `key`'s peer off the space's device, then its lease out of the registry (and a
+    /// network's directory). Called with the registry locked, so the address is free for the
+    /// next lease only once no peer holds it any more: one address never reaches two peers.
+    /// The removal is durable once the returned [`Pending`] resolves; await it after letting
+    /// the lock go.
+    pub(super) async fn remove_lease<C: SpaceDevice>(
         &self,
         registry: &mut Registry,
-        cfg: &EgressConfig,
+        cfg: &C,
         key: &Key,
-    ) -> Result<(Lease, Pending), ServiceError> {
+    ) -> Result<(Lease, Pending), ServiceError>
+    where
+        D: Dataplane<C>,
+    {
+        let space = cfg.space();
         self.dataplane.remove_peer(cfg, key).await?;
-        let (removed, durable) = registry.release(&cfg.name, key, None)?;
+        let (removed, durable) = registry.release(&space, key, None)?;
+        self.publish(registry, &space);
         Ok((removed.lease, durable))
     }
 
@@ -244,7 +261,9 @@ impl<D: Dataplane> LeaseService<D> {
     ) -> Vec<(Lease, Idle)> {
         let mut removed = Vec::new();
         for cfg in self.config.egress.iter().filter(|e| which(&e.name)) {
-            removed.extend(self.collect_egress(cfg, activity).await);
+            let everyone = |_: &StoredLease| true;
+            let collected = self.collect_space(cfg, activity, everyone);
+            removed.extend(collected.await);
         }
         let mut out = Vec::new();
         for (lease, why, durable) in removed {
@@ -264,11 +283,17 @@ impl<D: Dataplane> LeaseService<D> {
         out
     }
 
-    async fn collect_egress(
+    /// The leases of one space (`collectable` ones: a network's peers never are) whose peers
+    /// have gone away, taken off its device and out of the registry.
+    pub(super) async fn collect_space<C: SpaceDevice>(
         &self,
-        cfg: &EgressConfig,
+        cfg: &C,
         activity: &mut Activity,
-    ) -> Vec<(Lease, Idle, Pending)> {
+        collectable: impl Fn(&StoredLease) -> bool,
+    ) -> Vec<(Lease, Idle, Pending)>
+    where
+        D: Dataplane<C>,
+    {
         let timeouts = Timeouts {
             peer: self.config.peer_timeout,
             first_handshake: self.config.first_handshake_timeout,
@@ -278,29 +303,34 @@ impl<D: Dataplane> LeaseService<D> {
         let status = match self.dataplane.device(cfg).await {
             Ok(s) => s.map(|d| d.peers).unwrap_or_default(),
             Err(e) => {
-                tracing::error!(egress = %cfg.name, error = %e, "cannot read the WireGuard device; nothing collected");
+                tracing::error!(space = %cfg.space(), error = %e, "cannot read the WireGuard device; nothing collected");
                 return Vec::new();
             }
         };
         let peers: HashMap<Key, &PeerStatus> = status.iter().map(|p| (p.public_key, p)).collect();
-        let mut registry = self.registry.lock().await;
-        let leased: HashSet<Key> = match registry.egress(&cfg.name) {
-            Ok(e) => e.leases().map(|l| l.lease.public_key).collect(),
+        let (space, mut registry) = (cfg.space(), self.registry.lock().await);
+        let scope = &space.store_key();
+        let watched: HashSet<Key> = match registry.egress(&space) {
+            Ok(e) => e
+                .leases()
+                .filter(|l| collectable(l))
+                .map(|l| l.lease.public_key)
+                .collect(),
             Err(_) => return Vec::new(),
         };
-        activity.retain(&cfg.name, &leased);
-        note_endpoints(&mut registry, cfg, status.iter());
+        activity.retain(scope, &watched);
+        note_endpoints(&mut registry, &space, status.iter());
         let now = Now::current();
         let mut removed = Vec::new();
-        for key in leased {
+        for key in watched {
             let peer = peers.get(&key).copied();
-            let Some(why) = activity.observe(&cfg.name, &key, peer, now, timeouts) else {
+            let Some(why) = activity.observe(scope, &key, peer, now, timeouts) else {
                 continue;
             };
             match self.remove_lease(&mut registry, cfg, &key).await {
                 Ok((lease, durable)) => removed.push((lease, why, durable)),
                 Err(e) => {
-                    tracing::error!(egress = %cfg.name, public_key = %key, error = %e, "cannot collect an idle lease; will retry")
+                    tracing::error!(space = %cfg.space(), public_key = %key, error = %e, "cannot collect an idle lease; will retry")
                 }
             }
         }
@@ -311,7 +341,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn list(&self, egress: &str, owner: &str) -> Result<LeaseList, LeaseError> {
         let registry = self.registry.lock().await;
         let mut leases: Vec<Lease> = registry
-            .egress(egress)?
+            .egress(&Space::Egress(egress.to_string()))?
             .leases()
             .filter(|l| l.owner == owner)
             .map(|l| l.lease.clone())
@@ -323,7 +353,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn info(&self, egress: &str) -> Result<EgressInfo, LeaseError> {
         let cfg = self.egress_config(egress)?;
         let registry = self.registry.lock().await;
-        let e = registry.egress(egress)?;
+        let e = registry.egress(&cfg.space())?;
         Ok(EgressInfo {
             name: cfg.name.clone(),
             egress_ip: cfg.egress_ips.first().into(),
@@ -356,7 +386,7 @@ impl<D: Dataplane> LeaseService<D> {
     pub async fn leases_of(&self, egress: &str) -> Vec<Lease> {
         let registry = self.registry.lock().await;
         registry
-            .egress(egress)
+            .egress(&Space::Egress(egress.to_string()))
             .map(|e| e.leases().map(|l| l.lease.clone()).collect())
             .unwrap_or_default()
     }
@@ -379,7 +409,7 @@ impl<D: Dataplane> LeaseService<D> {
             let registry = self.registry.lock().await;
             misfits
                 .iter()
-                .map(|m| registry.submit(crate::control::delete_of(m)))
+                .map(|m| registry.submit(m.delete()))
                 .collect()
         };
         for p in pending {
@@ -429,23 +459,28 @@ impl<D: Dataplane> LeaseService<D> {
             let Some(identity) = self.identities.private(&cfg.name) else {
                 continue;
             };
-            out.push((cfg.name.clone(), self.reconcile_egress(cfg, identity).await));
+            let changes = self.reconcile_space(cfg, identity).await;
+            out.push((cfg.name.clone(), changes));
         }
         out
     }
 
-    async fn reconcile_egress(
+    /// Makes one space's device match the store.
+    pub(super) async fn reconcile_space<C: SpaceDevice>(
         &self,
-        cfg: &EgressConfig,
+        cfg: &C,
         identity: &Key,
-    ) -> Result<Changes, DataplaneError> {
+    ) -> Result<Changes, DataplaneError>
+    where
+        D: Dataplane<C>,
+    {
         // Read the device without the lock, so leases go on meanwhile; apply the changes
         // with it, so none races a lease or a release.
         let seen = self.dataplane.device(cfg).await?;
-        let mut registry = self.registry.lock().await;
-        note_endpoints(&mut registry, cfg, seen.iter().flat_map(|d| &d.peers));
+        let (space, mut registry) = (cfg.space(), self.registry.lock().await);
+        note_endpoints(&mut registry, &space, seen.iter().flat_map(|d| &d.peers));
         let peers: Vec<Peer> = registry
-            .egress(&cfg.name)
+            .egress(&space)
             .map(|e| e.leases().map(peer_of).collect())
             .unwrap_or_default();
         self.dataplane
@@ -458,12 +493,12 @@ impl<D: Dataplane> LeaseService<D> {
 /// hint, written with the next batch.
 fn note_endpoints<'a>(
     registry: &mut Registry,
-    cfg: &EgressConfig,
+    space: &Space,
     peers: impl Iterator<Item = &'a PeerStatus>,
 ) {
     for p in peers {
         if let Some(endpoint) = p.endpoint {
-            drop(registry.note_endpoint(&cfg.name, &p.public_key, endpoint));
+            drop(registry.note_endpoint(space, &p.public_key, endpoint));
         }
     }
 }
@@ -479,7 +514,8 @@ fn peer_of(l: &StoredLease) -> Peer {
 }
 
 /// Waits for a release's write; a lease the store no longer holds is released all the same.
-async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
+/// For every space's releases and collections.
+pub(super) async fn durable_removal(pending: Pending) -> Result<(), CommitError> {
     match pending.durable().await {
         Err(CommitError::Refused(Refusal::Absent(_))) => Ok(()),
         other => other,

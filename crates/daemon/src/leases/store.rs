@@ -27,6 +27,17 @@ pub struct StoredLease {
     pub endpoint: Option<SocketAddr>,
 }
 
+impl StoredLease {
+    /// The unconditional delete of this lease.
+    pub fn delete(&self) -> Write {
+        Write::Delete {
+            egress: self.lease.egress.clone(),
+            public_key: self.lease.public_key,
+            owner: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("lease store {store}: {detail}")]
 pub struct StoreError {

@@ -8,7 +8,8 @@
 //! [`crate::status`] snapshot `wgexitd status` shows.
 //!
 //! Labels: `egress` on everything per egress, `ip` beside it for what is per egress IP; a
-//! private network's families take `network` the same way. More families can be added with
+//! private network's families take `network` the same way (its members, by kind, and the
+//! idle ones collected). More families can be added with
 //! [`Metrics::register`] from any module (e.g. a cluster's own), before or after start.
 
 pub mod bytes;
@@ -70,6 +71,19 @@ pub struct RepairLabels {
     pub repair: String,
 }
 
+/// Label set of a family per private network.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetworkLabels {
+    pub network: String,
+}
+
+/// A private network's members of one kind: `container` or `peer`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub network: String,
+    pub kind: String,
+}
+
 /// Who leads what: `kind` is `egress` or `network`, `name` its name.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaderLabels {
@@ -104,6 +118,8 @@ pub struct Metrics {
     pub repairs: Family<RepairLabels, Counter>,
     pub firewall_applies: Counter,
     pub leader: Family<LeaderLabels, Gauge>,
+    pub network_members: Family<MemberLabels, Gauge>,
+    pub network_collected: Family<NetworkLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: HistogramFamily<RouteLabels>,
 }
@@ -131,6 +147,8 @@ impl Metrics {
             repairs: Family::default(),
             firewall_applies: Counter::default(),
             leader: Family::default(),
+            network_members: Family::default(),
+            network_collected: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
         };
@@ -169,6 +187,11 @@ impl Metrics {
             "Bytes sent to containers on an egress's WireGuard device.",
             self.transmitted_bytes.clone(),
         );
+        self.register(
+            "wgexit_network_members",
+            "Live members per private network, by kind (container, peer).",
+            self.network_members.clone(),
+        );
         self.register_events();
     }
 
@@ -198,6 +221,11 @@ impl Metrics {
         for (name, help, family) in per_egress {
             self.register(name, help, family.clone());
         }
+        self.register(
+            "wgexit_network_members_collected",
+            "A private network's idle containers collected (peers never are).",
+            self.network_collected.clone(),
+        );
         self.register(
             "wgexit_reconcile_repairs",
             "Repairs made by reconciling a device with the store: device created or reconfigured, peer added or removed.",
@@ -244,6 +272,25 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    pub fn network(network: &str) -> NetworkLabels {
+        NetworkLabels {
+            network: network.to_string(),
+        }
+    }
+
+    /// Sets a network's member counts: `containers` and `peers`.
+    pub fn network_members(&self, network: &str, containers: usize, peers: usize) {
+        for (kind, n) in [("container", containers), ("peer", peers)] {
+            let labels = MemberLabels {
+                network: network.to_string(),
+                kind: kind.to_string(),
+            };
+            self.network_members
+                .get_or_create(&labels)
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn egress(egress: &str) -> EgressLabels {

@@ -76,6 +76,11 @@ async fn scrape(State(s): State<Arc<Scrape>>, headers: HeaderMap) -> Response {
     for view in snapshot::read(&s.service).await {
         update_egress(&s.service.metrics, &s.tally, &view, now);
     }
+    for (network, containers, peers) in s.service.member_counts().await {
+        s.service
+            .metrics
+            .network_members(&network, containers, peers);
+    }
     let openmetrics = s.service.metrics.encode_openmetrics();
     let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     if wants_openmetrics(accept) {

@@ -172,7 +172,14 @@ mod tests {
 
     #[test]
     fn what_nft_adds_is_no_difference_and_a_changed_rule_is_named() {
-        let desired = super::super::ruleset::build("wgexitd", &[acme()]).unwrap();
+        let desired = super::super::ruleset::build(
+            "wgexitd",
+            super::super::Spaces {
+                egresses: &[acme()],
+                networks: &[],
+            },
+        )
+        .unwrap();
         let same = listed(&desired);
         assert_eq!(difference(&desired, &same.to_string()).unwrap(), None);
 

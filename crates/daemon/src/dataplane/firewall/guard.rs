@@ -18,6 +18,12 @@
 //! uplink, the reply would be dropped. So the table marks packets from the uplink too, and
 //! the daemon sets `src_valid_mark` on the uplink and the WireGuard interface.
 //!
+//! A private network's tunnel must not reach the gateway itself either while the table is
+//! gone (its rules allow only DNS and ping there). Its guard, [`RoutingGuard::before_local`],
+//! sits at priority 0 *before* the `local` table's lookup, which it moves to priority 1 when
+//! it finds it at 0 (as VRF setups do): an unmarked packet from a network's tunnel is then
+//! refused whether it is addressed to another host or to this one.
+//!
 //! The rules live in routing, not nftables, so they have their own lifecycle: put in place
 //! before forwarding is turned on, re-checked with the table, removed by teardown.
 
@@ -27,9 +33,12 @@ use wgexit::net::{LinkError, Netlink, ProhibitRule};
 
 use super::FORWARD_MARK;
 
-/// The routing-rule priority of the guard: before `main` (32766) and any table a host is
-/// likely to consult for forwarded traffic; after `local` (0).
+/// The routing-rule priority of the egresses' guard: before `main` (32766) and any table a
+/// host is likely to consult for forwarded traffic; after `local` (0).
 pub const GUARD_PRIORITY: u32 = 10;
+
+/// The routing-rule priority of the private networks' guard, before the `local` lookup.
+pub const LOCAL_GUARD_PRIORITY: u32 = 0;
 
 /// The routing rules that refuse unmarked packets from the egresses' WireGuard interfaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +55,51 @@ impl Default for RoutingGuard {
 }
 
 impl RoutingGuard {
+    /// The guard that also refuses unmarked packets addressed to this host.
+    pub fn before_local() -> RoutingGuard {
+        RoutingGuard {
+            priority: LOCAL_GUARD_PRIORITY,
+        }
+    }
+
+    /// Moves the `local` lookup after this guard's priority where it is not already (adds
+    /// it one later, then deletes the earlier one, so local delivery never stops).
+    async fn after_local_lookup(&self, netlink: &Netlink) -> Result<(), LinkError> {
+        if self.priority >= GUARD_PRIORITY {
+            return Ok(());
+        }
+        let later = self.priority + 1;
+        for v6 in [false, true] {
+            let local = netlink.local_lookup_priorities(v6).await?;
+            if !local.iter().any(|p| *p <= self.priority) {
+                continue;
+            }
+            if !local.contains(&later) {
+                netlink.add_local_lookup(v6, later).await?;
+            }
+            for p in local.into_iter().filter(|p| *p <= self.priority) {
+                netlink.delete_local_lookup(v6, p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the `local` lookup back at priority 0 where [`Self::after_local_lookup`] moved it.
+    async fn restore_local_lookup(&self, netlink: &Netlink) -> Result<(), LinkError> {
+        if self.priority >= GUARD_PRIORITY {
+            return Ok(());
+        }
+        let later = self.priority + 1;
+        for v6 in [false, true] {
+            let local = netlink.local_lookup_priorities(v6).await?;
+            if local.contains(&later) && !local.contains(&0) {
+                netlink.add_local_lookup(v6, 0).await?;
+                netlink.delete_local_lookup(v6, later).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn wanted(&self, wg_interfaces: &[String]) -> BTreeSet<ProhibitRule> {
         let mut out = BTreeSet::new();
         for iif in wg_interfaces {
@@ -82,6 +136,9 @@ impl RoutingGuard {
         wg_interfaces: &[String],
     ) -> Result<(Vec<ProhibitRule>, Vec<ProhibitRule>), LinkError> {
         let want = self.wanted(wg_interfaces);
+        if !want.is_empty() {
+            self.after_local_lookup(netlink).await?;
+        }
         let have = self.present(netlink).await?;
         let mut added = Vec::new();
         for rule in want.difference(&have) {
@@ -112,6 +169,6 @@ impl RoutingGuard {
         for rule in self.present(netlink).await? {
             netlink.delete_prohibit_rule(&rule).await?;
         }
-        Ok(())
+        self.restore_local_lookup(netlink).await
     }
 }

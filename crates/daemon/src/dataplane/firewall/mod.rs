@@ -26,6 +26,20 @@
 //! * `refuse_E`: counts in the named counter `refused_E`, then TCP reset or ICMP
 //!   administratively prohibited.
 //!
+//! Per private network `N` (WireGuard interface `W`, prefix `P` in the set `net6_N`, gateway
+//! `G` = `P::1`, resolver `D` = `P::3`), after every egress's rules:
+//!
+//! * `prerouting`: packets from `W` get [`FORWARD_MARK`]; without it the network's
+//!   [`RoutingGuard::before_local`] refuses them, to other hosts and to this one alike;
+//! * `forward`, in stages across all networks (so a packet from one network to another is
+//!   counted where it comes from): from `W` with a source outside `P` dropped (counted;
+//!   WireGuard's cryptokey routing already makes this impossible, this is the second lock);
+//!   `W` → `W` within `P` accepted (member to member); anything else from `W` rejected
+//!   (admin-prohibited, counted as leaving the network), then anything else to `W` (counted
+//!   as entering it);
+//! * `input`: from `W`, DNS (UDP and TCP 53) to `D` and ping of `G` or `D` accepted; anything
+//!   else to the gateway itself dropped, counted.
+//!
 //! Drops and SNAT carry counters; rule comments name the egress and purpose for people
 //! reading `nft list`, but play no part in verification.
 //!
@@ -44,14 +58,16 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use ipnet::IpNet;
+use std::net::Ipv6Addr;
+
+use ipnet::{IpNet, Ipv6Net};
 use nftables::batch::Batch;
 use nftables::schema::{NfListObject, Table};
 use nftables::types::NfFamily;
 use serde_json::Value;
 
 pub use crate::config::policy::{Policy, Verdict};
-pub use guard::{RoutingGuard, GUARD_PRIORITY};
+pub use guard::{RoutingGuard, GUARD_PRIORITY, LOCAL_GUARD_PRIORITY};
 
 /// The table name wgexitd uses unless told otherwise.
 pub const DEFAULT_TABLE: &str = "wgexitd";
@@ -80,6 +96,28 @@ pub struct EgressRules {
     /// The exit nodes' own addresses the config names (every egress's endpoint and egress
     /// IPs): refused from the tunnel before the policy, wherever they are held.
     pub exit_addresses: Vec<IpAddr>,
+}
+
+/// What the rules of one private network are made from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRules {
+    /// The network's name (as an egress's): part of set names and comments.
+    pub name: String,
+    /// The gateway's WireGuard interface for this network.
+    pub wg_interface: String,
+    /// The network's prefix: its members' sources, and where they may send.
+    pub prefix: Ipv6Net,
+    /// The gateway's own address in the prefix (members may ping it).
+    pub gateway: Ipv6Addr,
+    /// The resolver's address (members may ask it, over UDP and TCP, and ping it).
+    pub resolver: Ipv6Addr,
+}
+
+/// Everything the table holds: the rules of every egress and of every private network.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Spaces<'a> {
+    pub egresses: &'a [EgressRules],
+    pub networks: &'a [NetworkRules],
 }
 
 /// What [`Firewall::verify`] found.
@@ -180,6 +218,23 @@ fn check(e: &EgressRules) -> Result<(), FirewallError> {
     Ok(())
 }
 
+/// Refuses a network the table cannot express, before anything touches the kernel.
+fn check_network(n: &NetworkRules) -> Result<(), FirewallError> {
+    let bad = |what: &str| {
+        Err(FirewallError::Invalid(format!(
+            "network {:?}: {what}",
+            n.name
+        )))
+    };
+    if !valid_name(&n.name) {
+        return bad("the name must be 1-64 letters, digits, '-', '_' or '.'");
+    }
+    if !valid_ifname(&n.wg_interface) {
+        return bad("its wg_interface is not a valid Linux interface name");
+    }
+    Ok(())
+}
+
 impl Firewall {
     /// A handle on the `inet` table named `table` (nothing is read or written yet).
     pub fn new(table: &str) -> Firewall {
@@ -210,19 +265,24 @@ impl Firewall {
         Ok(())
     }
 
-    fn desired(
-        &self,
-        egresses: &[EgressRules],
-    ) -> Result<Vec<NfListObject<'static>>, FirewallError> {
+    fn desired(&self, spaces: Spaces) -> Result<Vec<NfListObject<'static>>, FirewallError> {
         self.check_table()?;
-        ruleset::build(&self.table, egresses)
+        ruleset::build(&self.table, spaces)
     }
 
-    /// Makes the table hold exactly the rules for `egresses`: left alone (counters keep
+    /// [`Firewall::apply_spaces`] with egresses only.
+    pub fn apply(&self, egresses: &[EgressRules]) -> Result<(), FirewallError> {
+        self.apply_spaces(Spaces {
+            egresses,
+            networks: &[],
+        })
+    }
+
+    /// Makes the table hold exactly the rules for `spaces`: left alone (counters keep
     /// counting) when it already does, else replaced in one transaction that deletes and
     /// recreates it, so there is never a moment without rules.
-    pub fn apply(&self, egresses: &[EgressRules]) -> Result<(), FirewallError> {
-        let desired = self.desired(egresses)?;
+    pub fn apply_spaces(&self, spaces: Spaces) -> Result<(), FirewallError> {
+        let desired = self.desired(spaces)?;
         if self.compare(&desired)? == Verification::Matches {
             return Ok(());
         }
@@ -237,9 +297,17 @@ impl Firewall {
         self.run_batch(batch, &format!("the rules of table inet {}", self.table))
     }
 
-    /// Whether the table holds exactly the rules for `egresses`.
+    /// Whether the table holds exactly the rules for `egresses` (and no network's).
     pub fn verify(&self, egresses: &[EgressRules]) -> Result<Verification, FirewallError> {
-        let desired = self.desired(egresses)?;
+        self.verify_spaces(Spaces {
+            egresses,
+            networks: &[],
+        })
+    }
+
+    /// Whether the table holds exactly the rules for `spaces`.
+    pub fn verify_spaces(&self, spaces: Spaces) -> Result<Verification, FirewallError> {
+        let desired = self.desired(spaces)?;
         self.compare(&desired)
     }
 

@@ -13,7 +13,7 @@ use nftables::stmt::{self, AnonymousCounter, JumpTarget, Mangle, Match, Operator
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook, RejectCode};
 
 use super::elements::{self, Span};
-use super::{EgressRules, FirewallError, Policy, Verdict, FORWARD_MARK};
+use super::{EgressRules, FirewallError, NetworkRules, Policy, Spaces, Verdict, FORWARD_MARK};
 
 /// The base chains: name, type, hook, priority.
 const BASE_CHAINS: [(&str, NfChainType, NfHook, i32); 5] = [
@@ -35,11 +35,8 @@ struct Builder {
     objects: Vec<NfListObject<'static>>,
 }
 
-/// The table `table` holding the rules of `egresses` (the table object itself first).
-pub fn build(
-    table: &str,
-    egresses: &[EgressRules],
-) -> Result<Vec<NfListObject<'static>>, FirewallError> {
+/// The table `table` holding the rules of every space (the table object itself first).
+pub fn build(table: &str, spaces: Spaces) -> Result<Vec<NfListObject<'static>>, FirewallError> {
     let mut b = Builder {
         table: table.to_owned(),
         objects: vec![NfListObject::Table(nftables::schema::Table {
@@ -60,10 +57,14 @@ pub fn build(
             elements::addresses(&nets),
         );
     }
-    for e in egresses {
+    for e in spaces.egresses {
         super::check(e)?;
         b.egress(e);
     }
+    for n in spaces.networks {
+        super::check_network(n)?;
+    }
+    b.networks(spaces.networks);
     Ok(b.objects)
 }
 
@@ -317,27 +318,28 @@ impl Builder {
         self.refuse(n);
     }
 
-    fn mark_and_clamp(&mut self, e: &EgressRules) {
-        let n = &e.name;
+    /// `prerouting`: packets from `interface` get [`FORWARD_MARK`].
+    fn mark(&mut self, comment: String, interface: &str) {
         let mark = Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
             meta(MetaKey::Mark),
             Expression::Number(FORWARD_MARK),
         ])));
+        let set_mark = Statement::Mangle(Mangle {
+            key: meta(MetaKey::Mark),
+            value: mark,
+        });
+        self.rule("prerouting", Some(comment), vec![iif(interface), set_mark]);
+    }
+
+    fn mark_and_clamp(&mut self, e: &EgressRules) {
+        let n = &e.name;
         // From the tunnel: may be routed. From the uplink: the reverse-path check of a reply
         // on its way to the tunnel sees the mark too (with src_valid_mark).
         for (side, what) in [
             (&e.wg_interface, "mark from the tunnel"),
             (&e.uplink, "mark from the uplink"),
         ] {
-            let set_mark = Statement::Mangle(Mangle {
-                key: meta(MetaKey::Mark),
-                value: mark.clone(),
-            });
-            self.rule(
-                "prerouting",
-                Some(format!("{n}: {what}")),
-                vec![iif(side), set_mark],
-            );
+            self.mark(format!("{n}: {what}"), side);
         }
         for (dir, side) in [("in", iif(&e.wg_interface)), ("out", oif(&e.wg_interface))] {
             let flags = Expression::BinaryOperation(Box::new(BinaryOperation::AND(
@@ -620,11 +622,102 @@ impl Builder {
         let tcp = is(meta(MetaKey::L4proto), Operator::EQ, s("tcp"));
         let reset = stmt::Reject::new(Some(stmt::RejectType::TCPReset), None);
         self.rule(&chain, None, vec![tcp, Statement::Reject(Some(reset))]);
-        let icmpx = stmt::Reject::new(
-            Some(stmt::RejectType::ICMPX),
-            Some(RejectCode::AdminProhibited),
-        );
-        self.rule(&chain, None, vec![Statement::Reject(Some(icmpx))]);
+        self.rule(&chain, None, vec![reject_prohibited()]);
+    }
+}
+
+/// `reject with icmpx admin-prohibited`.
+fn reject_prohibited() -> Statement<'static> {
+    let icmpx = stmt::Reject::new(
+        Some(stmt::RejectType::ICMPX),
+        Some(RejectCode::AdminProhibited),
+    );
+    Statement::Reject(Some(icmpx))
+}
+
+/// `ip6 daddr ADDR`.
+fn to6(addr: std::net::Ipv6Addr) -> Statement<'static> {
+    is(payload("ip6", "daddr"), Operator::EQ, s(&addr.to_string()))
+}
+
+impl Builder {
+    /// The private networks' rules (see the module of [`super::Firewall`]).
+    fn networks(&mut self, networks: &[NetworkRules]) {
+        for n in networks {
+            let set = format!("net6_{}", n.name);
+            let prefix = [IpNet::V6(n.prefix)];
+            self.set(&set, SetType::Ipv6Addr, elements::addresses(&prefix));
+            self.mark(format!("{}: mark from the tunnel", n.name), &n.wg_interface);
+        }
+        // In stages across all networks: spoofed sources, within a network, leaving one,
+        // entering one.
+        for n in networks {
+            let spoofed = is(
+                payload("ip6", "saddr"),
+                Operator::NEQ,
+                set_ref(&format!("net6_{}", n.name)),
+            );
+            let rule = vec![
+                iif(&n.wg_interface),
+                spoofed,
+                counter(),
+                Statement::Drop(None),
+            ];
+            self.rule("forward", Some(format!("{}: spoofed source", n.name)), rule);
+        }
+        for n in networks {
+            let within = is(
+                payload("ip6", "daddr"),
+                Operator::EQ,
+                set_ref(&format!("net6_{}", n.name)),
+            );
+            let rule = vec![
+                iif(&n.wg_interface),
+                oif(&n.wg_interface),
+                within,
+                Statement::Accept(None),
+            ];
+            self.rule(
+                "forward",
+                Some(format!("{}: member to member", n.name)),
+                rule,
+            );
+        }
+        for (side, what) in [(true, "leaves the network"), (false, "enters the network")] {
+            for n in networks {
+                let at = if side {
+                    iif(&n.wg_interface)
+                } else {
+                    oif(&n.wg_interface)
+                };
+                let rule = vec![at, counter(), reject_prohibited()];
+                self.rule("forward", Some(format!("{}: {what}", n.name)), rule);
+            }
+        }
+        for n in networks {
+            self.network_input(n);
+        }
+    }
+
+    /// `input`: DNS to the resolver and ping of the gateway and resolver; nothing else.
+    fn network_input(&mut self, n: &NetworkRules) {
+        let (name, w) = (&n.name, &n.wg_interface);
+        for (proto, what) in [("udp", "dns"), ("tcp", "dns over tcp")] {
+            let port = is(
+                payload(proto, "dport"),
+                Operator::EQ,
+                Expression::Number(53),
+            );
+            let rule = vec![iif(w), to6(n.resolver), port, Statement::Accept(None)];
+            self.rule("input", Some(format!("{name}: {what}")), rule);
+        }
+        for addr in [n.gateway, n.resolver] {
+            let ping = is(payload("icmpv6", "type"), Operator::EQ, s("echo-request"));
+            let rule = vec![iif(w), to6(addr), ping, Statement::Accept(None)];
+            self.rule("input", Some(format!("{name}: ping")), rule);
+        }
+        let rule = vec![iif(w), counter(), Statement::Drop(None)];
+        self.rule("input", Some(format!("{name}: to the gateway")), rule);
     }
 }
 

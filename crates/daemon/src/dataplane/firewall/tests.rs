@@ -1113,3 +1113,78 @@ fn policy_generations_differ_with_the_policy_and_are_never_zero() {
     assert_ne!(g, ruleset::policy_generation(&closed));
     assert_ne!(g, ruleset::policy_generation(&moved));
 }
+
+fn network(name: &str, prefix: &str, wg: &str) -> NetworkRules {
+    let prefix: ipnet::Ipv6Net = prefix.parse().unwrap();
+    let host = |n: u128| std::net::Ipv6Addr::from(u128::from(prefix.network()) + n);
+    NetworkRules {
+        name: name.into(),
+        wg_interface: wg.into(),
+        prefix,
+        gateway: host(1),
+        resolver: host(3),
+    }
+}
+
+#[test]
+fn each_network_forwards_only_within_itself_in_the_one_table() {
+    let ns = Netns::new("networks");
+    ns.enter();
+    let fw = Firewall::new(DEFAULT_TABLE);
+    let networks = [
+        network("acme", "fdaa:0:1::/48", "wgn-acme"),
+        network("beta", "fdaa:0:2::/48", "wgn-beta"),
+    ];
+    let spaces = Spaces {
+        egresses: &[acme()],
+        networks: &networks,
+    };
+    fw.apply_spaces(spaces).unwrap();
+    assert_eq!(fw.verify_spaces(spaces).unwrap(), Verification::Matches);
+    // Without the networks' rules the same table differs: they are checked by content too.
+    assert!(matches!(
+        fw.verify(&[acme()]).unwrap(),
+        Verification::Differs(_)
+    ));
+    let listing = ns.nft_list("wgexitd");
+    for want in [
+        "iifname \"wgn-acme\" meta mark set meta mark | 0x10000000 comment \"acme: mark from the tunnel\"",
+        "iifname \"wgn-acme\" oifname \"wgn-acme\" ip6 daddr @net6_acme accept",
+        "iifname \"wgn-beta\" counter packets 0 bytes 0 reject with icmpx admin-prohibited",
+        "iifname \"wgn-beta\" ip6 saddr != @net6_beta counter packets 0 bytes 0 drop",
+        "iifname \"wgn-beta\" ip6 daddr fdaa:0:2::3 udp dport 53 accept",
+        "iifname \"wgn-acme\" ip6 daddr fdaa:0:1::1 icmpv6 type echo-request accept",
+        "iifname \"wgn-acme\" ip6 daddr fdaa:0:1::3 icmpv6 type echo-request accept",
+        "iifname \"wgn-acme\" counter packets 0 bytes 0 drop comment \"acme: to the gateway\"",
+        "elements = { fdaa:0:1::/48 }",
+    ] {
+        assert_has(&listing, want);
+    }
+    // Every network's "leaves" rule comes before any "enters" rule, all after the egresses'.
+    let text = without_handles(&listing);
+    let pos = |s: &str| text.find(s).unwrap();
+    assert!(pos("beta: leaves the network") < pos("acme: enters the network"));
+    assert!(pos("acme: no other forwarding out") < pos("acme: spoofed source"));
+    // Replaced whole, in one transaction; removed with the table.
+    fw.apply(&[acme()]).unwrap();
+    assert!(!ns.nft_list("wgexitd").contains("wgn-acme"));
+    fw.teardown().unwrap();
+    assert!(!fw.exists().unwrap());
+}
+
+#[test]
+fn a_network_the_table_cannot_express_is_refused() {
+    let mut bad = network("acme net", "fdaa:0:1::/48", "wgn-acme");
+    let spaces = |n: &NetworkRules| {
+        Firewall::new(DEFAULT_TABLE).desired(Spaces {
+            egresses: &[],
+            networks: std::slice::from_ref(n),
+        })
+    };
+    assert!(
+        matches!(spaces(&bad), Err(FirewallError::Invalid(m)) if m.contains("network \"acme net\""))
+    );
+    bad.name = "acme".into();
+    bad.wg_interface = "wgn/acme".into();
+    assert!(matches!(spaces(&bad), Err(FirewallError::Invalid(m)) if m.contains("wg_interface")));
+}

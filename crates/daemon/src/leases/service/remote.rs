@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::{LeaseService, ServiceError};
 use crate::dataplane::Dataplane;
+use crate::dataplane::SpaceDevice;
 use crate::leases::registry::Adopted;
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
 use wgexit::keys::Key;
@@ -57,10 +58,10 @@ impl<D: Dataplane> LeaseService<D> {
             return Ok(());
         };
         let mut registry = self.registry.lock().await;
-        if let Some(dropped) = registry.drop_remote(egress, key) {
+        if let Some(dropped) = registry.drop_remote(&cfg.space(), key) {
             self.dataplane.remove_peer(cfg, key).await?;
             // Another lease may hold the address too (see `Registry::adopt`).
-            if let Some(holder) = registry.lease_at(egress, dropped.lease.address) {
+            if let Some(holder) = registry.lease_at(&cfg.space(), dropped.lease.address) {
                 self.dataplane
                     .add_peer(cfg, &super::peer_of(holder))
                     .await?;
@@ -100,7 +101,7 @@ impl<D: Dataplane> LeaseService<D> {
         for cfg in &self.config.egress {
             let want = by_egress.remove(&cfg.name).unwrap_or_default();
             let gone: Vec<Key> = registry
-                .egress(&cfg.name)
+                .egress(&cfg.space())
                 .map(|e| {
                     e.leases()
                         .map(|l| l.lease.public_key)
@@ -109,7 +110,7 @@ impl<D: Dataplane> LeaseService<D> {
                 })
                 .unwrap_or_default();
             for key in gone {
-                registry.drop_remote(&cfg.name, &key);
+                registry.drop_remote(&cfg.space(), &key);
                 self.dataplane.remove_peer(cfg, &key).await?;
             }
             for (_, l) in want {
