@@ -30,6 +30,7 @@ use crate::config::EgressConfig;
 use crate::dataplane::{devices, Dataplane, HostDataplane, Peer};
 use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
+use crate::space::Space;
 use wgexit::api::Lease;
 use wgexit::keys::Key;
 use wgexit::wg::{PeerConfig, WireGuard};
@@ -224,7 +225,7 @@ async fn lock_if_leased<'a>(
 /// Whether `registry` still holds `l`: the same key in `egress`, at the same addresses.
 pub fn still_leased(registry: &Registry, egress: &str, l: &Lease) -> bool {
     registry
-        .egress(egress)
+        .egress(&Space::Egress(egress.to_string()))
         .ok()
         .and_then(|e| e.get(&l.public_key))
         .is_some_and(|s| s.lease.address == l.address && s.lease.address6 == l.address6)
@@ -278,7 +279,7 @@ mod tests {
         r.adopt(old.clone());
         assert!(still_leased(&r, "a", &old.lease));
         assert!(!still_leased(&r, "b", &old.lease));
-        r.drop_remote("a", &old.lease.public_key);
+        r.drop_remote(&Space::Egress("a".into()), &old.lease.public_key);
         assert!(!still_leased(&r, "a", &old.lease));
         r.adopt(new.clone());
         assert!(!still_leased(&r, "a", &old.lease));

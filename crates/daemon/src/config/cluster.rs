@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, EgressConfig, Invalid, NetworkConfig};
+use super::{ConfigError, EgressConfig, Invalid};
 use wgexit::api::valid_egress_name;
 
 pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
@@ -240,22 +240,6 @@ fn etcd_tls(raw: &RawCluster, invalid: &Invalid) -> Result<Option<EtcdTls>, Conf
     }))
 }
 
-/// Private networks do not run on a pool yet: their leases, DNS and gateway identity are
-/// not shared through etcd. This one check refuses them, naming the key, until they do.
-pub(super) fn check_networks(
-    cluster: Option<&ClusterConfig>,
-    networks: &[NetworkConfig],
-    invalid: &Invalid,
-) -> Result<(), ConfigError> {
-    match (cluster, networks.first()) {
-        (Some(_), Some(n)) => Err(invalid(
-            "network[0]".into(),
-            format!("[[network]] {:?}: private networks on a pool ([cluster]) are not supported yet; run them on a single exit node without [cluster]", n.name),
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// In a pool with `float = "address"` every egress says where its endpoint floats; without
 /// a pool `endpoint_interface` means nothing and is refused, so a typo is not ignored.
 pub(super) fn check_egresses(
@@ -444,29 +428,5 @@ secret_file = "/etc/wgexitd/pool.secret"
                 "{text}: {msg:?} should name {key} and say {says:?}"
             );
         }
-    }
-
-    #[test]
-    fn a_private_network_in_a_pool_is_refused() {
-        let (egress, cluster) = BASE.split_once("[cluster]").unwrap();
-        let text = format!(
-            r#"{egress}
-[[network]]
-name = "acme-net"
-prefix = "fdaa:0:1::/48"
-wg_interface = "wgn-acme"
-listen_port = 51830
-endpoint = "198.51.100.2:51830"
-token_file = "/etc/wgexitd/acme-net.tokens"
-[cluster]{cluster}"#
-        );
-        let msg = parse(&text).unwrap_err().to_string();
-        assert!(
-            msg.contains("network[0]") && msg.contains("not supported yet"),
-            "{msg}"
-        );
-        let alone: String = text.split("[cluster]").next().unwrap().into();
-        let alone = alone.replace("endpoint_interface = \"core0\"\n", "");
-        assert!(parse(&alone).is_ok(), "{:?}", parse(&alone).err());
     }
 }

@@ -331,7 +331,6 @@ impl Config {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
             None => None,
         };
-        cluster::check_networks(cluster.as_ref(), &network, &invalid)?;
         cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
         let max_leases_per_owner = quota::parse(raw.max_leases_per_owner, &egress, &invalid)?;
         Ok(Config {
