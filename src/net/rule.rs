@@ -93,6 +93,16 @@ impl Netlink {
     /// The priorities of the rules that look every packet up in the `local` table (one
     /// family): `[0]` on a host that never moved it.
     pub async fn local_lookup_priorities(&self, v6: bool) -> Result<Vec<u32>, LinkError> {
+        let rules = self.rules(v6).await?;
+        Ok(rules
+            .iter()
+            .filter(|m| is_local_lookup(m))
+            .map(priority_of)
+            .collect())
+    }
+
+    /// Every routing rule of one family (`ip [-6] rule`).
+    async fn rules(&self, v6: bool) -> Result<Vec<RuleMessage>, LinkError> {
         let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
         let mut stream = self.handle.rule().get(version).execute();
         let mut out = Vec::new();
@@ -101,9 +111,7 @@ impl Netlink {
             .await
             .map_err(nl_err("listing routing rules"))?
         {
-            if is_local_lookup(&msg) {
-                out.push(priority_of(&msg));
-            }
+            out.push(msg);
         }
         Ok(out)
     }
@@ -128,13 +136,7 @@ impl Netlink {
 
     /// `ip [-6] rule del pref PRIORITY lookup local`; true if it was there.
     pub async fn delete_local_lookup(&self, v6: bool, priority: u32) -> Result<bool, LinkError> {
-        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
-        let mut stream = self.handle.rule().get(version).execute();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(nl_err("listing routing rules"))?
-        {
+        for msg in self.rules(v6).await? {
             if is_local_lookup(&msg) && priority_of(&msg) == priority {
                 return match self.handle.rule().del(msg).execute().await {
                     Ok(()) => Ok(true),
@@ -150,17 +152,11 @@ impl Netlink {
 
     /// Every `prohibit` rule of one family.
     pub async fn prohibit_rules(&self, v6: bool) -> Result<Vec<ProhibitRule>, LinkError> {
-        let version = if v6 { IpVersion::V6 } else { IpVersion::V4 };
-        let mut stream = self.handle.rule().get(version).execute();
-        let mut out = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(nl_err("listing routing rules"))?
-        {
-            out.extend(ProhibitRule::from_message(v6, &msg));
-        }
-        Ok(out)
+        let rules = self.rules(v6).await?;
+        Ok(rules
+            .iter()
+            .flat_map(|m| ProhibitRule::from_message(v6, m))
+            .collect())
     }
 
     pub async fn add_prohibit_rule(&self, rule: &ProhibitRule) -> Result<(), LinkError> {

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use super::secret::PoolSecret;
 use crate::config::cluster::EtcdTls;
@@ -165,6 +165,31 @@ impl Etcd {
                 None
             }
         }
+    }
+
+    /// The signed records under `prefix`: keys relative to it, values checked and unwrapped
+    /// (a record that fails its check is logged and left out, as [`Etcd::verified`] does).
+    pub async fn verified_range(
+        &self,
+        what: &str,
+        prefix: &str,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let p = prefix.to_string();
+        let resp = self
+            .run(what, |mut c| async move {
+                c.get(p, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let value = self.verified(kv.key(), kv.value())?;
+                let key = String::from_utf8_lossy(kv.key());
+                let relative = key.strip_prefix(prefix).unwrap_or(&key).to_string();
+                Some((relative, value.to_vec()))
+            })
+            .collect())
     }
 
     /// `value` signed for `key`.

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use etcd_client::GetOptions;
 use serde::Serialize;
 
 use super::epoch;
@@ -30,24 +29,9 @@ pub struct ClusterStatus {
 
 /// The signed records under `prefix` (relative keys, values checked and unwrapped).
 async fn range(etcd: &Etcd, prefix: String) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
-    let p = prefix.clone();
-    let resp = etcd
-        .run("reading the pool's state", |mut c| async move {
-            c.get(p, Some(GetOptions::new().with_prefix())).await
-        })
-        .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let value = etcd.verified(kv.key(), kv.value())?;
-            let key = String::from_utf8_lossy(kv.key());
-            Some((
-                key.strip_prefix(&prefix).unwrap_or(&key).to_string(),
-                value.to_vec(),
-            ))
-        })
-        .collect())
+    Ok(etcd
+        .verified_range("reading the pool's state", &prefix)
+        .await?)
 }
 
 /// Reads the pool's status from etcd.

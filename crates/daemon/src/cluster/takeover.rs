@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{GetOptions, Txn, TxnOp};
+use etcd_client::{Txn, TxnOp};
 use tokio::sync::MutexGuard;
 
 use super::election::{Group, Leading};
@@ -78,19 +78,14 @@ impl Takeover {
 
 async fn endpoints(etcd: &Etcd, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
     let prefix = etcd.endpoints_prefix(egress);
-    let p = prefix.clone();
-    let resp = etcd
-        .run("reading peers' endpoints", |mut c| async move {
-            c.get(p, Some(GetOptions::new().with_prefix())).await
-        })
+    let records = etcd
+        .verified_range("reading peers' endpoints", &prefix)
         .await?;
-    Ok(resp
-        .kvs()
-        .iter()
-        .filter_map(|kv| {
-            let key = Key::from_hex(kv.key_str().ok()?.strip_prefix(&prefix)?).ok()?;
-            let value = etcd.verified(kv.key(), kv.value())?;
-            Some((key, std::str::from_utf8(value).ok()?.parse().ok()?))
+    Ok(records
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let key = Key::from_hex(&key).ok()?;
+            Some((key, std::str::from_utf8(&value).ok()?.parse().ok()?))
         })
         .collect())
 }
@@ -249,22 +244,11 @@ mod tests {
     use super::*;
     use crate::config::tests::egress;
     use crate::leases::redb::RedbStore;
+    use crate::leases::registry::tests::stored_lease;
     use crate::leases::store::StoredLease;
 
     fn lease(n: u8, host: u8) -> StoredLease {
-        StoredLease {
-            lease: Lease {
-                egress: "a".into(),
-                public_key: Key([n; 32]),
-                address: std::net::Ipv4Addr::new(100, 96, 0, host).into(),
-                address6: None,
-                created_at: 1,
-                attachment: Default::default(),
-                member: None,
-            },
-            owner: "o".into(),
-            endpoint: None,
-        }
+        stored_lease(n, host, "o")
     }
 
     /// A lease released and its address leased to another key (by another member) while

@@ -648,7 +648,7 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::tests::egress;
 
@@ -817,6 +817,11 @@ mod tests {
     }
 
     fn foreign(n: u8, host: u8) -> StoredLease {
+        stored_lease(n, host, "elsewhere")
+    }
+
+    /// A lease of egress "a" for key `[n; 32]` at 100.96.0.`host`, held by `owner`.
+    pub(crate) fn stored_lease(n: u8, host: u8, owner: &str) -> StoredLease {
         StoredLease {
             lease: Lease {
                 egress: "a".into(),
@@ -827,7 +832,7 @@ mod tests {
                 attachment: Default::default(),
                 member: None,
             },
-            owner: "elsewhere".into(),
+            owner: owner.into(),
             endpoint: None,
         }
     }
