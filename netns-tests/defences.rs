@@ -302,7 +302,8 @@ fn lease_random_key(w: &World, token: &str) -> (u16, String) {
 
 /// Egress acme's pool (a /28: 13 leases) is shared by two tokens. One token re-leasing random
 /// keys stops at its share (6) with 409 `quota_exceeded`, and the other still gets leases.
-/// A configured quota larger than a pool is refused by the config check.
+/// A configured quota no pool can hold (more than the largest, egress other's /24: 253) is
+/// refused by the config check.
 #[test]
 fn defences_one_token_cannot_drain_a_shared_pool() {
     let w = World::with(Settings {
@@ -327,7 +328,7 @@ fn defences_one_token_cannot_drain_a_shared_pool() {
 
     let config = std::fs::read_to_string(w.daemon_config()).unwrap();
     let too_big = w.path("too-big.toml");
-    std::fs::write(&too_big, format!("max_leases_per_owner = 14\n{config}")).unwrap();
+    std::fs::write(&too_big, format!("max_leases_per_owner = 254\n{config}")).unwrap();
     let out = try_sh(&[
         crate::world::bin("wgexitd"),
         "check-config",
@@ -337,7 +338,7 @@ fn defences_one_token_cannot_drain_a_shared_pool() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("max_leases_per_owner"), "{stderr}");
-    assert!(stderr.contains("100.96.0.0/28"), "{stderr}");
+    assert!(stderr.contains("100.97.0.0/24"), "{stderr}");
 }
 
 /// A bounded flood of TCP connections from namespace `ns` (from its address `source`, if

@@ -4,7 +4,9 @@
 //! Left out, each owner gets a fair share: the egress's capacity divided by the number of
 //! owners its token file names, so no token can fill a pool others share (one that keeps
 //! leasing random keys, whose leases live until `first_handshake_timeout`, stops at its
-//! share). Set, it is one number for every egress and may not exceed the smallest pool.
+//! share). Set, it is one number for every egress; one no pool could ever hold (more than
+//! the largest pool leases) is refused, and in an egress whose pool is smaller than it an owner
+//! is bounded by the pool alone.
 
 use super::{ConfigError, EgressConfig, Invalid};
 use crate::leases::pool::Pool;
@@ -40,7 +42,7 @@ impl LeaseQuota {
     }
 }
 
-/// `max_leases_per_owner` as written: at least 1, and no more than every egress's pool holds.
+/// `max_leases_per_owner` as written: at least 1, and no more than the largest pool holds.
 pub(super) fn parse(
     raw: Option<usize>,
     egresses: &[EgressConfig],
@@ -53,17 +55,18 @@ pub(super) fn parse(
     if n == 0 {
         return Err(invalid(key(), "must be at least 1".into()));
     }
-    for e in egresses {
-        let capacity = Pool::new(e.pool).capacity();
-        if n > capacity {
-            return Err(invalid(
-                key(),
-                format!(
-                    "{n} is more leases than egress {:?}'s pool {} holds ({capacity}): no owner could ever reach it; lower it, or leave it out to give each token of an egress an equal share of its pool",
-                    e.name, e.pool
-                ),
-            ));
-        }
+    let largest = egresses
+        .iter()
+        .map(|e| (Pool::new(e.pool).capacity(), e))
+        .max_by_key(|(capacity, _)| *capacity);
+    if let Some((capacity, e)) = largest.filter(|(capacity, _)| n > *capacity) {
+        return Err(invalid(
+            key(),
+            format!(
+                "{n} is more leases than any egress's pool holds (the largest, egress {:?}'s {}, holds {capacity}): no owner could ever reach it; lower it, or leave it out to give each token of an egress an equal share of its pool",
+                e.name, e.pool
+            ),
+        ));
     }
     Ok(LeaseQuota::Fixed(n))
 }
@@ -97,13 +100,15 @@ mod tests {
     }
 
     #[test]
-    fn a_set_quota_holds_for_every_owner_and_must_fit_every_pool() {
+    fn a_set_quota_holds_for_every_owner_and_must_fit_some_pool() {
         let q = check(Some(253)).unwrap();
         assert_eq!(q.per_owner(4093, 5), 253);
         assert_eq!(q.per_network_owner(), 253);
-        let e = check(Some(254)).unwrap_err().to_string();
+        // More than b's /24 but within a's /20: binding in a, b's pool bounds it there.
+        assert_eq!(check(Some(4093)).unwrap(), LeaseQuota::Fixed(4093));
+        let e = check(Some(4094)).unwrap_err().to_string();
         assert!(e.contains("max_leases_per_owner"), "{e}");
-        assert!(e.contains("\"b\"") && e.contains("(253)"), "{e}");
+        assert!(e.contains("\"a\"") && e.contains("holds 4093"), "{e}");
         let e = check(Some(0)).unwrap_err().to_string();
         assert!(e.contains("at least 1"), "{e}");
     }
