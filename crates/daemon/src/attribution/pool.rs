@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{EventType, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 
 use super::query::{Attribution, WhoRequest};
@@ -60,7 +60,9 @@ impl PoolAsker {
     }
 
     /// Writes `value` at `key`, bound to a new etcd lease of [`RECORD_TTL`].
+    /// Signed with the pool's secret, as every record members write is.
     async fn put_expiring(&self, key: String, value: Vec<u8>) -> Result<(), AttributionError> {
+        let value = self.etcd.signed(&key, value);
         self.etcd
             .run("writing an attribution record", move |mut c| async move {
                 let lease = c.lease_grant(RECORD_TTL, None).await?.id();
@@ -72,22 +74,11 @@ impl PoolAsker {
             .map_err(pool_err)
     }
 
-    /// The keys and values under `prefix`.
-    async fn read(&self, prefix: String) -> Result<Vec<(String, Vec<u8>)>, AttributionError> {
+    /// The signed records under `prefix`: keys relative to it, values checked (a record no
+    /// member signed is logged and left out).
+    async fn read(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, AttributionError> {
         self.etcd
-            .run("reading attribution records", move |mut c| async move {
-                let resp = c.get(prefix, Some(GetOptions::new().with_prefix())).await?;
-                Ok(resp
-                    .kvs()
-                    .iter()
-                    .map(|kv| {
-                        (
-                            String::from_utf8_lossy(kv.key()).into_owned(),
-                            kv.value().to_vec(),
-                        )
-                    })
-                    .collect())
-            })
+            .verified_range("reading attribution records", prefix)
             .await
             .map_err(pool_err)
     }
@@ -97,12 +88,11 @@ impl PoolAsker {
         &self,
         req: WhoRequest,
     ) -> Result<(Vec<FlowRecord>, Vec<String>), AttributionError> {
-        let members_prefix = self.etcd.members_prefix();
         let mut waiting: Vec<String> = self
-            .read(members_prefix.clone())
+            .read(&self.etcd.members_prefix())
             .await?
             .into_iter()
-            .filter_map(|(k, _)| k.strip_prefix(&members_prefix).map(str::to_string))
+            .map(|(node, _)| node)
             .filter(|n| *n != self.node)
             .collect();
         if waiting.is_empty() {
@@ -123,13 +113,10 @@ impl PoolAsker {
         let deadline = tokio::time::Instant::now() + ANSWER_WITHIN;
         while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(POLL).await;
-            for (k, v) in self.read(prefix.clone()).await? {
-                let Some(node) = k.strip_prefix(&prefix) else {
-                    continue;
-                };
+            for (node, v) in self.read(&prefix).await? {
                 match serde_json::from_slice::<Vec<FlowRecord>>(&v) {
                     Ok(flows) => {
-                        answers.insert(node.to_string(), flows);
+                        answers.insert(node, flows);
                     }
                     Err(e) => {
                         tracing::warn!(%node, error = %e, "unreadable attribution answer; ignored")
@@ -175,7 +162,10 @@ async fn answer_questions(attribution: &Arc<Attribution>) -> Result<(), Attribut
             let Some(id) = key.strip_prefix(&prefix).map(str::to_string) else {
                 continue;
             };
-            let Ok(q) = serde_json::from_slice::<Question>(kv.value()) else {
+            let Some(value) = pool.etcd.verified(kv.key(), kv.value()) else {
+                continue;
+            };
+            let Ok(q) = serde_json::from_slice::<Question>(value) else {
                 tracing::warn!(%key, "unreadable attribution question; ignored");
                 continue;
             };
