@@ -6,6 +6,7 @@
 //! pool is doing.
 
 pub mod announce;
+pub mod conntrack_sync;
 pub mod election;
 pub mod endpoint_source;
 pub mod etcd;

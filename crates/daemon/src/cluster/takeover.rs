@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use etcd_client::{GetOptions, Txn, TxnOp};
 
+use super::conntrack_sync::ConntrackSync;
 use super::election::{Group, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
@@ -37,12 +38,14 @@ pub struct Takeover {
     pub etcd: Arc<Etcd>,
     pub service: Arc<LeaseService<HostDataplane>>,
     pub floating: Floating,
+    pub conntrack: Arc<ConntrackSync>,
 }
 
 impl Takeover {
     /// Takes the group's addresses, then starts a handshake with every peer whose endpoint
     /// is known.
     pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
+        self.restore_connections(group).await;
         self.floating.acquire(group).await?;
         for e in &group.egresses {
             match self.wake_peers(e).await {
@@ -55,6 +58,21 @@ impl Takeover {
             }
         }
         Ok(())
+    }
+
+    /// Loads the old leader's connection state before the addresses (and so the servers'
+    /// packets) arrive here.
+    async fn restore_connections(&self, group: &Group) {
+        for e in &group.egresses {
+            match self.conntrack.restore(e).await {
+                Ok(n) => {
+                    tracing::info!(egress = %e.name, connections = n, "connection state restored")
+                }
+                Err(err) => {
+                    tracing::warn!(egress = %e.name, error = %err, "cannot restore connection state; open connections may be reset")
+                }
+            }
+        }
     }
 
     pub async fn release(&self, group: &Group) -> Result<(), ClusterError> {
