@@ -23,6 +23,7 @@ mod netavark;
 mod networks;
 mod ops;
 mod pool;
+mod pool_flows;
 mod pool_ipv6;
 mod readiness;
 mod recovery;
