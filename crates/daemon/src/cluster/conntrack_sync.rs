@@ -55,16 +55,15 @@ fn egress_addresses(e: &EgressConfig) -> HashSet<String> {
     v4.chain(v6).collect()
 }
 
-/// The lines of a `conntrack -L -o save` dump whose translated address (the reply
-/// direction's destination: `-n` when source-NATed, `-q` otherwise) is in `addresses`.
+/// The lines of a `conntrack -L -o save` dump source-NATed (`-n`, the reply direction's
+/// destination) to one of `addresses`.
 pub fn entries_of<'a>(dump: &'a str, addresses: &HashSet<String>) -> Vec<&'a str> {
     dump.lines()
         .filter(|line| {
             let tokens: Vec<&str> = line.split_whitespace().collect();
-            tokens.windows(2).any(|w| {
-                matches!(w[0], "-n" | "--src-nat" | "-q" | "--reply-dst")
-                    && addresses.contains(w[1])
-            })
+            tokens
+                .windows(2)
+                .any(|w| matches!(w[0], "-n" | "--src-nat") && addresses.contains(w[1]))
         })
         .collect()
 }
@@ -206,10 +205,11 @@ mod tests {
     const DUMP: &str = "\
 -A -t 431999 -u SEEN_REPLY,ASSURED -s 100.96.0.2 -d 198.18.5.1 -r 198.18.5.1 -n 203.0.113.77 -p tcp --sport 39940 --dport 7000 --reply-port-src 7000 --reply-port-dst 39940 --state ESTABLISHED
 -A -t 29 -u SEEN_REPLY -s 198.51.100.31 -d 198.51.100.21 -r 198.51.100.21 -q 198.51.100.31 -p tcp --sport 4000 --dport 2379 --reply-port-src 2379 --reply-port-dst 4000 --state ESTABLISHED
+-A -t 50 -u SEEN_REPLY -s 203.0.113.77 -d 203.0.113.1 -r 203.0.113.1 -q 203.0.113.77 -p tcp --sport 4001 --dport 22 --reply-port-src 22 --reply-port-dst 4001 --state ESTABLISHED
 -A -t 25 -s 100.96.0.3 -d 198.18.5.1 -r 198.18.5.1 -n 203.0.113.78 -p udp --sport 5000 --dport 7001 --reply-port-src 7001 --reply-port-dst 5000";
 
     #[test]
-    fn only_the_egress_s_translated_flows_are_copied() {
+    fn only_flows_nated_to_the_egress_are_copied() {
         let ips: HashSet<String> = ["203.0.113.77".to_string()].into();
         let got = entries_of(DUMP, &ips);
         assert_eq!(got.len(), 1);
