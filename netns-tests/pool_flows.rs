@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::pool_world::{Pool, EGRESS_IP};
+use std::collections::HashSet;
+
+use crate::pool_world::{echo_once, Pool, EGRESS_IP};
+use crate::world::{sh, Container};
 
 const SERVER_IP: &str = "198.18.0.10";
 const PUSH_PORT: u16 = 8091;
@@ -64,38 +67,55 @@ fn read_lines(s: impl std::io::Read) -> Result<usize, String> {
     Err(format!("closed after {n} lines, before the end"))
 }
 
-/// What a server saw: its peer, and how many lines or datagrams (or what went wrong).
+/// What a server saw on one connection: its peer, and how many lines (or what went wrong).
 type Seen = (SocketAddr, Result<usize, String>);
 
-/// The servers in the isp namespace: they bind before `start` returns.
+/// The servers in the isp namespace, each for `peers` containers: they listen before
+/// `start_servers` returns.
 struct Servers {
-    push: JoinHandle<Seen>,
-    talk: JoinHandle<Seen>,
-    udp: JoinHandle<(Vec<SocketAddr>, Result<usize, String>)>,
+    push: JoinHandle<Vec<Seen>>,
+    talk: JoinHandle<Vec<Seen>>,
+    udp: JoinHandle<Udp>,
 }
 
-fn start_servers(isp: &Path, stop: &Arc<AtomicBool>) -> Servers {
+/// Accepts `peers` connections on `port` and runs `serve` on each in its own thread.
+fn tcp_server(
+    isp: &Path,
+    port: u16,
+    peers: usize,
+    ready: std::sync::mpsc::Sender<()>,
+    serve: impl Fn(TcpStream) -> Result<usize, String> + Send + Clone + 'static,
+) -> JoinHandle<Vec<Seen>> {
+    in_netns(isp, move || {
+        let l = TcpListener::bind(server_addr(port)).unwrap();
+        ready.send(()).unwrap();
+        let conns: Vec<(SocketAddr, JoinHandle<Result<usize, String>>)> = (0..peers)
+            .map(|_| {
+                let (s, peer) = l.accept().unwrap();
+                let serve = serve.clone();
+                (peer, std::thread::spawn(move || serve(s)))
+            })
+            .collect();
+        conns
+            .into_iter()
+            .map(|(peer, h)| (peer, h.join().unwrap()))
+            .collect()
+    })
+}
+
+fn start_servers(isp: &Path, peers: usize, stop: &Arc<AtomicBool>) -> Servers {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (r1, r2, r3) = (ready_tx.clone(), ready_tx.clone(), ready_tx);
     let (s1, s3) = (stop.clone(), stop.clone());
-    let push = in_netns(isp, move || {
-        let l = TcpListener::bind(server_addr(PUSH_PORT)).unwrap();
-        r1.send(()).unwrap();
-        let (s, peer) = l.accept().unwrap();
+    let push = tcp_server(isp, PUSH_PORT, peers, ready_tx.clone(), move |s| {
         let sent = write_lines(&s, &s1);
         let _ = s.shutdown(Shutdown::Write);
-        (peer, sent)
+        sent
     });
-    let talk = in_netns(isp, move || {
-        let l = TcpListener::bind(server_addr(TALK_PORT)).unwrap();
-        r2.send(()).unwrap();
-        let (s, peer) = l.accept().unwrap();
-        (peer, read_lines(&s))
-    });
+    let talk = tcp_server(isp, TALK_PORT, peers, ready_tx.clone(), |s| read_lines(&s));
     let udp = in_netns(isp, move || {
         let u = UdpSocket::bind(server_addr(UDP_PORT)).unwrap();
-        r3.send(()).unwrap();
-        udp_server(u, &s3)
+        ready_tx.send(()).unwrap();
+        udp_server(u, peers, &s3)
     });
     for _ in 0..3 {
         ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
@@ -103,32 +123,44 @@ fn start_servers(isp: &Path, stop: &Arc<AtomicBool>) -> Servers {
     Servers { push, talk, udp }
 }
 
-/// Waits for the first datagram, then sends numbered datagrams to its source until
-/// `stop`, then `end`; returns every source that sent to it (the container's last
-/// datagram comes after the failover) and how many it sent.
-fn udp_server(u: UdpSocket, stop: &AtomicBool) -> (Vec<SocketAddr>, Result<usize, String>) {
+/// What the UDP server saw: the source of every datagram it received (the containers'
+/// last ones come after the failover), and how many it sent to each.
+struct Udp {
+    sources: Vec<SocketAddr>,
+    sent: usize,
+}
+
+/// Waits for a first datagram from `peers` containers, then sends numbered datagrams to
+/// each until `stop`, then `end`, and waits for each one's `bye`.
+fn udp_server(u: UdpSocket, peers: usize, stop: &AtomicBool) -> Udp {
     let mut buf = [0u8; 64];
-    let (_, peer) = u.recv_from(&mut buf).unwrap();
-    let mut sources = vec![peer];
-    u.set_nonblocking(true).unwrap();
-    let mut n = 0;
+    let mut sources = Vec::new();
+    while sources.len() < peers {
+        let (_, peer) = u.recv_from(&mut buf).unwrap();
+        sources.push(peer);
+    }
+    let to = sources.clone();
+    let mut sent = 0;
     while !stop.load(Ordering::Relaxed) {
-        if let Err(e) = u.send_to(n.to_string().as_bytes(), peer) {
-            return (sources, Err(format!("datagram {n}: {e}")));
+        for peer in &to {
+            u.send_to(sent.to_string().as_bytes(), peer).unwrap();
         }
-        n += 1;
+        sent += 1;
         std::thread::sleep(EVERY);
     }
-    let _ = u.send_to(b"end", peer);
-    u.set_nonblocking(false).unwrap();
-    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    while let Ok((_, from)) = u.recv_from(&mut buf) {
-        sources.push(from);
-        if &buf[..3] == b"bye" {
-            break;
-        }
+    for peer in &to {
+        u.send_to(b"end", peer).unwrap();
     }
-    (sources, Ok(n))
+    u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byes = 0;
+    while byes < peers {
+        let Ok((_, from)) = u.recv_from(&mut buf) else {
+            break;
+        };
+        sources.push(from);
+        byes += 1;
+    }
+    Udp { sources, sent }
 }
 
 /// The container's side: reads the pushed lines, writes its own, receives datagrams.
@@ -178,6 +210,98 @@ fn start_clients(netns: &Path, stop: &Arc<AtomicBool>) -> Clients {
     Clients { push, talk, udp }
 }
 
+/// Runs the three flows from each of `containers` through a leader's death; checks that
+/// everything arrived and that the server saw each flow from the same egress address and
+/// port before and after. Returns the servers' view of the push connections.
+fn flows_through_a_failover(p: &mut Pool, leader: usize, containers: &[Container]) -> Vec<Seen> {
+    let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
+    let stop = Arc::new(AtomicBool::new(false));
+    let servers = start_servers(&isp, containers.len(), &stop);
+    let clients: Vec<Clients> = containers
+        .iter()
+        .map(|c| start_clients(&c.netns_path, &stop))
+        .collect();
+    // Long enough for the leader to have copied the flows' state (every 200 ms).
+    std::thread::sleep(Duration::from_millis(1500));
+    p.wait_endpoints_published(containers.len(), Duration::from_secs(5));
+    let killed = Instant::now();
+    p.kill_member(leader);
+    let next = 1 - leader;
+    p.wait_holds(next, Duration::from_secs(5));
+    eprintln!("addresses moved after {:?}", killed.elapsed());
+    // Lines go on for a while on the new leader (TCP resends what the pause held up).
+    std::thread::sleep(Duration::from_secs(4));
+    stop.store(true, Ordering::Relaxed);
+
+    let log = p.log(next);
+    let pushed = servers.push.join().unwrap();
+    let talked = servers.talk.join().unwrap();
+    let udp = servers.udp.join().unwrap();
+    // What each side counted, connection by connection (sorted: a client does not know
+    // which of the server's connections is its own).
+    let counts = |seen: &[Seen], what: &str| -> Vec<usize> {
+        let mut n: Vec<usize> = seen
+            .iter()
+            .map(|(_, r)| r.clone().unwrap_or_else(|e| panic!("{what}: {e}\n{log}")))
+            .collect();
+        n.sort();
+        n
+    };
+    let mut received = Vec::new();
+    let mut written = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let r = c.push.join().unwrap();
+        received.push(r.unwrap_or_else(|e| panic!("server-writes {i}: {e}\n{log}")));
+        let w = c.talk.join().unwrap();
+        written.push(w.unwrap_or_else(|e| panic!("container-writes {i}: {e}\n{log}")));
+        let datagrams = c
+            .udp
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("udp {i}: {e}\n{log}"));
+        eprintln!(
+            "flow {i}: {} of {} datagrams arrived",
+            datagrams.len(),
+            udp.sent
+        );
+        // Datagrams sent while no member held the address are lost (UDP does not resend);
+        // every one after the takeover arrives, on the same mapping.
+        assert_eq!(
+            datagrams.last().copied(),
+            Some(udp.sent - 1),
+            "udp {i}: {datagrams:?}\n{log}"
+        );
+    }
+    received.sort();
+    written.sort();
+    eprintln!("lines the server wrote: {received:?}, the containers wrote: {written:?}");
+    assert_eq!(
+        received,
+        counts(&pushed, "server-writes"),
+        "server-writes\n{log}"
+    );
+    assert_eq!(
+        written,
+        counts(&talked, "container-writes"),
+        "container-writes\n{log}"
+    );
+    let peers = pushed.iter().chain(&talked).map(|(peer, _)| peer);
+    for peer in peers.chain(&udp.sources) {
+        assert_eq!(peer.ip().to_string(), EGRESS_IP);
+    }
+    let n = containers.len();
+    assert_eq!(
+        udp.sources.len(),
+        2 * n,
+        "the containers' last datagrams: {:?}",
+        udp.sources
+    );
+    let before: HashSet<&SocketAddr> = udp.sources[..n].iter().collect();
+    let after: HashSet<&SocketAddr> = udp.sources[n..].iter().collect();
+    assert_eq!(before, after, "a UDP flow's mapping changed");
+    pushed
+}
+
 #[test]
 fn open_connections_survive_the_leaders_death_whoever_speaks_first() {
     let mut p = Pool::new();
@@ -186,59 +310,43 @@ fn open_connections_survive_the_leaders_death_whoever_speaks_first() {
     let c = p.container("flows");
     p.cni(0, "ADD", &c, &conf).ok();
     assert_eq!(
-        crate::pool_world::echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
+        echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
         EGRESS_IP
     );
-    let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
-    let stop = Arc::new(AtomicBool::new(false));
-    let servers = start_servers(&isp, &stop);
-    let clients = start_clients(&c.netns_path, &stop);
-    // Long enough for the leader to have copied the flows' state (every 200 ms).
-    std::thread::sleep(Duration::from_millis(1500));
-    p.wait_endpoints_published(1, Duration::from_secs(5));
-    let killed = Instant::now();
-    p.kill_member(leader);
-    let next = 1 - leader;
-    p.wait_holds(next, Duration::from_secs(5));
-    eprintln!("addresses moved after {:?}", killed.elapsed());
-    // Lines go on for a while on the new leader (TCP retransmits what the gap held up).
-    std::thread::sleep(Duration::from_secs(4));
-    stop.store(true, Ordering::Relaxed);
+    flows_through_a_failover(&mut p, leader, &[c]);
+}
 
-    let log = p.log(next);
-    let (push_peer, pushed) = servers.push.join().unwrap();
-    let (talk_peer, talked) = servers.talk.join().unwrap();
-    let (udp_sources, sent) = servers.udp.join().unwrap();
-    let pushed = pushed.unwrap_or_else(|e| panic!("server-writes: {e}\n{log}"));
-    let received = clients.push.join().unwrap();
-    assert_eq!(received, Ok(pushed), "server-writes connection\n{log}");
-    let written = clients.talk.join().unwrap();
-    assert!(written.is_ok(), "container-writes: {written:?}");
-    assert_eq!(talked, written, "container-writes connection\n{log}");
-    let datagrams = clients
-        .udp
-        .join()
-        .unwrap()
-        .unwrap_or_else(|e| panic!("udp: {e}\n{log}"));
-    let sent = sent.unwrap();
-    eprintln!(
-        "server wrote {pushed} lines, container {written:?}, {sent} datagrams sent, {} received",
-        datagrams.len()
-    );
-    // Datagrams sent while no member held the address are lost (UDP does not resend);
-    // every one after the takeover arrives, on the same mapping.
-    let last = datagrams.last().copied();
-    assert_eq!(last, Some(sent - 1), "udp: {datagrams:?}\n{log}");
-    for peer in [push_peer, talk_peer].iter().chain(&udp_sources) {
-        assert_eq!(peer.ip().to_string(), EGRESS_IP);
+#[test]
+fn two_containers_on_the_same_source_port_keep_their_own_egress_ports() {
+    let mut p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let conf = p.net_conf();
+    let mut cs = Vec::new();
+    for (h, name) in [(0, "same-a"), (1, "same-b")] {
+        let c = p.container(name);
+        p.cni(h, "ADD", &c, &conf).ok();
+        assert_eq!(
+            echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
+            EGRESS_IP
+        );
+        // Every connection and socket the container opens gets source port 40000.
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &c.netns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_local_port_range=40000 40000",
+        ]);
+        cs.push(c);
     }
+    let pushed = flows_through_a_failover(&mut p, leader, &cs);
+    eprintln!("the server saw the containers' port 40000 as {pushed:?}");
+    let ports: HashSet<u16> = pushed.iter().map(|(peer, _)| peer.port()).collect();
     assert_eq!(
-        udp_sources.len(),
+        ports.len(),
         2,
-        "the container's last datagram: {udp_sources:?}"
-    );
-    assert_eq!(
-        udp_sources[0], udp_sources[1],
-        "the UDP flow's mapping changed"
+        "the two flows share an egress port: {pushed:?}"
     );
 }
