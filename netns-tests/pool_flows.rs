@@ -212,8 +212,14 @@ fn start_clients(netns: &Path, stop: &Arc<AtomicBool>) -> Clients {
 
 /// Runs the three flows from each of `containers` through a leader's death; checks that
 /// everything arrived and that the server saw each flow from the same egress address and
-/// port before and after. Returns the servers' view of the push connections.
-fn flows_through_a_failover(p: &mut Pool, leader: usize, containers: &[Container]) -> Vec<Seen> {
+/// port before and after, and each container's flows from its egress IP (`ips`, in the
+/// same order). Returns the servers' view of the push connections.
+fn flows_through_a_failover(
+    p: &mut Pool,
+    leader: usize,
+    containers: &[Container],
+    ips: &[&str],
+) -> Vec<Seen> {
     let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
     let stop = Arc::new(AtomicBool::new(false));
     let servers = start_servers(&isp, containers.len(), &stop);
@@ -223,7 +229,9 @@ fn flows_through_a_failover(p: &mut Pool, leader: usize, containers: &[Container
         .collect();
     // Long enough for the leader to have copied the flows' state (every 200 ms).
     std::thread::sleep(Duration::from_millis(1500));
-    p.wait_endpoints_published(containers.len(), Duration::from_secs(5));
+    // (What the world counts is the first egress's; the others' are published with them.)
+    let first_egress = ips.iter().filter(|ip| **ip == EGRESS_IP).count();
+    p.wait_endpoints_published(first_egress, Duration::from_secs(5));
     let killed = Instant::now();
     p.kill_member(leader);
     let next = 1 - leader;
@@ -285,10 +293,23 @@ fn flows_through_a_failover(p: &mut Pool, leader: usize, containers: &[Container
         counts(&talked, "container-writes"),
         "container-writes\n{log}"
     );
-    let peers = pushed.iter().chain(&talked).map(|(peer, _)| peer);
-    for peer in peers.chain(&udp.sources) {
-        assert_eq!(peer.ip().to_string(), EGRESS_IP);
+    let mut expected: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+    expected.sort();
+    for seen in [&pushed, &talked] {
+        let mut seen_ips: Vec<String> =
+            seen.iter().map(|(peer, _)| peer.ip().to_string()).collect();
+        seen_ips.sort();
+        assert_eq!(seen_ips, expected, "the flows' egress IPs");
     }
+    let mut udp_ips: Vec<String> = udp
+        .sources
+        .iter()
+        .map(|peer| peer.ip().to_string())
+        .collect();
+    udp_ips.sort();
+    udp_ips.dedup();
+    expected.dedup();
+    assert_eq!(udp_ips, expected, "the UDP flows' egress IPs");
     let n = containers.len();
     assert_eq!(
         udp.sources.len(),
@@ -313,7 +334,7 @@ fn open_connections_survive_the_leaders_death_whoever_speaks_first() {
         echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
         EGRESS_IP
     );
-    flows_through_a_failover(&mut p, leader, &[c]);
+    flows_through_a_failover(&mut p, leader, &[c], &[EGRESS_IP]);
 }
 
 #[test]
@@ -341,7 +362,7 @@ fn two_containers_on_the_same_source_port_keep_their_own_egress_ports() {
         ]);
         cs.push(c);
     }
-    let pushed = flows_through_a_failover(&mut p, leader, &cs);
+    let pushed = flows_through_a_failover(&mut p, leader, &cs, &[EGRESS_IP, EGRESS_IP]);
     eprintln!("the server saw the containers' port 40000 as {pushed:?}");
     let ports: HashSet<u16> = pushed.iter().map(|(peer, _)| peer.port()).collect();
     assert_eq!(
@@ -349,4 +370,37 @@ fn two_containers_on_the_same_source_port_keep_their_own_egress_ports() {
         2,
         "the two flows share an egress port: {pushed:?}"
     );
+}
+
+/// A second egress led with the first (it shares the endpoint's address), with its own IP.
+const SECOND_EGRESS: &str = r#"
+[[egress]]
+name = "beta"
+ip = "203.0.113.78"
+interface = "isp0"
+pool = "100.96.4.0/23"
+wg_interface = "{wg}b"
+listen_port = 51821
+endpoint = "198.51.100.2:51821"
+endpoint_interface = "core0"
+token_file = "{tokens}"
+"#;
+
+#[test]
+fn open_connections_of_two_egresses_survive_the_leaders_death() {
+    let mut p = Pool::with_config(SECOND_EGRESS);
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let mut cs = Vec::new();
+    for (h, egress, ip) in [(0, "acme", EGRESS_IP), (1, "beta", "203.0.113.78")] {
+        let mut conf = p.net_conf();
+        conf["egress"] = egress.into();
+        let c = p.container(egress);
+        p.cni(h, "ADD", &c, &conf).ok();
+        assert_eq!(
+            echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
+            ip
+        );
+        cs.push(c);
+    }
+    flows_through_a_failover(&mut p, leader, &cs, &[EGRESS_IP, "203.0.113.78"]);
 }

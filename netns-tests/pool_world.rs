@@ -75,6 +75,12 @@ fn netns_exec(ns: &str) -> Command {
 impl Pool {
     /// Makes the segments, the etcd cluster and the two members, and waits for all of them.
     pub fn new() -> Pool {
+        Pool::with_config("")
+    }
+
+    /// [`Pool::new`] with `extra` (TOML; `{wg}` stands for the member's `wg`, `{tokens}` for
+    /// the tokens file) at the end of every member's config.
+    pub fn with_config(extra: &str) -> Pool {
         crate::world::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}p{n}", std::process::id() & 0xffff);
@@ -118,7 +124,7 @@ impl Pool {
         for i in 0..3 {
             p.wait_etcd(i);
         }
-        p.write_configs();
+        p.write_configs(extra);
         for i in 0..2 {
             p.start_member(i);
         }
@@ -338,7 +344,7 @@ impl Pool {
         self.state_dir(0).join("tls/ca.pem")
     }
 
-    fn write_configs(&self) {
+    fn write_configs(&self, extra: &str) {
         std::fs::write(self.path("acme.tokens"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
         let etcd: Vec<String> = self
@@ -381,6 +387,9 @@ leader_ttl = {LEADER_TTL}
                 node = m.node,
                 etcd = etcd.join(", "),
             );
+            let tokens = self.path("acme.tokens");
+            let extra = extra.replace("{wg}", &m.wg);
+            let config = config + &extra.replace("{tokens}", &tokens.display().to_string());
             std::fs::write(self.member_config(i), config).unwrap();
         }
     }
