@@ -27,6 +27,8 @@ use crate::leases::store::StoreError;
 /// How often the leader looks for changed entries: a flow opened (or changed state, such
 /// as a TCP handshake completing) less than this before the leader dies may be lost.
 pub const SYNC_EVERY: Duration = Duration::from_millis(200);
+/// How long a takeover waits for the copy before it takes the addresses without it.
+const RESTORE_WAIT: Duration = Duration::from_millis(500);
 /// The largest copy written (etcd refuses requests over 1.5 MiB by default).
 const MAX_COPY: usize = 1024 * 1024;
 /// The program that reads and writes the kernel's table.
@@ -180,10 +182,12 @@ impl ConntrackSync {
     /// entries the copy held.
     pub async fn restore(&self, e: &EgressConfig) -> Result<usize, ConntrackError> {
         let key = self.key(&e.name);
+        // Asked of every etcd member at once and briefly: the addresses wait for it.
         let resp = self
             .etcd
-            .run("reading connection state", |mut c| async move {
-                c.get(key, None).await
+            .race("reading connection state", RESTORE_WAIT, |mut c| {
+                let key = key.clone();
+                async move { c.get(key, None).await }
             })
             .await?;
         let Some(copy) = resp.kvs().first().and_then(|kv| kv.value_str().ok()) else {
