@@ -4,7 +4,7 @@
 //! same egress address and port before and after.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashSet;
 
-use crate::pool_world::{echo_once, Pool, EGRESS_IP};
+use crate::pool_world::{echo6_once, echo_once, Pool, EGRESS_IP, EGRESS_IP6};
 use crate::world::{sh, Container};
 
-const SERVER_IP: &str = "198.18.0.10";
+/// The flows' servers, on the isp's echo addresses.
+const SERVER: &str = "198.18.0.10";
+const SERVER6: &str = "2001:db8:ec::10";
 const PUSH_PORT: u16 = 8091;
 const TALK_PORT: u16 = 8092;
 const UDP_PORT: u16 = 8093;
@@ -35,8 +37,8 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
-fn server_addr(port: u16) -> SocketAddr {
-    format!("{SERVER_IP}:{port}").parse().unwrap()
+fn server_addr(server: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(server, port)
 }
 
 /// Numbered lines `0..` every 100 ms until `stop`, then `end`.
@@ -81,13 +83,14 @@ struct Servers {
 /// Accepts `peers` connections on `port` and runs `serve` on each in its own thread.
 fn tcp_server(
     isp: &Path,
+    server: IpAddr,
     port: u16,
     peers: usize,
     ready: std::sync::mpsc::Sender<()>,
     serve: impl Fn(TcpStream) -> Result<usize, String> + Send + Clone + 'static,
 ) -> JoinHandle<Vec<Seen>> {
     in_netns(isp, move || {
-        let l = TcpListener::bind(server_addr(port)).unwrap();
+        let l = TcpListener::bind(server_addr(server, port)).unwrap();
         ready.send(()).unwrap();
         let conns: Vec<(SocketAddr, JoinHandle<Result<usize, String>>)> = (0..peers)
             .map(|_| {
@@ -103,17 +106,19 @@ fn tcp_server(
     })
 }
 
-fn start_servers(isp: &Path, peers: usize, stop: &Arc<AtomicBool>) -> Servers {
+fn start_servers(isp: &Path, server: IpAddr, peers: usize, stop: &Arc<AtomicBool>) -> Servers {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (s1, s3) = (stop.clone(), stop.clone());
-    let push = tcp_server(isp, PUSH_PORT, peers, ready_tx.clone(), move |s| {
+    let push = tcp_server(isp, server, PUSH_PORT, peers, ready_tx.clone(), move |s| {
         let sent = write_lines(&s, &s1);
         let _ = s.shutdown(Shutdown::Write);
         sent
     });
-    let talk = tcp_server(isp, TALK_PORT, peers, ready_tx.clone(), |s| read_lines(&s));
+    let talk = tcp_server(isp, server, TALK_PORT, peers, ready_tx.clone(), |s| {
+        read_lines(&s)
+    });
     let udp = in_netns(isp, move || {
-        let u = UdpSocket::bind(server_addr(UDP_PORT)).unwrap();
+        let u = UdpSocket::bind(server_addr(server, UDP_PORT)).unwrap();
         ready_tx.send(()).unwrap();
         udp_server(u, peers, &s3)
     });
@@ -170,25 +175,30 @@ struct Clients {
     udp: JoinHandle<Result<Vec<usize>, String>>,
 }
 
-fn start_clients(netns: &Path, stop: &Arc<AtomicBool>) -> Clients {
+fn start_clients(netns: &Path, server: IpAddr, stop: &Arc<AtomicBool>) -> Clients {
     let s2 = stop.clone();
-    let push = in_netns(netns, || {
-        let s = TcpStream::connect_timeout(&server_addr(PUSH_PORT), Duration::from_secs(5))
+    let push = in_netns(netns, move || {
+        let s = TcpStream::connect_timeout(&server_addr(server, PUSH_PORT), Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(20)))
             .map_err(|e| e.to_string())?;
         read_lines(&s)
     });
     let talk = in_netns(netns, move || {
-        let s = TcpStream::connect_timeout(&server_addr(TALK_PORT), Duration::from_secs(5))
+        let s = TcpStream::connect_timeout(&server_addr(server, TALK_PORT), Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
         let n = write_lines(&s, &s2)?;
         s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
         Ok(n)
     });
-    let udp = in_netns(netns, || {
-        let u = UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-        u.connect(server_addr(UDP_PORT))
+    let udp = in_netns(netns, move || {
+        let any = if server.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        };
+        let u = UdpSocket::bind(any).map_err(|e| e.to_string())?;
+        u.connect(server_addr(server, UDP_PORT))
             .map_err(|e| e.to_string())?;
         u.send(b"hello").map_err(|e| e.to_string())?;
         u.set_read_timeout(Some(Duration::from_secs(20)))
@@ -218,14 +228,16 @@ fn flows_through_a_failover(
     p: &mut Pool,
     leader: usize,
     containers: &[Container],
+    server: &str,
     ips: &[&str],
 ) -> Vec<Seen> {
+    let server: IpAddr = server.parse().unwrap();
     let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
     let stop = Arc::new(AtomicBool::new(false));
-    let servers = start_servers(&isp, containers.len(), &stop);
+    let servers = start_servers(&isp, server, containers.len(), &stop);
     let clients: Vec<Clients> = containers
         .iter()
-        .map(|c| start_clients(&c.netns_path, &stop))
+        .map(|c| start_clients(&c.netns_path, server, &stop))
         .collect();
     // Long enough for the leader to have copied the flows' state (every 200 ms).
     std::thread::sleep(Duration::from_millis(1500));
@@ -334,7 +346,7 @@ fn open_connections_survive_the_leaders_death_whoever_speaks_first() {
         echo_once(&c.netns_path, Duration::from_secs(2)).unwrap(),
         EGRESS_IP
     );
-    flows_through_a_failover(&mut p, leader, &[c], &[EGRESS_IP]);
+    flows_through_a_failover(&mut p, leader, &[c], SERVER, &[EGRESS_IP]);
 }
 
 #[test]
@@ -362,7 +374,7 @@ fn two_containers_on_the_same_source_port_keep_their_own_egress_ports() {
         ]);
         cs.push(c);
     }
-    let pushed = flows_through_a_failover(&mut p, leader, &cs, &[EGRESS_IP, EGRESS_IP]);
+    let pushed = flows_through_a_failover(&mut p, leader, &cs, SERVER, &[EGRESS_IP, EGRESS_IP]);
     eprintln!("the server saw the containers' port 40000 as {pushed:?}");
     let ports: HashSet<u16> = pushed.iter().map(|(peer, _)| peer.port()).collect();
     assert_eq!(
@@ -370,6 +382,18 @@ fn two_containers_on_the_same_source_port_keep_their_own_egress_ports() {
         2,
         "the two flows share an egress port: {pushed:?}"
     );
+}
+
+#[test]
+fn open_ipv6_connections_survive_the_leaders_death_whoever_speaks_first() {
+    let mut p = Pool::new();
+    let leader = p.wait_leader(Duration::from_secs(10));
+    let conf = p.net_conf();
+    let c = p.container("flows6");
+    p.cni(0, "ADD", &c, &conf).ok();
+    let echoed = echo6_once(&c.netns_path, Duration::from_secs(2)).unwrap();
+    assert_eq!(echoed, EGRESS_IP6);
+    flows_through_a_failover(&mut p, leader, &[c], SERVER6, &[EGRESS_IP6]);
 }
 
 /// A second egress led with the first (it shares the endpoint's address), with its own IP.
@@ -402,5 +426,5 @@ fn open_connections_of_two_egresses_survive_the_leaders_death() {
         );
         cs.push(c);
     }
-    flows_through_a_failover(&mut p, leader, &cs, &[EGRESS_IP, "203.0.113.78"]);
+    flows_through_a_failover(&mut p, leader, &cs, SERVER, &[EGRESS_IP, "203.0.113.78"]);
 }
