@@ -81,6 +81,27 @@ struct Servers {
 }
 
 /// Accepts `peers` connections on `port` and runs `serve` on each in its own thread.
+/// How long a server waits for a connection, a line or a datagram.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn accept_within(l: &TcpListener, within: Duration) -> (TcpStream, SocketAddr) {
+    l.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        match l.accept() {
+            Ok((s, peer)) => {
+                s.set_nonblocking(false).unwrap();
+                return (s, peer);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < deadline, "no connection within {within:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
 fn tcp_server(
     isp: &Path,
     server: IpAddr,
@@ -94,7 +115,10 @@ fn tcp_server(
         ready.send(()).unwrap();
         let conns: Vec<(SocketAddr, JoinHandle<Result<usize, String>>)> = (0..peers)
             .map(|_| {
-                let (s, peer) = l.accept().unwrap();
+                let (s, peer) = accept_within(&l, WAIT);
+                // A connection that dies fails the test rather than hanging it.
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                s.set_write_timeout(Some(WAIT)).unwrap();
                 let serve = serve.clone();
                 (peer, std::thread::spawn(move || serve(s)))
             })
@@ -141,7 +165,10 @@ fn udp_server(u: UdpSocket, peers: usize, stop: &AtomicBool) -> Udp {
     let mut buf = [0u8; 64];
     let mut sources = Vec::new();
     while sources.len() < peers {
-        let (_, peer) = u.recv_from(&mut buf).unwrap();
+        u.set_read_timeout(Some(WAIT)).unwrap();
+        let (_, peer) = u
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("no first datagram: {e}"));
         sources.push(peer);
     }
     let to = sources.clone();
@@ -180,8 +207,7 @@ fn start_clients(netns: &Path, server: IpAddr, stop: &Arc<AtomicBool>) -> Client
     let push = in_netns(netns, move || {
         let s = TcpStream::connect_timeout(&server_addr(server, PUSH_PORT), Duration::from_secs(5))
             .map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))
-            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
         read_lines(&s)
     });
     let talk = in_netns(netns, move || {
@@ -201,8 +227,7 @@ fn start_clients(netns: &Path, server: IpAddr, stop: &Arc<AtomicBool>) -> Client
         u.connect(server_addr(server, UDP_PORT))
             .map_err(|e| e.to_string())?;
         u.send(b"hello").map_err(|e| e.to_string())?;
-        u.set_read_timeout(Some(Duration::from_secs(20)))
-            .map_err(|e| e.to_string())?;
+        u.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
         loop {
