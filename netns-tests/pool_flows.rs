@@ -278,7 +278,12 @@ fn flows_through_a_failover(
     std::thread::sleep(Duration::from_secs(4));
     stop.store(true, Ordering::Relaxed);
 
-    let log = p.log(next);
+    check_flows(&p.log(next), servers, clients, ips)
+}
+
+/// Checks what the servers and the containers saw once the flows ended (see
+/// [`flows_through_a_failover`]); `log` is the new leader's, for the messages.
+fn check_flows(log: &str, servers: Servers, clients: Vec<Clients>, ips: &[&str]) -> Vec<Seen> {
     let pushed = servers.push.join().unwrap();
     let talked = servers.talk.join().unwrap();
     let udp = servers.udp.join().unwrap();
@@ -347,7 +352,7 @@ fn flows_through_a_failover(
     udp_ips.dedup();
     expected.dedup();
     assert_eq!(udp_ips, expected, "the UDP flows' egress IPs");
-    let n = containers.len();
+    let n = ips.len();
     assert_eq!(
         udp.sources.len(),
         2 * n,
