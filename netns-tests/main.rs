@@ -25,6 +25,7 @@ mod netavark;
 mod networks;
 mod ops;
 mod pool;
+mod pool_flows;
 mod pool_ipv6;
 mod pool_trust;
 mod readiness;

@@ -86,16 +86,22 @@ fn netns_exec(ns: &str) -> Command {
 impl Pool {
     /// Makes the segments, the etcd cluster and the two members, and waits for all of them.
     pub fn new() -> Pool {
-        Pool::build(false)
+        Pool::build(false, "")
     }
 
     /// [`Pool::new`] whose members also have egress "beta" ([`BETA_IP`]), sharing acme's
     /// endpoint address, their tables in opposite orders.
     pub fn with_beta() -> Pool {
-        Pool::build(true)
+        Pool::build(true, "")
     }
 
-    fn build(beta: bool) -> Pool {
+    /// [`Pool::new`] with `extra` (TOML; `{wg}` stands for the member's `wg`, `{tokens}` for
+    /// the tokens file) at the end of every member's config.
+    pub fn with_config(extra: &str) -> Pool {
+        Pool::build(false, extra)
+    }
+
+    fn build(beta: bool, extra: &str) -> Pool {
         crate::world::require_root();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let id = format!("wx{:x}p{n}", std::process::id() & 0xffff);
@@ -141,7 +147,7 @@ impl Pool {
         for i in 0..3 {
             p.wait_etcd(i);
         }
-        p.write_configs();
+        p.write_configs(extra);
         for i in 0..2 {
             p.start_member(i);
         }
@@ -494,7 +500,7 @@ impl Pool {
         self.state_dir(0).join("tls/ca.pem")
     }
 
-    fn write_configs(&self) {
+    fn write_configs(&self, extra: &str) {
         std::fs::write(self.path("acme.tokens"), format!("{TOKEN}\n")).unwrap();
         std::fs::write(self.path("acme.token"), format!("{TOKEN}\n")).unwrap();
         let etcd: Vec<String> = self
@@ -567,6 +573,9 @@ leader_ttl = {LEADER_TTL}
                 node = m.node,
                 etcd = etcd.join(", "),
             );
+            let tokens = self.path("acme.tokens");
+            let extra = extra.replace("{wg}", &m.wg);
+            let config = config + &extra.replace("{tokens}", &tokens.display().to_string());
             std::fs::write(self.member_config(i), config).unwrap();
         }
     }

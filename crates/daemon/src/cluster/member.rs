@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::agreement::{self, SharedSettings};
+use super::conntrack_sync::ConntrackSync;
 use super::election::{groups, Election, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
@@ -102,10 +103,14 @@ impl Pool {
                 api: service.config.api.listen.to_string(),
             },
         };
+        let conntrack = Arc::new(ConntrackSync {
+            etcd: self.etcd.clone(),
+        });
         let takeover = Arc::new(Takeover {
             etcd: self.etcd.clone(),
             service: service.clone(),
             floating: Floating::new(self.cluster.float.clone(), &self.cluster.node)?,
+            conntrack: conntrack.clone(),
         });
         let election = Arc::new(Election {
             etcd: self.etcd.clone(),
@@ -132,6 +137,10 @@ impl Pool {
                 self.epoch.clone(),
             )),
             tokio::spawn(takeover.publish_endpoints(self.leading.clone())),
+            tokio::spawn(conntrack.publish(
+                election.takeover.service.config.egress.clone(),
+                self.leading.clone(),
+            )),
         ];
         for group in groups(&election.takeover.service.config.egress) {
             tasks.push(tokio::spawn(election.clone().run(group, rx.clone())));

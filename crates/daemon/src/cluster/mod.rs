@@ -9,6 +9,7 @@
 
 pub mod agreement;
 pub mod announce;
+pub mod conntrack_sync;
 pub mod election;
 pub mod endpoint_source;
 pub mod epoch;

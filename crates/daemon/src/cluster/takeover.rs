@@ -22,6 +22,7 @@ use std::time::Duration;
 use etcd_client::{Txn, TxnOp};
 use tokio::sync::MutexGuard;
 
+use super::conntrack_sync::ConntrackSync;
 use super::election::{Group, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
@@ -46,6 +47,7 @@ pub struct Takeover {
     pub etcd: Arc<Etcd>,
     pub service: Arc<LeaseService<HostDataplane>>,
     pub floating: Floating,
+    pub conntrack: Arc<ConntrackSync>,
 }
 
 impl Takeover {
@@ -54,6 +56,7 @@ impl Takeover {
     /// The handshakes start in the background: the leader must stay free to give the group
     /// up the moment its standing says so, even while etcd is slow to answer.
     pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
+        self.restore_connections(group).await;
         self.floating.acquire(group).await?;
         for e in &group.egresses {
             let (etcd, service, e) = (self.etcd.clone(), self.service.clone(), e.clone());
@@ -69,6 +72,21 @@ impl Takeover {
             });
         }
         Ok(())
+    }
+
+    /// Loads the old leader's connection state before the addresses (and so the servers'
+    /// packets) arrive here.
+    async fn restore_connections(&self, group: &Group) {
+        for e in &group.egresses {
+            match self.conntrack.restore(e).await {
+                Ok(n) => {
+                    tracing::info!(egress = %e.name, connections = n, "connection state restored")
+                }
+                Err(err) => {
+                    tracing::warn!(egress = %e.name, error = %err, "cannot restore connection state; open connections may be reset")
+                }
+            }
+        }
     }
 
     pub async fn release(&self, group: &Group) -> Result<(), ClusterError> {
