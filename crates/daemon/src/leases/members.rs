@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -17,6 +18,7 @@ use super::store::StoredLease;
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
 use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
+use crate::dns::counts::DnsCounts;
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
@@ -85,10 +87,11 @@ struct Join {
 }
 
 /// The private networks' part of the lease service: their WireGuard identities and the
-/// directories their resolvers read.
+/// directories their resolvers read, and what the resolvers count.
 pub struct Members {
     identities: Identities,
     directories: HashMap<String, Published>,
+    dns_counts: HashMap<String, Arc<DnsCounts>>,
 }
 
 impl Members {
@@ -98,9 +101,14 @@ impl Members {
             .iter()
             .map(|n| (n.name.clone(), Published::default()))
             .collect();
+        let dns_counts = networks
+            .iter()
+            .map(|n| (n.name.clone(), Arc::default()))
+            .collect();
         Members {
             identities,
             directories,
+            dns_counts,
         }
     }
 }
@@ -151,6 +159,15 @@ impl LeaseService {
     pub fn directory(&self, network: &str) -> Published {
         self.members
             .directories
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Where `network`'s resolver counts its answers, refusals and forwards.
+    pub fn dns_counts(&self, network: &str) -> Arc<DnsCounts> {
+        self.members
+            .dns_counts
             .get(network)
             .cloned()
             .unwrap_or_default()
