@@ -121,6 +121,10 @@ pub trait Dataplane<C: SpaceDevice = EgressConfig>: Send + Sync {
     async fn add_peer(&self, space: &C, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
     async fn remove_peer(&self, space: &C, key: &Key) -> Result<(), DataplaneError>;
+    /// Packets the firewall refused or dropped at the space's tunnel since its rules were
+    /// last written (an egress's policy refusals, everything a network's rules drop); `None`
+    /// while the firewall has no count for it (its table is being put back, say).
+    async fn firewall_drops(&self, space: &C) -> Result<Option<u64>, DataplaneError>;
 }
 
 /// The data path in this process's network namespace.
@@ -307,6 +311,16 @@ impl<C: SpaceDevice> Dataplane<C> for HostDataplane {
             .submit(&self.backend, change)
             .await
             .map_err(DataplaneError::wg(space))
+    }
+
+    async fn firewall_drops(&self, space: &C) -> Result<Option<u64>, DataplaneError> {
+        let counts = match space.space() {
+            Space::Egress(_) => self.firewall.refused_counts()?,
+            Space::Network(_) => self.firewall.dropped_counts()?,
+        };
+        Ok(counts
+            .get(space.space().name())
+            .map(|&(packets, _)| packets))
     }
 }
 

@@ -40,6 +40,9 @@
 //! * `input`: from `W`, DNS (UDP and TCP 53) to `D` and ping of `G` or `D` accepted; anything
 //!   else to the gateway itself dropped, counted.
 //!
+//! Every drop and reject at a network's tunnel counts in the network's named counter
+//! `dropped_N` as well, which `wgexitd status` and `/metrics` read.
+//!
 //! Drops and SNAT carry counters; rule comments name the egress and purpose for people
 //! reading `nft list`, but play no part in verification.
 //!
@@ -342,6 +345,17 @@ impl Firewall {
     /// Packets and bytes refused by each egress's policy (and at the exit node's own
     /// addresses), since the table was last written.
     pub fn refused_counts(&self) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
+        self.named_counts("refused_")
+    }
+
+    /// Packets and bytes dropped or rejected at each network's tunnel, since the table was
+    /// last written.
+    pub fn dropped_counts(&self) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
+        self.named_counts("dropped_")
+    }
+
+    /// The named counters whose name starts with `prefix`, by the rest of their name.
+    fn named_counts(&self, prefix: &str) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
         let mut out = BTreeMap::new();
         if !self.exists()? {
             return Ok(out);
@@ -351,10 +365,10 @@ impl Firewall {
         for object in listed["nftables"].as_array().into_iter().flatten() {
             let counter = &object["counter"];
             let name = counter["name"].as_str().unwrap_or_default();
-            if let Some(egress) = name.strip_prefix("refused_") {
+            if let Some(space) = name.strip_prefix(prefix) {
                 let packets = counter["packets"].as_u64().unwrap_or(0);
                 let bytes = counter["bytes"].as_u64().unwrap_or(0);
-                out.insert(egress.to_owned(), (packets, bytes));
+                out.insert(space.to_owned(), (packets, bytes));
             }
         }
         Ok(out)
