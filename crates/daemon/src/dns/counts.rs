@@ -1,18 +1,18 @@
 //! What a network's resolver did, counted where it decides: queries answered from the
 //! network's own names (including NXDOMAIN and empty answers), refused (the asker is no
-//! member, or a name is for upstreams and there are none), and forwarded upstream. Atomic
-//! counters, shared by the resolver and the status snapshot; they only go up.
+//! member, or a name is for upstreams and there are none), and forwarded upstream. The
+//! counters are `/metrics`' own (`wgexit_network_dns_queries`), shared with the resolver:
+//! one atomic add per query, read by the status snapshot too.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
+use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 
 /// One network's resolver counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct DnsCounts {
-    answered: AtomicU64,
-    refused: AtomicU64,
-    forwarded: AtomicU64,
+    pub answered: Counter,
+    pub refused: Counter,
+    pub forwarded: Counter,
 }
 
 /// The counters as read at one moment.
@@ -28,22 +28,22 @@ pub struct DnsTotals {
 
 impl DnsCounts {
     pub fn answered(&self) {
-        self.answered.fetch_add(1, Ordering::Relaxed);
+        self.answered.inc();
     }
 
     pub fn refused(&self) {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        self.refused.inc();
     }
 
     pub fn forwarded(&self) {
-        self.forwarded.fetch_add(1, Ordering::Relaxed);
+        self.forwarded.inc();
     }
 
     pub fn totals(&self) -> DnsTotals {
         DnsTotals {
-            answered: self.answered.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
-            forwarded: self.forwarded.load(Ordering::Relaxed),
+            answered: self.answered.get(),
+            refused: self.refused.get(),
+            forwarded: self.forwarded.get(),
         }
     }
 }

@@ -71,7 +71,8 @@ pub fn member_of(network: &str, lease: &Lease) -> Member {
     }
 }
 
-fn kind_of(lease: &Lease) -> MemberKind {
+/// Whether a network's lease is a container's or a peer's (a laptop's).
+pub fn kind_of(lease: &Lease) -> MemberKind {
     lease
         .member
         .as_ref()
@@ -96,14 +97,15 @@ pub struct Members {
 
 impl Members {
     /// For `networks`, with their identities.
-    pub fn new(networks: &[NetworkConfig], identities: Identities) -> Members {
+    /// `metrics`: where the resolvers count their queries.
+    pub fn new(networks: &[NetworkConfig], identities: Identities, metrics: &Metrics) -> Members {
         let directories = networks
             .iter()
             .map(|n| (n.name.clone(), Published::default()))
             .collect();
         let dns_counts = networks
             .iter()
-            .map(|n| (n.name.clone(), Arc::default()))
+            .map(|n| (n.name.clone(), Arc::new(metrics.dns_counts(&n.name))))
             .collect();
         Members {
             identities,
@@ -128,6 +130,15 @@ impl<D: Dataplane> LeaseService<D> {
             Err(_) => Directory::default(),
         };
         published.publish(directory);
+    }
+
+    /// Where `network`'s resolver counts its answers, refusals and forwards.
+    pub fn dns_counts(&self, network: &str) -> Arc<DnsCounts> {
+        self.members
+            .dns_counts
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -159,15 +170,6 @@ impl LeaseService {
     pub fn directory(&self, network: &str) -> Published {
         self.members
             .directories
-            .get(network)
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Where `network`'s resolver counts its answers, refusals and forwards.
-    pub fn dns_counts(&self, network: &str) -> Arc<DnsCounts> {
-        self.members
-            .dns_counts
             .get(network)
             .cloned()
             .unwrap_or_default()
