@@ -40,8 +40,8 @@
 //! * `input`: from `W`, DNS (UDP and TCP 53) to `D` and ping of `G` or `D` accepted; anything
 //!   else to the gateway itself dropped, counted.
 //!
-//! Every drop and reject at a network's tunnel counts in the network's named counter
-//! `dropped_N` as well, which `wgexitd status` and `/metrics` read.
+//! Every drop and reject at a network's tunnel counts in its rule's counter and in the
+//! network's named counter `dropped_N`, which `wgexitd status` and `/metrics` read.
 //!
 //! Drops and SNAT carry counters; rule comments name the egress and purpose for people
 //! reading `nft list`, but play no part in verification.

@@ -677,6 +677,7 @@ impl Builder {
             let rule = vec![
                 iif(&n.wg_interface),
                 spoofed,
+                counter(),
                 dropped(&n.name),
                 Statement::Drop(None),
             ];
@@ -707,7 +708,7 @@ impl Builder {
                 } else {
                     oif(&n.wg_interface)
                 };
-                let rule = vec![at, dropped(&n.name), reject_prohibited()];
+                let rule = vec![at, counter(), dropped(&n.name), reject_prohibited()];
                 self.rule("forward", Some(format!("{}: {what}", n.name)), rule);
             }
         }
@@ -733,7 +734,7 @@ impl Builder {
             let rule = vec![iif(w), to6(addr), ping, Statement::Accept(None)];
             self.rule("input", Some(format!("{name}: ping")), rule);
         }
-        let rule = vec![iif(w), dropped(name), Statement::Drop(None)];
+        let rule = vec![iif(w), counter(), dropped(name), Statement::Drop(None)];
         self.rule("input", Some(format!("{name}: to the gateway")), rule);
     }
 }
