@@ -463,4 +463,59 @@ pub(crate) mod tests {
         assert_eq!(counts, [1, 1, 1, 0, 0, 1]);
         assert_eq!(s.handshake_age[5].bucket, NEVER);
     }
+
+    fn member(n: u8, kind: MemberKind) -> Lease {
+        Lease {
+            egress: "network:acme".into(),
+            public_key: peer(u32::from(n), None, SystemTime::now()).public_key,
+            address: format!("fdaa:0:1::{:x}", 0x100 + u16::from(n))
+                .parse()
+                .unwrap(),
+            address6: None,
+            created_at: 0,
+            attachment: Default::default(),
+            member: Some(Box::new(wgexit::api::MemberInfo {
+                network: "acme".into(),
+                kind,
+                app: "web".into(),
+                region: "ams".into(),
+                name: String::new(),
+            })),
+        }
+    }
+
+    #[test]
+    fn a_network_is_summed_up_like_an_egress_with_its_members_by_kind() {
+        let now = SystemTime::now();
+        let config = crate::config::network::tests::network("acme", "fdaa:0:1::/48", "wgn-acme");
+        let view = NetworkView {
+            config: &config,
+            leases: vec![
+                member(1, MemberKind::Container),
+                member(2, MemberKind::Container),
+                member(3, MemberKind::Peer),
+            ],
+            capacity: 0,
+            device: Ok(Some(DeviceStatus {
+                public_key: None,
+                listen_port: 51830,
+                fwmark: 0,
+                peers: vec![peer(1, Some(5), now), peer(3, None, now)],
+            })),
+            firewall_drops: Some(7),
+        };
+        let dns = DnsTotals {
+            answered: 4,
+            refused: 1,
+            forwarded: 2,
+        };
+        let s = summarize_network(&view, dns, now, true);
+        assert_eq!((s.members.containers, s.members.peers), (2, 1));
+        assert_eq!((s.peers.total, s.peers.live, s.peers.never), (2, 1, 1));
+        assert_eq!(s.peers.leases_without_peer, 1);
+        assert_eq!((s.dns, s.firewall_drops), (dns, Some(7)));
+        let rows = s.peer_list.unwrap();
+        assert_eq!(rows.iter().filter(|r| r.on_device).count(), 2);
+        assert_eq!(rows[0].last_handshake_age_seconds, Some(5));
+    }
 }
