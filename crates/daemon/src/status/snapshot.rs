@@ -3,7 +3,7 @@
 //! summed up so that 60,000 peers read as a few numbers (the per-peer rows only on request).
 //! Both kinds are read into one [`SpaceView`] and summed up by the same functions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -14,6 +14,7 @@ use crate::dataplane::{Dataplane, SpaceDevice};
 use crate::dns::counts::DnsTotals;
 use crate::leases::members::kind_of;
 use crate::leases::service::LeaseService;
+use crate::space::Space;
 use wgexit::api::{Lease, MemberKind};
 use wgexit::keys::Key;
 use wgexit::wg::{DeviceStatus, PeerStatus};
@@ -154,9 +155,13 @@ pub struct SpaceView<'a, C> {
 pub type EgressView<'a> = SpaceView<'a, EgressConfig>;
 pub type NetworkView<'a> = SpaceView<'a, NetworkConfig>;
 
-/// Reads one space: the registry (briefly locked), the device and the firewall's counter
-/// (neither under the lock).
-async fn read_space<'a, C, D>(service: &LeaseService<D>, config: &'a C) -> SpaceView<'a, C>
+/// Reads one space: the registry (briefly locked) and the device (not under the lock);
+/// `drops`: the firewall's counts of every space.
+async fn read_space<'a, C, D>(
+    service: &LeaseService<D>,
+    config: &'a C,
+    drops: &BTreeMap<Space, u64>,
+) -> SpaceView<'a, C>
 where
     C: SpaceDevice,
     D: Dataplane + Dataplane<C>,
@@ -166,27 +171,30 @@ where
         .device(config)
         .await
         .map_err(|e| e.to_string());
-    let firewall_drops = match service.dataplane().firewall_drops(config).await {
-        Ok(drops) => drops,
-        Err(e) => {
-            tracing::debug!(space = %config.space(), error = %e, "cannot read the firewall's counters");
-            None
-        }
-    };
+    let space = config.space();
     SpaceView {
         config,
-        leases: service.space_leases(&config.space()).await,
+        leases: service.space_leases(&space).await,
         capacity: 0,
         device,
-        firewall_drops,
+        firewall_drops: drops.get(&space).copied(),
     }
+}
+
+/// The firewall's counts of every space, read once (none when they cannot be read).
+async fn firewall_drops<C: SpaceDevice, D: Dataplane<C>>(dataplane: &D) -> BTreeMap<Space, u64> {
+    dataplane.firewall_drops().await.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "cannot read the firewall's counters");
+        BTreeMap::new()
+    })
 }
 
 /// Reads every egress.
 pub async fn read<D: Dataplane>(service: &LeaseService<D>) -> Vec<EgressView<'_>> {
+    let drops = firewall_drops::<EgressConfig, D>(service.dataplane()).await;
     let mut out = Vec::new();
     for config in &service.config.egress {
-        let mut view = read_space(service, config).await;
+        let mut view = read_space(service, config, &drops).await;
         view.capacity = service
             .info(&config.name)
             .await
@@ -202,9 +210,10 @@ pub async fn read_networks<D>(service: &LeaseService<D>) -> Vec<NetworkView<'_>>
 where
     D: Dataplane + Dataplane<NetworkConfig>,
 {
+    let drops = firewall_drops::<NetworkConfig, D>(service.dataplane()).await;
     let mut out = Vec::new();
     for config in &service.config.network {
-        out.push(read_space(service, config).await);
+        out.push(read_space(service, config, &drops).await);
     }
     out
 }

@@ -1164,6 +1164,15 @@ fn each_network_forwards_only_within_itself_in_the_one_table() {
     let dropped = fw.dropped_counts().unwrap();
     assert_eq!(dropped.keys().collect::<Vec<_>>(), ["acme", "beta"]);
     assert_eq!(dropped["acme"], (0, 0));
+    let by_space: Vec<_> = fw.space_counts().unwrap().into_keys().collect();
+    assert_eq!(
+        by_space,
+        [
+            crate::space::Space::Egress("acme".into()),
+            crate::space::Space::Network("acme".into()),
+            crate::space::Space::Network("beta".into()),
+        ]
+    );
     // Every network's "leaves" rule comes before any "enters" rule, all after the egresses'.
     let text = without_handles(&listing);
     let pos = |s: &str| text.find(s).unwrap();
