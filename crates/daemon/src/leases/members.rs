@@ -149,23 +149,6 @@ impl LeaseService {
         &self.config.network
     }
 
-    /// Each network's name with its containers and peers, for metrics.
-    pub async fn member_counts(&self) -> Vec<(String, usize, usize)> {
-        let registry = self.registry().lock().await;
-        let mut out = Vec::new();
-        for n in &self.config.network {
-            let Ok(leases) = registry.egress(&n.space()) else {
-                continue;
-            };
-            let peers = leases
-                .leases()
-                .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
-                .count();
-            out.push((n.name.clone(), leases.len() - peers, peers));
-        }
-        out
-    }
-
     /// The directory `network`'s resolver reads.
     pub fn directory(&self, network: &str) -> Published {
         self.members
