@@ -865,9 +865,11 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
         ACME_PREFIX,
         BETA_PREFIX,
     );
+    let before = n.w.metrics();
     let leaves = n.net_counter("acme: leaves the network");
     assert!(curl(&n.laptop, &format!("http://[{db_ip}]:8080/")).is_err());
     assert!(n.net_counter("acme: leaves the network") > leaves);
+    status_and_metrics_show_the_network(&n, (&web, &db), &before);
 
     a_silent_container_goes_the_laptop_stays(&mut n, &web);
 
@@ -877,6 +879,94 @@ fn a_laptop_joins_with_wg_quick_and_stays() {
     let gone = dig(&web.netns, ACME_DNS, "alice._peer.internal", "AAAA").0;
     assert_eq!(gone, "NXDOMAIN");
     assert!(curl(&n.laptop, &format!("http://[{web_ip}]:8080/")).is_err());
+}
+
+/// `wgexitd status --json` from the running daemon.
+fn status_json(n: &Nets) -> Value {
+    let out = Command::new(crate::world::bin("wgexitd"))
+        .args(["status", "--json", "--config"])
+        .arg(n.w.daemon_config())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The growth of the sample `name{labels}` from `before` to `after` (absent: 0).
+fn grew(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let at = |body| crate::ops::sample(body, name, labels).unwrap_or(0.0);
+    at(after) - at(before)
+}
+
+/// With web (a container) and alice (a wg-quick laptop) in acme, after traffic and a
+/// packet the firewall refused (`before`: /metrics before it): `wgexitd status --json`
+/// shows acme's members, peers, handshakes and bytes; /metrics counts the resolvers'
+/// answers, refusals and forwards, and the drop.
+fn status_and_metrics_show_the_network(
+    n: &Nets,
+    (web, db): (&Container, &Container),
+    before: &str,
+) {
+    assert_eq!(
+        dig(&web.netns, ACME_DNS, "web.internal", "AAAA").0,
+        "NOERROR"
+    );
+    let forwarded = dig(&web.netns, ACME_DNS, "example.test", "A");
+    assert_eq!(forwarded.1, ["198.18.0.99"]);
+    // Beta has no upstream: other names are refused.
+    assert_eq!(dig(&db.netns, BETA_DNS, "example.test", "A").0, "REFUSED");
+    let report = status_json(n);
+    let acme = report["network"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "acme")
+        .unwrap_or_else(|| panic!("no network acme in {report}"));
+    assert_eq!(
+        acme["members"],
+        json!({"containers": 1, "peers": 1}),
+        "{acme}"
+    );
+    let peers = &acme["peers"];
+    assert_eq!(peers["total"], 2, "{acme}");
+    assert_eq!(peers["live"], 2, "{acme}");
+    let newest = peers["newest_handshake_age_seconds"].as_u64().unwrap();
+    assert!(newest < 180, "{acme}");
+    assert!(peers["received_bytes"].as_u64().unwrap() > 0, "{acme}");
+    assert!(peers["transmitted_bytes"].as_u64().unwrap() > 0, "{acme}");
+    assert!(acme["dns"]["answered"].as_u64().unwrap() >= 3, "{acme}");
+    assert!(acme["dns"]["forwarded"].as_u64().unwrap() >= 1, "{acme}");
+    assert!(acme["firewall_drops"].as_u64().unwrap() >= 1, "{acme}");
+
+    let after = n.w.metrics();
+    let checked = crate::ops::promtool_check(&after);
+    assert!(checked.status.success(), "promtool: {checked:?}\n{after}");
+    let dns = "wgexit_network_dns_queries_total";
+    let (acme_net, beta_net) = (("network", "acme"), ("network", "beta"));
+    assert!(grew(before, &after, dns, &[acme_net, ("outcome", "answered")]) >= 1.0);
+    assert!(grew(before, &after, dns, &[acme_net, ("outcome", "forwarded")]) >= 1.0);
+    assert!(grew(before, &after, dns, &[beta_net, ("outcome", "refused")]) >= 1.0);
+    let drops = "wgexit_firewall_dropped_packets_total";
+    let acme_space = [("kind", "network"), ("name", "acme")];
+    assert!(grew(before, &after, drops, &acme_space) >= 1.0, "{after}");
+    let received = "wgexit_network_tunnel_received_bytes_total";
+    assert!(crate::ops::sample(&after, received, &[acme_net]).unwrap() > 0.0);
+    let live = [acme_net, ("handshake_age", "0-30s")];
+    assert_eq!(
+        crate::ops::sample(&after, "wgexit_network_peers", &live),
+        Some(2.0)
+    );
+    let text = Command::new(crate::world::bin("wgexitd"))
+        .args(["status", "--config"])
+        .arg(n.w.daemon_config())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("network acme\n"), "{text}");
+    assert!(
+        text.contains("  members     1 containers, 1 peers\n"),
+        "{text}"
+    );
 }
 
 /// How often the flush test's daemon reconciles (seconds).

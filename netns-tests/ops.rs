@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::world::{World, EGRESS_IP, OTHER_TOKEN, TOKEN};
 
 /// The value of the sample `name` whose labels include `labels`.
-fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         let (series, value) = l.rsplit_once(' ')?;
         let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
@@ -31,7 +31,7 @@ fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     })
 }
 
-fn promtool_check(body: &str) -> Output {
+pub(crate) fn promtool_check(body: &str) -> Output {
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

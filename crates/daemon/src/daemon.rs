@@ -190,7 +190,8 @@ async fn start_networks(networks: &LeaseService) -> Result<Resolvers, DaemonErro
     networks.publish_all().await;
     let mut resolvers = Vec::new();
     for n in networks.networks() {
-        resolvers.push(dns_server::start(n, networks.directory(&n.name)).await?);
+        let (directory, counts) = (networks.directory(&n.name), networks.dns_counts(&n.name));
+        resolvers.push(dns_server::start(n, directory, counts).await?);
         tracing::info!(network = %n.name, dns = %n.dns(), "resolver ready");
     }
     Ok(resolvers)

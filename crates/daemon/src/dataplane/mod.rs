@@ -18,6 +18,8 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 
+use std::collections::BTreeMap;
+
 use crate::config::{EgressConfig, NetworkConfig};
 use crate::space::Space;
 use wgexit::keys::Key;
@@ -121,6 +123,11 @@ pub trait Dataplane<C: SpaceDevice = EgressConfig>: Send + Sync {
     async fn add_peer(&self, space: &C, peer: &Peer) -> Result<(), DataplaneError>;
     /// Removes the peer of `key`; not an error if it is not there.
     async fn remove_peer(&self, space: &C, key: &Key) -> Result<(), DataplaneError>;
+    /// Packets the firewall refused or dropped per space since its rules were last written
+    /// (an egress's policy refusals, everything a network's rules drop), read at once for
+    /// every space; a space the firewall has no count for (its table is being put back,
+    /// say) is missing.
+    async fn firewall_drops(&self) -> Result<BTreeMap<Space, u64>, DataplaneError>;
 }
 
 /// The data path in this process's network namespace.
@@ -307,6 +314,14 @@ impl<C: SpaceDevice> Dataplane<C> for HostDataplane {
             .submit(&self.backend, change)
             .await
             .map_err(DataplaneError::wg(space))
+    }
+
+    async fn firewall_drops(&self) -> Result<BTreeMap<Space, u64>, DataplaneError> {
+        let counts = self.firewall.space_counts()?;
+        Ok(counts
+            .into_iter()
+            .map(|(s, (packets, _))| (s, packets))
+            .collect())
     }
 }
 

@@ -4,8 +4,10 @@
 //! [`directory`] is what the resolver knows (the members, published by the lease side after
 //! every change), [`names`] decides the answer to one question (pure), [`forward`] passes
 //! other names to the network's upstreams, and [`server`] is the DNS server itself
-//! (`hickory-server`: framing, parsing and writing messages are the library's).
+//! (`hickory-server`: framing, parsing and writing messages are the library's); [`counts`]
+//! is what it did, for `wgexitd status` and `/metrics`.
 
+pub mod counts;
 pub mod directory;
 pub mod forward;
 pub mod names;

@@ -23,6 +23,7 @@ use hickory_server::ServerFuture;
 use ipnet::Ipv6Net;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::counts::DnsCounts;
 use super::directory::Published;
 use super::forward::forward;
 use super::names::{answer, txt_strings, Answer, Question, Record};
@@ -61,6 +62,7 @@ pub struct Resolver {
     upstreams: Vec<SocketAddr>,
     forwards: Arc<Semaphore>,
     forwarding_members: Arc<PerSource>,
+    counts: Arc<DnsCounts>,
 }
 
 /// What the resolver sends back, before it is written.
@@ -93,13 +95,15 @@ fn to_dns(name: &hickory_proto::rr::Name, record: Record) -> DnsRecord {
 }
 
 impl Resolver {
-    pub fn new(n: &NetworkConfig, directory: Published) -> Resolver {
+    /// `counts`: where what it does is counted.
+    pub fn new(n: &NetworkConfig, directory: Published, counts: Arc<DnsCounts>) -> Resolver {
         Resolver {
             prefix: n.prefix,
             directory,
             upstreams: n.dns_upstream.clone(),
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
             forwarding_members: Arc::default(),
+            counts,
         }
     }
 
@@ -110,7 +114,16 @@ impl Resolver {
         Some((slot, permit))
     }
 
+    /// The reply to `request`, counted as answered, refused or forwarded.
     async fn reply(&self, request: &Request) -> Reply {
+        let reply = self.decide(request).await;
+        if reply.authoritative {
+            self.counts.answered();
+        }
+        reply
+    }
+
+    async fn decide(&self, request: &Request) -> Reply {
         if request.message_type() != MessageType::Query || request.op_code() != OpCode::Query {
             return Reply::code(ResponseCode::NotImp, false);
         }
@@ -123,6 +136,7 @@ impl Resolver {
             _ => None,
         };
         let Some(asker) = asker else {
+            self.counts.refused();
             return Reply::code(ResponseCode::Refused, false);
         };
         let query = info.query.original();
@@ -144,6 +158,7 @@ impl Resolver {
             Answer::NoData => Reply::code(ResponseCode::NoError, true),
             Answer::NxDomain => Reply::code(ResponseCode::NXDomain, true),
             Answer::Forward if self.upstreams.is_empty() => {
+                self.counts.refused();
                 Reply::code(ResponseCode::Refused, false)
             }
             Answer::Forward => {
@@ -152,6 +167,7 @@ impl Resolver {
                     return Reply::code(ResponseCode::ServFail, false);
                 };
                 let tcp = request.protocol() == Protocol::Tcp;
+                self.counts.forwarded();
                 match forward(&self.upstreams, query, tcp).await {
                     Ok(mut m) => Reply {
                         code: m.response_code(),
@@ -226,7 +242,11 @@ pub type Resolvers = Vec<DnsServer>;
 
 /// Starts `n`'s resolver on `<prefix>::3` port 53, UDP and TCP. The address must be on the
 /// network's device already. It serves until the returned server is dropped.
-pub async fn start(n: &NetworkConfig, directory: Published) -> Result<DnsServer, DnsError> {
+pub async fn start(
+    n: &NetworkConfig,
+    directory: Published,
+    counts: Arc<DnsCounts>,
+) -> Result<DnsServer, DnsError> {
     let address = SocketAddr::new(n.dns().into(), 53);
     let err = |source| DnsError {
         network: n.name.clone(),
@@ -235,7 +255,7 @@ pub async fn start(n: &NetworkConfig, directory: Published) -> Result<DnsServer,
     };
     let udp = tokio::net::UdpSocket::bind(address).await.map_err(err)?;
     let tcp = tokio::net::TcpListener::bind(address).await.map_err(err)?;
-    let resolver = Resolver::new(n, directory);
+    let resolver = Resolver::new(n, directory, counts);
     let mut server = ServerFuture::new(resolver.clone());
     server.register_socket(udp);
     Ok(DnsServer {
@@ -337,7 +357,7 @@ mod tests {
         published.publish(Directory::from_leases(
             [member(1, "web"), member(2, "api")].iter(),
         ));
-        Resolver::new(&n, published)
+        Resolver::new(&n, published, Arc::default())
     }
 
     #[tokio::test]
@@ -372,6 +392,11 @@ mod tests {
         assert_eq!(
             (nodata.code, nodata.answers.len()),
             (ResponseCode::NoError, 0)
+        );
+        let totals = r.counts.totals();
+        assert_eq!(
+            (totals.answered, totals.refused, totals.forwarded),
+            (2, 1, 0)
         );
     }
 

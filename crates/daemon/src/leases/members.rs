@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -17,6 +18,7 @@ use super::store::StoredLease;
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
 use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
+use crate::dns::counts::DnsCounts;
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
@@ -69,7 +71,8 @@ pub fn member_of(network: &str, lease: &Lease) -> Member {
     }
 }
 
-fn kind_of(lease: &Lease) -> MemberKind {
+/// Whether a network's lease is a container's or a peer's (a laptop's).
+pub fn kind_of(lease: &Lease) -> MemberKind {
     lease
         .member
         .as_ref()
@@ -85,22 +88,29 @@ struct Join {
 }
 
 /// The private networks' part of the lease service: their WireGuard identities and the
-/// directories their resolvers read.
+/// directories their resolvers read, and what the resolvers count.
 pub struct Members {
     identities: Identities,
     directories: HashMap<String, Published>,
+    dns_counts: HashMap<String, Arc<DnsCounts>>,
 }
 
 impl Members {
     /// For `networks`, with their identities.
-    pub fn new(networks: &[NetworkConfig], identities: Identities) -> Members {
+    /// `metrics`: where the resolvers count their queries.
+    pub fn new(networks: &[NetworkConfig], identities: Identities, metrics: &Metrics) -> Members {
         let directories = networks
             .iter()
             .map(|n| (n.name.clone(), Published::default()))
             .collect();
+        let dns_counts = networks
+            .iter()
+            .map(|n| (n.name.clone(), Arc::new(metrics.dns_counts(&n.name))))
+            .collect();
         Members {
             identities,
             directories,
+            dns_counts,
         }
     }
 }
@@ -121,6 +131,15 @@ impl<D: Dataplane> LeaseService<D> {
         };
         published.publish(directory);
     }
+
+    /// Where `network`'s resolver counts its answers, refusals and forwards.
+    pub fn dns_counts(&self, network: &str) -> Arc<DnsCounts> {
+        self.members
+            .dns_counts
+            .get(network)
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// The networks' operations of the one lease service: the same registry (under
@@ -128,23 +147,6 @@ impl<D: Dataplane> LeaseService<D> {
 impl LeaseService {
     pub fn networks(&self) -> &[NetworkConfig] {
         &self.config.network
-    }
-
-    /// Each network's name with its containers and peers, for metrics.
-    pub async fn member_counts(&self) -> Vec<(String, usize, usize)> {
-        let registry = self.registry().lock().await;
-        let mut out = Vec::new();
-        for n in &self.config.network {
-            let Ok(leases) = registry.egress(&n.space()) else {
-                continue;
-            };
-            let peers = leases
-                .leases()
-                .filter(|l| kind_of(&l.lease) == MemberKind::Peer)
-                .count();
-            out.push((n.name.clone(), leases.len() - peers, peers));
-        }
-        out
     }
 
     /// The directory `network`'s resolver reads.

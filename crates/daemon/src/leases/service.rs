@@ -67,14 +67,15 @@ impl<D: Dataplane> LeaseService<D> {
         dataplane: D,
         (identities, network_identities): (Identities, Identities),
     ) -> LeaseService<D> {
+        let metrics = Arc::new(Metrics::new());
         LeaseService {
-            members: Members::new(&config.network, network_identities),
+            members: Members::new(&config.network, network_identities, &metrics),
             config,
             registry: Mutex::new(registry),
             misfits: Mutex::new(misfits),
             dataplane,
             identities,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
         }
     }
 
@@ -384,9 +385,14 @@ impl<D: Dataplane> LeaseService<D> {
 
     /// Every lease of `egress`, whoever made it.
     pub async fn leases_of(&self, egress: &str) -> Vec<Lease> {
+        self.space_leases(&Space::Egress(egress.to_string())).await
+    }
+
+    /// Every lease of `space`, egress or network, whoever made it.
+    pub async fn space_leases(&self, space: &Space) -> Vec<Lease> {
         let registry = self.registry.lock().await;
         registry
-            .egress(&Space::Egress(egress.to_string()))
+            .egress(space)
             .map(|e| e.leases().map(|l| l.lease.clone()).collect())
             .unwrap_or_default()
     }

@@ -9,7 +9,8 @@
 //!
 //! Labels: `egress` on everything per egress, `ip` beside it for what is per egress IP; a
 //! private network's families take `network` the same way (its members, by kind, and the
-//! idle ones collected). More families can be added with
+//! idle ones collected, its peers by handshake age, bytes, its resolver's queries by
+//! outcome); the firewall's drops are per space (`kind`, `name`). More families can be added with
 //! [`Metrics::register`] from any module (e.g. a cluster's own), before or after start.
 
 pub mod bytes;
@@ -27,6 +28,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::dataplane::Changes;
+use crate::dns::counts::DnsCounts;
 
 /// Label set of a family per egress.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -84,6 +86,27 @@ pub struct MemberLabels {
     pub kind: String,
 }
 
+/// A private network's peers whose last handshake falls in one age bucket.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NetworkPeerAgeLabels {
+    pub network: String,
+    pub handshake_age: String,
+}
+
+/// A network's resolver's queries by outcome: `answered`, `refused` or `forwarded`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub network: String,
+    pub outcome: String,
+}
+
+/// A space: `kind` is `egress` or `network`, `name` its name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpaceLabels {
+    pub kind: String,
+    pub name: String,
+}
+
 /// Who leads what: `kind` is `egress` or `network`, `name` its name.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LeaderLabels {
@@ -120,6 +143,11 @@ pub struct Metrics {
     pub leader: Family<LeaderLabels, Gauge>,
     pub network_members: Family<MemberLabels, Gauge>,
     pub network_collected: Family<NetworkLabels, Counter>,
+    pub network_peers: Family<NetworkPeerAgeLabels, Gauge>,
+    pub network_received_bytes: Family<NetworkLabels, Counter>,
+    pub network_transmitted_bytes: Family<NetworkLabels, Counter>,
+    pub dns_queries: Family<DnsLabels, Counter>,
+    pub firewall_drops: Family<SpaceLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: HistogramFamily<RouteLabels>,
 }
@@ -149,6 +177,11 @@ impl Metrics {
             leader: Family::default(),
             network_members: Family::default(),
             network_collected: Family::default(),
+            network_peers: Family::default(),
+            network_received_bytes: Family::default(),
+            network_transmitted_bytes: Family::default(),
+            dns_queries: Family::default(),
+            firewall_drops: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
         };
@@ -192,7 +225,52 @@ impl Metrics {
             "Live members per private network, by kind (container, peer).",
             self.network_members.clone(),
         );
+        self.register_networks();
         self.register_events();
+    }
+
+    fn register_networks(&self) {
+        self.register(
+            "wgexit_network_peers",
+            "WireGuard peers (containers and laptops) per private network by the age of their last handshake (never: none yet).",
+            self.network_peers.clone(),
+        );
+        self.register(
+            "wgexit_network_tunnel_received_bytes",
+            "Bytes received from a private network's members on its WireGuard device (added up while this process runs).",
+            self.network_received_bytes.clone(),
+        );
+        self.register(
+            "wgexit_network_tunnel_transmitted_bytes",
+            "Bytes sent to a private network's members on its WireGuard device.",
+            self.network_transmitted_bytes.clone(),
+        );
+        self.register(
+            "wgexit_network_dns_queries",
+            "Queries to a private network's resolver by outcome: answered (from its names), refused, forwarded (upstream).",
+            self.dns_queries.clone(),
+        );
+        self.register(
+            "wgexit_firewall_dropped_packets",
+            "Packets the firewall refused (an egress's policy) or dropped (at a network's tunnel), by kind and name.",
+            self.firewall_drops.clone(),
+        );
+    }
+
+    /// The counters `network`'s resolver counts in: `/metrics`' own, shared.
+    pub fn dns_counts(&self, network: &str) -> DnsCounts {
+        let counter = |outcome: &str| {
+            let labels = DnsLabels {
+                network: network.to_string(),
+                outcome: outcome.to_string(),
+            };
+            self.dns_queries.get_or_create(&labels).clone()
+        };
+        DnsCounts {
+            answered: counter("answered"),
+            refused: counter("refused"),
+            forwarded: counter("forwarded"),
+        }
     }
 
     fn register_events(&self) {

@@ -1,9 +1,10 @@
-//! `wgexitd status` as a person reads it: a few lines per egress, whatever its peer count;
+//! `wgexitd status` as a person reads it: a few lines per egress and per private network,
+//! whatever its peer count;
 //! one line per lease only with `--peers`.
 
 use std::fmt::Write as _;
 
-use super::snapshot::{EgressStatus, PeerRow, StatusReport};
+use super::snapshot::{EgressStatus, NetworkStatus, PeerRow, PeerSummary, StatusReport};
 
 /// Bytes in binary units, one decimal.
 pub fn bytes(n: u64) -> String {
@@ -54,6 +55,15 @@ fn egress(out: &mut String, e: &EgressStatus) {
     if let Some(err) = &e.device_error {
         let _ = writeln!(out, "  device      NOT READABLE: {err}");
     }
+    peers(out, p, "containers");
+    if let Some(drops) = e.firewall_drops {
+        let _ = writeln!(out, "  refused     {drops} packets (by its policy)");
+    }
+}
+
+/// The device's peers, their handshakes and bytes, for an egress or a network (`whose`:
+/// whom the bytes come from).
+fn peers(out: &mut String, p: &PeerSummary, whose: &str) {
     let _ = write!(
         out,
         "  peers       {}: {} live, {} idle, {} never handshaken",
@@ -83,10 +93,38 @@ fn egress(out: &mut String, e: &EgressStatus) {
     out.push('\n');
     let _ = writeln!(
         out,
-        "  bytes       {} from containers, {} to containers (peers on the device now)",
+        "  bytes       {} from {whose}, {} to {whose} (peers on the device now)",
         bytes(p.received_bytes),
         bytes(p.transmitted_bytes)
     );
+}
+
+fn network(out: &mut String, n: &NetworkStatus) {
+    let _ = writeln!(out, "network {}", n.name);
+    let _ = writeln!(out, "  prefix      {}", n.prefix);
+    let _ = writeln!(
+        out,
+        "  endpoint    {} (WireGuard device {})",
+        n.endpoint, n.wg_interface
+    );
+    let _ = writeln!(
+        out,
+        "  members     {} containers, {} peers",
+        n.members.containers, n.members.peers
+    );
+    if let Some(err) = &n.device_error {
+        let _ = writeln!(out, "  device      NOT READABLE: {err}");
+    }
+    peers(out, &n.peers, "members");
+    let d = &n.dns;
+    let _ = writeln!(
+        out,
+        "  dns         {} answered, {} refused, {} forwarded",
+        d.answered, d.refused, d.forwarded
+    );
+    if let Some(drops) = n.firewall_drops {
+        let _ = writeln!(out, "  dropped     {drops} packets (by the firewall)");
+    }
 }
 
 fn peer_rows(out: &mut String, rows: &[PeerRow]) {
@@ -127,6 +165,15 @@ pub fn render(report: &StatusReport) -> String {
             peer_rows(&mut out, rows);
         }
     }
+    for n in &report.network {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        network(&mut out, n);
+        if let Some(rows) = &n.peer_list {
+            peer_rows(&mut out, rows);
+        }
+    }
     out
 }
 
@@ -157,10 +204,12 @@ mod tests {
                 fwmark: 0,
                 peers,
             })),
+            firewall_drops: None,
         };
         let report = StatusReport {
             version: "t".into(),
             egress: vec![summarize(&view, now, false)],
+            network: Vec::new(),
         };
         let text = render(&report);
         assert!(text.lines().count() <= 8, "{text}");

@@ -1,16 +1,21 @@
-//! What each egress is doing, read from the lease registry and the WireGuard device, and
+//! What each space (egress and private network) is doing, read from the lease registry, the
+//! WireGuard device and the firewall's counters (and, for a network, its resolver's), and
 //! summed up so that 60,000 peers read as a few numbers (the per-peer rows only on request).
+//! Both kinds are read into one [`SpaceView`] and summed up by the same functions.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::EgressConfig;
-use crate::dataplane::Dataplane;
+use crate::config::{EgressConfig, NetworkConfig};
+use crate::dataplane::{Dataplane, SpaceDevice};
+use crate::dns::counts::DnsTotals;
+use crate::leases::members::kind_of;
 use crate::leases::service::LeaseService;
-use wgexit::api::Lease;
+use crate::space::Space;
+use wgexit::api::{Lease, MemberKind};
 use wgexit::keys::Key;
 use wgexit::wg::{DeviceStatus, PeerStatus};
 
@@ -37,6 +42,36 @@ pub struct StatusReport {
     /// The daemon's version.
     pub version: String,
     pub egress: Vec<EgressStatus>,
+    /// The private networks.
+    #[serde(default)]
+    pub network: Vec<NetworkStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub name: String,
+    pub prefix: String,
+    pub endpoint: SocketAddr,
+    pub wg_interface: String,
+    /// Its members by kind: containers and peers (laptops).
+    pub members: MemberCounts,
+    /// Why the device could not be read, when it could not (`None`: read fine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_error: Option<String>,
+    pub peers: PeerSummary,
+    /// What its resolver answered, refused and forwarded since the daemon started.
+    pub dns: DnsTotals,
+    /// Packets the firewall dropped or rejected at its tunnel (`None`: no count readable).
+    pub firewall_drops: Option<u64>,
+    /// One row per member, with `--peers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_list: Option<Vec<PeerRow>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCounts {
+    pub containers: usize,
+    pub peers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +92,9 @@ pub struct EgressStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_error: Option<String>,
     pub peers: PeerSummary,
+    /// Packets its policy refused (`None`: no count readable).
+    #[serde(default)]
+    pub firewall_drops: Option<u64>,
     /// One row per lease, with `--peers`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_list: Option<Vec<PeerRow>>,
@@ -104,35 +142,78 @@ pub struct PeerRow {
     pub transmitted_bytes: u64,
 }
 
-/// An egress as read: its config, its leases and its device (or why it could not be read).
-pub struct EgressView<'a> {
-    pub config: &'a EgressConfig,
+/// A space as read: its config, its leases, its device (or why it could not be read) and
+/// the firewall's count of what it dropped there.
+pub struct SpaceView<'a, C> {
+    pub config: &'a C,
     pub leases: Vec<Lease>,
     pub capacity: usize,
     pub device: Result<Option<DeviceStatus>, String>,
+    pub firewall_drops: Option<u64>,
 }
 
-/// Reads every egress: the registry (briefly locked) and the device (not under the lock).
+pub type EgressView<'a> = SpaceView<'a, EgressConfig>;
+pub type NetworkView<'a> = SpaceView<'a, NetworkConfig>;
+
+/// Reads one space: the registry (briefly locked) and the device (not under the lock);
+/// `drops`: the firewall's counts of every space.
+async fn read_space<'a, C, D>(
+    service: &LeaseService<D>,
+    config: &'a C,
+    drops: &BTreeMap<Space, u64>,
+) -> SpaceView<'a, C>
+where
+    C: SpaceDevice,
+    D: Dataplane + Dataplane<C>,
+{
+    let device = service
+        .dataplane()
+        .device(config)
+        .await
+        .map_err(|e| e.to_string());
+    let space = config.space();
+    SpaceView {
+        config,
+        leases: service.space_leases(&space).await,
+        capacity: 0,
+        device,
+        firewall_drops: drops.get(&space).copied(),
+    }
+}
+
+/// The firewall's counts of every space, read once (none when they cannot be read).
+async fn firewall_drops<C: SpaceDevice, D: Dataplane<C>>(dataplane: &D) -> BTreeMap<Space, u64> {
+    dataplane.firewall_drops().await.unwrap_or_else(|e| {
+        tracing::debug!(error = %e, "cannot read the firewall's counters");
+        BTreeMap::new()
+    })
+}
+
+/// Reads every egress.
 pub async fn read<D: Dataplane>(service: &LeaseService<D>) -> Vec<EgressView<'_>> {
+    let drops = firewall_drops::<EgressConfig, D>(service.dataplane()).await;
     let mut out = Vec::new();
     for config in &service.config.egress {
-        let device = service
-            .dataplane()
-            .device(config)
-            .await
-            .map_err(|e| e.to_string());
-        let leases = service.leases_of(&config.name).await;
-        let capacity = service
+        let mut view = read_space(service, config, &drops).await;
+        view.capacity = service
             .info(&config.name)
             .await
             .map(|i| i.capacity)
             .unwrap_or_default();
-        out.push(EgressView {
-            config,
-            leases,
-            capacity,
-            device,
-        });
+        out.push(view);
+    }
+    out
+}
+
+/// Reads every private network.
+pub async fn read_networks<D>(service: &LeaseService<D>) -> Vec<NetworkView<'_>>
+where
+    D: Dataplane + Dataplane<NetworkConfig>,
+{
+    let drops = firewall_drops::<NetworkConfig, D>(service.dataplane()).await;
+    let mut out = Vec::new();
+    for config in &service.config.network {
+        out.push(read_space(service, config, &drops).await);
     }
     out
 }
@@ -243,19 +324,25 @@ fn egress_ips(cfg: &crate::config::EgressConfig) -> Vec<IpAddr> {
     v4.chain(v6).collect()
 }
 
+/// The device's peers (none when it could not be read) and why it could not be.
+fn device_of<'v, C: SpaceDevice>(view: &'v SpaceView<'_, C>) -> (&'v [PeerStatus], Option<String>) {
+    match &view.device {
+        Ok(Some(d)) => (&d.peers, None),
+        Ok(None) => (
+            &[],
+            Some(format!(
+                "no WireGuard device {}",
+                view.config.wg_interface()
+            )),
+        ),
+        Err(e) => (&[], Some(e.clone())),
+    }
+}
+
 /// An egress's status at `now`; the per-lease rows when `with_peers`.
 pub fn summarize(view: &EgressView<'_>, now: SystemTime, with_peers: bool) -> EgressStatus {
     let cfg = view.config;
-    let no_peers = Vec::new();
-    let peers = match &view.device {
-        Ok(Some(d)) => &d.peers,
-        _ => &no_peers,
-    };
-    let device_error = match &view.device {
-        Ok(Some(_)) => None,
-        Ok(None) => Some(format!("no WireGuard device {}", cfg.wg_interface)),
-        Err(e) => Some(e.clone()),
-    };
+    let (peers, device_error) = device_of(view);
     EgressStatus {
         name: cfg.name.clone(),
         ips: egress_ips(cfg),
@@ -267,12 +354,67 @@ pub fn summarize(view: &EgressView<'_>, now: SystemTime, with_peers: bool) -> Eg
         capacity: view.capacity,
         device_error,
         peers: summarize_peers(peers, view.leases.len(), now),
+        firewall_drops: view.firewall_drops,
         peer_list: with_peers.then(|| peer_rows(&view.leases, peers, now)),
     }
 }
 
+/// A network's status at `now`, with what its resolver counted; the per-member rows when
+/// `with_peers`.
+pub fn summarize_network(
+    view: &NetworkView<'_>,
+    dns: DnsTotals,
+    now: SystemTime,
+    with_peers: bool,
+) -> NetworkStatus {
+    let cfg = view.config;
+    let (peers, device_error) = device_of(view);
+    let laptops = view
+        .leases
+        .iter()
+        .filter(|l| kind_of(l) == MemberKind::Peer)
+        .count();
+    NetworkStatus {
+        name: cfg.name.clone(),
+        prefix: cfg.prefix.to_string(),
+        endpoint: cfg.endpoint,
+        wg_interface: cfg.wg_interface.to_string(),
+        members: MemberCounts {
+            containers: view.leases.len() - laptops,
+            peers: laptops,
+        },
+        device_error,
+        peers: summarize_peers(peers, view.leases.len(), now),
+        dns,
+        firewall_drops: view.firewall_drops,
+        peer_list: with_peers.then(|| peer_rows(&view.leases, peers, now)),
+    }
+}
+
+/// Every network's status at `now`.
+pub async fn networks<D>(
+    service: &LeaseService<D>,
+    now: SystemTime,
+    with_peers: bool,
+) -> Vec<NetworkStatus>
+where
+    D: Dataplane + Dataplane<NetworkConfig>,
+{
+    read_networks(service)
+        .await
+        .iter()
+        .map(|v| {
+            let dns = service.dns_counts(&v.config.name).totals();
+            summarize_network(v, dns, now, with_peers)
+        })
+        .collect()
+}
+
 /// Everything `wgexitd status` shows.
-pub async fn report<D: Dataplane>(service: &LeaseService<D>, with_peers: bool) -> StatusReport {
+pub async fn report<D>(service: &LeaseService<D>, with_peers: bool) -> StatusReport
+where
+    D: Dataplane + Dataplane<NetworkConfig>,
+{
     let now = SystemTime::now();
     let views = read(service).await;
     StatusReport {
@@ -281,6 +423,7 @@ pub async fn report<D: Dataplane>(service: &LeaseService<D>, with_peers: bool) -
             .iter()
             .map(|v| summarize(v, now, with_peers))
             .collect(),
+        network: networks(service, now, with_peers).await,
     }
 }
 
@@ -328,5 +471,60 @@ pub(crate) mod tests {
         let counts: Vec<usize> = s.handshake_age.iter().map(|c| c.peers).collect();
         assert_eq!(counts, [1, 1, 1, 0, 0, 1]);
         assert_eq!(s.handshake_age[5].bucket, NEVER);
+    }
+
+    fn member(n: u8, kind: MemberKind) -> Lease {
+        Lease {
+            egress: "network:acme".into(),
+            public_key: peer(u32::from(n), None, SystemTime::now()).public_key,
+            address: format!("fdaa:0:1::{:x}", 0x100 + u16::from(n))
+                .parse()
+                .unwrap(),
+            address6: None,
+            created_at: 0,
+            attachment: Default::default(),
+            member: Some(Box::new(wgexit::api::MemberInfo {
+                network: "acme".into(),
+                kind,
+                app: "web".into(),
+                region: "ams".into(),
+                name: String::new(),
+            })),
+        }
+    }
+
+    #[test]
+    fn a_network_is_summed_up_like_an_egress_with_its_members_by_kind() {
+        let now = SystemTime::now();
+        let config = crate::config::network::tests::network("acme", "fdaa:0:1::/48", "wgn-acme");
+        let view = NetworkView {
+            config: &config,
+            leases: vec![
+                member(1, MemberKind::Container),
+                member(2, MemberKind::Container),
+                member(3, MemberKind::Peer),
+            ],
+            capacity: 0,
+            device: Ok(Some(DeviceStatus {
+                public_key: None,
+                listen_port: 51830,
+                fwmark: 0,
+                peers: vec![peer(1, Some(5), now), peer(3, None, now)],
+            })),
+            firewall_drops: Some(7),
+        };
+        let dns = DnsTotals {
+            answered: 4,
+            refused: 1,
+            forwarded: 2,
+        };
+        let s = summarize_network(&view, dns, now, true);
+        assert_eq!((s.members.containers, s.members.peers), (2, 1));
+        assert_eq!((s.peers.total, s.peers.live, s.peers.never), (2, 1, 1));
+        assert_eq!(s.peers.leases_without_peer, 1);
+        assert_eq!((s.dns, s.firewall_drops), (dns, Some(7)));
+        let rows = s.peer_list.unwrap();
+        assert_eq!(rows.iter().filter(|r| r.on_device).count(), 2);
+        assert_eq!(rows[0].last_handshake_age_seconds, Some(5));
     }
 }

@@ -40,6 +40,9 @@
 //! * `input`: from `W`, DNS (UDP and TCP 53) to `D` and ping of `G` or `D` accepted; anything
 //!   else to the gateway itself dropped, counted.
 //!
+//! Every drop and reject at a network's tunnel counts in its rule's counter and in the
+//! network's named counter `dropped_N`, which `wgexitd status` and `/metrics` read.
+//!
 //! Drops and SNAT carry counters; rule comments name the egress and purpose for people
 //! reading `nft list`, but play no part in verification.
 //!
@@ -65,6 +68,8 @@ use nftables::batch::Batch;
 use nftables::schema::{NfListObject, Table};
 use nftables::types::NfFamily;
 use serde_json::Value;
+
+use crate::space::Space;
 
 pub use crate::config::policy::{Policy, Verdict};
 pub use guard::{RoutingGuard, GUARD_PRIORITY, LOCAL_GUARD_PRIORITY};
@@ -342,6 +347,38 @@ impl Firewall {
     /// Packets and bytes refused by each egress's policy (and at the exit node's own
     /// addresses), since the table was last written.
     pub fn refused_counts(&self) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
+        self.by_prefix("refused_")
+    }
+
+    /// Packets and bytes dropped or rejected at each network's tunnel, since the table was
+    /// last written.
+    pub fn dropped_counts(&self) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
+        self.by_prefix("dropped_")
+    }
+
+    fn by_prefix(&self, prefix: &str) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
+        let counts = self.named_counts()?;
+        Ok(counts
+            .into_iter()
+            .filter_map(|(name, c)| Some((name.strip_prefix(prefix)?.to_owned(), c)))
+            .collect())
+    }
+
+    /// Both of the above, by space, from one listing.
+    pub fn space_counts(&self) -> Result<BTreeMap<Space, (u64, u64)>, FirewallError> {
+        let mut out = BTreeMap::new();
+        for (name, c) in self.named_counts()? {
+            if let Some(e) = name.strip_prefix("refused_") {
+                out.insert(Space::Egress(e.to_owned()), c);
+            } else if let Some(n) = name.strip_prefix("dropped_") {
+                out.insert(Space::Network(n.to_owned()), c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every named counter's packets and bytes, by name (none while the table is missing).
+    fn named_counts(&self) -> Result<BTreeMap<String, (u64, u64)>, FirewallError> {
         let mut out = BTreeMap::new();
         if !self.exists()? {
             return Ok(out);
@@ -351,11 +388,9 @@ impl Firewall {
         for object in listed["nftables"].as_array().into_iter().flatten() {
             let counter = &object["counter"];
             let name = counter["name"].as_str().unwrap_or_default();
-            if let Some(egress) = name.strip_prefix("refused_") {
-                let packets = counter["packets"].as_u64().unwrap_or(0);
-                let bytes = counter["bytes"].as_u64().unwrap_or(0);
-                out.insert(egress.to_owned(), (packets, bytes));
-            }
+            let packets = counter["packets"].as_u64().unwrap_or(0);
+            let bytes = counter["bytes"].as_u64().unwrap_or(0);
+            out.insert(name.to_owned(), (packets, bytes));
         }
         Ok(out)
     }

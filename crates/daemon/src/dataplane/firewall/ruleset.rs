@@ -29,6 +29,12 @@ pub fn refused_counter(egress: &str) -> String {
     format!("refused_{egress}")
 }
 
+/// The name of the per-network counter of packets dropped or rejected at the network's
+/// tunnel (spoofed, leaving or entering the network, to the gateway itself).
+pub fn dropped_counter(network: &str) -> String {
+    format!("dropped_{network}")
+}
+
 /// Builds the objects of one table.
 struct Builder {
     table: String,
@@ -603,16 +609,21 @@ impl Builder {
         self.rule(&chain, Some(format!("{n}: default")), last);
     }
 
+    /// A named counter object in the table.
+    fn named_counter(&mut self, name: &str) {
+        self.objects.push(NfListObject::Counter(Counter {
+            family: NfFamily::INet,
+            table: self.table.clone().into(),
+            name: name.to_string().into(),
+            ..Counter::default()
+        }));
+    }
+
     /// `refuse_<egress>`: count, then a TCP reset or ICMP administratively prohibited.
     fn refuse(&mut self, n: &str) {
         let chain = format!("refuse_{n}");
         let name = refused_counter(n);
-        self.objects.push(NfListObject::Counter(Counter {
-            family: NfFamily::INet,
-            table: self.table.clone().into(),
-            name: name.clone().into(),
-            ..Counter::default()
-        }));
+        self.named_counter(&name);
         self.chain(&chain, None);
         self.rule(
             &chain,
@@ -635,6 +646,11 @@ fn reject_prohibited() -> Statement<'static> {
     Statement::Reject(Some(icmpx))
 }
 
+/// Counts in network `n`'s [`dropped_counter`].
+fn dropped(n: &str) -> Statement<'static> {
+    Statement::Counter(stmt::Counter::Named(dropped_counter(n).into()))
+}
+
 /// `ip6 daddr ADDR`.
 fn to6(addr: std::net::Ipv6Addr) -> Statement<'static> {
     is(payload("ip6", "daddr"), Operator::EQ, s(&addr.to_string()))
@@ -648,6 +664,7 @@ impl Builder {
             let prefix = [IpNet::V6(n.prefix)];
             self.set(&set, SetType::Ipv6Addr, elements::addresses(&prefix));
             self.mark(format!("{}: mark from the tunnel", n.name), &n.wg_interface);
+            self.named_counter(&dropped_counter(&n.name));
         }
         // In stages across all networks: spoofed sources, within a network, leaving one,
         // entering one.
@@ -661,6 +678,7 @@ impl Builder {
                 iif(&n.wg_interface),
                 spoofed,
                 counter(),
+                dropped(&n.name),
                 Statement::Drop(None),
             ];
             self.rule("forward", Some(format!("{}: spoofed source", n.name)), rule);
@@ -690,7 +708,7 @@ impl Builder {
                 } else {
                     oif(&n.wg_interface)
                 };
-                let rule = vec![at, counter(), reject_prohibited()];
+                let rule = vec![at, counter(), dropped(&n.name), reject_prohibited()];
                 self.rule("forward", Some(format!("{}: {what}", n.name)), rule);
             }
         }
@@ -716,7 +734,7 @@ impl Builder {
             let rule = vec![iif(w), to6(addr), ping, Statement::Accept(None)];
             self.rule("input", Some(format!("{name}: ping")), rule);
         }
-        let rule = vec![iif(w), counter(), Statement::Drop(None)];
+        let rule = vec![iif(w), counter(), dropped(name), Statement::Drop(None)];
         self.rule("input", Some(format!("{name}: to the gateway")), rule);
     }
 }

@@ -1150,16 +1150,29 @@ fn each_network_forwards_only_within_itself_in_the_one_table() {
     for want in [
         "iifname \"wgn-acme\" meta mark set meta mark | 0x10000000 comment \"acme: mark from the tunnel\"",
         "iifname \"wgn-acme\" oifname \"wgn-acme\" ip6 daddr @net6_acme accept",
-        "iifname \"wgn-beta\" counter packets 0 bytes 0 reject with icmpx admin-prohibited",
-        "iifname \"wgn-beta\" ip6 saddr != @net6_beta counter packets 0 bytes 0 drop",
+        "iifname \"wgn-beta\" counter packets 0 bytes 0 counter name \"dropped_beta\" reject with icmpx admin-prohibited",
+        "iifname \"wgn-beta\" ip6 saddr != @net6_beta counter packets 0 bytes 0 counter name \"dropped_beta\" drop",
         "iifname \"wgn-beta\" ip6 daddr fdaa:0:2::3 udp dport 53 accept",
         "iifname \"wgn-acme\" ip6 daddr fdaa:0:1::1 icmpv6 type echo-request accept",
         "iifname \"wgn-acme\" ip6 daddr fdaa:0:1::3 icmpv6 type echo-request accept",
-        "iifname \"wgn-acme\" counter packets 0 bytes 0 drop comment \"acme: to the gateway\"",
+        "iifname \"wgn-acme\" counter packets 0 bytes 0 counter name \"dropped_acme\" drop comment \"acme: to the gateway\"",
         "elements = { fdaa:0:1::/48 }",
     ] {
         assert_has(&listing, want);
     }
+    // Each network counts its drops in its own counter, apart from the egresses'.
+    let dropped = fw.dropped_counts().unwrap();
+    assert_eq!(dropped.keys().collect::<Vec<_>>(), ["acme", "beta"]);
+    assert_eq!(dropped["acme"], (0, 0));
+    let by_space: Vec<_> = fw.space_counts().unwrap().into_keys().collect();
+    assert_eq!(
+        by_space,
+        [
+            crate::space::Space::Egress("acme".into()),
+            crate::space::Space::Network("acme".into()),
+            crate::space::Space::Network("beta".into()),
+        ]
+    );
     // Every network's "leaves" rule comes before any "enters" rule, all after the egresses'.
     let text = without_handles(&listing);
     let pos = |s: &str| text.find(s).unwrap();
