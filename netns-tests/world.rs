@@ -856,9 +856,20 @@ token_file = "{other_tokens}"
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("enter isp");
-            let listener = match TcpListener::bind(at) {
-                Ok(l) => l,
-                Err(e) => return ready_tx.send(Err(e.to_string())).unwrap(),
+            // An address just added may not be bindable yet (the kernel can still be
+            // setting IPv6 up on the device): retry that one error, briefly.
+            let since = Instant::now();
+            let listener = loop {
+                match TcpListener::bind(at) {
+                    Ok(l) => break l,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                            && since.elapsed() < Duration::from_secs(3) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(e) => return ready_tx.send(Err(e.to_string())).unwrap(),
+                }
             };
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(Ok(())).unwrap();
