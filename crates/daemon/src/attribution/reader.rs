@@ -72,12 +72,13 @@ impl Counters {
     }
 }
 
-/// Starts `conntrack -E` for new and destroyed flows, with timestamps and ids.
-/// It dies with the daemon, even one killed outright.
+/// Starts `conntrack -E` for new and destroyed source-NATed flows (`--src-nat`: the API's
+/// and the members' own connections are never printed, nor parsed here), with timestamps
+/// and ids. It dies with the daemon, even one killed outright.
 pub fn spawn_conntrack() -> Result<Child, AttributionError> {
     let mut command = Command::new("conntrack");
     command
-        .args(["-E", "-e", "NEW,DESTROY", "-o", "timestamp,id"])
+        .args(["-E", "-e", "NEW,DESTROY", "--src-nat", "-o", "timestamp,id"])
         .args(["-b", SOCKET_BUFFER])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
