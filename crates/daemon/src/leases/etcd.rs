@@ -343,25 +343,9 @@ mod tests {
 
     use super::*;
     use crate::cluster::test_etcd::TestEtcd;
-    use wgexit::api::{Attachment, Lease};
 
     fn lease_at(egress: &str, key: u8, host: u8, owner: &str) -> StoredLease {
-        StoredLease {
-            lease: Lease {
-                egress: egress.into(),
-                public_key: Key([key; 32]),
-                address: IpAddr::from([100, 96, 0, host]),
-                address6: None,
-                created_at: 1,
-                attachment: Attachment {
-                    container_id: format!("c{key}"),
-                    ..Default::default()
-                },
-                member: None,
-            },
-            owner: owner.into(),
-            endpoint: None,
-        }
+        crate::leases::store::test_lease(egress, key, host, owner)
     }
 
     fn delete(egress: &str, n: u8, owner: Option<&str>) -> Write {

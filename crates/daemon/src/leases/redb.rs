@@ -246,29 +246,13 @@ impl LeaseStore for RedbStore {
 mod tests {
     use super::super::store::Refusal;
     use super::*;
-    use wgexit::api::{Attachment, Lease};
 
     fn lease(egress: &str, n: u8) -> StoredLease {
         lease_at(egress, n, n)
     }
 
     fn lease_at(egress: &str, key: u8, host: u8) -> StoredLease {
-        StoredLease {
-            lease: Lease {
-                egress: egress.into(),
-                public_key: Key([key; 32]),
-                address: IpAddr::from([100, 96, 0, host]),
-                address6: None,
-                created_at: 1,
-                attachment: Attachment {
-                    container_id: format!("c{key}"),
-                    ..Default::default()
-                },
-                member: None,
-            },
-            owner: "o".into(),
-            endpoint: None,
-        }
+        crate::leases::store::test_lease(egress, key, host, "o")
     }
 
     fn delete(egress: &str, n: u8, owner: Option<&str>) -> Write {

@@ -184,3 +184,25 @@ fn owned_by(found: Option<StoredLease>, key: &Key, owner: Option<&str>) -> Resul
         Some(_) => Ok(()),
     }
 }
+
+/// A lease of `egress` for key `[key; 32]` at 100.96.0.`host`, container `c<key>`, held by
+/// `owner`: the stores' tests' one fixture.
+#[cfg(test)]
+pub(crate) fn test_lease(egress: &str, key: u8, host: u8, owner: &str) -> StoredLease {
+    StoredLease {
+        lease: Lease {
+            egress: egress.into(),
+            public_key: Key([key; 32]),
+            address: IpAddr::from([100, 96, 0, host]),
+            address6: None,
+            created_at: 1,
+            attachment: wgexit::api::Attachment {
+                container_id: format!("c{key}"),
+                ..Default::default()
+            },
+            member: None,
+        },
+        owner: owner.into(),
+        endpoint: None,
+    }
+}
