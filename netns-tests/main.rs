@@ -27,6 +27,7 @@ mod ops;
 mod pool;
 mod pool_flows;
 mod pool_ipv6;
+mod pool_networks;
 mod pool_trust;
 mod readiness;
 mod recovery;

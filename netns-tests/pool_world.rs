@@ -232,6 +232,18 @@ impl Pool {
 
     /// The isp segment's IPv6 (no duplicate address detection: usable at once), the isp's
     /// IPv6 echo address, the members' IPv6 default routes.
+    /// Another host on the core segment (`198.51.100.3<n>`, after h1 and h2); returns its
+    /// index in `hosts`. Removed with the world.
+    pub fn add_host(&mut self) -> usize {
+        let i = self.hosts.len();
+        let ns = format!("{}-h{}", self.id, i + 1);
+        self.add_ns(&ns);
+        let addr = format!("198.51.100.3{}/24", i + 1);
+        self.plug(&ns, "core0", &addr, "br0", &format!("c-h{}", i + 1));
+        self.hosts.push(ns);
+        i
+    }
+
     fn build_ipv6(&self) {
         let isp = ["-n", &self.isp, "addr", "add"];
         let echo6 = ECHO6.trim_start_matches('[').split(']').next().unwrap();
@@ -458,7 +470,13 @@ impl Pool {
     /// Waits until the leader has published `n` peers' endpoints in etcd (for the next
     /// leader's handshakes).
     pub fn wait_endpoints_published(&self, n: usize, within: Duration) {
-        let prefix = format!("/wgexit/{}/endpoints/acme/", self.id);
+        self.wait_space_endpoints_published("acme", n, within)
+    }
+
+    /// [`Pool::wait_endpoints_published`] for the space stored as `scope` (an egress's
+    /// name, `network:<name>` for a network).
+    pub fn wait_space_endpoints_published(&self, scope: &str, n: usize, within: Duration) {
+        let prefix = format!("/wgexit/{}/endpoints/{scope}/", self.id);
         let deadline = Instant::now() + within;
         loop {
             let out = self

@@ -11,6 +11,7 @@ use crate::api::{http, limits, ApiState};
 use crate::attribution::{self, AttributionError};
 use crate::cluster::election::{groups, Leading};
 use crate::cluster::floating::Floating;
+use crate::cluster::led::Led;
 use crate::cluster::{member, ClusterError};
 use crate::config::{Config, ConfigError};
 use crate::control::{self, ControlError};
@@ -117,12 +118,13 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         source,
     })?;
     // Alone: the embedded store and local keys. In a pool: all three from etcd.
-    let network_identities =
-        Identities::load_or_create_networks(&config.state_dir, &config.network)?;
     let (leases, identities, pool) = match &config.cluster {
         None => (
             open_leases(&config)?,
-            Identities::load_or_create(&config.state_dir, &config.egress)?,
+            (
+                Identities::load_or_create(&config.state_dir, &config.egress)?,
+                Identities::load_or_create_networks(&config.state_dir, &config.network)?,
+            ),
             None,
         ),
         Some(cluster) => {
@@ -142,7 +144,6 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
 
     let dataplane = HostDataplane::open(config.backend)?;
     tracing::info!(backend = ?dataplane.backend().kind(), "WireGuard backend");
-    let identities = (identities, network_identities);
     let service = Arc::new(LeaseService::new(config, leases, dataplane, identities));
     service.metrics.register(
         "wgexit_auth_failures",
@@ -164,9 +165,9 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
     }
     service.metrics.firewall_applies.inc();
     if pool.is_none() {
-        for e in &service.config.egress {
-            // One node: it holds every egress's addresses.
-            service.metrics.set_leader("egress", &e.name, true);
+        for led in Led::all(&service.config) {
+            // One node: it holds every space's addresses.
+            service.metrics.set_leader(&led.space(), true);
         }
     }
     let resolvers = start_networks(&service).await?;
@@ -414,34 +415,27 @@ fn report_reconciled(space: &Space, changes: Result<Changes, DataplaneError>) {
     }
 }
 
-/// Every `collect_interval`: releases the leases of peers that have gone away (in a pool,
-/// of the egresses this member leads), and the private networks' containers that have gone
-/// away (never their peers).
+/// Every `collect_interval`: releases the leases of peers that have gone away, in every
+/// space (in a pool, of the spaces this member leads: only their leader sees their peers'
+/// traffic); a private network's peers (laptops) are never collected.
 async fn collect_loop(api: Arc<ApiState>, leading: Option<Leading>) {
     let service = &api.service;
-    let (mut activity, mut network_activity) = (Activity::default(), Activity::default());
+    let mut activity = Activity::default();
     let mut tick = tokio::time::interval(service.config.collect_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let which = |egress: &str| leading.as_ref().is_none_or(|l| l.leads(egress));
+    let which = |space: &Space| leading.as_ref().is_none_or(|l| l.leads(space));
     let mut terms = std::collections::HashMap::new();
     loop {
         tick.tick().await;
-        // An egress taken over since the last look: its peers' clocks start now.
-        for egress in leading.iter().flat_map(|l| l.taken_over(&mut terms)) {
-            activity.restart(&egress);
+        // A space taken over since the last look: its peers' clocks start now.
+        for space in leading.iter().flat_map(|l| l.taken_over(&mut terms)) {
+            activity.restart(&space.store_key());
         }
         for (lease, why) in service.collect_where(&mut activity, which).await {
             tracing::info!(
-                egress = %lease.egress, address = %lease.address, public_key = %lease.public_key,
+                space = %Space::from_store_key(&lease.egress), address = %lease.address, public_key = %lease.public_key,
                 container_id = %lease.attachment.container_id, host = %lease.attachment.host,
                 "idle lease collected: {why}"
-            );
-        }
-        for (lease, why) in service.collect_members(&mut network_activity).await {
-            tracing::info!(
-                network = ?lease.member.as_ref().map(|m| &m.network), address = %lease.address,
-                public_key = %lease.public_key, container_id = %lease.attachment.container_id,
-                "idle network member collected: {why}"
             );
         }
     }
@@ -474,7 +468,7 @@ pub async fn teardown(config: &Config) -> Result<(), DaemonError> {
     // A pool member also lets go of the floating addresses it may hold.
     if let Some(cluster) = &config.cluster {
         let floating = Floating::new(cluster.float.clone(), &cluster.node)?;
-        for group in groups(&config.egress) {
+        for group in groups(Led::all(config)) {
             floating.release(&group).await?;
         }
     }

@@ -1,5 +1,6 @@
 //! What a pool's members must agree on before one of them may lead: every egress's name,
-//! egress IPs, overlay pools, endpoint and listen port ([`SharedSettings`]). Local things
+//! egress IPs, overlay pools, endpoint and listen port, and every network's name, prefix,
+//! endpoint and listen port ([`SharedSettings`]). Local things
 //! (interface names, `[api]`, `state_dir`, the order of tables) may differ.
 //!
 //! Each member publishes its settings at `settings/<node>`, signed and bound to its etcd
@@ -19,12 +20,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::etcd::Etcd;
-use crate::config::EgressConfig;
+use super::led::Led;
 use crate::leases::store::StoreError;
+use crate::space::Space;
 
-/// One egress's settings that every member must share.
+/// One space's settings that every member must share (a network's `pool` is its prefix; it
+/// has no egress IPs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EgressShared {
+pub struct SpaceShared {
     pub ips: Vec<IpAddr>,
     pub pool: String,
     pub pool6: Option<String>,
@@ -32,30 +35,35 @@ pub struct EgressShared {
     pub listen_port: u16,
 }
 
-/// Egress name → its shared settings.
+/// A space's store name (see [`Space::store_key`]: an egress's name as before) → its shared
+/// settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SharedSettings(pub BTreeMap<String, EgressShared>);
+pub struct SharedSettings(pub BTreeMap<String, SpaceShared>);
 
 impl SharedSettings {
-    pub fn of(egresses: &[EgressConfig]) -> SharedSettings {
+    pub fn of(spaces: &[Led]) -> SharedSettings {
         SharedSettings(
-            egresses
+            spaces
                 .iter()
-                .map(|e| {
-                    let mut ips: Vec<IpAddr> = e.ips().iter().map(|ip| (*ip).into()).collect();
-                    ips.extend(
-                        e.v6.iter()
-                            .flat_map(|v6| v6.ips.iter().map(|ip| IpAddr::from(*ip))),
-                    );
+                .map(|led| {
+                    let mut ips: Vec<IpAddr> =
+                        led.egress_ips().into_iter().map(|(_, ip)| ip).collect();
                     ips.sort();
-                    let shared = EgressShared {
-                        ips,
-                        pool: e.pool.to_string(),
-                        pool6: e.v6.as_ref().map(|v6| v6.pool.to_string()),
-                        endpoint: e.endpoint,
-                        listen_port: e.listen_port,
+                    let (pool, pool6) = match led {
+                        Led::Egress(e) => (
+                            e.pool.to_string(),
+                            e.v6.as_ref().map(|v6| v6.pool.to_string()),
+                        ),
+                        Led::Network(n) => (n.prefix.to_string(), None),
                     };
-                    (e.name.clone(), shared)
+                    let shared = SpaceShared {
+                        ips,
+                        pool,
+                        pool6,
+                        endpoint: led.endpoint(),
+                        listen_port: led.listen_port(),
+                    };
+                    (led.space().store_key(), shared)
                 })
                 .collect(),
         )
@@ -66,18 +74,23 @@ impl SharedSettings {
     pub fn difference(&self, pool: &SharedSettings, node: &str) -> Option<String> {
         let names = self.0.keys().chain(pool.0.keys());
         for name in names {
+            let space = Space::from_store_key(name);
             let (here, there) = match (self.0.get(name), pool.0.get(name)) {
                 (Some(h), Some(t)) => (h, t),
                 (Some(_), None) => {
                     return Some(format!(
-                        "egress {name:?} is configured here but not on member {node}"
+                        "{space} is configured here but not on member {node}"
                     ))
                 }
                 (None, _) => {
                     return Some(format!(
-                        "egress {name:?} is configured on member {node} but not here"
+                        "{space} is configured on member {node} but not here"
                     ))
                 }
+            };
+            let pool_key = match space {
+                Space::Egress(_) => "pool",
+                Space::Network(_) => "prefix",
             };
             let fields = [
                 (
@@ -85,7 +98,7 @@ impl SharedSettings {
                     format!("{:?}", here.ips),
                     format!("{:?}", there.ips),
                 ),
-                ("pool", here.pool.clone(), there.pool.clone()),
+                (pool_key, here.pool.clone(), there.pool.clone()),
                 (
                     "pool6",
                     format!("{:?}", here.pool6),
@@ -104,7 +117,7 @@ impl SharedSettings {
             ];
             if let Some((key, h, t)) = fields.into_iter().find(|(_, h, t)| h != t) {
                 return Some(format!(
-                    "egress {name:?} {key} is {h} here but {t} on member {node}"
+                    "{space} {key} is {h} here but {t} on member {node}"
                 ));
             }
         }
@@ -193,6 +206,7 @@ pub async fn run(etcd: Arc<Etcd>, node: String, mine: SharedSettings, tx: watch:
 mod tests {
     use super::*;
     use crate::cluster::test_etcd::TestEtcd;
+    use crate::config::network::tests::network;
     use crate::config::tests::egress;
     use etcd_client::PutOptions;
 
@@ -201,14 +215,22 @@ mod tests {
         let a = egress("acme", "100.96.0.0/24");
         let mut b = a.clone();
         b.endpoint = "198.51.100.9:51820".parse().unwrap();
-        let here = SharedSettings::of(std::slice::from_ref(&a));
-        let pool = SharedSettings::of(&[b]);
+        let here = SharedSettings::of(&[Led::Egress(a.clone())]);
+        let pool = SharedSettings::of(&[Led::Egress(b)]);
         let d = here.difference(&pool, "m1").unwrap();
-        assert!(d.contains("\"acme\" endpoint") && d.contains("m1"), "{d}");
+        assert!(d.contains("egress acme endpoint") && d.contains("m1"), "{d}");
         assert_eq!(here.difference(&here.clone(), "m1"), None);
-        let other = SharedSettings::of(&[a, egress("beta", "100.97.0.0/24")]);
+        let beta = Led::Egress(egress("beta", "100.97.0.0/24"));
+        let other = SharedSettings::of(&[Led::Egress(a.clone()), beta]);
         let d = here.difference(&other, "m1").unwrap();
-        assert!(d.contains("\"beta\" is configured on member m1"), "{d}");
+        assert!(d.contains("egress beta is configured on member m1"), "{d}");
+        // A network is told apart from an egress of the same name, by its prefix.
+        let net = |prefix: &str| Led::Network(network("acme", prefix, "wgn-acme"));
+        let with = |n: Led| SharedSettings::of(&[Led::Egress(a.clone()), n]);
+        let d = with(net("fdaa:0:1::/48"))
+            .difference(&with(net("fdaa:0:2::/48")), "m1")
+            .unwrap();
+        assert!(d.contains("network acme prefix is fdaa:0:1::/48 here"), "{d}");
     }
 
     #[test]
@@ -217,8 +239,8 @@ mod tests {
             return;
         };
         let etcd = Etcd::connect(&test.cluster("agree", "a")).unwrap();
-        let a = SharedSettings::of(&[egress("acme", "100.96.0.0/24")]);
-        let b = SharedSettings::of(&[egress("acme", "100.96.1.0/24")]);
+        let a = SharedSettings::of(&[Led::Egress(egress("acme", "100.96.0.0/24"))]);
+        let b = SharedSettings::of(&[Led::Egress(egress("acme", "100.96.1.0/24"))]);
         let publish = |node: &str, s: &SharedSettings| {
             let key = etcd.settings_key(node);
             let value = etcd.signed(&key, serde_json::to_vec(s).unwrap());
@@ -243,7 +265,7 @@ mod tests {
         assert_eq!(check("a", &a), Some(Ok(())));
         let why = check("b", &b).unwrap().unwrap_err();
         assert!(
-            why.contains("\"acme\" pool is 100.96.1.0/24 here but 100.96.0.0/24 on member a"),
+            why.contains("egress acme pool is 100.96.1.0/24 here but 100.96.0.0/24 on member a"),
             "{why}"
         );
         publish("c", &a);

@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::election::Leading;
+use crate::dataplane::SpaceDevice;
 use super::etcd::Etcd;
 use crate::config::EgressConfig;
 use crate::leases::store::StoreError;
@@ -133,7 +134,7 @@ impl ConntrackSync {
         loop {
             tick.tick().await;
             let led: Vec<&EgressConfig> =
-                egresses.iter().filter(|e| leading.leads(&e.name)).collect();
+                egresses.iter().filter(|e| leading.leads(&e.space())).collect();
             if led.is_empty() {
                 published.clear();
                 continue;

@@ -25,54 +25,45 @@ use super::epoch;
 use super::etcd::Etcd;
 use super::membership::Standing;
 use super::takeover::Takeover;
-use crate::config::EgressConfig;
+use super::led::Led;
+use crate::space::Space;
 
-/// Egresses led together because they share an address.
+/// Spaces led together because they share an address.
 #[derive(Debug, Clone)]
 pub struct Group {
     pub name: String,
-    pub egresses: Vec<EgressConfig>,
+    /// Egresses first, each kind in name order.
+    pub spaces: Vec<Led>,
 }
 
-/// Partitions `egresses` into groups of those sharing an egress IP or endpoint address.
-/// A group is named after the least name among its egresses, which are in name order: the
-/// same groups, named the same, in whatever order the tables come.
-pub fn groups(egresses: &[EgressConfig]) -> Vec<Group> {
+/// Partitions the egresses and networks of `config`'s shape into groups of those sharing an
+/// address (an egress IP or an endpoint's). A group is named after its first space's store
+/// name (see [`Space::store_key`]; egresses come first, in name order): the same groups,
+/// named the same, in whatever order the tables come, and a group of egresses keeps the
+/// name it had before networks could be led.
+pub fn groups(spaces: Vec<Led>) -> Vec<Group> {
     let mut out: Vec<Group> = Vec::new();
-    for e in egresses {
-        let shares = |g: &Group| {
-            g.egresses
-                .iter()
-                .any(|o| shares_an_ip(o, e) || o.endpoint.ip() == e.endpoint.ip())
-        };
+    for led in spaces {
+        let shares = |g: &Group| g.spaces.iter().any(|o| o.shares_an_address(&led));
         let joined: Vec<usize> = (0..out.len()).filter(|&i| shares(&out[i])).collect();
         let mut group = Group {
-            name: e.name.clone(),
-            egresses: vec![e.clone()],
+            name: String::new(),
+            spaces: vec![led],
         };
         for i in joined.into_iter().rev() {
-            group.egresses.extend(out.remove(i).egresses);
+            group.spaces.extend(out.remove(i).spaces);
         }
         out.push(group);
     }
     for g in &mut out {
-        g.egresses.sort_by(|a, b| a.name.cmp(&b.name));
-        g.name = g.egresses[0].name.clone();
+        g.spaces.sort_by_key(Led::space);
+        g.name = g.spaces[0].space().store_key();
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
 }
 
-fn shares_an_ip(a: &EgressConfig, b: &EgressConfig) -> bool {
-    let ips6 = |e: &EgressConfig| {
-        e.v6.iter()
-            .flat_map(|v6| v6.ips.clone())
-            .collect::<Vec<_>>()
-    };
-    a.ips().iter().any(|ip| b.ips().contains(ip)) || ips6(a).iter().any(|ip| ips6(b).contains(ip))
-}
-
-/// Which egresses this member leads right now (for collection and status), each with its
+/// Which spaces this member leads right now (for collection and status), each with its
 /// term: a number that grows with every takeover.
 #[derive(Clone, Default)]
 pub struct Leading(Arc<RwLock<Terms>>);
@@ -80,22 +71,22 @@ pub struct Leading(Arc<RwLock<Terms>>);
 #[derive(Default)]
 struct Terms {
     next: u64,
-    leading: HashMap<String, u64>,
+    leading: HashMap<Space, u64>,
 }
 
 impl Leading {
-    pub fn leads(&self, egress: &str) -> bool {
-        self.term(egress).is_some()
+    pub fn leads(&self, space: &Space) -> bool {
+        self.term(space).is_some()
     }
 
-    /// The term of this member's leadership of `egress`, if it leads it.
-    pub fn term(&self, egress: &str) -> Option<u64> {
-        self.0.read().ok()?.leading.get(egress).copied()
+    /// The term of this member's leadership of `space`, if it leads it.
+    pub fn term(&self, space: &Space) -> Option<u64> {
+        self.0.read().ok()?.leading.get(space).copied()
     }
 
-    /// The egresses taken over since the terms in `known` were seen (updating `known`):
+    /// The spaces taken over since the terms in `known` were seen (updating `known`):
     /// whatever this member remembers of them is from before.
-    pub fn taken_over(&self, known: &mut HashMap<String, u64>) -> Vec<String> {
+    pub fn taken_over(&self, known: &mut HashMap<Space, u64>) -> Vec<Space> {
         let Ok(t) = self.0.read() else {
             return Vec::new();
         };
@@ -109,13 +100,13 @@ impl Leading {
 
     pub(crate) fn set(&self, group: &Group, leads: bool) {
         if let Ok(mut t) = self.0.write() {
-            for e in &group.egresses {
+            for led in &group.spaces {
                 if leads {
                     t.next += 1;
                     let term = t.next;
-                    t.leading.entry(e.name.clone()).or_insert(term);
+                    t.leading.entry(led.space()).or_insert(term);
                 } else {
-                    t.leading.remove(&e.name);
+                    t.leading.remove(&led.space());
                 }
             }
         }
@@ -399,30 +390,32 @@ impl Election {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::network::tests::network;
     use crate::config::tests::egress;
     use crate::leases::egress_ips::EgressIps;
 
     #[test]
     fn every_takeover_is_a_new_term() {
-        let g = groups(&[egress("a", "100.96.0.0/24")]).remove(0);
+        let g = groups(vec![Led::Egress(egress("a", "100.96.0.0/24"))]).remove(0);
+        let a = Space::Egress("a".into());
         let leading = Leading::default();
         let mut known = HashMap::new();
         assert!(leading.taken_over(&mut known).is_empty());
         leading.set(&g, true);
-        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        assert_eq!(leading.taken_over(&mut known), vec![a.clone()]);
         // Still leading: no new term, even when told again.
         leading.set(&g, true);
         assert!(leading.taken_over(&mut known).is_empty());
         // Lost and taken back between two looks: a new term.
         leading.set(&g, false);
         leading.set(&g, true);
-        assert_eq!(leading.taken_over(&mut known), vec!["a".to_string()]);
+        assert_eq!(leading.taken_over(&mut known), vec![a.clone()]);
         leading.set(&g, false);
         assert!(leading.taken_over(&mut known).is_empty() && known.is_empty());
     }
 
     #[test]
-    fn egresses_sharing_an_address_are_led_together() {
+    fn spaces_sharing_an_address_are_led_together() {
         let mut a = egress("a", "100.96.0.0/24");
         let mut b = egress("b", "100.97.0.0/24");
         let mut c = egress("c", "100.98.0.0/24");
@@ -436,37 +429,41 @@ mod tests {
         c.endpoint = "198.51.100.2:2".parse().unwrap();
         d.egress_ips = EgressIps::single("203.0.113.4".parse().unwrap());
         d.endpoint = "198.51.100.4:1".parse().unwrap();
-        let g = groups(&[a.clone(), b.clone(), d.clone(), c.clone()]);
-        let names: Vec<(String, Vec<String>)> = g
-            .iter()
-            .map(|g| {
-                (
-                    g.name.clone(),
-                    g.egresses.iter().map(|e| e.name.clone()).collect(),
-                )
-            })
-            .collect();
+        // A network whose endpoint shares d's address goes with d; one of its own alone.
+        let mut n = network("n", "fdaa:0:1::/48", "wgn-n");
+        n.endpoint = "198.51.100.4:2".parse().unwrap();
+        let mut m = network("m", "fdaa:0:2::/48", "wgn-m");
+        m.endpoint = "198.51.100.9:2".parse().unwrap();
+        let all = [
+            Led::Egress(a),
+            Led::Egress(b),
+            Led::Egress(c),
+            Led::Egress(d),
+            Led::Network(n),
+            Led::Network(m),
+        ];
+        let named = |g: Vec<Group>| -> Vec<(String, Vec<String>)> {
+            g.iter()
+                .map(|g| {
+                    let spaces = g.spaces.iter().map(|l| l.space().to_string()).collect();
+                    (g.name.clone(), spaces)
+                })
+                .collect()
+        };
+        let names = named(groups(all.to_vec()));
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
         assert_eq!(
             names,
             vec![
-                ("a".to_string(), vec!["a".into(), "b".into(), "c".into()]),
-                ("d".to_string(), vec!["d".to_string()]),
+                ("a".into(), s(&["egress a", "egress b", "egress c"])),
+                ("d".into(), s(&["egress d", "network n"])),
+                ("network:m".into(), s(&["network m"])),
             ]
         );
         // Every order of the tables gives the same groups with the same names.
-        let all = [a, b, c, d];
-        for order in [[3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
-            let shuffled: Vec<EgressConfig> = order.iter().map(|&i| all[i].clone()).collect();
-            let again: Vec<(String, Vec<String>)> = groups(&shuffled)
-                .iter()
-                .map(|g| {
-                    (
-                        g.name.clone(),
-                        g.egresses.iter().map(|e| e.name.clone()).collect(),
-                    )
-                })
-                .collect();
-            assert_eq!(again, names, "order {order:?}");
+        for order in [[5, 3, 2, 1, 0, 4], [2, 4, 0, 3, 5, 1], [4, 1, 3, 5, 0, 2]] {
+            let shuffled: Vec<Led> = order.iter().map(|&i| all[i].clone()).collect();
+            assert_eq!(named(groups(shuffled)), names, "order {order:?}");
         }
     }
 }

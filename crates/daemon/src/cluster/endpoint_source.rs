@@ -1,4 +1,4 @@
-//! While a member leads an egress, its WireGuard packets leave from the floating endpoint
+//! While a member leads a space, its WireGuard packets leave from the floating endpoint
 //! address, not from the member's own address on the segment.
 //!
 //! A WireGuard device listens on every address; a packet it starts (the handshakes of a
@@ -7,7 +7,7 @@
 //! there. So the leader holds, besides the addresses, one small table of its own,
 //! `inet wgexitd-float-<group>`, whose `output` chain (type route, priority raw: before
 //! connection tracking, and routed again after the change) rewrites the source of UDP
-//! packets from each egress's `listen_port` to the endpoint's address. The rewrite is
+//! packets from each space's `listen_port` to the endpoint's address. The rewrite is
 //! stateless: no connection-tracking entry can clash with one the containers' own packets
 //! made, and packets already leaving from the endpoint are left alone. The table is
 //! written after the addresses are added and deleted before they are given up.
@@ -26,12 +26,12 @@ pub fn table_name(group: &Group) -> String {
     format!("wgexitd-float-{}", group.name)
 }
 
-/// (listen port, endpoint address) of each egress whose endpoint address floats.
+/// (listen port, endpoint address) of each space whose endpoint address floats.
 fn sources(group: &Group) -> Vec<(u16, IpAddr)> {
     let mut out = Vec::new();
-    for e in &group.egresses {
-        let source = (e.listen_port, e.endpoint.ip());
-        if e.endpoint_interface.is_some() && !out.contains(&source) {
+    for led in &group.spaces {
+        let source = (led.listen_port(), led.endpoint().ip());
+        if led.endpoint_interface().is_some() && !out.contains(&source) {
             out.push(source);
         }
     }
@@ -124,13 +124,14 @@ async fn run_nft(batch: &Value, group: &Group) -> Result<(), ClusterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::led::Led;
     use crate::config::tests::egress;
     use wgexit::net::IfName;
 
     fn group(egresses: Vec<crate::config::EgressConfig>) -> Group {
         Group {
             name: egresses[0].name.clone(),
-            egresses,
+            spaces: egresses.into_iter().map(Led::Egress).collect(),
         }
     }
 

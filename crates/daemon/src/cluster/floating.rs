@@ -1,8 +1,8 @@
-//! The addresses that follow an egress's leader: its egress IPs on `interface` and its
-//! endpoint's address on `endpoint_interface` (`float = "address"`: added as host
-//! addresses and announced), or whatever the hooks do (`float = "hooks"`: e.g. move a
-//! cloud provider's IP), with `WGEXIT_EGRESS`, `WGEXIT_IPS`, `WGEXIT_ENDPOINT` and
-//! `WGEXIT_NODE` in their environment. With addresses, the leader's WireGuard packets
+//! The addresses that follow a space's leader: an egress's egress IPs on `interface` and
+//! every space's endpoint address on `endpoint_interface` (`float = "address"`: added as
+//! host addresses and announced), or whatever the hooks do (`float = "hooks"`: e.g. move a
+//! cloud provider's IP), with `WGEXIT_EGRESS` or `WGEXIT_NETWORK`, `WGEXIT_IPS`,
+//! `WGEXIT_ENDPOINT` and `WGEXIT_NODE` in their environment. With addresses, the leader's WireGuard packets
 //! leave from the endpoint's address while it holds it ([`endpoint_source`]).
 
 use std::net::IpAddr;
@@ -16,7 +16,8 @@ use super::election::Group;
 use super::endpoint_source;
 use super::ClusterError;
 use crate::config::cluster::Float;
-use crate::config::EgressConfig;
+use super::led::Led;
+use crate::space::Space;
 use wgexit::net::Netlink;
 
 /// When announcements are repeated after taking an address (a lost one is not waited for).
@@ -35,20 +36,9 @@ pub struct Floating {
 /// Where each of the group's addresses goes, without repeats.
 fn placements(group: &Group) -> Vec<(String, IpAddr)> {
     let mut out: Vec<(String, IpAddr)> = Vec::new();
-    for e in &group.egresses {
-        let mut add = |ifname: &str, ip: IpAddr| {
-            if !out.iter().any(|(_, a)| *a == ip) {
-                out.push((ifname.to_string(), ip));
-            }
-        };
-        for ip in e.ips() {
-            add(e.interface.as_str(), IpAddr::V4(*ip));
-        }
-        for ip in e.v6.iter().flat_map(|v6| &v6.ips) {
-            add(e.interface.as_str(), IpAddr::V6(*ip));
-        }
-        if let Some(ifname) = &e.endpoint_interface {
-            add(ifname.as_str(), e.endpoint.ip());
+    for (ifname, ip) in group.spaces.iter().flat_map(Led::addresses) {
+        if !out.iter().any(|(_, a)| *a == ip) {
+            out.push((ifname.to_string(), ip));
         }
     }
     out
@@ -100,8 +90,8 @@ impl Floating {
     }
 
     async fn run_hooks(&self, program: &Path, group: &Group) -> Result<(), ClusterError> {
-        for e in &group.egresses {
-            run_hook(program, e, &self.node).await?;
+        for led in &group.spaces {
+            run_hook(program, led, &self.node).await?;
         }
         Ok(())
     }
@@ -119,21 +109,25 @@ async fn announce_repeatedly(placed: Vec<(String, IpAddr)>) {
     }
 }
 
-/// `WGEXIT_IPS`: the egress IPs, IPv4 then IPv6, space-separated.
-fn hook_ips(e: &EgressConfig) -> String {
-    let v4 = e.ips().iter().map(|ip| IpAddr::V4(*ip));
-    let v6 = e.v6.iter().flat_map(|v6| &v6.ips).map(|ip| IpAddr::V6(*ip));
-    v4.chain(v6)
-        .map(|ip| ip.to_string())
+/// `WGEXIT_IPS`: the egress IPs, IPv4 then IPv6, space-separated (empty for a network).
+fn hook_ips(led: &Led) -> String {
+    led.egress_ips()
+        .iter()
+        .map(|(_, ip)| ip.to_string())
         .collect::<Vec<_>>()
         .join(" ")
 }
 
-async fn run_hook(program: &Path, e: &EgressConfig, node: &str) -> Result<(), ClusterError> {
+async fn run_hook(program: &Path, led: &Led, node: &str) -> Result<(), ClusterError> {
+    let space = led.space();
+    let named = match space {
+        Space::Egress(_) => "WGEXIT_EGRESS",
+        Space::Network(_) => "WGEXIT_NETWORK",
+    };
     let out = tokio::process::Command::new(program)
-        .env("WGEXIT_EGRESS", &e.name)
-        .env("WGEXIT_IPS", hook_ips(e))
-        .env("WGEXIT_ENDPOINT", e.endpoint.to_string())
+        .env(named, space.name())
+        .env("WGEXIT_IPS", hook_ips(led))
+        .env("WGEXIT_ENDPOINT", led.endpoint().to_string())
         .env("WGEXIT_NODE", node)
         .kill_on_drop(true)
         .output();
@@ -141,9 +135,8 @@ async fn run_hook(program: &Path, e: &EgressConfig, node: &str) -> Result<(), Cl
         .await
         .map_err(|_| {
             ClusterError::Float(format!(
-                "{} for egress {} did not finish within 30 s",
+                "{} for {space} did not finish within 30 s",
                 program.display(),
-                e.name
             ))
         })?
         .map_err(|err| ClusterError::Float(format!("{}: {err}", program.display())))?;
@@ -151,9 +144,8 @@ async fn run_hook(program: &Path, e: &EgressConfig, node: &str) -> Result<(), Cl
         return Ok(());
     }
     Err(ClusterError::Float(format!(
-        "{} for egress {} failed ({}): {}",
+        "{} for {space} failed ({}): {}",
         program.display(),
-        e.name,
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     )))

@@ -13,6 +13,7 @@ use etcd_client::{EventType, WatchOptions};
 
 use super::epoch;
 use super::etcd::{parse_lease_key, Etcd};
+use crate::config::NetworkConfig;
 use crate::dataplane::Dataplane;
 use crate::leases::etcd::{parse_record, EtcdStore};
 use crate::leases::service::LeaseService;
@@ -22,7 +23,7 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// Follows the store's leases from `revision` on, for as long as the daemon runs, while
 /// the store holds the pool's identity `epoch`.
-pub async fn follow<D: Dataplane>(
+pub async fn follow<D: Dataplane + Dataplane<NetworkConfig>>(
     etcd: Arc<Etcd>,
     store: Arc<EtcdStore>,
     service: Arc<LeaseService<D>>,
@@ -41,7 +42,7 @@ pub async fn follow<D: Dataplane>(
 /// Makes this member's leases the store's again, once the store can be read and holds the
 /// pool's identity (a store that lost it is not mirrored: that would remove every peer);
 /// returns the revision to watch from.
-async fn catch_up<D: Dataplane>(
+async fn catch_up<D: Dataplane + Dataplane<NetworkConfig>>(
     etcd: &Etcd,
     store: &EtcdStore,
     service: &LeaseService<D>,
@@ -113,7 +114,7 @@ fn identity_change(etcd: &Etcd, epoch: &str, events: &[etcd_client::Event]) -> O
 /// Applies every lease change from `revision` on until the watch breaks. The watch covers
 /// the whole pool, so a change to its identity is seen in the same response as the
 /// deletions that come with it, and none of them is applied.
-async fn watch<D: Dataplane>(
+async fn watch<D: Dataplane + Dataplane<NetworkConfig>>(
     etcd: &Etcd,
     service: &LeaseService<D>,
     revision: i64,

@@ -1,6 +1,6 @@
 //! A pool member's start: what it reads from etcd before serving (leases, identities, the
 //! CA), and the loops it runs while serving (its membership, one election per group of
-//! egresses, the lease watch, endpoint publishing).
+//! spaces, the lease watch, endpoint publishing).
 
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use super::election::{groups, Election, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
 use super::follow::follow;
+use super::led::Led;
 use super::membership::{MemberRecord, Membership, Standing};
 use super::takeover::Takeover;
 use super::{epoch, shared, ClusterError};
@@ -22,6 +23,7 @@ use crate::identity::Identities;
 use crate::leases::etcd::EtcdStore;
 use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
+use crate::space::Space;
 
 /// A member connected to its pool, not serving yet.
 pub struct Pool {
@@ -37,7 +39,8 @@ pub struct Pool {
 /// What [`open`] reads from etcd.
 pub struct Opened {
     pub registry: Registry,
-    pub identities: Identities,
+    /// The egresses' identities, then the networks'.
+    pub identities: (Identities, Identities),
     pub pool: Pool,
 }
 
@@ -49,15 +52,22 @@ pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, Cl
     // Before anything is read or made: a store that lost the pool is not served.
     let epoch = epoch::establish(&etcd, &config.state_dir, &cluster.name).await?;
     let (leases, revision) = store.load_at().await?;
-    let (mut registry, misfits) = Registry::from_leases(&config.egress, &[], store.clone(), leases);
+    let (mut registry, misfits) =
+        Registry::from_leases(&config.egress, &config.network, store.clone(), leases);
     registry.spread(&cluster.node);
     for m in misfits {
         tracing::warn!(
-            egress = %m.lease.egress, address = %m.lease.address, public_key = %m.lease.public_key,
-            "a lease in etcd does not fit this member's config (are the members' egresses the same?); not served here"
+            space = %Space::from_store_key(&m.lease.egress), address = %m.lease.address, public_key = %m.lease.public_key,
+            "a lease in etcd does not fit this member's config (are the members' egresses and networks the same?); not served here"
         );
     }
-    let identities = shared::identities(&etcd, &config.egress).await?;
+    let spaces = |kind: &dyn Fn(&Led) -> bool| -> Vec<Space> {
+        Led::all(config).iter().filter(|l| kind(l)).map(Led::space).collect()
+    };
+    let identities = (
+        shared::identities(&etcd, &spaces(&|l| l.egress().is_some())).await?,
+        shared::identities(&etcd, &spaces(&|l| l.egress().is_none())).await?,
+    );
     if config.api.tls_files.is_none() {
         shared::ca(&etcd, &config.state_dir).await?;
     }
@@ -92,7 +102,7 @@ impl Pool {
         service: Arc<LeaseService<HostDataplane>>,
     ) -> Result<Vec<JoinHandle<()>>, ClusterError> {
         let (tx, rx) = watch::channel(Standing::Lost);
-        let settings = SharedSettings::of(&service.config.egress);
+        let settings = SharedSettings::of(&Led::all(&service.config));
         let (agrees_tx, agrees) = watch::channel(false);
         let membership = Membership {
             settings: settings.clone(),
@@ -142,7 +152,7 @@ impl Pool {
                 self.leading.clone(),
             )),
         ];
-        for group in groups(&election.takeover.service.config.egress) {
+        for group in groups(Led::all(&election.takeover.service.config)) {
             tasks.push(tokio::spawn(election.clone().run(group, rx.clone())));
         }
         Ok(tasks)

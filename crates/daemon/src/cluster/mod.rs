@@ -16,6 +16,7 @@ pub mod epoch;
 pub mod etcd;
 pub mod floating;
 pub mod follow;
+pub mod led;
 pub mod member;
 pub mod membership;
 pub mod secret;

@@ -1,4 +1,4 @@
-//! What a pool's members share from etcd: every egress's WireGuard identity and the API's
+//! What a pool's members share from etcd: every egress's and network's WireGuard identity and the API's
 //! CA. The first member to start makes each (a transaction that writes it only if it is
 //! absent); every other member reads what is there, so all of them answer with the same
 //! keys and certificates chaining to the same CA. Both private keys are stored sealed with
@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use super::etcd::Etcd;
 use super::ClusterError;
 use crate::api::tls;
-use crate::config::EgressConfig;
 use crate::identity::Identities;
 use crate::leases::store::StoreError;
+use crate::space::Space;
 use wgexit::keys::Key;
 
 /// Seals `plain` at `key` unless something is there; returns what is there afterwards,
@@ -64,22 +64,20 @@ async fn create_or_read_raw(
     }
 }
 
-/// Every egress's key pair, made by the first member that needed it.
-pub async fn identities(
-    etcd: &Etcd,
-    egresses: &[EgressConfig],
-) -> Result<Identities, ClusterError> {
+/// Every space's key pair, made by the first member that needed it, by the space's name
+/// (an egress's and a network's apart: their keys in etcd are `identity/<store name>`).
+pub async fn identities(etcd: &Etcd, spaces: &[Space]) -> Result<Identities, ClusterError> {
     let mut private = HashMap::new();
-    for e in egresses {
+    for space in spaces {
         let fresh = Key::generate_private().map_err(|err| {
-            ClusterError::Shared(format!("egress {}: cannot make a key: {err}", e.name))
+            ClusterError::Shared(format!("{space}: cannot make a key: {err}"))
         })?;
-        let key = etcd.identity_key(&e.name);
+        let key = etcd.identity_key(&space.store_key());
         let stored = create_or_read(etcd, key.clone(), fresh.to_base64().into_bytes()).await?;
         let text = String::from_utf8_lossy(&stored);
         let shared = Key::from_base64(text.trim())
             .map_err(|err| ClusterError::Shared(format!("{key} in etcd is not a key: {err}")))?;
-        private.insert(e.name.clone(), shared);
+        private.insert(space.name().to_string(), shared);
     }
     Ok(Identities::from_private(private))
 }

@@ -1,4 +1,4 @@
-//! Taking an egress over without making containers wait.
+//! Taking a space (an egress or a private network) over without making its members wait.
 //!
 //! A new leader has every peer already (hot standby), the same identity and, once its
 //! addresses are announced, the containers' packets. What it lacks is a session: the
@@ -27,8 +27,8 @@ use super::election::{Group, Leading};
 use super::etcd::Etcd;
 use super::floating::Floating;
 use super::ClusterError;
-use crate::config::EgressConfig;
-use crate::dataplane::{devices, Dataplane, HostDataplane, Peer};
+use super::led::Led;
+use crate::dataplane::{devices, Dataplane, HostDataplane, Peer, SpaceDevice};
 use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
 use crate::space::Space;
@@ -58,26 +58,24 @@ impl Takeover {
     pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
         self.restore_connections(group).await;
         self.floating.acquire(group).await?;
-        for e in &group.egresses {
-            let (etcd, service, e) = (self.etcd.clone(), self.service.clone(), e.clone());
+        self.count_leading(group, true);
+        for led in &group.spaces {
+            let (etcd, service, led) = (self.etcd.clone(), self.service.clone(), led.clone());
             tokio::spawn(async move {
-                match wake_peers(&etcd, &service, &e).await {
-                    Ok(n) => {
-                        tracing::info!(egress = %e.name, peers = n, "took the egress over; handshakes started")
-                    }
-                    Err(err) => {
-                        tracing::warn!(egress = %e.name, error = %err, "took the egress over but cannot start handshakes; peers come back on their own timers")
-                    }
+                match &led {
+                    Led::Egress(e) => wake(&etcd, &service, e).await,
+                    Led::Network(n) => wake(&etcd, &service, n).await,
                 }
             });
         }
         Ok(())
     }
 
-    /// Loads the old leader's connection state before the addresses (and so the servers'
+    /// Loads the old leader's connection state (of the group's egresses: a network forwards
+    /// without NAT, so its flows need none) before the addresses (and so the servers'
     /// packets) arrive here.
     async fn restore_connections(&self, group: &Group) {
-        for e in &group.egresses {
+        for e in group.spaces.iter().filter_map(Led::egress) {
             match self.conntrack.restore(e).await {
                 Ok(n) => {
                     tracing::info!(egress = %e.name, connections = n, "connection state restored")
@@ -90,12 +88,19 @@ impl Takeover {
     }
 
     pub async fn release(&self, group: &Group) -> Result<(), ClusterError> {
+        self.count_leading(group, false);
         self.floating.release(group).await
+    }
+
+    fn count_leading(&self, group: &Group, leads: bool) {
+        for led in &group.spaces {
+            self.service.metrics.set_leader(&led.space(), leads);
+        }
     }
 }
 
-async fn endpoints(etcd: &Etcd, egress: &str) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
-    let prefix = etcd.endpoints_prefix(egress);
+async fn endpoints(etcd: &Etcd, space: &Space) -> Result<HashMap<Key, SocketAddr>, ClusterError> {
+    let prefix = etcd.endpoints_prefix(&space.store_key());
     let records = etcd
         .verified_range("reading peers' endpoints", &prefix)
         .await?;
@@ -108,103 +113,123 @@ async fn endpoints(etcd: &Etcd, egress: &str) -> Result<HashMap<Key, SocketAddr>
         .collect())
 }
 
+/// Wakes the space's peers, and sets them back after [`WAKE_FOR`].
+async fn wake<C>(etcd: &Etcd, service: &Arc<LeaseService<HostDataplane>>, cfg: &C)
+where
+    C: SpaceDevice,
+    HostDataplane: Dataplane<C>,
+{
+    let space = cfg.space();
+    let woken = match wake_peers(etcd, service, cfg).await {
+        Ok(woken) => woken,
+        Err(err) => {
+            tracing::warn!(%space, error = %err, "took the space over but cannot start handshakes; peers come back on their own timers");
+            return;
+        }
+    };
+    tracing::info!(%space, peers = woken.len(), "took the space over; handshakes started");
+    tokio::time::sleep(WAKE_FOR).await;
+    for (l, endpoint) in woken {
+        let Some(_locked) = lock_if_leased(service, &space, &l).await else {
+            continue;
+        };
+        // Back to the lease's own peer entry: keepalive off, endpoint kept.
+        let peer = Peer {
+            endpoint: Some(endpoint),
+            ..devices::peer_of(&l)
+        };
+        let _ = service.dataplane().add_peer(cfg, &peer).await;
+    }
+}
+
 /// Sets each leased peer's endpoint and turns its keepalive on (which starts a
-/// handshake), and off again a little later. Returns how many peers were woken.
-async fn wake_peers(
+/// handshake). Returns the peers woken, with their endpoints.
+async fn wake_peers<C: SpaceDevice>(
     etcd: &Etcd,
-    service: &Arc<LeaseService<HostDataplane>>,
-    e: &EgressConfig,
-) -> Result<usize, ClusterError> {
-    let endpoints = endpoints(etcd, &e.name).await?;
-    let leases = service.leases_of(&e.name).await;
+    service: &LeaseService<HostDataplane>,
+    cfg: &C,
+) -> Result<Vec<(Lease, SocketAddr)>, ClusterError> {
+    let space = cfg.space();
+    let endpoints = endpoints(etcd, &space).await?;
+    let leases = service.space_leases(&space).await;
     let backend = service.dataplane().backend();
     let mut woken = Vec::new();
     for l in leases {
         let Some(endpoint) = endpoints.get(&l.public_key) else {
             continue;
         };
-        // The lease's own peer entry (its IPv4 and IPv6), at its endpoint, keepalive on.
+        // The lease's own peer entry (its addresses), at its endpoint, keepalive on.
         let peer = PeerConfig {
             endpoint: Some(*endpoint),
             persistent_keepalive: Some(1),
             ..devices::peer_config(&devices::peer_of(&l))
         };
-        let Some(_locked) = lock_if_leased(service, &e.name, &l).await else {
+        let Some(_locked) = lock_if_leased(service, &space, &l).await else {
             continue;
         };
-        match backend.set_peer(&e.wg_interface, &peer).await {
+        match backend.set_peer(cfg.wg_interface(), &peer).await {
             Ok(()) => woken.push((l, *endpoint)),
             Err(err) => {
                 tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
             }
         }
     }
-    let n = woken.len();
-    let service = service.clone();
-    let e = e.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(WAKE_FOR).await;
-        for (l, endpoint) in woken {
-            let Some(_locked) = lock_if_leased(&service, &e.name, &l).await else {
-                continue;
-            };
-            // Back to the lease's own peer entry: keepalive off, endpoint kept.
-            let peer = Peer {
-                endpoint: Some(endpoint),
-                ..devices::peer_of(&l)
-            };
-            let _ = service.dataplane().add_peer(&e, &peer).await;
-        }
-    });
-    Ok(n)
+    Ok(woken)
 }
 
+/// Endpoints published for each space's peers.
+type Published = HashMap<(Space, Key), SocketAddr>;
+
 impl Takeover {
-    /// While this member leads an egress, writes its peers' endpoints to etcd when they
+    /// While this member leads a space, writes its peers' endpoints to etcd when they
     /// change (at most every [`PUBLISH_EVERY`]), for the next leader.
     pub async fn publish_endpoints(self: Arc<Self>, leading: Leading) {
-        let mut published: HashMap<(String, Key), SocketAddr> = HashMap::new();
+        let mut published = Published::new();
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let spaces = Led::all(&self.service.config);
         loop {
             tick.tick().await;
-            for e in &self.service.config.egress {
-                if !leading.leads(&e.name) {
+            for led in &spaces {
+                let space = led.space();
+                if !leading.leads(&space) {
                     // The next leader publishes its own; ours would be stale by then.
-                    published.retain(|(egress, _), _| *egress != e.name);
+                    published.retain(|(s, _), _| *s != space);
                     continue;
                 }
-                if let Err(err) = self.publish_egress(e, &mut published).await {
-                    tracing::debug!(egress = %e.name, error = %err, "cannot publish endpoints");
+                let done = match led {
+                    Led::Egress(e) => self.publish_space(e, &mut published).await,
+                    Led::Network(n) => self.publish_space(n, &mut published).await,
+                };
+                if let Err(err) = done {
+                    tracing::debug!(%space, error = %err, "cannot publish endpoints");
                 }
             }
         }
     }
 
-    async fn publish_egress(
-        &self,
-        e: &EgressConfig,
-        published: &mut HashMap<(String, Key), SocketAddr>,
-    ) -> Result<(), ClusterError> {
-        let Some(device) = self.service.dataplane().device(e).await? else {
+    async fn publish_space<C>(&self, cfg: &C, published: &mut Published) -> Result<(), ClusterError>
+    where
+        C: SpaceDevice,
+        HostDataplane: Dataplane<C>,
+    {
+        let Some(device) = self.service.dataplane().device(cfg).await? else {
             return Ok(());
         };
-        prune(
-            published,
-            &e.name,
-            device.peers.iter().map(|p| p.public_key),
-        );
+        let space = cfg.space();
+        prune(published, &space, device.peers.iter().map(|p| p.public_key));
         let changed: Vec<(Key, SocketAddr)> = device
             .peers
             .iter()
             .filter_map(|p| Some((p.public_key, p.endpoint?)))
-            .filter(|(k, ep)| published.get(&(e.name.clone(), *k)) != Some(ep))
+            .filter(|(k, ep)| published.get(&(space.clone(), *k)) != Some(ep))
             .collect();
+        let store_key = space.store_key();
         for chunk in changed.chunks(PUTS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk
                 .iter()
                 .map(|(k, ep)| {
-                    let key = self.etcd.endpoint_key(&e.name, k);
+                    let key = self.etcd.endpoint_key(&store_key, k);
                     let value = self.etcd.signed(&key, ep.to_string());
                     TxnOp::put(key, value, None)
                 })
@@ -217,7 +242,7 @@ impl Takeover {
                 )
                 .await?;
             for (k, ep) in chunk {
-                published.insert((e.name.clone(), *k), *ep);
+                published.insert((space.clone(), *k), *ep);
             }
         }
         Ok(())
@@ -228,31 +253,27 @@ impl Takeover {
 /// while this is held cannot be of a lease released meanwhile.
 async fn lock_if_leased<'a>(
     service: &'a LeaseService<HostDataplane>,
-    egress: &str,
+    space: &Space,
     l: &Lease,
 ) -> Option<MutexGuard<'a, Registry>> {
     let registry = service.registry().lock().await;
-    still_leased(&registry, egress, l).then_some(registry)
+    still_leased(&registry, space, l).then_some(registry)
 }
 
-/// Whether `registry` still holds `l`: the same key in `egress`, at the same addresses.
-pub fn still_leased(registry: &Registry, egress: &str, l: &Lease) -> bool {
+/// Whether `registry` still holds `l`: the same key in `space`, at the same addresses.
+pub fn still_leased(registry: &Registry, space: &Space, l: &Lease) -> bool {
     registry
-        .egress(&Space::Egress(egress.to_string()))
+        .egress(space)
         .ok()
         .and_then(|e| e.get(&l.public_key))
         .is_some_and(|s| s.lease.address == l.address && s.lease.address6 == l.address6)
 }
 
-/// Forgets what was published for peers of `egress` that are no longer on its device
+/// Forgets what was published for peers of `space` that are no longer on its device
 /// (their leases are gone; so are their endpoints in etcd).
-fn prune(
-    published: &mut HashMap<(String, Key), SocketAddr>,
-    egress: &str,
-    peers: impl Iterator<Item = Key>,
-) {
+fn prune(published: &mut Published, space: &Space, peers: impl Iterator<Item = Key>) {
     let present: HashSet<Key> = peers.collect();
-    published.retain(|(e, k), _| e != egress || present.contains(k));
+    published.retain(|(s, k), _| s != space || present.contains(k));
 }
 
 #[cfg(test)]
@@ -279,35 +300,32 @@ mod tests {
             Registry::from_leases(&[egress("a", "100.96.0.0/24")], &[], store, Vec::new());
         let (old, new) = (lease(1, 5), lease(2, 5));
         r.adopt(old.clone());
-        assert!(still_leased(&r, "a", &old.lease));
-        assert!(!still_leased(&r, "b", &old.lease));
-        r.drop_remote(&Space::Egress("a".into()), &old.lease.public_key);
-        assert!(!still_leased(&r, "a", &old.lease));
+        let (a, b) = (Space::Egress("a".into()), Space::Egress("b".into()));
+        assert!(still_leased(&r, &a, &old.lease));
+        assert!(!still_leased(&r, &b, &old.lease));
+        assert!(!still_leased(&r, &Space::Network("a".into()), &old.lease));
+        r.drop_remote(&a, &old.lease.public_key);
+        assert!(!still_leased(&r, &a, &old.lease));
         r.adopt(new.clone());
-        assert!(!still_leased(&r, "a", &old.lease));
-        assert!(still_leased(&r, "a", &new.lease));
+        assert!(!still_leased(&r, &a, &old.lease));
+        assert!(still_leased(&r, &a, &new.lease));
         // The same key leased again elsewhere is not the lease that was woken.
         r.adopt(lease(2, 9));
-        assert!(!still_leased(&r, "a", &new.lease));
+        assert!(!still_leased(&r, &a, &new.lease));
     }
 
     #[test]
     fn published_endpoints_of_gone_peers_are_forgotten() {
         let ep: SocketAddr = "198.51.100.31:4000".parse().unwrap();
-        let mut published = HashMap::new();
+        let (a, b) = (Space::Egress("a".into()), Space::Network("a".into()));
+        let mut published = Published::new();
         for n in 1..=3 {
-            published.insert(("a".to_string(), Key([n; 32])), ep);
+            published.insert((a.clone(), Key([n; 32])), ep);
         }
-        published.insert(("b".to_string(), Key([1; 32])), ep);
-        prune(&mut published, "a", [Key([2; 32])].into_iter());
+        published.insert((b.clone(), Key([1; 32])), ep);
+        prune(&mut published, &a, [Key([2; 32])].into_iter());
         let mut left: Vec<_> = published.keys().cloned().collect();
         left.sort();
-        assert_eq!(
-            left,
-            vec![
-                ("a".to_string(), Key([2; 32])),
-                ("b".to_string(), Key([1; 32]))
-            ]
-        );
+        assert_eq!(left, vec![(a, Key([2; 32])), (b, Key([1; 32]))]);
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{ConfigError, EgressConfig, Invalid};
+use super::{ConfigError, EgressConfig, Invalid, NetworkConfig};
 use wgexit::api::valid_egress_name;
 
 pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
@@ -240,23 +240,33 @@ fn etcd_tls(raw: &RawCluster, invalid: &Invalid) -> Result<Option<EtcdTls>, Conf
     }))
 }
 
-/// In a pool with `float = "address"` every egress says where its endpoint floats; without
-/// a pool `endpoint_interface` means nothing and is refused, so a typo is not ignored.
-pub(super) fn check_egresses(
+/// In a pool with `float = "address"` every egress and network says where its endpoint
+/// floats; without a pool `endpoint_interface` means nothing and is refused, so a typo is
+/// not ignored.
+pub(super) fn check_endpoint_interfaces(
     cluster: Option<&ClusterConfig>,
     egress: &[EgressConfig],
+    network: &[NetworkConfig],
     invalid: &Invalid,
 ) -> Result<(), ConfigError> {
-    for (i, e) in egress.iter().enumerate() {
-        let key = format!("egress[{i}].endpoint_interface");
-        match (cluster.map(|c| &c.float), &e.endpoint_interface) {
-            (Some(Float::Address), None) => {
+    let egresses = egress
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (format!("egress[{i}]"), e.endpoint_interface.is_some()));
+    let networks = network
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (format!("network[{i}]"), n.endpoint_interface.is_some()));
+    for (table, named) in egresses.chain(networks) {
+        let key = format!("{table}.endpoint_interface");
+        match (cluster.map(|c| &c.float), named) {
+            (Some(Float::Address), false) => {
                 return Err(invalid(
                     key,
                     "a pool member with float = \"address\" adds the endpoint's address itself: name the interface it goes on".into(),
                 ))
             }
-            (None, Some(_)) => {
+            (None, true) => {
                 return Err(invalid(
                     key,
                     "is only used in a pool (with a [cluster] table)".into(),

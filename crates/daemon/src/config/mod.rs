@@ -326,12 +326,11 @@ impl Config {
         let network = network::networks(raw_network, &egress, &invalid)?;
         egress6::check_no_clash(&egress, &network, &invalid)?;
         check_listen_outside_pools(&api, &egress, &invalid)?;
-        network::check_not_in_cluster(&network, raw.cluster.is_some(), &invalid)?;
         let cluster = match raw.cluster {
             Some(c) => Some(cluster::cluster(c, &invalid)?),
             None => None,
         };
-        cluster::check_egresses(cluster.as_ref(), &egress, &invalid)?;
+        cluster::check_endpoint_interfaces(cluster.as_ref(), &egress, &network, &invalid)?;
         let max_leases_per_owner = quota::parse(raw.max_leases_per_owner, &egress, &invalid)?;
         Ok(Config {
             cluster,

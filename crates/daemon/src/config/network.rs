@@ -27,6 +27,9 @@ pub(super) struct RawNetwork {
     dns_upstream: Vec<String>,
     #[serde(default)]
     mtu: Option<u32>,
+    /// In a pool: where the endpoint's address floats (see [`super::cluster`]).
+    #[serde(default)]
+    endpoint_interface: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,8 @@ pub struct NetworkConfig {
     /// Where the resolver sends names outside `.internal`; none: it refuses them.
     pub dns_upstream: Vec<SocketAddr>,
     pub mtu: u32,
+    /// In a pool: the interface the network's leader adds the endpoint's address to.
+    pub endpoint_interface: Option<IfName>,
 }
 
 impl NetworkConfig {
@@ -76,27 +81,6 @@ pub(super) fn networks(
     Ok(out)
 }
 
-/// Private networks do not run on a pool of exit nodes yet: their leases and identities are
-/// per member, so a network in a config with `[cluster]` would refuse every join. Refused
-/// at start, naming the table, rather than accepted and failing later.
-pub(super) fn check_not_in_cluster(
-    networks: &[NetworkConfig],
-    in_cluster: bool,
-    invalid: &Invalid,
-) -> Result<(), ConfigError> {
-    match networks.first() {
-        Some(n) if in_cluster => Err(invalid(
-            "network[0]".into(),
-            format!(
-                "network {:?}: private networks do not run on a pool of exit nodes ([cluster]) \
-                 yet; serve them from a gateway without [cluster], or remove the [[network]] tables",
-                n.name
-            ),
-        )),
-        _ => Ok(()),
-    }
-}
-
 fn network(i: usize, n: RawNetwork, invalid: &Invalid) -> Result<NetworkConfig, ConfigError> {
     let key = |k: &str| format!("network[{i}].{k}");
     if !valid_egress_name(&n.name) {
@@ -127,7 +111,12 @@ fn network(i: usize, n: RawNetwork, invalid: &Invalid) -> Result<NetworkConfig, 
     if !(1280..=9000).contains(&mtu) {
         return Err(invalid(key("mtu"), format!("{mtu} is outside 1280..=9000")));
     }
+    let endpoint_interface = match &n.endpoint_interface {
+        Some(name) => Some(ifname(invalid, key("endpoint_interface"), name)?),
+        None => None,
+    };
     Ok(NetworkConfig {
+        endpoint_interface,
         wg_interface: ifname(invalid, key("wg_interface"), &n.wg_interface)?,
         name: n.name,
         prefix,
@@ -271,6 +260,7 @@ pub(crate) mod tests {
             token_file: "/dev/null".into(),
             dns_upstream: Vec::new(),
             mtu: 1420,
+            endpoint_interface: None,
         }
     }
 
@@ -311,12 +301,29 @@ dns_upstream = ["198.18.0.53:53", "2001:db8::53"]
     }
 
     #[test]
-    fn a_network_in_a_pool_is_refused_naming_the_table() {
+    fn a_network_in_a_pool_says_where_its_endpoint_floats() {
         let cluster = "[cluster]\nname = \"eu-1\"\nnode = \"exit-a\"\n\
-                       etcd = [\"http://198.51.100.21:2379\"]\n";
-        let e = err(&format!("{BASE}{NETWORK}{cluster}"));
-        assert!(e.contains("network[0]"), "{e}");
-        assert!(e.contains("[cluster]"), "{e}");
+                       etcd = [\"http://127.0.0.1:2379\"]\nsecret_file = \"/etc/wgexitd/pool.secret\"\n";
+        let pooled = BASE.replace(
+            "[[egress]]\n",
+            "[[egress]]\nendpoint_interface = \"core0\"\n",
+        );
+        // Without endpoint_interface the network's leader could not hold its endpoint.
+        let e = err(&format!("{pooled}{NETWORK}{cluster}"));
+        assert!(e.contains("network[0].endpoint_interface"), "{e}");
+        let floating = NETWORK.replace(
+            "listen_port = 51830\n",
+            "listen_port = 51830\nendpoint_interface = \"core0\"\n",
+        );
+        let c = Config::parse(Path::new("t.toml"), &format!("{pooled}{floating}{cluster}"))
+            .unwrap();
+        assert_eq!(
+            c.network[0].endpoint_interface.as_ref().map(|i| i.as_str()),
+            Some("core0")
+        );
+        // Alone it means nothing, and a typo is not ignored.
+        let e = err(&format!("{BASE}{floating}"));
+        assert!(e.contains("network[0].endpoint_interface"), "{e}");
     }
 
     #[test]

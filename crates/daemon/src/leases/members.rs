@@ -11,10 +11,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::collect::{Activity, Idle};
 use super::registry::{Holder, LeaseError, Registry};
 use super::service::{durable_removal, LeaseService, ServiceError};
-use super::store::StoredLease;
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
 use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
@@ -388,29 +386,6 @@ impl LeaseService {
             };
             let changes = self.reconcile_space(cfg, identity).await;
             out.push((cfg.name.clone(), changes));
-        }
-        out
-    }
-
-    /// Releases the containers whose peers have gone away; peers (laptops) stay until they
-    /// are removed. Returns what was collected, with why.
-    pub async fn collect_members(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
-        let mut out = Vec::new();
-        for cfg in &self.config.network {
-            let containers = |l: &StoredLease| kind_of(&l.lease) == MemberKind::Container;
-            let collected = self.collect_space(cfg, activity, containers);
-            for (lease, why, pending) in collected.await {
-                match durable_removal(pending).await {
-                    Ok(()) => {
-                        let labels = Metrics::network(&cfg.name);
-                        self.metrics.network_collected.get_or_create(&labels).inc();
-                        out.push((lease, why));
-                    }
-                    Err(e) => {
-                        tracing::error!(network = %cfg.name, public_key = %lease.public_key, error = %e, "collected an idle member but could not write that to the store")
-                    }
-                }
-            }
         }
         out
     }

@@ -15,15 +15,17 @@ mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
-use super::members::{MemberRefusal, Members};
+use super::members::{kind_of, MemberRefusal, Members};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
-use crate::config::{Config, EgressConfig};
+use crate::config::{Config, EgressConfig, NetworkConfig};
 use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::space::Space;
-use wgexit::api::{EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest};
+use wgexit::api::{
+    EgressInfo, EgressIpInfo, Lease, LeaseGrant, LeaseList, LeaseRequest, MemberKind,
+};
 use wgexit::keys::Key;
 use wgexit::wg::PeerStatus;
 
@@ -248,36 +250,44 @@ impl<D: Dataplane> LeaseService<D> {
         Ok((removed.lease, durable))
     }
 
-    /// Releases the leases whose peers have gone away (see [`super::collect`]).
-    /// Returns what was collected, with why.
-    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
+    /// Releases the leases whose peers have gone away (see [`super::collect`]), in every
+    /// space; a private network's peers (laptops) stay until they are removed. Returns what
+    /// was collected, with why.
+    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)>
+    where
+        D: Dataplane<NetworkConfig>,
+    {
         self.collect_where(activity, |_| true).await
     }
 
-    /// [`LeaseService::collect`] in the egresses `which` names.
+    /// [`LeaseService::collect`] in the spaces `which` names.
     pub async fn collect_where(
         &self,
         activity: &mut Activity,
-        which: impl Fn(&str) -> bool,
-    ) -> Vec<(Lease, Idle)> {
+        which: impl Fn(&Space) -> bool,
+    ) -> Vec<(Lease, Idle)>
+    where
+        D: Dataplane<NetworkConfig>,
+    {
         let mut removed = Vec::new();
-        for cfg in self.config.egress.iter().filter(|e| which(&e.name)) {
+        for cfg in self.config.egress.iter().filter(|e| which(&e.space())) {
             let everyone = |_: &StoredLease| true;
-            let collected = self.collect_space(cfg, activity, everyone);
-            removed.extend(collected.await);
+            removed.extend(self.collect_space(cfg, activity, everyone).await);
+        }
+        for cfg in self.config.network.iter().filter(|n| which(&n.space())) {
+            let containers = |l: &StoredLease| kind_of(&l.lease) == MemberKind::Container;
+            removed.extend(self.collect_space(cfg, activity, containers).await);
         }
         let mut out = Vec::new();
         for (lease, why, durable) in removed {
+            let space = Space::from_store_key(&lease.egress);
             match durable_removal(durable).await {
                 Ok(()) => {
-                    self.metrics
-                        .collected
-                        .get_or_create(&Metrics::egress(&lease.egress))
-                        .inc();
+                    self.metrics.count_collected(&space);
                     out.push((lease, why));
                 }
                 Err(e) => {
-                    tracing::error!(egress = %lease.egress, public_key = %lease.public_key, error = %e, "collected an idle lease but could not write that to the store")
+                    tracing::error!(%space, public_key = %lease.public_key, error = %e, "collected an idle lease but could not write that to the store")
                 }
             }
         }

@@ -29,6 +29,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::dataplane::Changes;
 use crate::dns::counts::DnsCounts;
+use crate::space::Space;
 
 /// Label set of a family per egress.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -398,13 +399,24 @@ impl Metrics {
         }
     }
 
-    /// The hook for pool leadership: `kind` is `egress` or `network`.
-    pub fn set_leader(&self, kind: &str, name: &str, leads: bool) {
+    /// Whether this member leads `space` (always, without a pool).
+    pub fn set_leader(&self, space: &Space, leads: bool) {
         let labels = LeaderLabels {
-            kind: kind.to_string(),
-            name: name.to_string(),
+            kind: space.kind().to_string(),
+            name: space.name().to_string(),
         };
         self.leader.get_or_create(&labels).set(i64::from(leads));
+    }
+
+    /// Counts one lease collected in `space` for its peer's silence.
+    pub fn count_collected(&self, space: &Space) {
+        match space {
+            Space::Egress(e) => self.collected.get_or_create(&Metrics::egress(e)).inc(),
+            Space::Network(n) => self
+                .network_collected
+                .get_or_create(&Metrics::network(n))
+                .inc(),
+        };
     }
 
     /// Records one API request.

@@ -1,5 +1,5 @@
-//! The lease service in a pool: leases other members write reach this member's registry
-//! and devices (hot standby) without being written back, and a member that lost track
+//! The lease service in a pool: leases other members write, in every egress and network,
+//! reach this member's registry, devices and resolvers' directories (hot standby) without being written back, and a member that lost track
 //! (its watch broke) catches up with the store.
 
 use std::collections::HashMap;
@@ -7,8 +7,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{LeaseService, ServiceError};
-use crate::dataplane::Dataplane;
-use crate::dataplane::SpaceDevice;
+use crate::config::{EgressConfig, NetworkConfig};
+use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice};
+use crate::space::Space;
 use crate::leases::registry::Adopted;
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
 use wgexit::keys::Key;
@@ -32,42 +33,87 @@ pub(super) async fn before_retry(why: &Refusal, attempt: usize) {
     }
 }
 
-impl<D: Dataplane> LeaseService<D> {
+impl<D> LeaseService<D>
+where
+    D: Dataplane<EgressConfig> + Dataplane<NetworkConfig>,
+{
     /// A lease the shared store holds (written by any member): in the registry and on the
-    /// device. Nothing is written back.
+    /// device (and, in a network, in its resolver's directory). Nothing is written back.
     pub async fn adopt_remote(&self, stored: StoredLease) -> Result<(), ServiceError> {
-        let Some(cfg) = self.config.egress(&stored.lease.egress) else {
+        let space = Space::from_store_key(&stored.lease.egress);
+        if !self.serves(&space) {
             return Ok(());
-        };
+        }
         let mut registry = self.registry.lock().await;
         let lease = stored.lease.clone();
         let peer = super::peer_of(&stored);
         match registry.adopt(stored) {
-            Adopted::New => self.dataplane.add_peer(cfg, &peer).await?,
+            Adopted::New => {
+                self.add_space_peer(&space, &peer).await?;
+                self.publish(&registry, &space);
+            }
             Adopted::Known => {}
             Adopted::Misfit => {
-                tracing::warn!(egress = %lease.egress, address = %lease.address, "a pool member leased an address outside this member's pool; are the members' configs the same?")
+                tracing::warn!(%space, address = %lease.address, "a pool member leased an address outside this member's pool; are the members' configs the same?")
             }
         }
         Ok(())
     }
 
-    /// A lease the shared store no longer holds: off the device, out of the registry.
-    pub async fn drop_remote(&self, egress: &str, key: &Key) -> Result<(), ServiceError> {
-        let Some(cfg) = self.config.egress(egress) else {
+    /// A lease the shared store no longer holds (`scope`: its space's store name): off the
+    /// device, out of the registry.
+    pub async fn drop_remote(&self, scope: &str, key: &Key) -> Result<(), ServiceError> {
+        let space = Space::from_store_key(scope);
+        if !self.serves(&space) {
             return Ok(());
-        };
+        }
         let mut registry = self.registry.lock().await;
-        if let Some(dropped) = registry.drop_remote(&cfg.space(), key) {
-            self.dataplane.remove_peer(cfg, key).await?;
+        if let Some(dropped) = registry.drop_remote(&space, key) {
+            self.remove_space_peer(&space, key).await?;
             // Another lease may hold the address too (see `Registry::adopt`).
-            if let Some(holder) = registry.lease_at(&cfg.space(), dropped.lease.address) {
-                self.dataplane
-                    .add_peer(cfg, &super::peer_of(holder))
-                    .await?;
+            if let Some(holder) = registry.lease_at(&space, dropped.lease.address) {
+                let peer = super::peer_of(holder);
+                self.add_space_peer(&space, &peer).await?;
             }
+            self.publish(&registry, &space);
         }
         Ok(())
+    }
+
+    /// Whether this member's config has `space`.
+    fn serves(&self, space: &Space) -> bool {
+        match space {
+            Space::Egress(e) => self.config.egress(e).is_some(),
+            Space::Network(n) => self.config.network(n).is_some(),
+        }
+    }
+
+    /// Adds (or updates) a peer on `space`'s device, whatever its kind.
+    async fn add_space_peer(&self, space: &Space, peer: &Peer) -> Result<(), DataplaneError> {
+        match space {
+            Space::Egress(e) => match self.config.egress(e) {
+                Some(cfg) => self.dataplane.add_peer(cfg, peer).await,
+                None => Ok(()),
+            },
+            Space::Network(n) => match self.config.network(n) {
+                Some(cfg) => self.dataplane.add_peer(cfg, peer).await,
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Removes `key`'s peer from `space`'s device, whatever its kind.
+    async fn remove_space_peer(&self, space: &Space, key: &Key) -> Result<(), DataplaneError> {
+        match space {
+            Space::Egress(e) => match self.config.egress(e) {
+                Some(cfg) => Dataplane::<EgressConfig>::remove_peer(&self.dataplane, cfg, key).await,
+                None => Ok(()),
+            },
+            Space::Network(n) => match self.config.network(n) {
+                Some(cfg) => Dataplane::<NetworkConfig>::remove_peer(&self.dataplane, cfg, key).await,
+                None => Ok(()),
+            },
+        }
     }
 
     /// Makes the registry and the devices hold exactly what the store holds. This
@@ -91,17 +137,18 @@ impl<D: Dataplane> LeaseService<D> {
         let (stored, extra) = load()
             .await
             .map_err(crate::leases::registry::LeaseError::from)?;
-        let mut by_egress: HashMap<String, HashMap<Key, StoredLease>> = HashMap::new();
+        let mut by_space: HashMap<String, HashMap<Key, StoredLease>> = HashMap::new();
         for l in stored {
-            by_egress
+            by_space
                 .entry(l.lease.egress.clone())
                 .or_default()
                 .insert(l.lease.public_key, l);
         }
-        for cfg in &self.config.egress {
-            let want = by_egress.remove(&cfg.name).unwrap_or_default();
+        let spaces = self.config.egress.iter().map(|e| e.space());
+        for space in spaces.chain(self.config.network.iter().map(|n| n.space())) {
+            let want = by_space.remove(&space.store_key()).unwrap_or_default();
             let gone: Vec<Key> = registry
-                .egress(&cfg.space())
+                .egress(&space)
                 .map(|e| {
                     e.leases()
                         .map(|l| l.lease.public_key)
@@ -110,15 +157,16 @@ impl<D: Dataplane> LeaseService<D> {
                 })
                 .unwrap_or_default();
             for key in gone {
-                registry.drop_remote(&cfg.space(), &key);
-                self.dataplane.remove_peer(cfg, &key).await?;
+                registry.drop_remote(&space, &key);
+                self.remove_space_peer(&space, &key).await?;
             }
             for (_, l) in want {
                 let peer = super::peer_of(&l);
                 if registry.adopt(l) == Adopted::New {
-                    self.dataplane.add_peer(cfg, &peer).await?;
+                    self.add_space_peer(&space, &peer).await?;
                 }
             }
+            self.publish(&registry, &space);
         }
         Ok(extra)
     }

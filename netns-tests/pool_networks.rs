@@ -1,0 +1,264 @@
+//! Private networks on a pool (see `pool_world.rs`): the network is led like an egress (its
+//! endpoint address 198.51.100.4 floats on its leader, its identity is the pool's), every
+//! member programs every member of it, and when its leader dies the containers on both
+//! hosts, their `.internal` names and a laptop's `wg-quick` tunnel carry on through the
+//! survivor.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::networks::{address_of, dig};
+use crate::pool_world::Pool;
+use crate::world::{try_sh, Container};
+
+/// The network's own endpoint address: not the egress's, so it has a leader of its own.
+const NET_ENDPOINT_IP: &str = "198.51.100.4";
+const PREFIX: &str = "fdaa:0:7::/48";
+const DNS: &str = "fdaa:0:7::3";
+const GAP: Duration = Duration::from_secs(3);
+
+fn network_table() -> String {
+    format!(
+        r#"
+[[network]]
+name = "acme"
+prefix = "{PREFIX}"
+wg_interface = "{{wg}}n"
+listen_port = 51830
+endpoint = "{NET_ENDPOINT_IP}:51830"
+endpoint_interface = "core0"
+token_file = "{{tokens}}"
+"#
+    )
+}
+
+/// The plugin config joining network acme as app `app` (no egress: routes none).
+fn conf(p: &Pool, app: &str) -> Value {
+    let mut c = p.net_conf();
+    let obj = c.as_object_mut().unwrap();
+    obj.remove("egress");
+    obj.insert("network".into(), json!("acme"));
+    obj.insert("routes".into(), json!("none"));
+    obj.insert("app".into(), json!(app));
+    obj.insert("region".into(), json!("ams"));
+    c
+}
+
+/// The member holding the network's endpoint, once exactly one does.
+fn network_leader(p: &Pool, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let holders: Vec<usize> = (0..2).filter(|&i| p.holds(i, NET_ENDPOINT_IP)).collect();
+        if holders.len() == 1 {
+            return holders[0];
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single network leader: {holders:?}\n{}\n{}",
+            p.log(0),
+            p.log(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Member `i`'s network device's peers.
+fn network_peers(p: &Pool, i: usize) -> usize {
+    let m = &p.members[i];
+    let wg = format!("{}n", m.wg);
+    let out = try_sh(&["ip", "netns", "exec", &m.ns, "wg", "show", &wg, "peers"]);
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn pings(ns: &str, addr: &str) -> bool {
+    try_sh(&[
+        "ip", "netns", "exec", ns, "ping", "-6", "-n", "-c", "1", "-W", "1", addr,
+    ])
+    .status
+    .success()
+}
+
+fn ping_within(ns: &str, addr: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !pings(ns, addr) {
+        assert!(
+            Instant::now() < deadline,
+            "{ns} cannot reach {addr} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Pings from `ns` to `addr` every 100 ms until stopped; the longest time between two
+/// answered pings.
+struct PingProbe {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Instant>>,
+}
+
+impl PingProbe {
+    fn start(ns: &str, addr: &str) -> PingProbe {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, ns, addr) = (stop.clone(), ns.to_string(), addr.to_string());
+        let handle = std::thread::spawn(move || {
+            let mut answered = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let ok = try_sh(&[
+                    "ip", "netns", "exec", &ns, "ping", "-6", "-n", "-c", "1", "-W", "0.3", &addr,
+                ]);
+                if ok.status.success() {
+                    answered.push(at);
+                }
+                std::thread::sleep(
+                    (at + Duration::from_millis(100)).saturating_duration_since(Instant::now()),
+                );
+            }
+            answered
+        });
+        PingProbe { stop, handle }
+    }
+
+    fn stop(self) -> Duration {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answered = self.handle.join().unwrap();
+        answered
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(Duration::MAX)
+    }
+}
+
+/// A laptop on host `h`: `wgexit peer create` against member `via`, then the real
+/// `wg-quick up` (its DNS line left out: the laptop asks the resolver by address).
+/// Returns the laptop's overlay address.
+fn laptop(p: &Pool, h: usize, via: usize) -> String {
+    let iface = format!("{}l", p.id);
+    let conf_path = p.path(&format!("{iface}.conf"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &p.hosts[h]])
+        .arg(crate::world::bin("wgexit"))
+        .args(["peer", "create", "--name", "alice", "--network", "acme"])
+        .args(["--server", &format!("https://{}:7443", p.members[via].ip)])
+        .arg("--ca-file")
+        .arg(p.ca_file())
+        .arg("--token-file")
+        .arg(p.path("acme.token"))
+        .arg("--out")
+        .arg(&conf_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "peer create: {out:?}");
+    let written = std::fs::read_to_string(&conf_path).unwrap();
+    assert!(
+        written.contains(&format!("Endpoint = {NET_ENDPOINT_IP}:51830")),
+        "{written}"
+    );
+    let without_dns: String = written
+        .lines()
+        .filter(|l| !l.starts_with("DNS"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&conf_path, without_dns).unwrap();
+    wg_quick_up(&p.hosts[h], &conf_path);
+    let address = written
+        .lines()
+        .find_map(|l| l.strip_prefix("Address = "))
+        .expect("an Address line");
+    address.split('/').next().unwrap().to_string()
+}
+
+fn wg_quick_up(ns: &str, conf_path: &Path) {
+    let up = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go"])
+        .args(["wg-quick", "up"])
+        .arg(conf_path)
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "wg-quick up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+}
+
+fn resolves(from: &Container, name: &str) -> Vec<String> {
+    let (status, answers) = dig(&from.netns, DNS, name, "AAAA");
+    assert_eq!(status, "NOERROR", "{name} from {}", from.id);
+    answers
+}
+
+/// Kills member `i` as a machine dies, its network device gone too.
+fn kill_with_network(p: &mut Pool, i: usize) {
+    let (ns, wg) = (p.members[i].ns.clone(), format!("{}n", p.members[i].wg));
+    p.kill_member(i);
+    let _ = try_sh(&["ip", "-n", &ns, "link", "del", &wg]);
+}
+
+#[test]
+fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
+    let mut p = Pool::with_config(&network_table());
+    let leader = network_leader(&p, Duration::from_secs(10));
+    let (web, db) = (p.container("web"), p.container("db"));
+    let web_ip = address_of(&p.cni(0, "ADD", &web, &conf(&p, "web")).ok(), true);
+    let db_ip = address_of(&p.cni(1, "ADD", &db, &conf(&p, "db")).ok(), true);
+
+    // Both members program both containers (hot standby), whichever member leased them.
+    for i in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while network_peers(&p, i) != 2 {
+            assert!(Instant::now() < deadline, "member {i} lacks the network's peers");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    ping_within(&db.netns, &web_ip, Duration::from_secs(5));
+    ping_within(&web.netns, &db_ip, Duration::from_secs(5));
+    assert_eq!(resolves(&db, "web.internal"), vec![web_ip.clone()]);
+
+    // A laptop joins through the member that does not lead the network.
+    let lap = p.add_host();
+    let lap_ip = laptop(&p, lap, 1 - leader);
+    ping_within(&p.hosts[lap], &web_ip, Duration::from_secs(10));
+    assert_eq!(resolves(&web, "alice._peer.internal"), vec![lap_ip]);
+
+    // The next leader wakes the peers whose endpoints the leader published.
+    p.wait_space_endpoints_published("network:acme", 3, Duration::from_secs(5));
+    let probe = PingProbe::start(&db.netns, &web_ip);
+    std::thread::sleep(Duration::from_millis(500));
+    let killed = Instant::now();
+    kill_with_network(&mut p, leader);
+    let next = 1 - leader;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !p.holds(next, NET_ENDPOINT_IP) {
+        assert!(Instant::now() < deadline, "no takeover:\n{}", p.log(next));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let took = killed.elapsed();
+    ping_within(&db.netns, &web_ip, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(1000));
+    let gap = probe.stop();
+    assert!(
+        gap <= GAP,
+        "db -> web gap {gap:?} (endpoint moved after {took:?})\n{}",
+        p.log(next)
+    );
+    eprintln!("network failover: endpoint after {took:?}, db -> web gap {gap:?}");
+
+    // The same addresses, the same resolver, the same names.
+    ping_within(&web.netns, &db_ip, Duration::from_secs(2));
+    assert_eq!(resolves(&db, "web.internal"), vec![web_ip.clone()]);
+    // The laptop's tunnel, never recreated, works again.
+    ping_within(&p.hosts[lap], &web_ip, GAP);
+
+    // A new container joins through the survivor and is known by name at once.
+    let api = p.container("api");
+    let api_ip = address_of(&p.cni(0, "ADD", &api, &conf(&p, "api")).ok(), true);
+    ping_within(&api.netns, &db_ip, Duration::from_secs(5));
+    assert_eq!(resolves(&db, "api.internal"), vec![api_ip]);
+}
