@@ -732,7 +732,7 @@ fn peer_create_writes_a_config(n: &Nets, conf_path: &PathBuf) -> String {
 
 /// The real wg-quick brings the config up in the laptop's namespace; its DNS line goes
 /// through resolvconf, here a stand-in that writes the laptop's own resolv.conf.
-fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf, dns: &str) {
+fn wg_quick_up(n: &mut Nets, conf_path: &std::path::Path, dns: &str) {
     use std::os::unix::fs::PermissionsExt;
     n.resolv_conf(&n.laptop.clone(), "198.18.2.1");
     let bin = n.w.path("bin");
@@ -747,8 +747,17 @@ fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf, dns: &str) {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
+    wg_quick_up_in(&n.laptop, &[path], conf_path);
+    let resolv = std::fs::read_to_string(&resolv).unwrap();
+    assert_eq!(resolv.trim(), format!("nameserver {dns}"));
+}
+
+/// The real `wg-quick up CONF` (with wireguard-go) in namespace `ns`, `env` (`NAME=value`)
+/// set for it; panics with its output when it fails.
+pub(crate) fn wg_quick_up_in(ns: &str, env: &[String], conf_path: &std::path::Path) {
     let up = Command::new("ip")
-        .args(["netns", "exec", &n.laptop, "env", &path])
+        .args(["netns", "exec", ns, "env"])
+        .args(env)
         .args([
             "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go",
             "wg-quick",
@@ -762,8 +771,6 @@ fn wg_quick_up(n: &mut Nets, conf_path: &PathBuf, dns: &str) {
         "wg-quick up: {}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let resolv = std::fs::read_to_string(&resolv).unwrap();
-    assert_eq!(resolv.trim(), format!("nameserver {dns}"));
 }
 
 /// Silent longer than peer_timeout + first_handshake_timeout (collected every second): a

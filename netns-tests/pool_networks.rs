@@ -4,13 +4,12 @@
 //! hosts, their `.internal` names and a laptop's `wg-quick` tunnel carry on through the
 //! survivor.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::networks::{address_of, dig};
+use crate::networks::{address_of, dig, wg_quick_up_in};
 use crate::pool_world::Pool;
 use crate::world::{try_sh, Container};
 
@@ -45,24 +44,6 @@ fn conf(p: &Pool, app: &str) -> Value {
     obj.insert("app".into(), json!(app));
     obj.insert("region".into(), json!("ams"));
     c
-}
-
-/// The member holding the network's endpoint, once exactly one does.
-fn network_leader(p: &Pool, within: Duration) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let holders: Vec<usize> = (0..2).filter(|&i| p.holds(i, NET_ENDPOINT_IP)).collect();
-        if holders.len() == 1 {
-            return holders[0];
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no single network leader: {holders:?}\n{}\n{}",
-            p.log(0),
-            p.log(1)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Member `i`'s network device's peers.
@@ -165,27 +146,12 @@ fn laptop(p: &Pool, h: usize, via: usize) -> String {
         .map(|l| format!("{l}\n"))
         .collect();
     std::fs::write(&conf_path, without_dns).unwrap();
-    wg_quick_up(&p.hosts[h], &conf_path);
+    wg_quick_up_in(&p.hosts[h], &[], &conf_path);
     let address = written
         .lines()
         .find_map(|l| l.strip_prefix("Address = "))
         .expect("an Address line");
     address.split('/').next().unwrap().to_string()
-}
-
-fn wg_quick_up(ns: &str, conf_path: &Path) {
-    let up = Command::new("ip")
-        .args(["netns", "exec", ns])
-        .args(["env", "WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go"])
-        .args(["wg-quick", "up"])
-        .arg(conf_path)
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "wg-quick up: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
 }
 
 fn resolves(from: &Container, name: &str) -> Vec<String> {
@@ -204,7 +170,7 @@ fn kill_with_network(p: &mut Pool, i: usize) {
 #[test]
 fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
     let mut p = Pool::with_config(&network_table());
-    let leader = network_leader(&p, Duration::from_secs(10));
+    let leader = p.wait_holder(&[NET_ENDPOINT_IP], Duration::from_secs(10));
     let (web, db) = (p.container("web"), p.container("db"));
     let web_ip = address_of(&p.cni(0, "ADD", &web, &conf(&p, "web")).ok(), true);
     let db_ip = address_of(&p.cni(1, "ADD", &db, &conf(&p, "db")).ok(), true);
@@ -213,7 +179,10 @@ fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
     for i in 0..2 {
         let deadline = Instant::now() + Duration::from_secs(5);
         while network_peers(&p, i) != 2 {
-            assert!(Instant::now() < deadline, "member {i} lacks the network's peers");
+            assert!(
+                Instant::now() < deadline,
+                "member {i} lacks the network's peers"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

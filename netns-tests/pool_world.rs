@@ -741,17 +741,22 @@ leader_ttl = {LEADER_TTL}
 
     /// Waits until exactly one member holds both floating addresses; returns it.
     pub fn wait_leader(&self, within: Duration) -> usize {
+        self.wait_holder(&[EGRESS_IP, ENDPOINT_IP], within)
+    }
+
+    /// Waits until exactly one member holds every address of `ips`; returns it.
+    pub fn wait_holder(&self, ips: &[&str], within: Duration) -> usize {
         let deadline = Instant::now() + within;
         loop {
             let holders: Vec<usize> = (0..2)
-                .filter(|&i| self.holds(i, EGRESS_IP) && self.holds(i, ENDPOINT_IP))
+                .filter(|&i| ips.iter().all(|ip| self.holds(i, ip)))
                 .collect();
             if holders.len() == 1 {
                 return holders[0];
             }
             assert!(
                 Instant::now() < deadline,
-                "no single leader: {holders:?}\n{}\n{}",
+                "no single holder of {ips:?}: {holders:?}\n{}\n{}",
                 self.log(0),
                 self.log(1)
             );

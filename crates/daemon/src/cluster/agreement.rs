@@ -218,7 +218,10 @@ mod tests {
         let here = SharedSettings::of(&[Led::Egress(a.clone())]);
         let pool = SharedSettings::of(&[Led::Egress(b)]);
         let d = here.difference(&pool, "m1").unwrap();
-        assert!(d.contains("egress acme endpoint") && d.contains("m1"), "{d}");
+        assert!(
+            d.contains("egress acme endpoint") && d.contains("m1"),
+            "{d}"
+        );
         assert_eq!(here.difference(&here.clone(), "m1"), None);
         let beta = Led::Egress(egress("beta", "100.97.0.0/24"));
         let other = SharedSettings::of(&[Led::Egress(a.clone()), beta]);
@@ -230,7 +233,10 @@ mod tests {
         let d = with(net("fdaa:0:1::/48"))
             .difference(&with(net("fdaa:0:2::/48")), "m1")
             .unwrap();
-        assert!(d.contains("network acme prefix is fdaa:0:1::/48 here"), "{d}");
+        assert!(
+            d.contains("network acme prefix is fdaa:0:1::/48 here"),
+            "{d}"
+        );
     }
 
     #[test]

@@ -20,9 +20,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use super::election::Leading;
-use crate::dataplane::SpaceDevice;
 use super::etcd::Etcd;
 use crate::config::EgressConfig;
+use crate::dataplane::SpaceDevice;
 use crate::leases::store::StoreError;
 
 /// How often the leader looks for changed entries: a flow opened (or changed state, such
@@ -133,8 +133,10 @@ impl ConntrackSync {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let led: Vec<&EgressConfig> =
-                egresses.iter().filter(|e| leading.leads(&e.space())).collect();
+            let led: Vec<&EgressConfig> = egresses
+                .iter()
+                .filter(|e| leading.leads(&e.space()))
+                .collect();
             if led.is_empty() {
                 published.clear();
                 continue;

@@ -23,9 +23,9 @@ use tokio::time::Instant;
 
 use super::epoch;
 use super::etcd::Etcd;
+use super::led::Led;
 use super::membership::Standing;
 use super::takeover::Takeover;
-use super::led::Led;
 use crate::space::Space;
 
 /// Spaces led together because they share an address.

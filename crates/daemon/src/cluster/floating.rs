@@ -14,9 +14,9 @@ use ipnet::IpNet;
 use super::announce::announce;
 use super::election::Group;
 use super::endpoint_source;
+use super::led::Led;
 use super::ClusterError;
 use crate::config::cluster::Float;
-use super::led::Led;
 use crate::space::Space;
 use wgexit::net::Netlink;
 

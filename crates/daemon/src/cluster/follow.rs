@@ -13,9 +13,9 @@ use etcd_client::{EventType, WatchOptions};
 
 use super::epoch;
 use super::etcd::{parse_lease_key, Etcd};
+use crate::cluster::lease_store::{parse_record, EtcdStore};
 use crate::config::NetworkConfig;
 use crate::dataplane::Dataplane;
-use crate::leases::etcd::{parse_record, EtcdStore};
 use crate::leases::service::LeaseService;
 
 /// Pause between attempts to catch up while etcd cannot be read.

@@ -17,10 +17,10 @@ use super::led::Led;
 use super::membership::{MemberRecord, Membership, Standing};
 use super::takeover::Takeover;
 use super::{epoch, shared, ClusterError};
+use crate::cluster::lease_store::EtcdStore;
 use crate::config::{ClusterConfig, Config};
 use crate::dataplane::HostDataplane;
 use crate::identity::Identities;
-use crate::leases::etcd::EtcdStore;
 use crate::leases::registry::Registry;
 use crate::leases::service::LeaseService;
 use crate::space::Space;
@@ -62,7 +62,11 @@ pub async fn open(config: &Config, cluster: &ClusterConfig) -> Result<Opened, Cl
         );
     }
     let spaces = |kind: &dyn Fn(&Led) -> bool| -> Vec<Space> {
-        Led::all(config).iter().filter(|l| kind(l)).map(Led::space).collect()
+        Led::all(config)
+            .iter()
+            .filter(|l| kind(l))
+            .map(Led::space)
+            .collect()
     };
     let identities = (
         shared::identities(&etcd, &spaces(&|l| l.egress().is_some())).await?,

@@ -1,5 +1,5 @@
-//! Pools of exit nodes (`[cluster]`): members share leases, identities and the CA in etcd
-//! ([`etcd`], [`shared`]) under the pool's identity ([`epoch`]), each programs every lease on its own devices ([`follow`]), and
+//! Pools of exit nodes (`[cluster]`): members share leases ([`lease_store`]), identities and
+//! the CA in etcd ([`etcd`], [`shared`]) under the pool's identity ([`epoch`]), each programs every lease on its own devices ([`follow`]), and
 //! one leader per egress ([`membership`], [`election`], among members whose shared settings
 //! agree: [`agreement`]) holds its addresses
 //! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
@@ -16,6 +16,7 @@ pub mod epoch;
 pub mod etcd;
 pub mod floating;
 pub mod follow;
+pub mod lease_store;
 pub mod led;
 pub mod member;
 pub mod membership;

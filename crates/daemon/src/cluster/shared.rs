@@ -69,9 +69,8 @@ async fn create_or_read_raw(
 pub async fn identities(etcd: &Etcd, spaces: &[Space]) -> Result<Identities, ClusterError> {
     let mut private = HashMap::new();
     for space in spaces {
-        let fresh = Key::generate_private().map_err(|err| {
-            ClusterError::Shared(format!("{space}: cannot make a key: {err}"))
-        })?;
+        let fresh = Key::generate_private()
+            .map_err(|err| ClusterError::Shared(format!("{space}: cannot make a key: {err}")))?;
         let key = etcd.identity_key(&space.store_key());
         let stored = create_or_read(etcd, key.clone(), fresh.to_base64().into_bytes()).await?;
         let text = String::from_utf8_lossy(&stored);

@@ -315,8 +315,8 @@ dns_upstream = ["198.18.0.53:53", "2001:db8::53"]
             "listen_port = 51830\n",
             "listen_port = 51830\nendpoint_interface = \"core0\"\n",
         );
-        let c = Config::parse(Path::new("t.toml"), &format!("{pooled}{floating}{cluster}"))
-            .unwrap();
+        let c =
+            Config::parse(Path::new("t.toml"), &format!("{pooled}{floating}{cluster}")).unwrap();
         assert_eq!(
             c.network[0].endpoint_interface.as_ref().map(|i| i.as_str()),
             Some("core0")

@@ -9,7 +9,7 @@
 //! is bounded by the pool alone.
 
 use super::{ConfigError, EgressConfig, Invalid};
-use crate::leases::pool::Pool;
+use crate::addresses::pool::Pool;
 
 /// The quota a private network's members get when none is set: a network's /48 or /64 has
 /// room far beyond any share.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use super::{LeaseService, ServiceError};
 use crate::config::{EgressConfig, NetworkConfig};
 use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice};
-use crate::space::Space;
 use crate::leases::registry::Adopted;
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
+use crate::space::Space;
 use wgexit::keys::Key;
 
 /// Attempts at a lease whose write the shared store refused because another member took
@@ -106,11 +106,15 @@ where
     async fn remove_space_peer(&self, space: &Space, key: &Key) -> Result<(), DataplaneError> {
         match space {
             Space::Egress(e) => match self.config.egress(e) {
-                Some(cfg) => Dataplane::<EgressConfig>::remove_peer(&self.dataplane, cfg, key).await,
+                Some(cfg) => {
+                    Dataplane::<EgressConfig>::remove_peer(&self.dataplane, cfg, key).await
+                }
                 None => Ok(()),
             },
             Space::Network(n) => match self.config.network(n) {
-                Some(cfg) => Dataplane::<NetworkConfig>::remove_peer(&self.dataplane, cfg, key).await,
+                Some(cfg) => {
+                    Dataplane::<NetworkConfig>::remove_peer(&self.dataplane, cfg, key).await
+                }
                 None => Ok(()),
             },
         }

@@ -1,6 +1,6 @@
 //! The lease store of a pool: etcd, shared by every member.
 //!
-//! Each lease is two keys (see [`crate::cluster::etcd`]): its record under
+//! Each lease is two keys (see [`super::etcd`]): its record under
 //! `leases/<egress>/<key>` and its address's index entry under `addresses/<egress>/<ip>`.
 //! A create is one transaction that writes both only if neither exists yet
 //! (`create_revision == 0`), so two members leasing at once can never hand one address, or
@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use etcd_client::{Compare, CompareOp, GetOptions, KeyValue, Txn, TxnOp, TxnOpResponse};
 
-use super::store::{check, Applied, LeaseStore, Refusal, StoreError, StoredLease, Write};
-use crate::cluster::etcd::Etcd;
+use super::etcd::Etcd;
+use crate::leases::store::{check, Applied, LeaseStore, Refusal, StoreError, StoredLease, Write};
 use wgexit::keys::Key;
 
 /// Creates per transaction: etcd allows 128 operations (and compares) in one.
