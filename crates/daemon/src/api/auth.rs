@@ -12,19 +12,18 @@ use prometheus_client::metrics::counter::Counter;
 use super::ratelimit::FailedAuthLimiter;
 use super::tokens::{TokenError, Tokens};
 use crate::config::Config;
-use crate::leases::registry::network_scope;
+use crate::dataplane::SpaceDevice;
+use crate::space::Space;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("token not accepted for egress {0:?} (or no such egress)")]
-    Unauthorized(String),
-    #[error("token not accepted for network {0:?} (or no such network)")]
-    UnauthorizedNetwork(String),
+    #[error("token not accepted for {} {:?} (or no such {})", .0.kind(), .0.name(), .0.kind())]
+    Unauthorized(Space),
     #[error("too many failed authentications from this address; retry in {} s", .0.as_secs())]
     RateLimited(Duration),
 }
 
-/// One egress's token file and what was read from it.
+/// One space's token file and what was read from it.
 struct TokenFile {
     path: PathBuf,
     modified: Option<SystemTime>,
@@ -46,9 +45,8 @@ fn modified(path: &PathBuf) -> Option<SystemTime> {
 }
 
 pub struct Authorizer {
-    /// By egress name, and by [`network_scope`] for private networks (a network may share
-    /// its name with an egress).
-    files: RwLock<HashMap<String, TokenFile>>,
+    /// By space (a network may share its name with an egress).
+    files: RwLock<HashMap<Space, TokenFile>>,
     failed: FailedAuthLimiter,
     /// Requests refused for their token, for `/metrics`.
     pub failures: Counter,
@@ -59,10 +57,10 @@ impl Authorizer {
     pub fn load(config: &Config) -> Result<Authorizer, TokenError> {
         let mut files = HashMap::new();
         for e in &config.egress {
-            files.insert(e.name.clone(), TokenFile::read(&e.token_file)?);
+            files.insert(e.space(), TokenFile::read(&e.token_file)?);
         }
         for n in &config.network {
-            files.insert(network_scope(&n.name), TokenFile::read(&n.token_file)?);
+            files.insert(n.space(), TokenFile::read(&n.token_file)?);
         }
         Ok(Authorizer {
             files: RwLock::new(files),
@@ -75,59 +73,48 @@ impl Authorizer {
     /// A file that cannot be read or holds no valid token keeps its previous tokens, so a
     /// half-written edit locks nobody out; the error is logged.
     pub fn reload(&self, force: bool) {
-        let stale: Vec<(String, PathBuf)> = match self.files.read() {
+        let stale: Vec<(Space, PathBuf)> = match self.files.read() {
             Ok(files) => files
                 .iter()
                 .filter(|(_, f)| force || modified(&f.path) != f.modified)
-                .map(|(egress, f)| (egress.clone(), f.path.clone()))
+                .map(|(space, f)| (space.clone(), f.path.clone()))
                 .collect(),
             Err(_) => return,
         };
-        for (egress, path) in stale {
+        for (space, path) in stale {
             match TokenFile::read(&path) {
                 Ok(file) => {
                     if let Ok(mut files) = self.files.write() {
-                        files.insert(egress.clone(), file);
+                        files.insert(space.clone(), file);
                     }
-                    tracing::info!(%egress, path = %path.display(), "token file re-read");
+                    tracing::info!(%space, path = %path.display(), "token file re-read");
                 }
                 Err(e) => {
-                    tracing::error!(%egress, error = %e, "token file not re-read; the tokens read before stay valid")
+                    tracing::error!(%space, error = %e, "token file not re-read; the tokens read before stay valid")
                 }
             }
         }
     }
 
-    /// Checks `token` against `egress`'s tokens; returns the owner it stands for. A valid
+    /// Checks `token` against `space`'s tokens; returns the owner it stands for. A valid
     /// token is always let through; a wrong one counts against its source address, which
     /// gets 429 instead of 401 once it has failed too often.
     pub fn authorize(
         &self,
         source: IpAddr,
-        egress: &str,
+        space: &Space,
         token: Option<&str>,
     ) -> Result<String, AuthError> {
-        self.check(source, egress, token)
-            .map_err(|()| AuthError::Unauthorized(egress.to_string()))?
+        self.check(source, space, token)
+            .map_err(|()| AuthError::Unauthorized(space.clone()))?
     }
 
-    /// As [`Authorizer::authorize`], against private network `network`'s tokens.
-    pub fn authorize_network(
-        &self,
-        source: IpAddr,
-        network: &str,
-        token: Option<&str>,
-    ) -> Result<String, AuthError> {
-        self.check(source, &network_scope(network), token)
-            .map_err(|()| AuthError::UnauthorizedNetwork(network.to_string()))?
-    }
-
-    /// How many owners `egress`'s token file names (1 when it cannot tell).
-    pub fn owners(&self, egress: &str) -> usize {
+    /// How many owners `space`'s token file names (1 when it cannot tell).
+    pub fn owners(&self, space: &Space) -> usize {
         let files = self.files.read().ok();
         let owners = files
             .as_ref()
-            .and_then(|f| Some(f.get(egress)?.tokens.owners()));
+            .and_then(|f| Some(f.get(space)?.tokens.owners()));
         owners.unwrap_or(1).max(1)
     }
 
@@ -136,12 +123,12 @@ impl Authorizer {
     fn check(
         &self,
         source: IpAddr,
-        scope: &str,
+        space: &Space,
         token: Option<&str>,
     ) -> Result<Result<String, AuthError>, ()> {
         let owner = token.and_then(|t| {
             let files = self.files.read().ok()?;
-            files.get(scope)?.tokens.owner(t).map(String::from)
+            files.get(space)?.tokens.owner(t).map(String::from)
         });
         if let Some(owner) = owner {
             return Ok(Ok(owner));

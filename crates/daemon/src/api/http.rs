@@ -1,6 +1,7 @@
 //! The API's routes (documented in [`wgexit::api`]), mapping errors to statuses.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use crate::leases::commit::CommitError;
 use crate::leases::members::MemberRefusal;
 use crate::leases::registry::LeaseError;
 use crate::leases::service::ServiceError;
+use crate::space::Space;
 use wgexit::api::{ApiError, LeaseRequest, MAX_BODY_BYTES, STORE_UNAVAILABLE};
 use wgexit::keys::Key;
 
@@ -72,7 +74,7 @@ impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         let msg = self.to_string();
         match &self {
-            RequestError::Auth(AuthError::Unauthorized(_) | AuthError::UnauthorizedNetwork(_))
+            RequestError::Auth(AuthError::Unauthorized(_))
             | RequestError::Lease(LeaseError::Unknown(_)) => {
                 error(StatusCode::UNAUTHORIZED, "unauthorized", msg)
             }
@@ -170,77 +172,107 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// The path's `{param}` (an egress or network name) and where the request comes from.
-pub(super) async fn named_in_path(
-    parts: &mut Parts,
-    api: &Arc<ApiState>,
-    param: &str,
-) -> Result<(String, IpAddr), RequestError> {
-    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, api)
-        .await
-        .map_err(|e| RequestError::BadRequest(e.body_text()))?;
-    let name = params.get(param).cloned().unwrap_or_default();
-    let source = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|ConnectInfo(peer)| peer.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-    Ok((name, source))
+/// The kind of space a route's path names, and the path parameter that names it.
+pub(super) trait PathSpace {
+    const PARAM: &'static str;
+    fn space(name: String) -> Space;
 }
 
-/// A caller whose bearer token `egress` accepts, with the owner id that token stands for.
-/// Extracting it authorizes the request (see [`super::auth::Authorizer`]).
-struct Caller {
-    egress: String,
-    owner: String,
+/// Routes under `/v1/egress/{egress}`.
+pub(super) struct InEgress;
+
+impl PathSpace for InEgress {
+    const PARAM: &'static str = "egress";
+    fn space(name: String) -> Space {
+        Space::Egress(name)
+    }
 }
 
-impl FromRequestParts<Arc<ApiState>> for Caller {
+/// Routes under `/v1/network/{network}`.
+pub(super) struct InNetwork;
+
+impl PathSpace for InNetwork {
+    const PARAM: &'static str = "network";
+    fn space(name: String) -> Space {
+        Space::Network(name)
+    }
+}
+
+/// A caller whose bearer token the space named in the path accepts, with the owner id that
+/// token stands for. Extracting it authorizes the request (see
+/// [`super::auth::Authorizer`]); an unknown space is refused as unauthorized, so names
+/// cannot be probed.
+pub(super) struct Caller<K> {
+    pub space: Space,
+    pub owner: String,
+    kind: PhantomData<K>,
+}
+
+impl<K> Caller<K> {
+    /// The space's name, as the lease service's operations take it.
+    pub fn name(&self) -> &str {
+        self.space.name()
+    }
+}
+
+impl<K: PathSpace + Send + Sync> FromRequestParts<Arc<ApiState>> for Caller<K> {
     type Rejection = RequestError;
 
     async fn from_request_parts(
         parts: &mut Parts,
         api: &Arc<ApiState>,
-    ) -> Result<Caller, RequestError> {
-        let (egress, source) = named_in_path(parts, api, "egress").await?;
-        let owner = api
-            .auth
-            .authorize(source, &egress, bearer(&parts.headers))?;
-        Ok(Caller { egress, owner })
+    ) -> Result<Caller<K>, RequestError> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, api)
+            .await
+            .map_err(|e| RequestError::BadRequest(e.body_text()))?;
+        let space = K::space(params.get(K::PARAM).cloned().unwrap_or_default());
+        let source = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| peer.ip())
+            .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let owner = api.auth.authorize(source, &space, bearer(&parts.headers))?;
+        Ok(Caller {
+            space,
+            owner,
+            kind: PhantomData,
+        })
     }
 }
 
+type EgressCaller = Caller<InEgress>;
+
 async fn lease(
     State(api): Shared,
-    caller: Caller,
+    caller: EgressCaller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, RequestError> {
     let body = body.map_err(|e| RequestError::BadRequest(format!("request body: {e}")))?;
     let req = decode_lease_request(&body)?;
-    let owners = api.auth.owners(&caller.egress);
+    let owners = api.auth.owners(&caller.space);
     let grant = api
         .service
-        .lease(&caller.egress, (&caller.owner, owners), req)
+        .lease(caller.name(), (&caller.owner, owners), req)
         .await?;
     Ok(Json(grant).into_response())
 }
 
 async fn release(
     State(api): Shared,
-    caller: Caller,
+    caller: EgressCaller,
     Path((_, key)): Path<(String, String)>,
 ) -> Result<Response, RequestError> {
     let key = decode_path_key(&key)?;
     api.service
-        .release(&caller.egress, Some(&caller.owner), &key)
+        .release(&caller.space, Some(&caller.owner), None, &key)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn list(State(api): Shared, caller: Caller) -> Result<Response, RequestError> {
-    Ok(Json(api.service.list(&caller.egress, &caller.owner).await?).into_response())
+async fn list(State(api): Shared, caller: EgressCaller) -> Result<Response, RequestError> {
+    Ok(Json(api.service.list(caller.name(), &caller.owner).await?).into_response())
 }
 
-async fn egress_info(State(api): Shared, caller: Caller) -> Result<Response, RequestError> {
-    Ok(Json(api.service.info(&caller.egress).await?).into_response())
+async fn egress_info(State(api): Shared, caller: EgressCaller) -> Result<Response, RequestError> {
+    Ok(Json(api.service.info(caller.name()).await?).into_response())
 }

@@ -5,15 +5,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
-use super::http::{bearer, decode_path_key, named_in_path, RequestError};
+use super::http::{decode_path_key, Caller, InNetwork, RequestError};
 use super::ApiState;
 use wgexit::api::{MemberKind, MemberRequest, PeerRequest};
 
@@ -37,29 +36,7 @@ pub fn routes() -> Router<Arc<ApiState>> {
         .route("/v1/network/{network}/peers/{key}", delete(remove_peer))
 }
 
-/// A caller whose bearer token `network` accepts, with the owner id it stands for.
-struct NetworkCaller {
-    network: String,
-    owner: String,
-}
-
-impl FromRequestParts<Arc<ApiState>> for NetworkCaller {
-    type Rejection = RequestError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        api: &Arc<ApiState>,
-    ) -> Result<NetworkCaller, RequestError> {
-        let (network, source) = named_in_path(parts, api, "network").await?;
-        // Unknown networks are refused as unauthorized (like unknown egresses), so names
-        // cannot be probed.
-        let owner = api
-            .auth
-            .authorize_network(source, &network, bearer(&parts.headers))
-            .map_err(RequestError::Auth)?;
-        Ok(NetworkCaller { network, owner })
-    }
-}
+type NetworkCaller = Caller<InNetwork>;
 
 /// A JSON body of at most the API's limit, no unknown fields, checked by `validate`.
 fn decode<T: DeserializeOwned>(
@@ -83,7 +60,7 @@ async fn lease_member(
     let req = decode(body, MemberRequest::validate)?;
     let grant = api
         .service
-        .lease_member(&caller.network, &caller.owner, req)
+        .lease_member(caller.name(), &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
 }
@@ -96,7 +73,7 @@ async fn add_peer(
     let req = decode(body, PeerRequest::validate)?;
     let grant = api
         .service
-        .add_peer(&caller.network, &caller.owner, req)
+        .add_peer(caller.name(), &caller.owner, req)
         .await?;
     Ok(Json(grant).into_response())
 }
@@ -104,7 +81,7 @@ async fn add_peer(
 async fn release(api: &ApiState, caller: &NetworkCaller, kind: MemberKind, key: &str) -> Answer {
     let key = decode_path_key(key)?;
     api.service
-        .release_member(&caller.network, kind, &caller.owner, &key)
+        .release(&caller.space, Some(&caller.owner), Some(kind), &key)
         .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -128,7 +105,7 @@ async fn remove_peer(
 async fn list_members(State(api): Shared, caller: NetworkCaller) -> Answer {
     let list = api
         .service
-        .list_members(&caller.network, MemberKind::Container)
+        .list_members(caller.name(), MemberKind::Container)
         .await?;
     Ok(Json(list).into_response())
 }
@@ -136,11 +113,11 @@ async fn list_members(State(api): Shared, caller: NetworkCaller) -> Answer {
 async fn list_peers(State(api): Shared, caller: NetworkCaller) -> Answer {
     let list = api
         .service
-        .list_members(&caller.network, MemberKind::Peer)
+        .list_members(caller.name(), MemberKind::Peer)
         .await?;
     Ok(Json(list).into_response())
 }
 
 async fn info(State(api): Shared, caller: NetworkCaller) -> Answer {
-    Ok(Json(api.service.network_info(&caller.network).await?).into_response())
+    Ok(Json(api.service.network_info(caller.name()).await?).into_response())
 }

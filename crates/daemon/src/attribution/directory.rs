@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use super::LeaseInfo;
 use crate::config::EgressConfig;
-use crate::dataplane::Dataplane;
+use crate::dataplane::SpacesDataplane;
 use crate::leases::service::LeaseService;
 
 /// An egress's overlay pools: flows from them that are source-NATed are recorded.
@@ -50,7 +50,7 @@ pub trait LeaseDirectory: Send + Sync {
 }
 
 #[async_trait::async_trait]
-impl<D: Dataplane + Send + Sync> LeaseDirectory for LeaseService<D> {
+impl<D: SpacesDataplane> LeaseDirectory for LeaseService<D> {
     async fn holders(&self, addresses: &HashSet<IpAddr>) -> HashMap<IpAddr, LeaseInfo> {
         let mut found = HashMap::new();
         if addresses.is_empty() {

@@ -14,8 +14,7 @@ use etcd_client::{EventType, WatchOptions};
 use super::epoch;
 use super::etcd::{parse_lease_key, Etcd};
 use crate::cluster::lease_store::{parse_record, EtcdStore};
-use crate::config::NetworkConfig;
-use crate::dataplane::Dataplane;
+use crate::dataplane::SpacesDataplane;
 use crate::leases::service::LeaseService;
 
 /// Pause between attempts to catch up while etcd cannot be read.
@@ -23,7 +22,7 @@ const RETRY: Duration = Duration::from_millis(500);
 
 /// Follows the store's leases from `revision` on, for as long as the daemon runs, while
 /// the store holds the pool's identity `epoch`.
-pub async fn follow<D: Dataplane + Dataplane<NetworkConfig>>(
+pub async fn follow<D: SpacesDataplane>(
     etcd: Arc<Etcd>,
     store: Arc<EtcdStore>,
     service: Arc<LeaseService<D>>,
@@ -42,7 +41,7 @@ pub async fn follow<D: Dataplane + Dataplane<NetworkConfig>>(
 /// Makes this member's leases the store's again, once the store can be read and holds the
 /// pool's identity (a store that lost it is not mirrored: that would remove every peer);
 /// returns the revision to watch from.
-async fn catch_up<D: Dataplane + Dataplane<NetworkConfig>>(
+async fn catch_up<D: SpacesDataplane>(
     etcd: &Etcd,
     store: &EtcdStore,
     service: &LeaseService<D>,
@@ -114,7 +113,7 @@ fn identity_change(etcd: &Etcd, epoch: &str, events: &[etcd_client::Event]) -> O
 /// Applies every lease change from `revision` on until the watch breaks. The watch covers
 /// the whole pool, so a change to its identity is seen in the same response as the
 /// deletions that come with it, and none of them is applied.
-async fn watch<D: Dataplane + Dataplane<NetworkConfig>>(
+async fn watch<D: SpacesDataplane>(
     etcd: &Etcd,
     service: &LeaseService<D>,
     revision: i64,

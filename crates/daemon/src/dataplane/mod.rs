@@ -130,6 +130,11 @@ pub trait Dataplane<C: SpaceDevice = EgressConfig>: Send + Sync {
     async fn firewall_drops(&self) -> Result<BTreeMap<Space, u64>, DataplaneError>;
 }
 
+/// A data path for spaces of every kind, as the lease service needs one.
+pub trait SpacesDataplane: Dataplane<EgressConfig> + Dataplane<NetworkConfig> {}
+
+impl<D: Dataplane<EgressConfig> + Dataplane<NetworkConfig>> SpacesDataplane for D {}
+
 /// The data path in this process's network namespace.
 pub struct HostDataplane {
     backend: Backend,

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::registry::{Holder, LeaseError, Registry};
-use super::service::{durable_removal, LeaseService, ServiceError};
+use super::service::{LeaseService, ServiceError};
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
-use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice};
+use crate::dataplane::{Dataplane, DataplaneError, SpaceDevice, SpacesDataplane};
 use crate::dns::counts::DnsCounts;
 use crate::dns::directory::{Directory, Published};
 use crate::identity::Identities;
@@ -40,7 +40,7 @@ pub enum MemberRefusal {
     },
 }
 
-fn kind_name(kind: MemberKind) -> &'static str {
+pub(super) fn kind_name(kind: MemberKind) -> &'static str {
     match kind {
         MemberKind::Container => "member",
         MemberKind::Peer => "peer",
@@ -113,7 +113,7 @@ impl Members {
     }
 }
 
-impl<D: Dataplane> LeaseService<D> {
+impl<D: SpacesDataplane> LeaseService<D> {
     /// Rebuilds `space`'s directory from the registry (called with it locked); nothing for
     /// an egress.
     pub(super) fn publish(&self, registry: &Registry, space: &Space) {
@@ -154,14 +154,6 @@ impl LeaseService {
             .get(network)
             .cloned()
             .unwrap_or_default()
-    }
-
-    fn network_config(&self, network: &str) -> Result<&NetworkConfig, ServiceError> {
-        self.config
-            .network
-            .iter()
-            .find(|n| n.name == network)
-            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())).into())
     }
 
     fn network_public_key(&self, network: &str) -> Result<Key, ServiceError> {
@@ -284,7 +276,7 @@ impl LeaseService {
         drop(registry);
         if let Err(e) = durable.durable().await {
             if new {
-                let _ = self.remove_member(cfg, &join.public_key).await;
+                let _ = self.release(&scope, None, None, &join.public_key).await;
             }
             return Err(e.into());
         }
@@ -302,41 +294,6 @@ impl LeaseService {
             dns: IpAddr::V6(cfg.dns()),
             persistent_keepalive: self.config.persistent_keepalive,
         }
-    }
-
-    /// Takes `key` out of `network` when it is a member of `kind` made with `owner`'s token.
-    pub async fn release_member(
-        &self,
-        network: &str,
-        kind: MemberKind,
-        owner: &str,
-        key: &Key,
-    ) -> Result<(), ServiceError> {
-        let cfg = self.network_config(network)?;
-        let scope = Space::Network(network.to_string());
-        {
-            let registry = self.registry().lock().await;
-            let lease = registry.releasable(&scope, key, Some(owner))?;
-            if kind_of(&lease.lease) != kind {
-                return Err(MemberRefusal::NotFound {
-                    network: network.to_string(),
-                    kind: kind_name(kind),
-                    key: *key,
-                }
-                .into());
-            }
-        }
-        self.remove_member(cfg, key).await
-    }
-
-    /// Peer off the device, lease out of the registry, directory republished; durable when
-    /// it returns. A lease released meanwhile counts as released.
-    async fn remove_member(&self, cfg: &NetworkConfig, key: &Key) -> Result<(), ServiceError> {
-        let mut registry = self.registry().lock().await;
-        let (_, pending) = self.remove_lease(&mut registry, cfg, key).await?;
-        drop(registry);
-        durable_removal(pending).await?;
-        Ok(())
     }
 
     pub async fn list_members(

@@ -15,11 +15,13 @@ mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
-use super::members::{kind_of, MemberRefusal, Members};
+use super::members::{self, kind_of, MemberRefusal, Members};
 use super::registry::{LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig, NetworkConfig};
-use crate::dataplane::{Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice};
+use crate::dataplane::{
+    Changes, Dataplane, DataplaneError, HostDataplane, Peer, SpaceDevice, SpacesDataplane,
+};
 use crate::identity::Identities;
 use crate::metrics::Metrics;
 use crate::space::Space;
@@ -61,7 +63,7 @@ pub struct LeaseService<D = HostDataplane> {
     pub(super) members: Members,
 }
 
-impl<D: Dataplane> LeaseService<D> {
+impl<D: SpacesDataplane> LeaseService<D> {
     /// `identities`: the egresses' and the networks' WireGuard identities.
     pub fn new(
         config: Config,
@@ -94,6 +96,12 @@ impl<D: Dataplane> LeaseService<D> {
         self.config
             .egress(egress)
             .ok_or_else(|| LeaseError::Unknown(Space::Egress(egress.to_string())))
+    }
+
+    pub(super) fn network_config(&self, network: &str) -> Result<&NetworkConfig, LeaseError> {
+        self.config
+            .network(network)
+            .ok_or_else(|| LeaseError::Unknown(Space::Network(network.to_string())))
     }
 
     fn server_public_key(&self, egress: &str) -> Result<Key, LeaseError> {
@@ -204,28 +212,50 @@ impl<D: Dataplane> LeaseService<D> {
                 let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
             }
         } else {
-            let _ = self.release(&cfg.name, None, key).await;
+            let _ = self.release(&cfg.space(), None, None, key).await;
         }
     }
 
-    /// Releases a lease made with the same token; `owner: None` releases any (collection).
+    /// Releases `key`'s lease in `space` if `owner` made it (`None`: whoever did, for the
+    /// daemon's own undoing) and, with `kind`, only if it is a network member of that kind
+    /// (a container's route never removes a laptop). Durable when it returns.
     pub async fn release(
         &self,
-        egress: &str,
+        space: &Space,
         owner: Option<&str>,
+        kind: Option<MemberKind>,
         key: &Key,
     ) -> Result<Lease, ServiceError> {
-        let cfg = self.egress_config(egress)?;
         let mut registry = self.registry.lock().await;
         // Check ownership before touching the device.
-        registry.releasable(&cfg.space(), key, owner)?;
-        let (removed, durable) = self.remove_lease(&mut registry, cfg, key).await?;
+        let held = registry.releasable(space, key, owner)?;
+        if let Some(kind) = kind.filter(|k| kind_of(&held.lease) != *k) {
+            return Err(MemberRefusal::NotFound {
+                network: space.name().to_string(),
+                kind: members::kind_name(kind),
+                key: *key,
+            }
+            .into());
+        }
+        let removal = match space {
+            Space::Egress(e) => {
+                let cfg = self.egress_config(e)?;
+                self.remove_lease(&mut registry, cfg, key).await
+            }
+            Space::Network(n) => {
+                let cfg = self.network_config(n)?;
+                self.remove_lease(&mut registry, cfg, key).await
+            }
+        };
+        let (removed, durable) = removal?;
         drop(registry);
         durable_removal(durable).await?;
-        self.metrics
-            .released
-            .get_or_create(&Metrics::egress(egress))
-            .inc();
+        if let Space::Egress(e) = space {
+            self.metrics
+                .released
+                .get_or_create(&Metrics::egress(e))
+                .inc();
+        }
         Ok(removed)
     }
 
@@ -253,10 +283,7 @@ impl<D: Dataplane> LeaseService<D> {
     /// Releases the leases whose peers have gone away (see [`super::collect`]), in every
     /// space; a private network's peers (laptops) stay until they are removed. Returns what
     /// was collected, with why.
-    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)>
-    where
-        D: Dataplane<NetworkConfig>,
-    {
+    pub async fn collect(&self, activity: &mut Activity) -> Vec<(Lease, Idle)> {
         self.collect_where(activity, |_| true).await
     }
 
@@ -265,10 +292,7 @@ impl<D: Dataplane> LeaseService<D> {
         &self,
         activity: &mut Activity,
         which: impl Fn(&Space) -> bool,
-    ) -> Vec<(Lease, Idle)>
-    where
-        D: Dataplane<NetworkConfig>,
-    {
+    ) -> Vec<(Lease, Idle)> {
         let mut removed = Vec::new();
         for cfg in self.config.egress.iter().filter(|e| which(&e.space())) {
             let everyone = |_: &StoredLease| true;

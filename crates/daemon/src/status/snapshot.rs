@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{EgressConfig, NetworkConfig};
-use crate::dataplane::{Dataplane, SpaceDevice};
+use crate::dataplane::{Dataplane, SpaceDevice, SpacesDataplane};
 use crate::dns::counts::DnsTotals;
 use crate::leases::members::kind_of;
 use crate::leases::service::LeaseService;
@@ -164,7 +164,7 @@ async fn read_space<'a, C, D>(
 ) -> SpaceView<'a, C>
 where
     C: SpaceDevice,
-    D: Dataplane + Dataplane<C>,
+    D: SpacesDataplane + Dataplane<C>,
 {
     let device = service
         .dataplane()
@@ -190,7 +190,7 @@ async fn firewall_drops<C: SpaceDevice, D: Dataplane<C>>(dataplane: &D) -> BTree
 }
 
 /// Reads every egress.
-pub async fn read<D: Dataplane>(service: &LeaseService<D>) -> Vec<EgressView<'_>> {
+pub async fn read<D: SpacesDataplane>(service: &LeaseService<D>) -> Vec<EgressView<'_>> {
     let drops = firewall_drops::<EgressConfig, D>(service.dataplane()).await;
     let mut out = Vec::new();
     for config in &service.config.egress {
@@ -206,10 +206,7 @@ pub async fn read<D: Dataplane>(service: &LeaseService<D>) -> Vec<EgressView<'_>
 }
 
 /// Reads every private network.
-pub async fn read_networks<D>(service: &LeaseService<D>) -> Vec<NetworkView<'_>>
-where
-    D: Dataplane + Dataplane<NetworkConfig>,
-{
+pub async fn read_networks<D: SpacesDataplane>(service: &LeaseService<D>) -> Vec<NetworkView<'_>> {
     let drops = firewall_drops::<NetworkConfig, D>(service.dataplane()).await;
     let mut out = Vec::new();
     for config in &service.config.network {
@@ -398,7 +395,7 @@ pub async fn networks<D>(
     with_peers: bool,
 ) -> Vec<NetworkStatus>
 where
-    D: Dataplane + Dataplane<NetworkConfig>,
+    D: SpacesDataplane,
 {
     read_networks(service)
         .await
@@ -413,7 +410,7 @@ where
 /// Everything `wgexitd status` shows.
 pub async fn report<D>(service: &LeaseService<D>, with_peers: bool) -> StatusReport
 where
-    D: Dataplane + Dataplane<NetworkConfig>,
+    D: SpacesDataplane,
 {
     let now = SystemTime::now();
     let views = read(service).await;

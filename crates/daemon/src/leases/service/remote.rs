@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{LeaseService, ServiceError};
 use crate::config::{EgressConfig, NetworkConfig};
-use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice};
+use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice, SpacesDataplane};
 use crate::leases::registry::Adopted;
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
 use crate::space::Space;
@@ -33,10 +33,7 @@ pub(super) async fn before_retry(why: &Refusal, attempt: usize) {
     }
 }
 
-impl<D> LeaseService<D>
-where
-    D: Dataplane<EgressConfig> + Dataplane<NetworkConfig>,
-{
+impl<D: SpacesDataplane> LeaseService<D> {
     /// A lease the shared store holds (written by any member): in the registry and on the
     /// device (and, in a network, in its resolver's directory). Nothing is written back.
     pub async fn adopt_remote(&self, stored: StoredLease) -> Result<(), ServiceError> {
