@@ -21,22 +21,29 @@ pub trait SpaceDevice: Send + Sync {
     fn device_addresses(&self) -> Vec<IpNet>;
 }
 
+/// What every kind's config holds under the same names: its device's name, port and MTU.
+macro_rules! device_settings {
+    () => {
+        fn wg_interface(&self) -> &str {
+            &self.wg_interface
+        }
+
+        fn listen_port(&self) -> u16 {
+            self.listen_port
+        }
+
+        fn mtu(&self) -> u32 {
+            self.mtu
+        }
+    };
+}
+
 impl SpaceDevice for EgressConfig {
     fn space(&self) -> Space {
         Space::Egress(self.name.clone())
     }
 
-    fn wg_interface(&self) -> &str {
-        &self.wg_interface
-    }
-
-    fn listen_port(&self) -> u16 {
-        self.listen_port
-    }
-
-    fn mtu(&self) -> u32 {
-        self.mtu
-    }
+    device_settings!();
 
     /// The overlay gateway in the IPv4 pool, and in the IPv6 pool with `ip6`.
     fn device_addresses(&self) -> Vec<IpNet> {
@@ -54,17 +61,7 @@ impl SpaceDevice for NetworkConfig {
         Space::Network(self.name.clone())
     }
 
-    fn wg_interface(&self) -> &str {
-        &self.wg_interface
-    }
-
-    fn listen_port(&self) -> u16 {
-        self.listen_port
-    }
-
-    fn mtu(&self) -> u32 {
-        self.mtu
-    }
+    device_settings!();
 
     /// `<prefix>::1` with the prefix (its route) and the resolver's `<prefix>::3/128`.
     fn device_addresses(&self) -> Vec<IpNet> {
