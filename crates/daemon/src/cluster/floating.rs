@@ -150,3 +150,68 @@ async fn run_hook(program: &Path, led: &Led, node: &str) -> Result<(), ClusterEr
         String::from_utf8_lossy(&out.stderr).trim()
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::cluster::election::groups;
+    use crate::config::network::tests::network;
+    use crate::config::tests::egress;
+
+    /// A hook that appends what it was told to `out`; it fails on node `broken`.
+    fn hook(dir: &Path, out: &Path) -> std::path::PathBuf {
+        let path = dir.join("hook");
+        let script = format!(
+            "#!/bin/sh\n[ \"$WGEXIT_NODE\" = broken ] && {{ echo no route >&2; exit 3; }}\n\
+             echo \"egress=$WGEXIT_EGRESS network=$WGEXIT_NETWORK ips=$WGEXIT_IPS \
+             endpoint=$WGEXIT_ENDPOINT node=$WGEXIT_NODE\" >> {}\n",
+            out.display()
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn hooks_are_told_each_space_of_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let program = hook(dir.path(), &out);
+        let float = Float::Hooks {
+            on_acquire: program.clone(),
+            on_release: program,
+        };
+        // The network's endpoint shares the egress's address: one group, both told.
+        let mut n = network("acme", "fdaa:0:1::/48", "wgn-acme");
+        n.endpoint = "198.51.100.2:51830".parse().unwrap();
+        let group = groups(vec![
+            Led::Network(n),
+            Led::Egress(egress("acme", "100.96.0.0/24")),
+        ])
+        .remove(0);
+        Floating::new(float.clone(), "m1")
+            .unwrap()
+            .acquire(&group)
+            .await
+            .unwrap();
+        let told = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(
+            told,
+            "egress=acme network= ips=203.0.113.77 endpoint=198.51.100.2:51820 node=m1\n\
+             egress= network=acme ips= endpoint=198.51.100.2:51830 node=m1\n"
+        );
+        // A hook that fails is an error naming the space and saying what the hook said.
+        let err = Floating::new(float, "broken")
+            .unwrap()
+            .release(&group)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("for egress acme failed") && err.contains("no route"),
+            "{err}"
+        );
+    }
+}
