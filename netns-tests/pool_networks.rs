@@ -4,6 +4,9 @@
 //! hosts, their `.internal` names and a laptop's `wg-quick` tunnel carry on through the
 //! survivor.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -160,6 +163,57 @@ fn resolves(from: &Container, name: &str) -> Vec<String> {
     answers
 }
 
+/// A server in `c` on `[::]:7070` that sends back every line it reads, on one connection.
+fn line_echo(c: &Container) {
+    let ns = std::fs::File::open(&c.netns_path).unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = TcpListener::bind("[::]:7070").unwrap();
+        ready_tx.send(()).unwrap();
+        let Ok((stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut line = String::new();
+        while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if writer.write_all(line.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+}
+
+/// A TCP connection from inside `c` to `[addr]:7070`.
+fn connect_from(c: &Container, addr: &str) -> TcpStream {
+    let ns = std::fs::File::open(&c.netns_path).unwrap();
+    let to: SocketAddr = format!("[{addr}]:7070").parse().unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            TcpStream::connect_timeout(&to, Duration::from_secs(5)).unwrap()
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// Sends `line` on `stream` and reads what comes back, within 5 s.
+fn round_trip(stream: &mut TcpStream, line: &str) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut back = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut back)
+        .unwrap();
+    back.trim_end().to_string()
+}
+
 /// Kills member `i` as a machine dies, its network device gone too.
 fn kill_with_network(p: &mut Pool, i: usize) {
     let (ns, wg) = (p.members[i].ns.clone(), format!("{}n", p.members[i].wg));
@@ -189,6 +243,9 @@ fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
     ping_within(&db.netns, &web_ip, Duration::from_secs(5));
     ping_within(&web.netns, &db_ip, Duration::from_secs(5));
     assert_eq!(resolves(&db, "web.internal"), vec![web_ip.clone()]);
+    line_echo(&web);
+    let mut open = connect_from(&db, &web_ip);
+    assert_eq!(round_trip(&mut open, "before"), "before");
 
     // A laptop joins through the member that does not lead the network.
     let lap = p.add_host();
@@ -219,7 +276,9 @@ fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
     );
     eprintln!("network failover: endpoint after {took:?}, db -> web gap {gap:?}");
 
-    // The same addresses, the same resolver, the same names.
+    // The same addresses, the same resolver, the same names; the open connection goes on
+    // (a network forwards without NAT: nothing to carry over).
+    assert_eq!(round_trip(&mut open, "after"), "after");
     ping_within(&web.netns, &db_ip, Duration::from_secs(2));
     assert_eq!(resolves(&db, "web.internal"), vec![web_ip.clone()]);
     // The laptop's tunnel, never recreated, works again.
