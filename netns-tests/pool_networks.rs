@@ -290,3 +290,52 @@ fn a_networks_leader_dies_and_its_members_and_laptop_carry_on() {
     ping_within(&api.netns, &db_ip, Duration::from_secs(5));
     assert_eq!(resolves(&db, "api.internal"), vec![api_ip]);
 }
+
+/// The same container joining through both members at the same moment (a plugin retrying
+/// on the second server, say): one of the two writes is refused by etcd, and that member
+/// answers with the lease the other made. Both answers name the same address; etcd holds
+/// one record per key.
+#[test]
+fn joins_through_both_members_at_once_make_one_member_each() {
+    let p = Pool::with_config(&network_table());
+    p.wait_holder(&[NET_ENDPOINT_IP], Duration::from_secs(10));
+    let keys: Vec<String> = (0..8)
+        .map(|_| {
+            let private = wgexit::keys::Key::generate_private().unwrap();
+            private.public().to_base64()
+        })
+        .collect();
+    for key in &keys {
+        let body = json!({"public_key": key, "app": "web", "region": "ams"}).to_string();
+        let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+            let asks: Vec<_> = (0..2)
+                .map(|i| {
+                    let body = &body;
+                    let p = &p;
+                    s.spawn(move || p.api(i, "POST", "/v1/network/acme/members", Some(body)))
+                })
+                .collect();
+            asks.into_iter().map(|a| a.join().unwrap()).collect()
+        });
+        let addresses: Vec<String> = answers
+            .iter()
+            .map(|(code, body)| {
+                assert_eq!(*code, 200, "{body}");
+                let v: Value = serde_json::from_str(body).unwrap();
+                v["address"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(addresses[0], addresses[1], "{key}");
+    }
+    let prefix = format!("/wgexit/{}/leases/network:acme/", p.id);
+    let out = p
+        .etcdctl(p.live_etcd())
+        .args(["get", "--prefix", "--keys-only", &prefix])
+        .output()
+        .unwrap();
+    let records = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    assert_eq!(records, keys.len());
+}

@@ -200,7 +200,10 @@ impl EtcdStore {
         // The write lost to one made meanwhile; say which way.
         Ok(
             match check(&Write::Create(l.clone()), |_| existing.clone(), |_| holder) {
-                Ok(()) => Err(Refusal::KeyLeased(l.lease.public_key)),
+                Ok(()) => Err(Refusal::KeyLeased {
+                    key: l.lease.public_key,
+                    held: None,
+                }),
                 refused => refused,
             },
         )
@@ -404,7 +407,10 @@ mod tests {
                     address: IpAddr::from([100, 96, 0, 5]),
                     holder: Key([1; 32])
                 }),
-                Err(Refusal::KeyLeased(Key([1; 32]))),
+                Err(Refusal::KeyLeased {
+                    key: Key([1; 32]),
+                    held: Some(Box::new(lease_at("a", 1, 5, "o"))),
+                }),
                 Ok(()),
                 Err(Refusal::NotOwner(Key([1; 32]))),
                 Err(Refusal::NotOwner(Key([1; 32]))),

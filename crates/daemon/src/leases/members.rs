@@ -12,6 +12,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::registry::{Holder, LeaseError, Registry};
+use super::service::remote::retried;
 use super::service::{LeaseService, ServiceError};
 use crate::config::NetworkConfig;
 use crate::dataplane::devices::{peer_of, Changes};
@@ -190,7 +191,7 @@ impl LeaseService {
             attachment: req.attachment,
             info,
         };
-        self.join(network, owner, join).await
+        retried(|| self.join(network, owner, &join)).await
     }
 
     /// A peer (laptop) joins `network` under a name no other peer of it has.
@@ -212,7 +213,7 @@ impl LeaseService {
             attachment: Attachment::default(),
             info,
         };
-        self.join(network, owner, join).await
+        retried(|| self.join(network, owner, &join)).await
     }
 
     fn check_peer_name(
@@ -244,13 +245,13 @@ impl LeaseService {
         &self,
         network: &str,
         owner: &str,
-        join: Join,
+        join: &Join,
     ) -> Result<MemberGrant, ServiceError> {
         let cfg = self.network_config(network)?;
         let server_public_key = self.network_public_key(network)?;
         let scope = Space::Network(network.to_string());
         let mut registry = self.registry().lock().await;
-        self.check_peer_name(&registry, network, &join)?;
+        self.check_peer_name(&registry, network, join)?;
         let holder = Holder {
             public_key: &join.public_key,
             attachment: &join.attachment,
@@ -259,7 +260,7 @@ impl LeaseService {
         let (stored, new, durable) = registry.lease_for(
             &scope,
             holder,
-            Some(join.info),
+            Some(join.info.clone()),
             self.config.max_leases_per_owner.per_network_owner(),
         )?;
         if let Err(e) = self
@@ -276,7 +277,7 @@ impl LeaseService {
         drop(registry);
         if let Err(e) = durable.durable().await {
             if new {
-                let _ = self.release(&scope, None, None, &join.public_key).await;
+                self.undo_new_lease(cfg, &stored, &e).await;
             }
             return Err(e.into());
         }

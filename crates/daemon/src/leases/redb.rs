@@ -318,7 +318,10 @@ mod tests {
                     address: IpAddr::from([100, 96, 0, 5]),
                     holder: Key([1; 32])
                 }),
-                Err(Refusal::KeyLeased(Key([1; 32]))),
+                Err(Refusal::KeyLeased {
+                    key: Key([1; 32]),
+                    held: Some(Box::new(lease_at("a", 1, 5))),
+                }),
                 Ok(()),
             ]
         );

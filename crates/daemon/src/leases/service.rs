@@ -11,12 +11,12 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use tokio::sync::Mutex;
 
-mod remote;
+pub(super) mod remote;
 
 use super::collect::{Activity, Idle, Now, Timeouts};
 use super::commit::{CommitError, Pending};
 use super::members::{self, kind_of, MemberRefusal, Members};
-use super::registry::{LeaseError, Registry};
+use super::registry::{Adopted, LeaseError, Registry};
 use super::store::{Refusal, StoredLease};
 use crate::config::{Config, EgressConfig, NetworkConfig};
 use crate::dataplane::{
@@ -121,18 +121,7 @@ impl<D: SpacesDataplane> LeaseService<D> {
         (owner, owners): (&str, usize),
         req: LeaseRequest,
     ) -> Result<LeaseGrant, ServiceError> {
-        let mut attempt = 0;
-        loop {
-            match self.lease_once(egress, (owner, owners), req.clone()).await {
-                Err(ServiceError::Lease(LeaseError::Store(CommitError::Refused(why))))
-                    if attempt < remote::LEASE_ATTEMPTS && remote::worth_retrying(&why) =>
-                {
-                    attempt += 1;
-                    remote::before_retry(&why, attempt).await;
-                }
-                other => return other,
-            }
-        }
+        remote::retried(|| self.lease_once(egress, (owner, owners), req.clone())).await
     }
 
     async fn lease_once(
@@ -198,21 +187,43 @@ impl<D: SpacesDataplane> LeaseService<D> {
         })
     }
 
-    /// Takes back a new lease whose write failed: the store refused it (it holds nothing
-    /// to delete) or could not write it (it may, so it is deleted too).
-    async fn undo_new_lease(&self, cfg: &EgressConfig, stored: &StoredLease, why: &CommitError) {
+    /// Takes back a new lease (in any space) whose write failed: the store refused it (it
+    /// holds nothing of ours to delete: what it holds at that key or address is another
+    /// member's) or could not write it (it may, so it is deleted too).
+    pub(super) async fn undo_new_lease<C: SpaceDevice>(
+        &self,
+        cfg: &C,
+        stored: &StoredLease,
+        why: &CommitError,
+    ) where
+        D: Dataplane<C>,
+    {
         let key = &stored.lease.public_key;
-        if matches!(why, CommitError::Refused(_)) {
-            let mut registry = self.registry.lock().await;
-            let _ = self.dataplane.remove_peer(cfg, key).await;
-            registry.forget(&cfg.space(), key);
-            // The peer of whoever holds the address (another member's lease) may have
-            // lost it to ours on the device.
-            if let Some(holder) = registry.lease_at(&cfg.space(), stored.lease.address) {
-                let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
-            }
-        } else {
+        let CommitError::Refused(refusal) = why else {
             let _ = self.release(&cfg.space(), None, None, key).await;
+            return;
+        };
+        let space = cfg.space();
+        let mut registry = self.registry.lock().await;
+        let _ = self.dataplane.remove_peer(cfg, key).await;
+        registry.forget(&space, key);
+        // The same key's lease another member made meanwhile: the store's, taken in at
+        // once (its copy through the watch may have come already and been taken for ours),
+        // so the next attempt answers with it.
+        if let Refusal::KeyLeased {
+            held: Some(theirs), ..
+        } = refusal
+        {
+            let peer = peer_of(theirs);
+            if registry.adopt((**theirs).clone()) == Adopted::New {
+                let _ = self.dataplane.add_peer(cfg, &peer).await;
+            }
+            self.publish(&registry, &space);
+        }
+        // The peer of whoever holds the address (another member's lease) may have lost it
+        // to ours on the device.
+        if let Some(holder) = registry.lease_at(&space, stored.lease.address) {
+            let _ = self.dataplane.add_peer(cfg, &peer_of(holder)).await;
         }
     }
 

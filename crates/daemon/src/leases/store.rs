@@ -121,8 +121,12 @@ impl Write {
 /// Why a store refused one write. The other writes of its batch are unaffected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("public key {0} already holds a lease")]
-    KeyLeased(Key),
+    /// With the lease the store holds for it, when the store could read it.
+    #[error("public key {key} already holds a lease")]
+    KeyLeased {
+        key: Key,
+        held: Option<Box<StoredLease>>,
+    },
     #[error("address {address} is already leased to {holder}")]
     AddressLeased { address: IpAddr, holder: Key },
     #[error("no lease for public key {0}")]
@@ -156,8 +160,11 @@ pub fn check(
 ) -> Result<(), Refusal> {
     match write {
         Write::Create(new) => {
-            if lease_of(&new.lease.public_key).is_some() {
-                return Err(Refusal::KeyLeased(new.lease.public_key));
+            if let Some(held) = lease_of(&new.lease.public_key) {
+                return Err(Refusal::KeyLeased {
+                    key: new.lease.public_key,
+                    held: Some(Box::new(held)),
+                });
             }
             match holder_of(&new.lease.address) {
                 Some(holder) => Err(Refusal::AddressLeased {

@@ -9,25 +9,47 @@ use std::time::Duration;
 use super::{LeaseService, ServiceError};
 use crate::config::{EgressConfig, NetworkConfig};
 use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice, SpacesDataplane};
-use crate::leases::registry::Adopted;
+use crate::leases::commit::CommitError;
+use crate::leases::registry::{Adopted, LeaseError};
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
 use crate::space::Space;
 use wgexit::keys::Key;
 
 /// Attempts at a lease whose write the shared store refused because another member took
 /// its address (or made the same key's lease) meanwhile.
-pub(super) const LEASE_ATTEMPTS: usize = 8;
+const LEASE_ATTEMPTS: usize = 8;
 
-pub(super) fn worth_retrying(why: &Refusal) -> bool {
+fn worth_retrying(why: &Refusal) -> bool {
     matches!(
         why,
-        Refusal::AddressLeased { .. } | Refusal::KeyLeased(_) | Refusal::Absent(_)
+        Refusal::AddressLeased { .. } | Refusal::KeyLeased { .. } | Refusal::Absent(_)
     )
+}
+
+/// Runs `attempt` (a lease or a join, in any space) again while the shared store refuses
+/// it for what another member took a moment ago, at most [`LEASE_ATTEMPTS`] more times.
+pub(in crate::leases) async fn retried<T, F, Fut>(mut attempt: F) -> Result<T, ServiceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, ServiceError>>,
+{
+    let mut tried = 0;
+    loop {
+        match attempt().await {
+            Err(ServiceError::Lease(LeaseError::Store(CommitError::Refused(why))))
+                if tried < LEASE_ATTEMPTS && worth_retrying(&why) =>
+            {
+                tried += 1;
+                before_retry(&why, tried).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Another address is free at once; the same key's lease made by another member needs
 /// a moment to arrive through the watch, and is then answered as it is.
-pub(super) async fn before_retry(why: &Refusal, attempt: usize) {
+async fn before_retry(why: &Refusal, attempt: usize) {
     if !matches!(why, Refusal::AddressLeased { .. }) {
         tokio::time::sleep(Duration::from_millis(25 * attempt as u64)).await;
     }
