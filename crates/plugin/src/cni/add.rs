@@ -245,11 +245,12 @@ async fn attach(
     };
     // Moving a TUN device between namespaces takes the kernel 15-20 ms (it waits for an RCU
     // grace period), and the key, the peers and the first handshake need only the device's
-    // UDP socket, which stays in the host: they go on meanwhile.
+    // UDP socket, which stays in the host: they go on meanwhile, here, while the move holds
+    // a thread of its own (the kernel makes the move inside the netlink request's send).
     let ifname = state.ifname.clone();
     let moving = async {
         if in_host {
-            move_in(&name, netns, &ifname).await
+            move_in_beside(&name, netns, &ifname).await
         } else {
             Ok(())
         }
@@ -257,19 +258,26 @@ async fn attach(
     let key = in_host.then_some(private_key);
     let peering = key_lease_and_peer(leasing, state, dir, (wg, &name), key, conf.routes);
     let (moved, grants) = tokio::join!(moving, peering);
-    if in_host && moved.is_ok() {
+    // Where the link now is goes to disk while the link is set up and the handshake ends.
+    let recording = (in_host && moved.is_ok()).then(|| {
         state.in_netns = true;
-        dir.save(state)?;
-    }
-    moved?;
-    let grants = grants?;
-    steps.done("move into the container; key, leases and peers alongside");
-
-    let addresses = grants.addresses();
-    let routes = grants.routes(conf.routes);
-    set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
-    steps.done("address, MTU, up, routes");
-    let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
+        let (dir, state) = (dir.clone(), state.clone());
+        tokio::task::spawn_blocking(move || dir.save(&state))
+    });
+    let set_up = async {
+        moved?;
+        let grants = grants?;
+        steps.done("move into the container; key, leases and peers alongside");
+        let addresses = grants.addresses();
+        let routes = grants.routes(conf.routes);
+        set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
+        steps.done("address, MTU, up, routes");
+        let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
+        Ok::<_, CniError>((grants, addresses, routes, status))
+    };
+    let (set_up, recorded) = tokio::join!(set_up, recorded(recording));
+    let (grants, addresses, routes, status) = set_up?;
+    recorded?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
     state.listen_port = Some(status.listen_port);
     place.dir.save_detail(state)?;
@@ -284,6 +292,18 @@ async fn attach(
         routes,
         nameservers: grants.member.iter().map(|g| g.dns).collect(),
     })
+}
+
+/// Waits for a state save started on a blocking thread, if one was.
+async fn recorded(
+    saving: Option<tokio::task::JoinHandle<Result<(), CniError>>>,
+) -> Result<(), CniError> {
+    match saving {
+        None => Ok(()),
+        Some(saving) => saving.await.map_err(|e| {
+            CniError::new(Code::State, "saving the attachment's state").with_details(e.to_string())
+        })?,
+    }
 }
 
 /// Gives the link `ifname` in the container its addresses, MTU and routes, and brings it up.
@@ -380,6 +400,27 @@ async fn move_in(host: &str, netns: &Netns, ifname: &str) -> Result<(), CniError
         .move_to_netns(host, netns, ifname)
         .await
         .map_err(|e| link_error("moving the link into the container", e))
+}
+
+/// [`move_in`] on a blocking thread with a netlink socket of its own: the request's send
+/// returns only when the kernel has moved the link, and this thread goes on meanwhile.
+async fn move_in_beside(host: &str, netns: &Netns, ifname: &str) -> Result<(), CniError> {
+    let (host, ifname) = (host.to_string(), ifname.to_string());
+    let netns = Netns::open(netns.path()).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
+    let moved = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| {
+                CniError::new(Code::Netlink, "moving the link into the container")
+                    .with_details(e.to_string())
+            })?;
+        runtime.block_on(move_in(&host, &netns, &ifname))
+    });
+    moved.await.map_err(|e| {
+        CniError::new(Code::Netlink, "moving the link into the container")
+            .with_details(e.to_string())
+    })?
 }
 
 /// Gives the link `name` its private key if `key` is one, waits for the leases (recording

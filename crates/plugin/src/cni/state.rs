@@ -79,6 +79,7 @@ pub struct AttachmentLock {
 }
 
 /// The state directory.
+#[derive(Clone)]
 pub struct StateDir {
     dir: PathBuf,
 }
