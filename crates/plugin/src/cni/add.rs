@@ -258,26 +258,19 @@ async fn attach(
     let key = in_host.then_some(private_key);
     let peering = key_lease_and_peer(leasing, state, dir, (wg, &name), key, conf.routes);
     let (moved, grants) = tokio::join!(moving, peering);
-    // Where the link now is goes to disk while the link is set up and the handshake ends.
-    let recording = (in_host && moved.is_ok()).then(|| {
+    if in_host && moved.is_ok() {
         state.in_netns = true;
-        let (dir, state) = (dir.clone(), state.clone());
-        tokio::task::spawn_blocking(move || dir.save(&state))
-    });
-    let set_up = async {
-        moved?;
-        let grants = grants?;
-        steps.done("move into the container; key, leases and peers alongside");
-        let addresses = grants.addresses();
-        let routes = grants.routes(conf.routes);
-        set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
-        steps.done("address, MTU, up, routes");
-        let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
-        Ok::<_, CniError>((grants, addresses, routes, status))
-    };
-    let (set_up, recorded) = tokio::join!(set_up, recorded(recording));
-    let (grants, addresses, routes, status) = set_up?;
-    recorded?;
+        dir.save(state)?;
+    }
+    moved?;
+    let grants = grants?;
+    steps.done("move into the container; key, leases and peers alongside");
+
+    let addresses = grants.addresses();
+    let routes = grants.routes(conf.routes);
+    set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
+    steps.done("address, MTU, up, routes");
+    let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
     state.listen_port = Some(status.listen_port);
     place.dir.save_detail(state)?;
@@ -292,18 +285,6 @@ async fn attach(
         routes,
         nameservers: grants.member.iter().map(|g| g.dns).collect(),
     })
-}
-
-/// Waits for a state save started on a blocking thread, if one was.
-async fn recorded(
-    saving: Option<tokio::task::JoinHandle<Result<(), CniError>>>,
-) -> Result<(), CniError> {
-    match saving {
-        None => Ok(()),
-        Some(saving) => saving.await.map_err(|e| {
-            CniError::new(Code::State, "saving the attachment's state").with_details(e.to_string())
-        })?,
-    }
 }
 
 /// Gives the link `ifname` in the container its addresses, MTU and routes, and brings it up.

@@ -79,7 +79,6 @@ pub struct AttachmentLock {
 }
 
 /// The state directory.
-#[derive(Clone)]
 pub struct StateDir {
     dir: PathBuf,
 }
