@@ -14,6 +14,7 @@ pub mod command;
 pub mod directory;
 pub mod event;
 pub mod pool;
+pub mod priority;
 pub mod query;
 pub mod reader;
 pub mod recorder;

@@ -74,7 +74,8 @@ impl Counters {
 
 /// Starts `conntrack -E` for new and destroyed source-NATed flows (`--src-nat`: the API's
 /// and the members' own connections are never printed, nor parsed here), with timestamps
-/// and ids. It dies with the daemon, even one killed outright.
+/// and ids, `SCHED_BATCH` at nice [`super::priority::NICE`]. It dies with the daemon,
+/// even one killed outright.
 pub fn spawn_conntrack() -> Result<Child, AttributionError> {
     let mut command = Command::new("conntrack");
     command
@@ -84,14 +85,15 @@ pub fn spawn_conntrack() -> Result<Child, AttributionError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
-    // system call prctl(2).
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+    // system calls (prctl(2), sched_setscheduler(2), setpriority(2)).
     unsafe {
         command.pre_exec(|| {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            // Below forwarding and the API, as the recorder's threads.
+            super::priority::lower(0)
         });
     }
     command

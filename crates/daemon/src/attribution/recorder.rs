@@ -9,6 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::directory::{egress_pools, LeaseDirectory};
 use super::event::{CtEvent, Kind};
+use super::priority;
 use super::reader::{self, Counters};
 use super::store::{Change, FlowStore, Mapping};
 use super::time::{day, now};
@@ -47,14 +48,19 @@ pub fn start(
     reader::enable_accounting();
     let child = reader::spawn_conntrack()?;
     let (tx, rx) = mpsc::channel(QUEUE);
+    // Below the lease API and the tunnel: threads of their own, lowered (see [`priority`]).
+    let lowered = |e: std::io::Error| AttributionError::Reader(e.to_string());
     let tasks = vec![
-        tokio::spawn(reader::run(
-            child,
-            egress_pools(&config.egress),
-            tx,
-            counters.clone(),
-        )),
-        tokio::spawn(write_loop(rx, store.clone(), directory, counters.clone())),
+        priority::spawn_lowered(
+            "flow-reader",
+            reader::run(child, egress_pools(&config.egress), tx, counters.clone()),
+        )
+        .map_err(lowered)?,
+        priority::spawn_lowered(
+            "flow-writer",
+            write_loop(rx, store.clone(), directory, counters.clone()),
+        )
+        .map_err(lowered)?,
     ];
     Ok(Some((Recorder { store, counters }, tasks)))
 }

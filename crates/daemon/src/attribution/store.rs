@@ -167,7 +167,19 @@ pub struct FlowStore {
     dir: PathBuf,
     days_kept: u32,
     files: Mutex<BTreeMap<u32, DayFile>>,
+    /// Where the start of each flow opened since the store was opened was written, so its
+    /// end finds it with one lookup rather than a scan of every flow of its mapping (an
+    /// egress port busy all day holds thousands).
+    open: Mutex<OpenFlows>,
 }
+
+/// Flows started and not yet ended: (mapping, conntrack id) → (day, first time). Bounded:
+/// past [`OPEN_FLOWS_MAX`] (ends lost, say) it starts over, and ends it no longer knows are
+/// found by a scan, as are those of flows opened before the store was.
+type OpenFlows = HashMap<(Mapping, u32), (u32, u64)>;
+
+/// Conntrack's default table size on a large host is 262,144; four times that.
+const OPEN_FLOWS_MAX: usize = 1 << 20;
 
 fn file_name(day: u32) -> String {
     format!("flows-{}.redb", day_name(day))
@@ -186,6 +198,7 @@ impl FlowStore {
             dir: dir.to_path_buf(),
             days_kept,
             files: Mutex::new(BTreeMap::new()),
+            open: Mutex::new(HashMap::new()),
         };
         for entry in std::fs::read_dir(dir).map_err(err)? {
             let name = entry.map_err(err)?.file_name();
@@ -336,7 +349,13 @@ impl FlowStore {
                     bytes: (None, None),
                     lease: NONE32,
                 };
-                self.insert(files, txns, day(*first), stored, lease.as_ref())
+                self.insert(files, txns, day(*first), stored, lease.as_ref())?;
+                let mut open = self.open_flows();
+                if open.len() >= OPEN_FLOWS_MAX {
+                    open.clear();
+                }
+                open.insert((*mapping, *id), (day(*first), *first));
+                Ok(())
             }
             Change::Close {
                 mapping,
@@ -480,6 +499,9 @@ impl FlowStore {
         m: &Mapping,
         id: u32,
     ) -> Result<Option<(u32, Stored)>, AttributionError> {
+        if let Some(found) = self.indexed_open(files, txns, m, id)? {
+            return Ok(Some(found));
+        }
         let days: Vec<u32> = files.keys().rev().copied().collect();
         for d in days {
             let flows = match txns.get(&d) {
@@ -498,6 +520,47 @@ impl FlowStore {
             }
         }
         Ok(None)
+    }
+
+    fn open_flows(&self) -> MutexGuard<'_, OpenFlows> {
+        match self.open.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The open flow `id` of `m`, if its start was written since the store was opened:
+    /// one lookup in its day's file.
+    fn indexed_open(
+        &self,
+        files: &mut BTreeMap<u32, DayFile>,
+        txns: &mut BTreeMap<u32, WriteTransaction>,
+        m: &Mapping,
+        id: u32,
+    ) -> Result<Option<(u32, Stored)>, AttributionError> {
+        let Some((d, first)) = self.open_flows().remove(&(*m, id)) else {
+            return Ok(None);
+        };
+        if !files.contains_key(&d) {
+            return Ok(None);
+        }
+        let probe = Stored {
+            mapping: *m,
+            first,
+            id,
+            destination: (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+            last: None,
+            bytes: (None, None),
+            lease: NONE32,
+        };
+        let key = probe.key();
+        let txn = self.txn(files, txns, d)?;
+        let table = txn.open_table(FLOWS).map_err(|e| self.err(e))?;
+        let stored = match table.get(key.as_slice()).map_err(|e| self.err(e))? {
+            Some(v) => Stored::decode(&key, v.value()),
+            None => None,
+        };
+        Ok(stored.filter(|s| s.last.is_none()).map(|s| (d, s)))
     }
 
     /// Every flow that held `ip:port` (in one of `protos`) at `at`, in every file kept.
@@ -700,5 +763,46 @@ mod tests {
         let late = s.who(m.ip, 999, &[Proto::Udp], t + 3 * DAY + 10).unwrap();
         assert_eq!(late[0].first, None);
         assert_eq!(late[0].lease.as_ref().unwrap().container_id, "late");
+    }
+
+    #[test]
+    fn each_end_closes_its_own_start_on_a_busy_port_and_across_a_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = 20_000 * DAY;
+        let m = mapping(5000, Proto::Udp);
+        {
+            let s = FlowStore::open(dir.path(), 30, day(t)).unwrap();
+            let starts: Vec<Change> = (0..2000)
+                .map(|n| open(m, t + u64::from(n) * 10, n, &format!("c{n}")))
+                .collect();
+            s.apply(&starts).unwrap();
+            // Ends out of order, one of them in the batch of a new start.
+            s.apply(&[
+                close(m, t + 30_000, 1500),
+                open(m, t + 30_001, 7777, "late"),
+            ])
+            .unwrap();
+            s.apply(&[close(m, t + 30_002, 3), close(m, t + 30_003, 7777)])
+                .unwrap();
+        }
+        // Reopened: the starts written before are found by their mapping.
+        let s = FlowStore::open(dir.path(), 30, day(t)).unwrap();
+        s.apply(&[close(m, t + 40_000, 1999)]).unwrap();
+        let held = |at: u64| who_at(&s, 5000, at);
+        let after_ends = held(t + 40_001);
+        assert_eq!(after_ends.len(), 1997, "2001 flows, 4 ended");
+        for gone in ["c3", "c1500", "c1999", "late"] {
+            assert!(!after_ends.iter().any(|c| c == gone), "{gone} ended");
+        }
+        assert!(held(t + 30_005).iter().any(|c| c == "c1999"));
+        // Each end updated its start: no flow was recorded from its end alone.
+        let mut flows = 0;
+        s.since(t, |f| {
+            assert!(f.first.is_some());
+            flows += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(flows, 2001);
     }
 }

@@ -245,11 +245,12 @@ async fn attach(
     };
     // Moving a TUN device between namespaces takes the kernel 15-20 ms (it waits for an RCU
     // grace period), and the key, the peers and the first handshake need only the device's
-    // UDP socket, which stays in the host: they go on meanwhile.
+    // UDP socket, which stays in the host: they go on meanwhile, here, while the move holds
+    // a thread of its own (the kernel makes the move inside the netlink request's send).
     let ifname = state.ifname.clone();
     let moving = async {
         if in_host {
-            move_in(&name, netns, &ifname).await
+            move_in_beside(&name, netns, &ifname).await
         } else {
             Ok(())
         }
@@ -380,6 +381,27 @@ async fn move_in(host: &str, netns: &Netns, ifname: &str) -> Result<(), CniError
         .move_to_netns(host, netns, ifname)
         .await
         .map_err(|e| link_error("moving the link into the container", e))
+}
+
+/// [`move_in`] on a blocking thread with a netlink socket of its own: the request's send
+/// returns only when the kernel has moved the link, and this thread goes on meanwhile.
+async fn move_in_beside(host: &str, netns: &Netns, ifname: &str) -> Result<(), CniError> {
+    let (host, ifname) = (host.to_string(), ifname.to_string());
+    let netns = Netns::open(netns.path()).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
+    let moved = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| {
+                CniError::new(Code::Netlink, "moving the link into the container")
+                    .with_details(e.to_string())
+            })?;
+        runtime.block_on(move_in(&host, &netns, &ifname))
+    });
+    moved.await.map_err(|e| {
+        CniError::new(Code::Netlink, "moving the link into the container")
+            .with_details(e.to_string())
+    })?
 }
 
 /// Gives the link `name` its private key if `key` is one, waits for the leases (recording
