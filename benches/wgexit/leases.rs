@@ -230,24 +230,12 @@ fn rounds(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64>) {
 
 /// Row 3's burst, recorded by `perf` when asked.
 fn throughput_burst(world: &World, t: &Target, sizes: &Sizes) -> (Burst, Vec<f64>) {
-    let perf = sizes.perf.as_ref().and_then(|out| {
-        let pid = world.daemon_pid()?.to_string();
-        std::process::Command::new("perf")
-            .args(["record", "-F", "499", "-g", "-p", &pid, "-o"])
-            .arg(out)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()
-    });
+    let recording = sizes
+        .perf
+        .as_ref()
+        .and_then(|out| crate::perf::record(world, out));
     let (throughput, throughput_samples) = rounds(world, t, sizes);
-    if let Some(mut perf) = perf {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(perf.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let _ = perf.wait();
-    }
+    drop(recording);
     eprintln!(
         "  {} leases in {:.1} s: {:.0}/s, p99 {:.1} ms, {} errors",
         throughput.leases,

@@ -9,7 +9,8 @@
 //! 5. tunnel throughput (iperf3) against the same WireGuard configured by hand with `wg-quick`,
 //!    and against a plain routed veth path;
 //! 6. private networks: member-to-member throughput against the egress tunnel, and the
-//!    resolver's `<app>.internal` answers per second and p99 against `dnsmasq`;
+//!    resolver's answers per second and p99 against `dnsmasq` on the same path (`dnsperf`),
+//!    for `web.internal` and for a forwarded name;
 //! 7. CNI ADD with the kernel backend against `ptp`, inside the VM test's VM (these machines
 //!    have no WireGuard module);
 //! 8. pools: the failover gap when the leader dies (median, max over kills), and leases/s
@@ -31,8 +32,10 @@ mod attribution;
 mod cni;
 mod leases;
 mod networks;
+mod perf;
 mod pool;
 mod report;
+mod resolvers;
 mod stats;
 mod steps;
 mod tunnel;
@@ -54,12 +57,13 @@ pub struct Sizes {
     pub scale_samples: usize,
     pub iperf_secs: u32,
     pub iperf_rounds: usize,
-    /// DNS queries per resolver in row 6.
-    pub dns_queries: usize,
+    /// Seconds of `dnsperf` per resolver, name and round in row 6.
+    pub dns_secs: u32,
     /// Row 8: leader kills, and leases on the pool and on one exit node.
     pub pool_kills: usize,
     pub pool_leases: usize,
-    /// Where to write a `perf record` of wgexitd during the throughput burst, if anywhere.
+    /// Where to write a `perf record` of wgexitd during the throughput burst (and, with
+    /// `.internal` and `.forwarded` appended, during row 6's first round), if anywhere.
     pub perf: Option<PathBuf>,
     /// Rounds the lease burst of row 3 is cut into, so the row states its spread.
     pub lease_rounds: usize,
@@ -80,7 +84,7 @@ impl Sizes {
             scale_samples: 100,
             iperf_secs: 5,
             iperf_rounds: 3,
-            dns_queries: 20_000,
+            dns_secs: 5,
             pool_kills: 10,
             pool_leases: 400,
             perf: None,
@@ -100,7 +104,7 @@ impl Sizes {
             scale_samples: 5,
             iperf_secs: 1,
             iperf_rounds: 1,
-            dns_queries: 200,
+            dns_secs: 1,
             pool_kills: 1,
             pool_leases: 50,
             perf: None,
@@ -213,8 +217,8 @@ fn main() {
     }
     if wants("6") {
         eprintln!(
-            "[6] private networks: iperf3 {} s x {} rounds, {} DNS queries each",
-            sizes.iperf_secs, sizes.iperf_rounds, sizes.dns_queries
+            "[6] private networks: iperf3 {} s x {} rounds, dnsperf {} s per resolver and name",
+            sizes.iperf_secs, sizes.iperf_rounds, sizes.dns_secs
         );
         results.networks = Some(networks::run(&mut world, &sizes));
     }

@@ -2,55 +2,36 @@
 //!
 //! * Throughput (iperf3) from one network member to another through the gateway, against a
 //!   wgexit egress container to `isp` (the egress tunnel of row 5), same rounds.
-//! * `AAAA web.internal` answers per second and latency from wgexitd's resolver (asked by a
-//!   member, through its tunnel), against Debian's `dnsmasq` answering the same name from a
-//!   hosts file on the exit namespace (asked from the host namespace over a plain veth: no
-//!   tunnel, so dnsmasq's numbers are an upper bound for it). Same load generator: a few
-//!   clients, each sending its next query when the last is answered.
+//! * The network's resolver against Debian's `dnsmasq` on the same path, under `dnsperf`
+//!   ([`crate::resolvers`]).
 //!
 //! ```text
 //!  member a ──wgexit──► gateway (exit ns) ──wgexit──► member b (iperf3 -s)
-//!  member a ──wgexit──► resolver fdaa:0:b::3        host ns ──veth──► dnsmasq 198.51.100.2:53
 //! ```
 
-use std::net::{SocketAddr, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hickory_proto::op::{Message, MessageType, OpCode, Query};
-use hickory_proto::rr::{Name, RecordType};
 use serde::Serialize;
 use serde_json::json;
 
 use crate::cni::{invoke, REFERENCE_PLUGINS};
-use crate::stats::Summary;
+use crate::resolvers::{Askers, ResolverResults, UPSTREAM};
 use crate::tunnel::{iperf, TunnelResults};
 use crate::world::{sh, try_sh, World, API};
 use crate::{in_ns, Sizes};
 
 const PREFIX: &str = "fdaa:0:b::/48";
-const RESOLVER: &str = "[fdaa:0:b::3]:53";
-const DNSMASQ: &str = "198.51.100.2:53";
+const RESOLVER: &str = "fdaa:0:b::3";
 const TOKEN: &str = "bench-net-token-0123456789abcdef";
-const CLIENTS: usize = 4;
 const IPERF_PORT: &str = "5202";
-
-#[derive(Debug, Default, Serialize)]
-pub struct DnsLoad {
-    pub queries: usize,
-    pub answered: usize,
-    pub per_second: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
-}
 
 #[derive(Debug, Serialize)]
 pub struct NetworkResults {
     /// Mbit/s per round.
     pub member_to_member: Vec<f64>,
     pub egress: Vec<f64>,
-    pub resolver: DnsLoad,
-    pub dnsmasq: DnsLoad,
+    pub resolvers: ResolverResults,
 }
 
 impl NetworkResults {
@@ -75,7 +56,8 @@ fn add_network(world: &mut World) {
     std::fs::write(world.path("bench-net.token"), format!("{TOKEN}\n")).expect("token file");
     let table = format!(
         "\n[[network]]\nname = \"bench\"\nprefix = \"{PREFIX}\"\nwg_interface = \"{}n\"\n\
-         listen_port = 51840\nendpoint = \"198.51.100.2:51840\"\ntoken_file = \"{}\"\n",
+         listen_port = 51840\nendpoint = \"198.51.100.2:51840\"\ntoken_file = \"{}\"\n\
+         dns_upstream = [\"{UPSTREAM}:53\"]\n",
         world.id,
         tokens.display()
     );
@@ -85,90 +67,15 @@ fn add_network(world: &mut World) {
     world.start_daemon();
 }
 
-fn member_conf(world: &World) -> String {
+/// A member of app `app`.
+fn member_conf(world: &World, app: &str) -> String {
     json!({
         "cniVersion": "1.0.0", "name": "bench-net", "type": "wgexit",
-        "servers": [format!("https://{API}")], "network": "bench", "app": "web",
+        "servers": [format!("https://{API}")], "network": "bench", "app": app,
         "tokenFile": world.path("bench-net.token"), "caFile": world.ca_file(),
         "backend": world.backend, "routes": "none", "dataDir": world.data_dir(),
     })
     .to_string()
-}
-
-fn query(id: u16) -> Vec<u8> {
-    let mut m = Message::new();
-    let name = Name::from_ascii("web.internal.").expect("name");
-    m.set_id(id)
-        .set_message_type(MessageType::Query)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(true)
-        .add_query(Query::query(name, RecordType::AAAA));
-    m.to_vec().expect("query")
-}
-
-/// One client: `n` queries to `server`, one at a time; the latencies of the answered ones.
-fn client(server: SocketAddr, n: usize, first_id: u16) -> Vec<Duration> {
-    let local: SocketAddr = if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    }
-    .parse()
-    .expect("address");
-    let socket = UdpSocket::bind(local).expect("bind");
-    socket.connect(server).expect("connect");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(1)))
-        .expect("timeout");
-    let mut buf = [0u8; 1500];
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        let id = first_id.wrapping_add(i as u16);
-        let start = Instant::now();
-        if socket.send(&query(id)).is_err() {
-            continue;
-        }
-        while let Ok(len) = socket.recv(&mut buf) {
-            match Message::from_vec(&buf[..len]) {
-                Ok(m) if m.id() == id => {
-                    if !m.answers().is_empty() {
-                        out.push(start.elapsed());
-                    }
-                    break;
-                }
-                _ => continue, // a late answer to an earlier query
-            }
-        }
-    }
-    out
-}
-
-/// `queries` spread over [`CLIENTS`] clients in namespace `ns`.
-fn load(ns: &str, server: &str, queries: usize) -> DnsLoad {
-    let server: SocketAddr = server.parse().expect("server");
-    let per = queries.div_ceil(CLIENTS);
-    let start = Instant::now();
-    let latencies: Vec<Duration> = in_ns(ns, || {
-        std::thread::scope(|s| {
-            let clients: Vec<_> = (0..CLIENTS)
-                .map(|c| s.spawn(move || client(server, per, (c * per) as u16)))
-                .collect();
-            clients
-                .into_iter()
-                .flat_map(|c| c.join().expect("client"))
-                .collect()
-        })
-    });
-    let secs = start.elapsed().as_secs_f64();
-    let us: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-    let summary = Summary::of(&us);
-    DnsLoad {
-        queries: per * CLIENTS,
-        answered: us.len(),
-        per_second: us.len() as f64 / secs,
-        p50_us: summary.median,
-        p99_us: summary.p99,
-    }
 }
 
 fn wait_listening(ns: &str, filter: &str) {
@@ -203,20 +110,24 @@ fn address6(ns: &str) -> String {
 pub fn run(world: &mut World, sizes: &Sizes) -> NetworkResults {
     add_network(world);
     let wgexit = std::path::PathBuf::from(crate::world::bin("wgexit"));
-    let (a, b, e) = (
+    let (a, b, e, q) = (
         world.container("neta"),
         world.container("netb"),
         world.container("nete"),
+        world.container("netq"),
     );
-    let (conf, egress) = (member_conf(world), world.net_conf("acme").to_string());
+    // b is `web.internal`; the others ask.
+    let (web, conf) = (member_conf(world, "web"), member_conf(world, "client"));
+    let egress = world.net_conf("acme").to_string();
     let add = |c, conf: &str| {
         in_ns(&world.host, || {
             invoke(&wgexit, REFERENCE_PLUGINS, "ADD", c, conf)
         })
     };
     add(&a, &conf).expect("ADD a");
-    add(&b, &conf).expect("ADD b");
+    add(&b, &web).expect("ADD b");
     add(&e, &egress).expect("ADD egress container");
+    add(&q, &conf).expect("ADD q");
     let b_ip = address6(&b.netns);
 
     let servers = [
@@ -239,45 +150,10 @@ pub fn run(world: &mut World, sizes: &Sizes) -> NetworkResults {
     for (ns, filter) in &servers {
         wait_listening(ns, filter);
     }
-    let hosts = world.path("bench-hosts");
-    std::fs::write(&hosts, format!("{b_ip} web.internal\n")).expect("hosts file");
-    let _dnsmasq = Killed(
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &world.exit,
-                "dnsmasq",
-                "--keep-in-foreground",
-            ])
-            .args([
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--user=root",
-            ])
-            .args([
-                "--bind-interfaces",
-                "--listen-address=198.51.100.2",
-                "--local-ttl=5",
-            ])
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .arg(format!(
-                "--pid-file={}",
-                world.path("bench-dnsmasq.pid").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (Debian dnsmasq-base)"),
-    );
-    wait_listening(&world.exit, "sport = :53");
-
     let mut r = NetworkResults {
         member_to_member: vec![],
         egress: vec![],
-        resolver: DnsLoad::default(),
-        dnsmasq: DnsLoad::default(),
+        resolvers: ResolverResults::default(),
     };
     for _ in 0..sizes.iperf_rounds {
         r.member_to_member
@@ -290,13 +166,17 @@ pub fn run(world: &mut World, sizes: &Sizes) -> NetworkResults {
             r.egress.last().unwrap_or(&0.0)
         );
     }
-    r.resolver = load(&a.netns, RESOLVER, sizes.dns_queries);
-    r.dnsmasq = load(&world.host, DNSMASQ, sizes.dns_queries);
-    eprintln!(
-        "  DNS answers/s: wgexitd {:.0} (p99 {:.0} µs), dnsmasq {:.0} (p99 {:.0} µs)",
-        r.resolver.per_second, r.resolver.p99_us, r.dnsmasq.per_second, r.dnsmasq.p99_us
-    );
-    for (c, conf) in [(&a, &conf), (&b, &conf), (&e, &egress)] {
+    let (a_ip, q_ip) = (address6(&a.netns), address6(&q.netns));
+    let askers = Askers {
+        resolver: RESOLVER,
+        member_ns: &a.netns,
+        member: &a_ip,
+        inside: &q_ip,
+        web: &b_ip,
+    };
+    let perf = sizes.perf.as_deref();
+    r.resolvers = crate::resolvers::run(world, &askers, sizes.dns_secs, sizes.iperf_rounds, perf);
+    for (c, conf) in [(&a, &conf), (&b, &web), (&e, &egress), (&q, &conf)] {
         let _ = in_ns(&world.host, || {
             invoke(&wgexit, REFERENCE_PLUGINS, "DEL", c, conf)
         });

@@ -110,7 +110,7 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 /// A ratio with its spread over rounds: "2.05x (rounds 1.92x-2.21x)".
-fn ratio_with(a: f64, b: f64, spread: Option<(f64, f64)>) -> String {
+pub(crate) fn ratio_with(a: f64, b: f64, spread: Option<(f64, f64)>) -> String {
     match spread {
         Some((lo, hi)) if lo.is_finite() && hi.is_finite() => {
             format!("{} (rounds {lo:.2}x–{hi:.2}x)", ratio(a, b))
@@ -120,7 +120,7 @@ fn ratio_with(a: f64, b: f64, spread: Option<(f64, f64)>) -> String {
 }
 
 /// A value with the range of its rounds: "474 (460–481)".
-fn with_range(median: f64, rounds: &[f64]) -> String {
+pub(crate) fn with_range(median: f64, rounds: &[f64]) -> String {
     let (lo, hi) = range(rounds);
     if rounds.len() > 1 {
         format!("{median:.0} ({lo:.0}–{hi:.0})")
@@ -130,7 +130,7 @@ fn with_range(median: f64, rounds: &[f64]) -> String {
 }
 
 /// Per-round ratios a/b of paired rounds.
-fn paired_spread(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
+pub(crate) fn paired_spread(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
     let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
     (ratios.len() > 1).then(|| range(&ratios))
 }
@@ -138,7 +138,7 @@ fn paired_spread(a: &[f64], b: &[f64]) -> Option<(f64, f64)> {
 /// Rounds the ADD samples are cut into for their spread.
 const ADD_ROUNDS: usize = 3;
 
-fn verdict(met: bool) -> &'static str {
+pub(crate) fn verdict(met: bool) -> &'static str {
     if met {
         "met"
     } else {
@@ -439,26 +439,10 @@ impl Results {
                 ratio(m, e),
                 String::new(),
             );
-            let (r, d) = (&n.resolver, &n.dnsmasq);
-            push(
-                "6",
-                format!(
-                    "AAAA web.internal answers/s, {} clients ({} of {} answered)",
-                    4, r.answered, r.queries
-                ),
-                format!("{:.0}", r.per_second),
-                format!("dnsmasq hosts file, no tunnel {:.0}", d.per_second),
-                ratio(r.per_second, d.per_second),
-                String::new(),
-            );
-            push(
-                "6",
-                "AAAA web.internal latency p50 / p99 (µs)".into(),
-                format!("{:.0} / {:.0}", r.p50_us, r.p99_us),
-                format!("dnsmasq {:.0} / {:.0}", d.p50_us, d.p99_us),
-                ratio(r.p99_us, d.p99_us),
-                String::new(),
-            );
+            for [metric, wgexit, comparison, ratio, target] in crate::resolvers::rows(&n.resolvers)
+            {
+                push("6", metric, wgexit, comparison, ratio, target);
+            }
         }
         if let Some(v) = &self.vm {
             vm_rows(v, &mut push);

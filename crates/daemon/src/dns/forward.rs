@@ -1,8 +1,14 @@
 //! Names outside `.internal`, asked of the network's upstream resolvers: over UDP, over TCP
 //! when the question came over TCP or the UDP answer was truncated. Upstreams are tried in
 //! order; the first answer (whatever its response code) is passed back.
+//!
+//! UDP sockets are kept between questions ([`Sockets`]): opening, binding, connecting and
+//! closing one per question (and the connection tracking entry of each new port) cost more
+//! than the question itself.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
@@ -11,6 +17,36 @@ use tokio::net::{TcpStream, UdpSocket};
 
 /// How long one upstream gets to answer.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest UDP answer read. Questions carry no EDNS, so an upstream answers at most 512
+/// bytes (more is truncated and asked again over TCP); this leaves room for one that
+/// does not keep to that.
+const MAX_UDP_ANSWER: usize = 4096;
+/// Idle sockets kept per upstream: as many as questions may be in flight at once.
+const IDLE_SOCKETS: usize = super::server::FORWARDS_IN_FLIGHT;
+
+/// UDP sockets connected to the upstreams, each on a port the kernel chose at random when
+/// it was opened. A question takes an idle one (or opens one) and gives it back once
+/// answered; a socket whose question went unanswered is closed, so a late answer never
+/// meets the next question.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    idle: Mutex<HashMap<SocketAddr, Vec<UdpSocket>>>,
+}
+
+impl Sockets {
+    fn take(&self, upstream: SocketAddr) -> Option<UdpSocket> {
+        self.idle.lock().ok()?.get_mut(&upstream)?.pop()
+    }
+
+    fn give_back(&self, upstream: SocketAddr, socket: UdpSocket) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let kept = idle.entry(upstream).or_default();
+            if kept.len() < IDLE_SOCKETS {
+                kept.push(socket);
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -19,16 +55,18 @@ pub enum ForwardError {
 }
 
 /// Asks `upstreams` for `query` (recursion desired); `tcp` asks over TCP from the start.
+/// UDP sockets come from and go back to `sockets`.
 pub async fn forward(
     upstreams: &[SocketAddr],
     query: &Query,
     tcp: bool,
+    sockets: &Sockets,
 ) -> Result<Message, ForwardError> {
     let mut failures = Vec::new();
     for upstream in upstreams {
-        let asked = ask(*upstream, query, tcp).await;
+        let asked = ask(*upstream, query, tcp, sockets).await;
         let asked = match asked {
-            Ok(m) if m.truncated() && !tcp => ask(*upstream, query, true).await,
+            Ok(m) if m.truncated() && !tcp => ask(*upstream, query, true, sockets).await,
             other => other,
         };
         match asked {
@@ -56,38 +94,71 @@ fn rand_id() -> u16 {
     u16::from_be_bytes(b)
 }
 
-async fn ask(upstream: SocketAddr, query: &Query, tcp: bool) -> Result<Message, String> {
+async fn ask(
+    upstream: SocketAddr,
+    query: &Query,
+    tcp: bool,
+    sockets: &Sockets,
+) -> Result<Message, String> {
     let req = request(query);
     let bytes = req.to_vec().map_err(|e| e.to_string())?;
-    let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, async {
-        if tcp {
-            over_tcp(upstream, &bytes).await
-        } else {
-            over_udp(upstream, &bytes).await
-        }
-    })
-    .await
-    .map_err(|_| format!("no answer within {} s", UPSTREAM_TIMEOUT.as_secs()))??;
+    let no_answer = |_| format!("no answer within {} s", UPSTREAM_TIMEOUT.as_secs());
+    if !tcp {
+        let asked = tokio::time::timeout(
+            UPSTREAM_TIMEOUT,
+            over_udp(upstream, &bytes, req.id(), sockets),
+        );
+        return asked.await.map_err(no_answer)?;
+    }
+    let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, over_tcp(upstream, &bytes))
+        .await
+        .map_err(no_answer)??;
     let m = Message::from_vec(&answer).map_err(|e| e.to_string())?;
-    if m.id() != req.id() || m.message_type() != MessageType::Response {
+    if !answers(&m, req.id()) {
         return Err("answer does not match the question".into());
     }
     Ok(m)
 }
 
-async fn over_udp(upstream: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String> {
-    let local: SocketAddr = if upstream.is_ipv4() {
-        "0.0.0.0:0".parse().map_err(|_| "bind address")?
-    } else {
-        "[::]:0".parse().map_err(|_| "bind address")?
+fn answers(m: &Message, id: u16) -> bool {
+    m.id() == id && m.message_type() == MessageType::Response
+}
+
+/// One question over UDP, on a kept socket or a new one; datagrams that are not its answer
+/// are passed over. The socket is kept again only once the answer came.
+async fn over_udp(
+    upstream: SocketAddr,
+    bytes: &[u8],
+    id: u16,
+    sockets: &Sockets,
+) -> Result<Message, String> {
+    let socket = match sockets.take(upstream) {
+        Some(socket) => socket,
+        None => open(upstream).await.map_err(|e| e.to_string())?,
     };
-    let socket = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
-    socket.connect(upstream).await.map_err(|e| e.to_string())?;
     socket.send(bytes).await.map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 65535];
-    let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
-    buf.truncate(n);
-    Ok(buf)
+    let mut buf = vec![0u8; MAX_UDP_ANSWER];
+    loop {
+        let n = socket.recv(&mut buf).await.map_err(|e| e.to_string())?;
+        match Message::from_vec(&buf[..n]) {
+            Ok(m) if answers(&m, id) => {
+                sockets.give_back(upstream, socket);
+                return Ok(m);
+            }
+            _ => continue,
+        }
+    }
+}
+
+async fn open(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
+    let local: SocketAddr = if upstream.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = UdpSocket::bind(local).await?;
+    socket.connect(upstream).await?;
+    Ok(socket)
 }
 
 /// DNS over TCP: each message preceded by its length (RFC 1035 4.2.2).

@@ -19,13 +19,12 @@ use hickory_server::authority::{MessageRequest, MessageResponseBuilder};
 use hickory_server::server::{
     Request, RequestHandler, ResponseHandle, ResponseHandler, ResponseInfo, TimeoutStream,
 };
-use hickory_server::ServerFuture;
 use ipnet::Ipv6Net;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::counts::DnsCounts;
 use super::directory::Published;
-use super::forward::forward;
+use super::forward::{forward, Sockets};
 use super::names::{answer, txt_strings, Answer, Question, Record};
 use super::TTL;
 use crate::config::NetworkConfig;
@@ -62,6 +61,7 @@ pub struct Resolver {
     upstreams: Vec<SocketAddr>,
     forwards: Arc<Semaphore>,
     forwarding_members: Arc<PerSource>,
+    upstream_sockets: Arc<Sockets>,
     counts: Arc<DnsCounts>,
 }
 
@@ -103,6 +103,7 @@ impl Resolver {
             upstreams: n.dns_upstream.clone(),
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
             forwarding_members: Arc::default(),
+            upstream_sockets: Arc::default(),
             counts,
         }
     }
@@ -132,7 +133,7 @@ impl Resolver {
         };
         let directory = self.directory.current();
         let asker = match request.src().ip() {
-            IpAddr::V6(a) if self.prefix.contains(&a) => directory.member(&a).cloned(),
+            IpAddr::V6(a) if self.prefix.contains(&a) => directory.member(&a),
             _ => None,
         };
         let Some(asker) = asker else {
@@ -145,8 +146,9 @@ impl Resolver {
             RecordType::TXT => Question::Txt,
             _ => Question::Other,
         };
-        let name = query.name().to_ascii().to_ascii_lowercase();
-        match answer(&directory, &asker, &name, question) {
+        let mut name = query.name().to_ascii();
+        name.make_ascii_lowercase();
+        match answer(&directory, asker, &name, question) {
             Answer::Records(records) => {
                 let mut r = Reply::code(ResponseCode::NoError, true);
                 r.answers = records
@@ -168,7 +170,7 @@ impl Resolver {
                 };
                 let tcp = request.protocol() == Protocol::Tcp;
                 self.counts.forwarded();
-                match forward(&self.upstreams, query, tcp).await {
+                match forward(&self.upstreams, query, tcp, &self.upstream_sockets).await {
                     Ok(mut m) => Reply {
                         code: m.response_code(),
                         authoritative: false,
@@ -224,15 +226,16 @@ impl RequestHandler for Resolver {
     }
 }
 
-/// A network's running resolver: hickory's UDP server and the bounded TCP accept loop.
-/// Both stop when it is dropped.
+/// A network's running resolver: the UDP loop ([`super::udp`]) and the bounded TCP accept
+/// loop. Both stop when it is dropped.
 pub struct DnsServer {
-    _udp: ServerFuture<Resolver>,
+    udp: tokio::task::JoinHandle<()>,
     tcp: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for DnsServer {
     fn drop(&mut self) {
+        self.udp.abort();
         self.tcp.abort();
     }
 }
@@ -256,10 +259,8 @@ pub async fn start(
     let udp = tokio::net::UdpSocket::bind(address).await.map_err(err)?;
     let tcp = tokio::net::TcpListener::bind(address).await.map_err(err)?;
     let resolver = Resolver::new(n, directory, counts);
-    let mut server = ServerFuture::new(resolver.clone());
-    server.register_socket(udp);
     Ok(DnsServer {
-        _udp: server,
+        udp: tokio::spawn(super::udp::serve(udp, Arc::new(resolver.clone()))),
         tcp: tokio::spawn(serve_tcp(tcp, resolver)),
     })
 }
