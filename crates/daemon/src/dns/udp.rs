@@ -9,7 +9,8 @@
 //! through a channel, and logs two lines at `info` per query; at tens of thousands of
 //! queries per second those were most of the resolver's time (`docs/benchmarks.md`, row 6).
 //! Parsing and writing messages stay hickory's. As with `ServerFuture`, a datagram that is a
-//! response is ignored (no reflection); so is one that does not parse.
+//! response is ignored (no reflection); a query that does not parse gets FORMERR when its
+//! header can be read (RFC 1035 4.1.1), and nothing otherwise.
 
 use std::io;
 use std::net::SocketAddr;
@@ -86,6 +87,10 @@ pub async fn serve<H: RequestHandler>(socket: UdpSocket, handler: Arc<H>) {
             }
         };
         let Ok(message) = MessageRequest::from_bytes(&datagram[..len]) else {
+            if let Some(reply) = format_error(&datagram[..len]) {
+                // Never waited for: a full send buffer drops it, as the network may.
+                let _ = socket.try_send_to(&reply, from);
+            }
             continue;
         };
         if message.message_type() == MessageType::Response {
@@ -103,5 +108,42 @@ pub async fn serve<H: RequestHandler>(socket: UdpSocket, handler: Arc<H>) {
         if futures::poll!(answer.as_mut()).is_pending() {
             waiting.push(answer);
         }
+    }
+}
+
+/// The FORMERR answer to a query that does not parse: its ID and opcode, no sections; none
+/// for a datagram without a whole header or one that is a response.
+fn format_error(datagram: &[u8]) -> Option<[u8; 12]> {
+    let header = datagram.get(..12)?;
+    if header[2] & 0x80 != 0 {
+        return None;
+    }
+    let mut out = [0u8; 12];
+    out[..2].copy_from_slice(&header[..2]);
+    // QR set, the query's opcode kept; RCODE 1 (FORMERR).
+    out[2] = 0x80 | (header[2] & 0x78);
+    out[3] = 1;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, ResponseCode};
+
+    #[test]
+    fn a_query_that_does_not_parse_gets_formerr_with_its_id() {
+        // A header announcing one question, and no question.
+        let query = [0xab, 0xcd, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        assert!(MessageRequest::from_bytes(&query).is_err());
+        let answer = Message::from_bytes(&format_error(&query).unwrap()).unwrap();
+        assert_eq!(answer.id(), 0xabcd);
+        assert_eq!(answer.message_type(), MessageType::Response);
+        assert_eq!(answer.response_code(), ResponseCode::FormErr);
+        // No header, or a response: nothing.
+        assert_eq!(format_error(&query[..11]), None);
+        let mut response = query;
+        response[2] |= 0x80;
+        assert_eq!(format_error(&response), None);
     }
 }
