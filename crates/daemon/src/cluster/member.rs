@@ -14,6 +14,7 @@ use super::etcd::Etcd;
 use super::floating::Floating;
 use super::follow::follow;
 use super::membership::{MemberRecord, Membership, Standing};
+use super::pulse::Timing;
 use super::takeover::Takeover;
 use super::{epoch, shared, ClusterError};
 use crate::config::{ClusterConfig, Config};
@@ -116,6 +117,7 @@ impl Pool {
             etcd: self.etcd.clone(),
             node: self.cluster.node.clone(),
             ttl: self.cluster.leader_ttl,
+            timing: Timing::new(self.cluster.takeover_after),
             takeover: takeover.clone(),
             leading: self.leading.clone(),
             agrees,

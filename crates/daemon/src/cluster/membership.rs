@@ -77,7 +77,7 @@ pub struct Membership {
 
 /// What the etcd members that answer say about their raft leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Quorum {
+pub(super) enum Quorum {
     /// Every member that answered has no leader (and at least one answered); `silent`:
     /// some member neither answered nor refused the connection (it may be running, cut
     /// off, still believing it leads).
@@ -103,7 +103,7 @@ fn refused(e: &etcd_client::Error) -> bool {
     format!("{e:?}").contains("ConnectionRefused")
 }
 
-async fn quorum(etcd: &Etcd, within: Duration) -> Quorum {
+pub(super) async fn quorum(etcd: &Etcd, within: Duration) -> Quorum {
     let mut answered = 0;
     let mut silent = false;
     for status in etcd.status_each(within).await {
