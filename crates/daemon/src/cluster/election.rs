@@ -149,6 +149,15 @@ enum Ended {
     Superseded,
 }
 
+/// A task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 pub struct Election {
     pub etcd: Arc<Etcd>,
     pub node: String,
@@ -228,8 +237,13 @@ impl Election {
             leader_key: key.clone(),
             pulse_key,
             lease,
+            epoch: (
+                self.etcd.epoch_key(),
+                self.etcd.signed(&self.etcd.epoch_key(), &self.epoch),
+            ),
         };
-        let beating = tokio::spawn(pulse.run(won.revision, tx));
+        // Stops with this leadership, even when the election's task is aborted.
+        let _beating = AbortOnDrop(tokio::spawn(pulse.run(won.revision, tx)));
         if won.wait {
             tracing::info!(group = %group.name, "won in a new raft term: waiting out the old leader before taking its addresses");
             tokio::time::sleep(self.timing.silence).await;
@@ -251,7 +265,6 @@ impl Election {
                 break;
             }
         }
-        beating.abort();
         holding
     }
 

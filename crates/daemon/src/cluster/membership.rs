@@ -77,7 +77,7 @@ pub struct Membership {
 
 /// What the etcd members that answer say about their raft leader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Quorum {
+enum Quorum {
     /// Every member that answered has no leader (and at least one answered); `silent`:
     /// some member neither answered nor refused the connection (it may be running, cut
     /// off, still believing it leads).
@@ -90,7 +90,7 @@ pub(super) enum Quorum {
 
 /// Whether `e` says the connection was refused: the member's host answered, its etcd is
 /// not running.
-fn refused(e: &etcd_client::Error) -> bool {
+pub(super) fn refused(e: &etcd_client::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
@@ -103,7 +103,7 @@ fn refused(e: &etcd_client::Error) -> bool {
     format!("{e:?}").contains("ConnectionRefused")
 }
 
-pub(super) async fn quorum(etcd: &Etcd, within: Duration) -> Quorum {
+async fn quorum(etcd: &Etcd, within: Duration) -> Quorum {
     let mut answered = 0;
     let mut silent = false;
     for status in etcd.status_each(within).await {

@@ -20,10 +20,15 @@
 //! the leader key and the pulse are bound to the leader's lease, and the leader also gives
 //! its addresses up when it cannot show a recent renewal (`membership.rs`).
 //!
+//! A leader key deleted together with the pool's identity (`etcdctl del --prefix`) is not
+//! a takeover: no campaign can win while the identity is gone, and the leader keeps its
+//! addresses, as the rest of the member keeps its tunnels (`epoch.rs`).
+//!
 //! When etcd has lost its quorum nobody can take over, and the leader keeps its addresses
 //! (as with its lease): a failed pulse is followed by asking the etcd members about their
-//! raft leader, and a probe that finds none anywhere (no member silent) counts like an
-//! acknowledged pulse sent when the probe was. A quorum that comes back has a new raft
+//! raft leader, and a probe that finds none running (no member silent: [`no_live_leader`])
+//! counts like an acknowledged pulse sent when the probe was. That also covers an etcd
+//! leader that has just stopped, before the others notice. A quorum that comes back has a new raft
 //! leader, elected in a new term; a standby counts silence only within one term, from a
 //! read that succeeded, and a takeover whose transaction committed in a later term than
 //! its silence began waits `takeover_after` more before taking the addresses.
@@ -36,7 +41,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::etcd::Etcd;
-use super::membership::{quorum, Quorum};
+use super::membership::refused;
 use crate::leases::store::StoreError;
 
 /// The pulse's timing, all from `takeover_after`.
@@ -78,6 +83,21 @@ pub struct Pulse {
     /// The member's signed node name, as written to the pulse key.
     pub value: Vec<u8>,
     pub lease: i64,
+    /// The epoch key and its value while the store is the pool's ([`super::epoch`]).
+    pub epoch: (String, Vec<u8>),
+}
+
+/// What one pulse found.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    /// Written: the leader key is still the one won.
+    Written,
+    /// The leader key is another's, or gone while the pool's identity is there: a campaign
+    /// can have won it.
+    Superseded,
+    /// The leader key is gone with the pool's identity (`etcdctl del --prefix`): no
+    /// campaign can win while it is (each checks it), so nothing changes hands.
+    PoolLost,
 }
 
 impl Pulse {
@@ -89,17 +109,15 @@ impl Pulse {
             tick.tick().await;
             let sent = Instant::now();
             match self.beat(revision).await {
-                Ok(true) => extend(&tx, sent + self.timing.hold),
-                Ok(false) => {
+                Ok(Found::Written | Found::PoolLost) => extend(&tx, sent + self.timing.hold),
+                Ok(Found::Superseded) => {
                     let _ = tx.send(Beat::Superseded);
                     return;
                 }
                 Err(e) => {
                     tracing::debug!(key = %self.pulse_key, error = %e, "cannot write the pulse");
                     let probed = Instant::now();
-                    if quorum(&self.etcd, self.timing.every).await
-                        == (Quorum::Lost { silent: false })
-                    {
+                    if no_live_leader(&self.etcd, self.timing.every).await {
                         extend(&tx, probed + self.timing.hold);
                     }
                 }
@@ -107,8 +125,8 @@ impl Pulse {
         }
     }
 
-    /// One pulse: whether the leader key was still at `revision`.
-    async fn beat(&self, revision: i64) -> Result<bool, StoreError> {
+    /// One pulse, written if the leader key is still at `revision`.
+    async fn beat(&self, revision: i64) -> Result<Found, StoreError> {
         let txn = Txn::new()
             .when(vec![Compare::mod_revision(
                 self.leader_key.clone(),
@@ -119,7 +137,11 @@ impl Pulse {
                 self.pulse_key.clone(),
                 self.value.clone(),
                 Some(PutOptions::new().with_lease(self.lease)),
-            )]);
+            )])
+            .or_else(vec![
+                TxnOp::get(self.leader_key.clone(), None),
+                TxnOp::get(self.epoch.0.clone(), None),
+            ]);
         let resp = self
             .etcd
             .race("writing the pulse", self.timing.every * 2, move |mut c| {
@@ -127,8 +149,47 @@ impl Pulse {
                 async move { c.txn(txn).await }
             })
             .await?;
-        Ok(resp.succeeded())
+        if resp.succeeded() {
+            return Ok(Found::Written);
+        }
+        let mut kvs = resp.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let (leader, epoch) = (kvs.next().flatten(), kvs.next().flatten());
+        Ok(match (leader, epoch) {
+            (None, epoch) if epoch.as_ref() != Some(&self.epoch.1) => Found::PoolLost,
+            _ => Found::Superseded,
+        })
     }
+}
+
+/// Whether no etcd member can be committing anything now: every member either refuses
+/// the connection (it is not running) or answers naming no raft leader, or one that is not
+/// running (it died; the others have not noticed yet). A member that is silent may be a
+/// leader cut off from this one, so then the answer is no.
+///
+/// Any leader elected after this was elected in a new term, in which a standby starts
+/// counting the pulse's silence again.
+async fn no_live_leader(etcd: &Etcd, within: Duration) -> bool {
+    let (mut running, mut named) = (Vec::new(), Vec::new());
+    for status in etcd.status_each(within).await {
+        match status {
+            Ok(s) => {
+                running.push(s.header().map_or(0, |h| h.member_id()));
+                named.push(s.leader());
+            }
+            Err(Some(e)) if refused(&e) => {}
+            Err(_) => return false,
+        }
+    }
+    leaderless(&running, &named)
+}
+
+/// [`no_live_leader`]'s rule: `running`, the members that answered; `named`, the raft
+/// leader each names (0: none).
+fn leaderless(running: &[u64], named: &[u64]) -> bool {
+    !running.is_empty() && named.iter().all(|l| *l == 0 || !running.contains(l))
 }
 
 /// Moves the beat's end later (never earlier, never out of `Superseded`).
@@ -209,7 +270,8 @@ pub async fn watch_leader(
     within: Duration,
 ) -> Option<Leader> {
     let deadline = Instant::now() + within;
-    let mut tick = tokio::time::interval(timing.every);
+    // Not at once: a campaign has just found the key taken (or failed on a vacant one).
+    let mut tick = tokio::time::interval_at(Instant::now() + timing.every, timing.every);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     while Instant::now() < deadline {
         tick.tick().await;
@@ -312,6 +374,20 @@ mod tests {
         assert_eq!(t.hold, Duration::from_millis(300));
         // What is left covers the leader's reaction: two pulses' worth.
         assert!(t.silence - t.hold >= 2 * t.every);
+    }
+
+    #[test]
+    fn etcd_is_leaderless_only_if_no_running_member_leads() {
+        // Members 1 and 2 answer; 3 refuses the connection (stopped).
+        assert!(leaderless(&[1, 2], &[0, 0]));
+        // They still name 3, which has just stopped: it cannot commit anything.
+        assert!(leaderless(&[1, 2], &[3, 3]));
+        assert!(leaderless(&[1, 2], &[3, 0]));
+        // One of them leads: a quorum works.
+        assert!(!leaderless(&[1, 2], &[2, 2]));
+        assert!(!leaderless(&[1, 2], &[0, 2]));
+        // Nobody answered: nothing is known.
+        assert!(!leaderless(&[], &[]));
     }
 
     #[test]
