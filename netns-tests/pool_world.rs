@@ -944,19 +944,23 @@ impl Probe {
 
     /// Stops; returns the answers (source addresses) and the longest time between two
     /// successful requests.
-    pub fn stop(mut self) -> (Vec<String>, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        let seen = self.handle.take().unwrap().join().unwrap();
-        let ok: Vec<(Instant, String)> = seen
-            .into_iter()
-            .filter_map(|(at, r)| r.ok().map(|ip| (at, ip)))
-            .collect();
+    pub fn stop(self) -> (Vec<String>, Duration) {
+        let ok = self.stop_timed();
         let gap = ok
             .windows(2)
             .map(|w| w[1].0 - w[0].0)
             .max()
             .unwrap_or(Duration::MAX);
         (ok.into_iter().map(|(_, ip)| ip).collect(), gap)
+    }
+
+    /// Stops; returns each successful request: when it began, and the answer.
+    pub fn stop_timed(mut self) -> Vec<(Instant, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let seen = self.handle.take().unwrap().join().unwrap();
+        seen.into_iter()
+            .filter_map(|(at, r)| r.ok().map(|ip| (at, ip)))
+            .collect()
     }
 }
 

@@ -21,7 +21,8 @@
 //! `-- --smoke` runs every row but 7 at a tiny size (seconds) so CI keeps this code
 //! working; it writes nothing under `bench/results/`. `--only 7` runs row 7 in any mode.
 //! `--trace` prints where wgexit's ADD goes, step by step, after rows 1-2 (and in row 7's
-//! VM, on its console: `target/vm/bench-console.log`).
+//! VM, on its console: `target/vm/bench-console.log`), and in row 8 each failover step by
+//! step, in milliseconds from the kill.
 
 #[path = "../../netns-tests/pool_world.rs"]
 mod pool_world;
@@ -30,6 +31,7 @@ mod world;
 
 mod attribution;
 mod cni;
+mod failover_trace;
 mod leases;
 mod networks;
 mod perf;

@@ -16,6 +16,7 @@ use crate::leases::Target;
 use crate::pool_world::{echo_once, Pool, Probe};
 use crate::stats::{ms, Summary};
 use crate::world::{World, API};
+use crate::{failover_trace, steps};
 
 #[derive(Debug, Serialize)]
 pub struct PoolResults {
@@ -71,7 +72,9 @@ pub(crate) fn burst(
 fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Duration, usize) {
     let probe = Probe::start(netns);
     std::thread::sleep(Duration::from_millis(500));
+    let kill = failover_trace::Kill::now();
     p.kill_member(leader);
+    let killed = Instant::now();
     let next = 1 - leader;
     p.wait_holds(next, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -79,7 +82,15 @@ fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Durati
         assert!(Instant::now() < deadline, "no answer after the failover");
     }
     std::thread::sleep(Duration::from_millis(500));
-    let (_, gap) = probe.stop();
+    let answers: Vec<Instant> = probe.stop_timed().into_iter().map(|(at, _)| at).collect();
+    let gap = answers
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::MAX);
+    if steps::enabled() {
+        failover_trace::print(&kill, killed, &answers, &p.log(next));
+    }
     p.revive_member(leader);
     // Back as a standby with every peer, before the next kill.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,23 +1,24 @@
-//! One leader per egress: a key `leaders/<group>` in etcd, created only when absent and
-//! bound to the member's etcd lease, so it disappears when the leader stops renewing it.
+//! One leader per egress and per private network: a key `leaders/<group>` in etcd, created
+//! only when absent and bound to the member's etcd lease, so it disappears when the leader
+//! stops renewing it.
 //!
-//! Egresses that share an address (an egress IP or the endpoint's) must be held by one
-//! member, so they are led together as a [`Group`] named after the least of its egresses'
-//! names: the same on every member whatever the order of its tables. A member campaigns
+//! Spaces that share an address (an egress IP or an endpoint's) must be held by one member,
+//! so they are led together as a [`Group`] (see [`groups`] for its name): the same on every
+//! member whatever the order of its tables. A member campaigns
 //! and holds only while its shared settings agree with the pool's ([`super::agreement`]).
 //!
 //! The leader holds the group's addresses for as long as its [`Standing`] allows, and
 //! gives them up the moment it does not: before the lease can expire for the others.
-//! The others watch the key and campaign as soon as it goes. A restarted member whose
-//! key is still there (its old lease has not expired yet) takes it over at once.
+//! The others watch the key and campaign as soon as it goes, or take the group over when
+//! the leader's pulse has stopped for `takeover_after` ([`super::pulse`]), well before its
+//! lease can expire. A restarted member whose key is still there (its old lease has not
+//! expired yet) takes it over at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
-};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -25,6 +26,7 @@ use super::epoch;
 use super::etcd::Etcd;
 use super::led::Led;
 use super::membership::Standing;
+use super::pulse::{self, Beat, Leader, Pulse, Seen, Silence, Timing};
 use super::takeover::Takeover;
 use crate::space::Space;
 
@@ -114,15 +116,46 @@ impl Leading {
 }
 
 enum Campaign {
-    Won,
-    /// Another member leads; its key was read at this revision.
-    Held(i64),
+    Won(Won),
+    /// Another member leads.
+    Held,
+}
+
+/// A won campaign.
+struct Won {
+    /// The leader key's revision, which every pulse checks.
+    revision: i64,
+    /// When the campaign was sent: its pulse allows holding from then.
+    sent: Instant,
+    /// Taken from a silent leader in another raft term than its silence was seen in: the
+    /// old leader may have held through etcd's lost quorum, so wait before holding.
+    wait: bool,
+}
+
+/// Why [`Election::hold`] returned.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    /// The lease or the agreement no longer allow holding.
+    Lapsed,
+    /// Another member took the group over.
+    Superseded,
+}
+
+/// A task that ends when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 pub struct Election {
     pub etcd: Arc<Etcd>,
     pub node: String,
     pub ttl: Duration,
+    /// The leader's pulse and how long a standby waits for it ([`super::pulse`]).
+    pub timing: Timing,
     pub takeover: Arc<Takeover>,
     pub leading: Leading,
     /// Whether this member's shared settings agree with the pool's.
@@ -138,6 +171,8 @@ impl Election {
         // Addresses left from an earlier run are not ours until the campaign says so.
         let mut holding = true;
         let mut agrees = self.agrees.clone();
+        let mut silence = Silence::default();
+        let mut silent = None;
         loop {
             let Some(lease) = self.valid_lease(&mut standing).await else {
                 self.give_up(&group, &mut holding).await;
@@ -148,23 +183,22 @@ impl Election {
                 let _ = tokio::time::timeout(self.ttl / 2, agrees.changed()).await;
                 continue;
             }
-            match self.campaign(&key, lease).await {
-                Ok(Campaign::Won) => loop {
-                    tracing::info!(group = %group.name, "leading");
-                    self.hold(&group, lease, &mut standing, &mut agrees).await;
-                    holding = true;
+            match self.campaign(&group, lease, silent.take()).await {
+                Ok(Campaign::Won(won)) => {
+                    silence = Silence::default();
+                    holding = self
+                        .lead(&group, lease, won, &mut standing, &mut agrees)
+                        .await;
+                }
+                Ok(Campaign::Held) => {
                     self.give_up(&group, &mut holding).await;
-                    if !*agrees.borrow() {
-                        self.resign(&key).await;
-                        break;
+                    let keys = (key.as_str(), &*self.etcd.pulse_key(&group.name));
+                    let found =
+                        pulse::watch_leader(&self.etcd, self.timing, keys, &mut silence, self.ttl)
+                            .await;
+                    if let Some(Leader::Silent(seen)) = found {
+                        silent = Some((seen, silence.since()));
                     }
-                    if !self.still_ours(lease, &mut standing).await {
-                        break;
-                    }
-                },
-                Ok(Campaign::Held(revision)) => {
-                    self.give_up(&group, &mut holding).await;
-                    self.wait_vacancy(&key, revision).await;
                 }
                 Err(e) => {
                     tracing::debug!(group = %group.name, error = %e, "cannot campaign");
@@ -173,6 +207,57 @@ impl Election {
                 }
             }
         }
+    }
+
+    /// Leads `group` from a won campaign, with its pulse, until the leadership ends; the
+    /// addresses are given up on return.
+    async fn lead(
+        &self,
+        group: &Group,
+        lease: i64,
+        won: Won,
+        standing: &mut watch::Receiver<Standing>,
+        agrees: &mut watch::Receiver<bool>,
+    ) -> bool {
+        let key = self.etcd.leader_key(&group.name);
+        let pulse_key = self.etcd.pulse_key(&group.name);
+        let (tx, mut beat) = watch::channel(Beat::Until(won.sent + self.timing.hold));
+        let pulse = Pulse {
+            etcd: self.etcd.clone(),
+            timing: self.timing,
+            value: self.etcd.signed(&pulse_key, &self.node),
+            leader_key: key.clone(),
+            pulse_key,
+            lease,
+            epoch: (
+                self.etcd.epoch_key(),
+                self.etcd.signed(&self.etcd.epoch_key(), &self.epoch),
+            ),
+        };
+        // Stops with this leadership, even when the election's task is aborted.
+        let _beating = AbortOnDrop(tokio::spawn(pulse.run(won.revision, tx)));
+        if won.wait {
+            tracing::info!(group = %group.name, "won in a new raft term: waiting out the old leader before taking its addresses");
+            tokio::time::sleep(self.timing.silence).await;
+        }
+        let mut holding;
+        loop {
+            tracing::info!(group = %group.name, "leading");
+            let ended = self.hold(group, lease, standing, agrees, &mut beat).await;
+            holding = true;
+            self.give_up(group, &mut holding).await;
+            if ended == Ended::Superseded {
+                break;
+            }
+            if !*agrees.borrow() {
+                self.resign(&key).await;
+                break;
+            }
+            if !self.still_ours(lease, standing).await {
+                break;
+            }
+        }
+        holding
     }
 
     /// The lease to campaign with, waiting up to half a TTL for one.
@@ -220,75 +305,99 @@ impl Election {
         match self.takeover.release(group).await {
             Ok(()) => *holding = false,
             Err(e) => {
-                tracing::error!(group = %group.name, error = %e, "cannot give the egress's addresses up; retrying")
+                tracing::error!(group = %group.name, error = %e, "cannot give the group's addresses up; retrying")
             }
         }
     }
 
-    /// Holds the group until the standing no longer allows it.
+    /// Holds the group while the standing and the pulse allow it: the addresses go when
+    /// the pulse goes stale and come back when it is fresh again (a pulse acknowledged, or
+    /// etcd found without a quorum).
     async fn hold(
         &self,
         group: &Group,
         lease: i64,
         standing: &mut watch::Receiver<Standing>,
         agrees: &mut watch::Receiver<bool>,
-    ) {
+        beat: &mut watch::Receiver<Beat>,
+    ) -> Ended {
         let mut acquired = false;
         loop {
             let current = *standing.borrow_and_update();
             if current.valid_lease(Instant::now()) != Some(lease) {
-                tracing::warn!(group = %group.name, "giving the egress up: this member cannot prove it still leads");
-                return;
+                tracing::warn!(group = %group.name, "giving the group up: this member cannot prove it still leads");
+                return Ended::Lapsed;
             }
             if !*agrees.borrow_and_update() {
-                tracing::warn!(group = %group.name, "giving the egress up: this member's shared settings no longer agree with the pool's");
-                return;
+                tracing::warn!(group = %group.name, "giving the group up: this member's shared settings no longer agree with the pool's");
+                return Ended::Lapsed;
             }
-            if !acquired {
-                match self.takeover.acquire(group).await {
-                    Ok(()) => {
-                        acquired = true;
-                        self.leading.set(group, true);
-                    }
-                    Err(e) => {
-                        tracing::error!(group = %group.name, error = %e, "cannot take the egress's addresses; retrying")
-                    }
-                }
+            let Beat::Until(beats_until) = *beat.borrow_and_update() else {
+                tracing::warn!(group = %group.name, "giving the group up: another member took it over");
+                return Ended::Superseded;
+            };
+            let fresh = Instant::now() < beats_until;
+            if fresh && !acquired {
+                acquired = self.acquire(group, beat).await;
+            } else if !fresh && acquired {
+                tracing::warn!(group = %group.name, "giving the group's addresses up: no pulse acknowledged by etcd in time");
+                let mut holding = true;
+                self.give_up(group, &mut holding).await;
+                acquired = holding;
             }
             let wake = match current {
                 Standing::Renewed { safe_until, .. } => safe_until,
                 _ => Instant::now() + self.ttl,
             };
-            let wake = if acquired {
-                wake
-            } else {
-                wake.min(Instant::now() + Duration::from_secs(1))
+            let wake = match (fresh, acquired) {
+                (true, true) => wake.min(beats_until),
+                (true, false) => wake.min(Instant::now() + Duration::from_secs(1)),
+                (false, _) => wake,
             };
             tokio::select! {
-                changed = standing.changed() => if changed.is_err() { return },
-                changed = agrees.changed() => if changed.is_err() { return },
+                changed = standing.changed() => if changed.is_err() { return Ended::Lapsed },
+                changed = agrees.changed() => if changed.is_err() { return Ended::Lapsed },
+                changed = beat.changed() => if changed.is_err() { return Ended::Lapsed },
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
 
-    async fn campaign(&self, key: &str, lease: i64) -> Result<Campaign, String> {
+    /// Takes the group's addresses, if the pulse is still fresh when they are added;
+    /// whether that worked.
+    async fn acquire(&self, group: &Group, beat: &watch::Receiver<Beat>) -> bool {
+        let fresh = || matches!(*beat.borrow(), Beat::Until(t) if Instant::now() < t);
+        match self.takeover.acquire(group, fresh).await {
+            Ok(()) => {
+                self.leading.set(group, true);
+                true
+            }
+            Err(e) => {
+                tracing::error!(group = %group.name, error = %e, "cannot take the group's addresses; retrying");
+                false
+            }
+        }
+    }
+
+    /// Writes the leader key and a first pulse, bound to `lease`: when the key is absent,
+    /// or, after `silent` (what a standby saw unchanged for `takeover_after`, and since
+    /// when), when neither has changed since.
+    async fn campaign(
+        &self,
+        group: &Group,
+        lease: i64,
+        silent: Option<(Seen, Option<Instant>)>,
+    ) -> Result<Campaign, String> {
+        let k = self.etcd.leader_key(&group.name);
         // Signed: a leader key written by anything but a member is nobody's.
-        let node = self.etcd.signed(key, &self.node);
-        let k = key.to_string();
+        let node = self.etcd.signed(&k, &self.node);
         let txn = Txn::new()
-            .when(vec![
-                Compare::create_revision(k.clone(), CompareOp::Equal, 0),
-                epoch::intact(&self.etcd, &self.epoch),
-            ])
-            .and_then(vec![TxnOp::put(
-                k.clone(),
-                node.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            )])
+            .when(self.claim(group, silent.map(|(seen, _)| seen)))
+            .and_then(self.writes(group, lease))
             .or_else(vec![TxnOp::get(k.clone(), None)]);
+        let sent = Instant::now();
         // Sent to every etcd member at once (a restarted one may hold it unanswered); a
-        // second copy finds the key ours and counts as won too.
+        // second copy finds the key ours and takes it again below.
         let resp = self
             .etcd
             .race("campaigning", self.ttl / 3, move |mut c| {
@@ -297,33 +406,88 @@ impl Election {
             })
             .await
             .map_err(|e| e.to_string())?;
+        // The answering member's term: no earlier than that of the entry won.
+        let term = resp.header().map_or(0, |h| h.raft_term());
+        let won = |revision| {
+            let wait = silent.is_some_and(|(seen, since)| {
+                let silent_ms = since.map_or(0, |s| s.elapsed().as_millis());
+                tracing::info!(group = %group.name, silent_ms, "took the group over from a leader whose pulse stopped");
+                seen.term != term
+            });
+            Campaign::Won(Won {
+                revision,
+                sent,
+                wait,
+            })
+        };
         if resp.succeeded() {
-            return Ok(Campaign::Won);
+            return Ok(won(resp.header().map_or(0, |h| h.revision())));
         }
-        let revision = resp.header().map_or(0, |h| h.revision());
         let Some(TxnOpResponse::Get(got)) = resp.op_responses().into_iter().next() else {
-            return Ok(Campaign::Held(revision));
+            return Ok(Campaign::Held);
         };
-        let Some(kv) = got.kvs().first().cloned() else {
-            return Ok(Campaign::Held(revision));
+        let from_silence = |kv: &etcd_client::KeyValue| {
+            silent.is_some_and(|(seen, _)| kv.mod_revision() != seen.leader)
         };
-        if kv.value() != node.as_slice() {
-            return Ok(Campaign::Held(revision));
+        match got.kvs().first() {
+            // Another copy of this takeover won (this copy, answered first, found the key
+            // already changed): it committed before this answer, so in this term or earlier.
+            Some(kv)
+                if kv.value() == node.as_slice() && kv.lease() == lease && from_silence(kv) =>
+            {
+                Ok(won(kv.mod_revision()))
+            }
+            Some(kv) if kv.value() == node.as_slice() => {
+                self.reclaim(group, lease, kv.mod_revision()).await
+            }
+            _ => Ok(Campaign::Held),
         }
-        if kv.lease() == lease {
-            return Ok(Campaign::Won);
+    }
+
+    /// What a campaign needs: the leader key absent, or as a silent leader left it.
+    fn claim(&self, group: &Group, silent: Option<Seen>) -> Vec<Compare> {
+        let k = self.etcd.leader_key(&group.name);
+        let intact = epoch::intact(&self.etcd, &self.epoch);
+        match silent {
+            None => vec![Compare::create_revision(k, CompareOp::Equal, 0), intact],
+            Some(seen) => {
+                let pulse_key = self.etcd.pulse_key(&group.name);
+                vec![
+                    Compare::mod_revision(k, CompareOp::Equal, seen.leader),
+                    Compare::mod_revision(pulse_key, CompareOp::Equal, seen.pulse),
+                    intact,
+                ]
+            }
         }
-        // Ours from before a restart, its old lease still running: take it over.
+    }
+
+    /// The leader key and a pulse, both signed and bound to `lease`.
+    fn writes(&self, group: &Group, lease: i64) -> Vec<TxnOp> {
+        let k = self.etcd.leader_key(&group.name);
+        let pulse_key = self.etcd.pulse_key(&group.name);
+        let bound = || Some(PutOptions::new().with_lease(lease));
+        vec![
+            TxnOp::put(k.clone(), self.etcd.signed(&k, &self.node), bound()),
+            TxnOp::put(
+                pulse_key.clone(),
+                self.etcd.signed(&pulse_key, &self.node),
+                bound(),
+            ),
+        ]
+    }
+
+    /// Takes a leader key that is this member's over, with a new pulse: one from before a
+    /// restart (its old lease still running), from before its pulse went stale, or won by
+    /// another copy of the same campaign. Its pulse may be old, so it is written anew.
+    async fn reclaim(&self, group: &Group, lease: i64, revision: i64) -> Result<Campaign, String> {
+        let k = self.etcd.leader_key(&group.name);
         let reclaim = Txn::new()
             .when(vec![
-                Compare::mod_revision(k.clone(), CompareOp::Equal, kv.mod_revision()),
+                Compare::mod_revision(k, CompareOp::Equal, revision),
                 epoch::intact(&self.etcd, &self.epoch),
             ])
-            .and_then(vec![TxnOp::put(
-                k,
-                node,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .and_then(self.writes(group, lease));
+        let sent = Instant::now();
         let resp = self
             .etcd
             .run_for("reclaiming leadership", self.ttl / 3, |mut c| async move {
@@ -332,9 +496,14 @@ impl Election {
             .await
             .map_err(|e| e.to_string())?;
         Ok(if resp.succeeded() {
-            Campaign::Won
+            let revision = resp.header().map_or(0, |h| h.revision());
+            Campaign::Won(Won {
+                revision,
+                sent,
+                wait: false,
+            })
         } else {
-            Campaign::Held(revision)
+            Campaign::Held
         })
     }
 
@@ -355,35 +524,6 @@ impl Election {
         {
             tracing::warn!(error = %e, "cannot resign; the leadership lapses with this member's etcd lease");
         }
-    }
-
-    /// Returns when the leader key is deleted (or after a TTL, to look again).
-    async fn wait_vacancy(&self, key: &str, revision: i64) {
-        let options = WatchOptions::new().with_start_revision(revision + 1);
-        let k = key.to_string();
-        let stream = self
-            .etcd
-            .run_for("watching the leader", self.ttl / 3, |mut c| async move {
-                c.watch(k, Some(options)).await
-            })
-            .await;
-        let Ok(mut stream) = stream else {
-            tokio::time::sleep(self.ttl / 4).await;
-            return;
-        };
-        let vacated = async {
-            while let Ok(Some(resp)) = stream.message().await {
-                if resp.canceled()
-                    || resp
-                        .events()
-                        .iter()
-                        .any(|e| e.event_type() == EventType::Delete)
-                {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(self.ttl, vacated).await;
     }
 }
 

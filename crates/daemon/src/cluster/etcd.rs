@@ -16,6 +16,7 @@
 //! | `epoch` | the pool's identity, made with it ([`super::epoch`]), signed |
 //! | `ca` | the API's CA, certificate and key (PEM, JSON), sealed |
 //! | `leaders/<egress>` | the leading member's node name, bound to its etcd lease, signed |
+//! | `pulses/<egress>` | the same, rewritten by the leader every fifth of `takeover_after`, bound to its etcd lease, signed |
 //! | `members/<node>` | a member's info as JSON, bound to its etcd lease, signed |
 //! | `settings/<node>` | the settings a member must share with the pool, as JSON, bound to its etcd lease, signed |
 //!
@@ -378,6 +379,10 @@ impl Etcd {
 
     pub fn leader_key(&self, egress: &str) -> String {
         self.key(&format!("leaders/{egress}"))
+    }
+
+    pub fn pulse_key(&self, egress: &str) -> String {
+        self.key(&format!("pulses/{egress}"))
     }
 
     pub fn members_prefix(&self) -> String {

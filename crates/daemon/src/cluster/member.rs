@@ -15,6 +15,7 @@ use super::floating::Floating;
 use super::follow::follow;
 use super::led::Led;
 use super::membership::{MemberRecord, Membership, Standing};
+use super::pulse::Timing;
 use super::takeover::Takeover;
 use super::{epoch, shared, ClusterError};
 use crate::cluster::lease_store::EtcdStore;
@@ -130,6 +131,7 @@ impl Pool {
             etcd: self.etcd.clone(),
             node: self.cluster.node.clone(),
             ttl: self.cluster.leader_ttl,
+            timing: Timing::new(self.cluster.takeover_after),
             takeover: takeover.clone(),
             leading: self.leading.clone(),
             agrees,

@@ -90,7 +90,7 @@ enum Quorum {
 
 /// Whether `e` says the connection was refused: the member's host answered, its etcd is
 /// not running.
-fn refused(e: &etcd_client::Error) -> bool {
+pub(super) fn refused(e: &etcd_client::Error) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {

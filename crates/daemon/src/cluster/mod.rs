@@ -1,6 +1,6 @@
 //! Pools of exit nodes (`[cluster]`): members share leases ([`lease_store`]), identities and
 //! the CA in etcd ([`etcd`], [`shared`]) under the pool's identity ([`epoch`]), each programs every lease on its own devices ([`follow`]), and
-//! one leader per egress ([`membership`], [`election`], among members whose shared settings
+//! one leader per egress or network ([`membership`], [`election`], [`pulse`], among members whose shared settings
 //! agree: [`agreement`]) holds its addresses
 //! ([`floating`], [`announce`], [`endpoint_source`]) and, on taking over, brings the tunnels back at once
 //! ([`takeover`]). [`secret`] seals the private keys kept in etcd and signs every record
@@ -20,6 +20,7 @@ pub mod lease_store;
 pub mod led;
 pub mod member;
 pub mod membership;
+pub mod pulse;
 pub mod secret;
 pub mod shared;
 pub mod status;

@@ -55,10 +55,23 @@ impl Takeover {
     /// is known.
     /// The handshakes start in the background: the leader must stay free to give the group
     /// up the moment its standing says so, even while etcd is slow to answer.
-    pub async fn acquire(&self, group: &Group) -> Result<(), ClusterError> {
+    ///
+    /// `may_hold` is asked once more after the connection state is loaded (which can take
+    /// a while), right before the addresses are added.
+    pub async fn acquire(
+        &self,
+        group: &Group,
+        may_hold: impl Fn() -> bool,
+    ) -> Result<(), ClusterError> {
         self.restore_connections(group).await;
+        if !may_hold() {
+            return Err(ClusterError::Float(
+                "this member's pulse went stale while it loaded the connection state".into(),
+            ));
+        }
         self.floating.acquire(group).await?;
         self.count_leading(group, true);
+        tracing::info!(group = %group.name, "addresses added and announced");
         for led in &group.spaces {
             let (etcd, service, led) = (self.etcd.clone(), self.service.clone(), led.clone());
             tokio::spawn(async move {

@@ -89,6 +89,7 @@ impl TestEtcd {
             etcd_tls: None,
             secret_file: self._dir.path().join("pool.secret"),
             leader_ttl: Duration::from_secs(1),
+            takeover_after: Duration::from_millis(500),
             float: Float::Address,
         }
     }

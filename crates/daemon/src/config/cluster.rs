@@ -2,7 +2,8 @@
 //!
 //! Without the table the daemon runs alone on its embedded store. With it, `node` names
 //! this member, `etcd` lists the cluster's client URLs, `leader_ttl` bounds how long a
-//! silent leader keeps its egresses, and `float` says how an egress's addresses follow its
+//! silent leader keeps its egresses, `takeover_after_ms` how long a leader's pulse may be
+//! silent before another member takes its egresses over (see `cluster::pulse`), and `float` says how an egress's addresses follow its
 //! leader: the leader adds them itself (`address`) or runs the hooks (`hooks`).
 //!
 //! etcd is reached over TLS: `https://` endpoints verified against `etcd_ca`, with this
@@ -20,6 +21,10 @@ use super::{ConfigError, EgressConfig, Invalid, NetworkConfig};
 use wgexit::api::valid_egress_name;
 
 pub const DEFAULT_LEADER_TTL: Duration = Duration::from_secs(2);
+/// How long a leader's pulse may be silent before another member takes over.
+pub const DEFAULT_TAKEOVER_AFTER: Duration = Duration::from_millis(400);
+/// The shortest `takeover_after_ms`: a pulse every fifth of it, at most 20 a second.
+const MIN_TAKEOVER_AFTER_MS: u64 = 250;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +41,8 @@ pub(super) struct RawCluster {
     secret_file: Option<PathBuf>,
     #[serde(default)]
     leader_ttl: Option<u64>,
+    #[serde(default)]
+    takeover_after_ms: Option<u64>,
     #[serde(default)]
     float: Option<String>,
     #[serde(default)]
@@ -81,6 +88,9 @@ pub struct ClusterConfig {
     pub secret_file: PathBuf,
     /// How long a silent leader keeps its egresses.
     pub leader_ttl: Duration,
+    /// How long a leader's pulse may be silent before another member takes over (never
+    /// more than `leader_ttl`: the lease's expiry ends a leadership anyway).
+    pub takeover_after: Duration,
     pub float: Float,
 }
 
@@ -124,6 +134,7 @@ pub(super) fn cluster(raw: RawCluster, invalid: &Invalid) -> Result<ClusterConfi
             ))
         }
     };
+    let takeover_after = takeover_after(raw.takeover_after_ms, leader_ttl, invalid)?;
     let float = match (raw.float.as_deref(), raw.on_acquire, raw.on_release) {
         (None | Some("address"), None, None) => Float::Address,
         (None | Some("address"), _, _) => {
@@ -162,8 +173,30 @@ pub(super) fn cluster(raw: RawCluster, invalid: &Invalid) -> Result<ClusterConfi
         etcd_tls,
         secret_file,
         leader_ttl,
+        takeover_after,
         float,
     })
+}
+
+/// `takeover_after_ms`: at least [`MIN_TAKEOVER_AFTER_MS`], at most `leader_ttl`.
+fn takeover_after(
+    ms: Option<u64>,
+    leader_ttl: Duration,
+    invalid: &Invalid,
+) -> Result<Duration, ConfigError> {
+    let Some(ms) = ms else {
+        return Ok(DEFAULT_TAKEOVER_AFTER.min(leader_ttl));
+    };
+    let most = leader_ttl.as_millis() as u64;
+    if (MIN_TAKEOVER_AFTER_MS..=most).contains(&ms) {
+        return Ok(Duration::from_millis(ms));
+    }
+    Err(invalid(
+        "cluster.takeover_after_ms".into(),
+        format!(
+            "{ms} is outside {MIN_TAKEOVER_AFTER_MS}..={most} (milliseconds, at most leader_ttl)"
+        ),
+    ))
 }
 
 /// The scheme and host of an etcd client URL `SCHEME://HOST:PORT`.
@@ -319,6 +352,7 @@ secret_file = "/etc/wgexitd/pool.secret"
         assert_eq!(cluster.node, "exit-a");
         assert_eq!(cluster.etcd.len(), 2);
         assert_eq!(cluster.leader_ttl, DEFAULT_LEADER_TTL);
+        assert_eq!(cluster.takeover_after, DEFAULT_TAKEOVER_AFTER);
         assert_eq!(cluster.float, Float::Address);
         assert_eq!(
             cluster.secret_file,
@@ -337,10 +371,11 @@ secret_file = "/etc/wgexitd/pool.secret"
             "core0"
         );
         let hooks = format!(
-            "{BASE}float = \"hooks\"\non_acquire = \"/a\"\non_release = \"/r\"\nleader_ttl = 5\n"
+            "{BASE}float = \"hooks\"\non_acquire = \"/a\"\non_release = \"/r\"\nleader_ttl = 5\ntakeover_after_ms = 800\n"
         );
         let cluster = parse(&hooks).unwrap().cluster.unwrap();
         assert_eq!(cluster.leader_ttl, Duration::from_secs(5));
+        assert_eq!(cluster.takeover_after, Duration::from_millis(800));
         assert_eq!(
             cluster.float,
             Float::Hooks {
@@ -355,6 +390,14 @@ secret_file = "/etc/wgexitd/pool.secret"
         let alone = BASE.split("[cluster]").next().unwrap().to_string();
         for (text, key) in [
             (format!("{BASE}leader_ttl = 0\n"), "cluster.leader_ttl"),
+            (
+                format!("{BASE}takeover_after_ms = 100\n"),
+                "cluster.takeover_after_ms",
+            ),
+            (
+                format!("{BASE}leader_ttl = 1\ntakeover_after_ms = 1500\n"),
+                "cluster.takeover_after_ms",
+            ),
             (format!("{BASE}float = \"bgp\"\n"), "cluster.float"),
             (
                 format!("{BASE}float = \"hooks\"\non_release = \"/r\"\n"),
