@@ -327,15 +327,5 @@ fn joins_through_both_members_at_once_make_one_member_each() {
             .collect();
         assert_eq!(addresses[0], addresses[1], "{key}");
     }
-    let prefix = format!("/wgexit/{}/leases/network:acme/", p.id);
-    let out = p
-        .etcdctl(p.live_etcd())
-        .args(["get", "--prefix", "--keys-only", &prefix])
-        .output()
-        .unwrap();
-    let records = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .count();
-    assert_eq!(records, keys.len());
+    assert_eq!(p.keys_under("leases/network:acme/"), keys.len());
 }

@@ -467,6 +467,20 @@ impl Pool {
         }
     }
 
+    /// How many keys etcd holds under the pool's `rest` (e.g. `leases/acme/`).
+    pub fn keys_under(&self, rest: &str) -> usize {
+        let prefix = format!("/wgexit/{}/{rest}", self.id);
+        let out = self
+            .etcdctl(self.live_etcd())
+            .args(["get", "--prefix", "--keys-only", &prefix])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    }
+
     /// Waits until the leader has published `n` peers' endpoints in etcd (for the next
     /// leader's handshakes).
     pub fn wait_endpoints_published(&self, n: usize, within: Duration) {
@@ -476,18 +490,9 @@ impl Pool {
     /// [`Pool::wait_endpoints_published`] for the space stored as `scope` (an egress's
     /// name, `network:<name>` for a network).
     pub fn wait_space_endpoints_published(&self, scope: &str, n: usize, within: Duration) {
-        let prefix = format!("/wgexit/{}/endpoints/{scope}/", self.id);
         let deadline = Instant::now() + within;
         loop {
-            let out = self
-                .etcdctl(self.live_etcd())
-                .args(["get", "--prefix", "--keys-only", &prefix])
-                .output()
-                .unwrap();
-            let keys = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .count();
+            let keys = self.keys_under(&format!("endpoints/{scope}/"));
             if keys >= n {
                 return;
             }
