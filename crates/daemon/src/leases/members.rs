@@ -1,7 +1,7 @@
 //! The private networks' members, as operations of the one [`LeaseService`]: containers
 //! (leased by the plugin, collected when idle) and peers (laptops, joined by `wgexit peer
 //! create`, never collected). Their leases live in the one registry beside the egresses'
-//! (under [`network_scope`]), so they share its store, its group commit and its lock; each
+//! (under [`Space::store_key`]), so they share its store, its group commit and its lock; each
 //! change is programmed on the network's device before it is answered and then published
 //! to the network's resolver.
 

@@ -19,13 +19,6 @@ use crate::space::Space;
 use wgexit::api::{Attachment, Lease, LeaseRequest, MemberInfo};
 use wgexit::keys::Key;
 
-/// Where a private network's members are kept in the store: beside the egresses, under a
-/// name no egress can have (see [`Space::store_key`]), so an egress and a network may share
-/// a name and one public key may hold a lease in both.
-pub fn network_scope(network: &str) -> String {
-    Space::Network(network.to_string()).store_key()
-}
-
 /// The addresses of one egress (IPv4, handed out in turn) or network (IPv6, derived from
 /// the key).
 #[derive(Debug, Clone)]
@@ -387,7 +380,7 @@ impl Registry {
         Registry::load_with_networks(egresses, &[], store)
     }
 
-    /// [`Registry::load`] with the members of `networks` too (see [`network_scope`]).
+    /// [`Registry::load`] with the members of `networks` too (kept under [`Space::store_key`], beside the egresses).
     pub fn load_with_networks(
         egresses: &[EgressConfig],
         networks: &[NetworkConfig],
@@ -984,7 +977,7 @@ pub(crate) mod tests {
             Registry::load_with_networks(&[egress("a", "100.96.0.0/29")], &nets, store).unwrap();
         assert!(misfits.is_empty());
         assert_eq!(r.egress(&scope).unwrap().get(&Key([1; 32])), Some(&m));
-        assert_eq!(m.lease.egress, network_scope("a"));
+        assert_eq!(m.lease.egress, Space::Network("a".into()).store_key());
     }
 
     fn three_ips(assign: crate::leases::egress_ips::Assign) -> EgressConfig {

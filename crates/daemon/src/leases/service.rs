@@ -428,11 +428,6 @@ impl<D: SpacesDataplane> LeaseService<D> {
         })
     }
 
-    /// Every lease of `egress`, whoever made it.
-    pub async fn leases_of(&self, egress: &str) -> Vec<Lease> {
-        self.space_leases(&Space::Egress(egress.to_string())).await
-    }
-
     /// Every lease of `space`, egress or network, whoever made it.
     pub async fn space_leases(&self, space: &Space) -> Vec<Lease> {
         let registry = self.registry.lock().await;

@@ -7,8 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use super::{LeaseService, ServiceError};
-use crate::config::{EgressConfig, NetworkConfig};
-use crate::dataplane::{Dataplane, DataplaneError, Peer, SpaceDevice, SpacesDataplane};
+use crate::dataplane::{DataplaneError, Peer, SpaceDevice, SpacesDataplane};
 use crate::leases::commit::CommitError;
 use crate::leases::registry::{Adopted, LeaseError};
 use crate::leases::store::{Refusal, StoreError, StoredLease, Write};
@@ -125,15 +124,11 @@ impl<D: SpacesDataplane> LeaseService<D> {
     async fn remove_space_peer(&self, space: &Space, key: &Key) -> Result<(), DataplaneError> {
         match space {
             Space::Egress(e) => match self.config.egress(e) {
-                Some(cfg) => {
-                    Dataplane::<EgressConfig>::remove_peer(&self.dataplane, cfg, key).await
-                }
+                Some(cfg) => self.dataplane.remove_peer(cfg, key).await,
                 None => Ok(()),
             },
             Space::Network(n) => match self.config.network(n) {
-                Some(cfg) => {
-                    Dataplane::<NetworkConfig>::remove_peer(&self.dataplane, cfg, key).await
-                }
+                Some(cfg) => self.dataplane.remove_peer(cfg, key).await,
                 None => Ok(()),
             },
         }
