@@ -53,8 +53,9 @@ fn two_hundred_add_del_cycles_leave_nothing_behind() {
                         // A new container id each cycle, in the same namespace.
                         let mut c = base.clone();
                         c.id = format!("{}-{i}", base.id);
-                        host_ifnames.push(c.host_ifname("eth0"));
                         w.cni("ADD", &c, &conf).ok();
+                        // As recorded: a warm spare's name when ADD took one.
+                        host_ifnames.push(c.host_ifname("eth0"));
                         if i % 10 == 0 {
                             assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP);
                         }

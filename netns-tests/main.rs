@@ -34,5 +34,6 @@ mod recovery;
 mod restart;
 mod runtimes;
 mod security;
+mod spares;
 mod spec;
 mod tokens;

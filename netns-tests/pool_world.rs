@@ -828,6 +828,7 @@ leader_ttl = {LEADER_TTL}
             id: format!("{ns}-id"),
             netns: ns.clone(),
             netns_path: PathBuf::from(format!("/var/run/netns/{ns}")),
+            world_dir: self.dir.path().to_path_buf(),
         };
         self.containers.push(c.clone());
         c
@@ -988,6 +989,7 @@ impl Drop for Pool {
         for i in 0..self.etcd.len() {
             self.stop_etcd(i);
         }
+        crate::world::clear_spares(self.dir.path());
         // Containers' host-side links were moved into them; their wireguard-go exits when
         // the link goes with the namespace.
         let names: Vec<String> = self

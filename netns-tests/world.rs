@@ -661,6 +661,7 @@ token_file = "{other_tokens}"
             id: format!("{ns}-id"),
             netns: ns.clone(),
             netns_path: PathBuf::from(format!("/var/run/netns/{ns}")),
+            world_dir: self.dir.path().to_path_buf(),
         };
         self.containers.push(c.clone());
         c
@@ -825,24 +826,27 @@ token_file = "{other_tokens}"
         }
     }
 
-    /// Links in namespace `ns`, by name.
+    /// Links in namespace `ns`, by name, but for the plugin's warm spare links (`wgs…`),
+    /// which belong to no container (`spares.rs` checks them).
     pub fn links(&self, ns: &str) -> Vec<String> {
         let v: Value = serde_json::from_str(&sh(&["ip", "-n", ns, "-j", "link", "show"])).unwrap();
         v.as_array()
             .unwrap()
             .iter()
             .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .filter(|name| !name.starts_with(wgexit_plugin::cni::spares::PREFIX))
             .collect()
     }
 
     /// Files in the plugin's dataDir, but for the one marker of when ADD last swept for
-    /// stale attachments (a single file, not per attachment).
+    /// stale attachments (a single file, not per attachment) and the warm spares' directory
+    /// (they belong to no attachment).
     pub fn state_files(&self) -> Vec<String> {
         match std::fs::read_dir(self.data_dir()) {
             Ok(rd) => rd
                 .flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n != ".stale-check")
+                .filter(|n| n != ".stale-check" && n != "spares")
                 .collect(),
             Err(_) => Vec::new(),
         }
@@ -895,9 +899,51 @@ token_file = "{other_tokens}"
     }
 }
 
+/// Removes the plugin's warm spare links of every state directory under `dir` (with
+/// `wgexit spares clear`): they live in a host namespace, whose removal they would outlive.
+pub fn clear_spares(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for data_dir in entries.flatten().map(|e| e.path()) {
+        if data_dir.join("spares").is_dir() {
+            let data_dir = data_dir.display().to_string();
+            wait_for_refills(&data_dir);
+            let out = try_sh(&[bin("wgexit"), "spares", "clear", "--data-dir", &data_dir]);
+            if !out.status.success() {
+                eprintln!(
+                    "spares clear {data_dir}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+/// Waits, bounded, until no `wgexit spares refill` of `data_dir` runs: one an ADD started
+/// just before could otherwise start a spare after the clear.
+pub fn wait_for_refills(data_dir: &str) {
+    let refilling = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                args.contains(&b"refill".as_slice()) && args.contains(&data_dir.as_bytes())
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while refilling() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 impl Drop for World {
     fn drop(&mut self) {
         self.stop_daemon(nix::sys::signal::Signal::SIGKILL);
+        clear_spares(self.dir.path());
         self.echo_stop.store(true, Ordering::Relaxed);
         // Deleting a namespace deletes its links; wireguard-go exits when its link goes.
         // The exit's userspace WireGuard processes live in the exit namespace and keep it
@@ -949,13 +995,24 @@ pub struct Container {
     pub id: String,
     pub netns: String,
     pub netns_path: PathBuf,
+    /// The world's directory, whose subdirectories are the plugin's state directories.
+    pub world_dir: PathBuf,
 }
 
 impl Container {
-    /// The name the plugin gives this container's link while it is in the host namespace
-    /// (and, for the userspace backend, to its UAPI socket).
+    /// The name of this container's link while it is in the host namespace (and, for the
+    /// userspace backend, of its UAPI socket): as a state directory of the world records it
+    /// (a warm spare's name when ADD took one), else the name the plugin derives.
     pub fn host_ifname(&self, ifname: &str) -> String {
-        wgexit_plugin::cni::state::host_ifname(&self.id, ifname, &self.netns_path)
+        let recorded = std::fs::read_dir(&self.world_dir).ok().and_then(|entries| {
+            entries.flatten().find_map(|e| {
+                wgexit_plugin::cni::state::StateDir::peek(&e.path(), &self.id, ifname)
+            })
+        });
+        match recorded {
+            Some(state) => state.host_ifname,
+            None => wgexit_plugin::cni::state::host_ifname(&self.id, ifname, &self.netns_path),
+        }
     }
 }
 

@@ -92,6 +92,19 @@ plugin's DEL does: the link is removed and the leases released. Idempotent."
         #[arg(value_name = "NETNS")]
         netns: PathBuf,
     },
+    /// Warm spare links of the userspace backend: list, clear
+    #[command(
+        long_about = "With the userspace backend, ADD takes a warm spare link (a wireguard-go already \
+serving a TUN device named wgs… in the host namespace, without a key) instead of starting \
+wireguard-go, and afterwards starts a replacement in the background, keeping spareLinks \
+(default 1) ready per state directory. Spares belong to no container: DEL and GC leave them. \
+`spares list` shows them; `spares clear` removes them and their wireguard-go (run it when \
+removing wgexit from a host, or set spareLinks to 0 first so that the next ADD makes none)."
+    )]
+    Spares {
+        #[command(subcommand)]
+        command: SparesCommand,
+    },
     /// netavark plugin: prints the plugin's version and netavark API version (JSON)
     #[command(
         long_about = "netavark plugin API: prints {\"version\": ..., \"api_version\": \"1.0.0\"} on \
@@ -127,6 +140,38 @@ pub struct HookArgs {
     /// The interface's name in the container
     #[arg(long, value_name = "NAME", default_value = "eth0")]
     pub ifname: String,
+}
+
+/// `wgexit spares list|clear` (and `refill`, which ADD runs).
+#[derive(Debug, Subcommand)]
+pub enum SparesCommand {
+    /// Lists the spare links of a state directory: name, wireguard-go pid, whether it serves
+    List(SparesArgs),
+    /// Removes every spare link of a state directory, with its wireguard-go, socket and log
+    Clear(SparesArgs),
+    /// Starts spare links until COUNT are ready (run by ADD in the background)
+    #[command(hide = true)]
+    Refill {
+        #[command(flatten)]
+        dir: SparesArgs,
+        /// How many spares to keep ready
+        #[arg(long, value_name = "COUNT")]
+        count: u32,
+        /// The plugin's log (logFile), where errors go
+        #[arg(long, value_name = "FILE")]
+        log_file: Option<PathBuf>,
+        /// The log's cap (logMaxBytes)
+        #[arg(long, value_name = "BYTES", default_value_t = crate::cni::log::DEFAULT_MAX_BYTES)]
+        log_max_bytes: u64,
+    },
+}
+
+/// Which state directory `wgexit spares` works on.
+#[derive(Debug, Args)]
+pub struct SparesArgs {
+    /// The plugin's state directory: the network config's dataDir (netavark: data_dir)
+    #[arg(long, value_name = "DIR", default_value = crate::cni::config::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
 }
 
 /// Where and as whom `wgexit peer` talks to the gateway.
@@ -233,8 +278,40 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse(&["wgexit", "teardown"]).is_err());
+        match parse(&["wgexit", "spares", "clear"]) {
+            Ok(Some(Command::Spares {
+                command: SparesCommand::Clear(args),
+            })) => assert_eq!(args.data_dir.to_str(), Some("/var/lib/cni/wgexit")),
+            other => panic!("{other:?}"),
+        }
+        let refill = [
+            "wgexit",
+            "spares",
+            "refill",
+            "--data-dir",
+            "/d",
+            "--count",
+            "2",
+        ];
+        assert!(matches!(
+            parse(&refill),
+            Ok(Some(Command::Spares {
+                command: SparesCommand::Refill { count: 2, .. }
+            }))
+        ));
+        let mut cmd = command();
+        let spares = cmd
+            .find_subcommand_mut("spares")
+            .map(|s| s.render_long_help());
+        let spares = spares.map(|h| h.to_string()).unwrap_or_default();
+        assert!(
+            spares.contains("clear") && !spares.contains("refill"),
+            "{spares}"
+        );
         let help = command().render_long_help().to_string();
-        for sub in ["oci-hook", "peer", "create", "setup", "teardown", "info"] {
+        for sub in [
+            "oci-hook", "peer", "create", "setup", "teardown", "info", "spares",
+        ] {
             assert!(help.contains(sub), "{help}");
         }
     }

@@ -7,8 +7,10 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use clap::Parser;
-use wgexit_plugin::cli::{Cli, Command, GatewayArgs, HookArgs, HookPhase, PeerCommand};
-use wgexit_plugin::cni::{self, env::CniEnv, error::CniError, oci_hook};
+use wgexit_plugin::cli::{
+    Cli, Command, GatewayArgs, HookArgs, HookPhase, PeerCommand, SparesCommand,
+};
+use wgexit_plugin::cni::{self, env::CniEnv, error::CniError, oci_hook, spares};
 use wgexit_plugin::{netavark, peer};
 
 /// Configs are small; refuse to buffer more than this from a runtime.
@@ -91,6 +93,60 @@ fn peer_main(command: PeerCommand) -> i32 {
     }
 }
 
+/// `wgexit spares list|clear|refill`.
+fn spares_main(command: SparesCommand) -> i32 {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wgexit spares: {e}");
+            return 1;
+        }
+    };
+    let result = match command {
+        SparesCommand::List(args) => {
+            for (spare, serving) in spares::list(&args.data_dir) {
+                let state = if serving { "serving" } else { "dead" };
+                println!("{} pid={} {state}", spare.name, spare.pid);
+            }
+            Ok(())
+        }
+        SparesCommand::Clear(args) => {
+            rt.block_on(spares::clear_all(&args.data_dir))
+                .map(|removed| {
+                    println!(
+                        "removed {} spare link(s) {}",
+                        removed.len(),
+                        removed.join(" ")
+                    )
+                })
+        }
+        SparesCommand::Refill {
+            dir,
+            count,
+            log_file,
+            log_max_bytes,
+        } => {
+            let refilled = rt.block_on(spares::refill(&dir.data_dir, count));
+            if let Err(e) = &refilled {
+                let log = log_file.map(|file| cni::log::LogConfig {
+                    file,
+                    level: cni::log::LogLevel::Error,
+                    max_bytes: log_max_bytes,
+                });
+                spares::log_error(log.as_ref(), &e.to_string());
+            }
+            refilled.map(|_| ())
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("wgexit spares: {e}");
+            1
+        }
+    }
+}
+
 /// The CNI plugin: the command in `CNI_COMMAND`, the config on stdin, the answer on stdout.
 fn cni_main() -> i32 {
     let env = CniEnv::from_env();
@@ -106,7 +162,9 @@ fn cni_main() -> i32 {
             exit_code: 1,
         },
     };
-    print_outcome(&outcome)
+    let code = print_outcome(&outcome);
+    spares::start_scheduled_refill();
+    code
 }
 
 fn print_outcome(outcome: &cni::Outcome) -> i32 {
@@ -121,14 +179,21 @@ fn print_outcome(outcome: &cni::Outcome) -> i32 {
 fn main() {
     let code = match Cli::parse().command {
         None => cni_main(),
-        Some(Command::OciHook { phase }) => oci_hook_main(phase),
+        Some(Command::OciHook { phase }) => {
+            let code = oci_hook_main(phase);
+            spares::start_scheduled_refill();
+            code
+        }
         Some(Command::Peer { command }) => peer_main(command),
+        Some(Command::Spares { command }) => spares_main(command),
         Some(Command::Info) => print_outcome(&netavark::info()),
         Some(Command::Create) => print_outcome(&netavark::answer(netavark::create(&read_stdin()))),
         Some(Command::Setup { netns }) => {
             let stdin = read_stdin();
             let result = runtime().and_then(|rt| rt.block_on(netavark::setup(&netns, &stdin)));
-            print_outcome(&netavark::answer(result))
+            let code = print_outcome(&netavark::answer(result));
+            spares::start_scheduled_refill();
+            code
         }
         Some(Command::Teardown { netns }) => {
             let stdin = read_stdin();

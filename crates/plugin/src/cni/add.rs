@@ -18,6 +18,7 @@ use crate::cni::kernel_link;
 use crate::cni::leasing::{Grants, Leasing, Requests};
 use crate::cni::member::{self, MemberState};
 use crate::cni::result::{pseudo_mac, Attached};
+use crate::cni::spares::{self, Spares};
 use crate::cni::stale;
 use crate::cni::state::{host_ifname, AttachmentState, StateDir};
 use crate::cni::trace::Steps;
@@ -69,19 +70,23 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ));
     }
     let mut state = new_state(env, conf, &netns, backend.kind(), &private_key)?;
-    if let Err(e) = dir
-        .save_key(container_id, ifname, &private_key)
-        .and_then(|()| dir.save(&state))
-    {
-        let _ = dir.remove(container_id, ifname);
-        return Err(e);
-    }
+    let spare = claim_spare(conf, &backend).await;
+    record_new(
+        conf,
+        &dir,
+        &backend,
+        &mut state,
+        &private_key,
+        spare.as_deref(),
+    )
+    .await?;
 
     steps.done("key, lock, state");
     let place = Place {
         backend: &backend,
         netns: &netns,
         dir: &dir,
+        spare: spare.is_some(),
     };
     let requests = requests(env, conf, &state, app_region);
     match attach(
@@ -95,7 +100,12 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     )
     .await
     {
-        Ok(attached) => Ok(attached.to_result(&conf.cni_version, conf.raw.get("prevResult"))),
+        Ok(attached) => {
+            if backend.kind() == BackendKind::Userspace {
+                spares::refill_after_answer(conf);
+            }
+            Ok(attached.to_result(&conf.cni_version, conf.raw.get("prevResult")))
+        }
         Err(e) => {
             if let Err(undo) = detach(&state, Some(&client), &dir).await {
                 eprintln!("wgexit: undoing the failed ADD: {undo}");
@@ -186,12 +196,57 @@ fn requests(
     }
 }
 
+/// Records the new attachment's key and state before anything is made, with `spare` (a
+/// claimed warm spare) as its link; when that fails, removes the files and the spare.
+async fn record_new(
+    conf: &NetConf,
+    dir: &StateDir,
+    backend: &Backend,
+    state: &mut AttachmentState,
+    private_key: &Key,
+    spare: Option<&str>,
+) -> Result<(), CniError> {
+    if let Some(name) = spare {
+        state.host_ifname = name.to_string();
+    }
+    let (container_id, ifname) = (&state.container_id, &state.ifname);
+    let saved = dir
+        .save_key(container_id, ifname, private_key)
+        .and_then(|()| dir.save(state));
+    if saved.is_err() {
+        let _ = dir.remove(container_id, ifname);
+        if let Some(name) = spare {
+            let _ = backend.delete(name).await;
+        }
+    }
+    if let Some(name) = spare {
+        // The attachment's state records the spare as its link now (or it is gone).
+        Spares::of(&conf.data_dir).claimed(name);
+    }
+    saved
+}
+
+/// Takes a warm spare link made in this namespace when the config keeps spares and the
+/// backend is `wireguard-go`'s: its name, to record as the attachment's `host_ifname`.
+async fn claim_spare(conf: &NetConf, backend: &Backend) -> Option<String> {
+    let Backend::Userspace(userspace) = backend else {
+        return None;
+    };
+    if conf.spare_links == 0 {
+        return None;
+    }
+    let here = spares::current_netns().ok()?;
+    let spare = Spares::of(&conf.data_dir).claim(here, userspace).await?;
+    Some(spare.name)
+}
+
 /// Where ADD puts things: the host's WireGuard backend, the container's namespace, the
-/// state directory.
+/// state directory; and whether the link is a warm spare already serving as `host_ifname`.
 struct Place<'a> {
     backend: &'a Backend,
     netns: &'a Netns,
     dir: &'a StateDir,
+    spare: bool,
 }
 
 /// What the exit node is asked for: an address for this public key, with what the runtime
@@ -225,6 +280,7 @@ async fn attach(
         backend,
         netns,
         dir,
+        ..
     } = *place;
     // The leases travel to the exit node and the gateway while the link is made: none needs
     // the others.
@@ -330,8 +386,8 @@ enum Made {
     InHost,
 }
 
-/// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here.
-/// A kernel link is made in the container directly, its socket still here (see
+/// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here;
+/// a claimed warm spare is such a link already. A kernel link is made in the container directly, its socket still here (see
 /// [`kernel_link`]), and given its private key.
 async fn make_link(
     place: &Place<'_>,
@@ -343,7 +399,12 @@ async fn make_link(
         backend,
         netns,
         dir,
+        spare,
     } = *place;
+    if spare {
+        steps.done("take a warm spare link");
+        return Ok(Made::InHost);
+    }
     if backend.kind() == BackendKind::Kernel {
         let host_nl = Netlink::current().map_err(|e| link_error("netlink", e))?;
         kernel_link::create_in_container(&host_nl, netns, &state.ifname).await?;

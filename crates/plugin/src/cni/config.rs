@@ -19,6 +19,8 @@ pub const DEFAULT_MTU: u32 = 1420;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/wgexit";
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_STALE_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// Warm spare links kept for the userspace backend.
+pub const DEFAULT_SPARE_LINKS: u32 = 1;
 
 /// Which routes go through the tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -97,6 +99,9 @@ pub struct NetConf {
     /// How often ADD looks for attachments whose netns is gone (`staleSweepInterval`,
     /// seconds; 0: at every ADD). GC always does.
     pub stale_check_interval: Duration,
+    /// How many warm spare links (`spareLinks`) the userspace backend keeps ready for the
+    /// next ADD (see [`crate::cni::spares`]); 0: none.
+    pub spare_links: u32,
     /// `logFile`, `logLevel`, `logMaxBytes`: where each command is logged, if anywhere.
     pub log: Option<LogConfig>,
     /// The whole config as given, for fields passed through (`prevResult`, `args`, …).
@@ -273,6 +278,18 @@ fn handshake_timeout(raw: &Value) -> Result<Duration, CniError> {
     }
 }
 
+fn spare_links(raw: &Value) -> Result<u32, CniError> {
+    use crate::cni::spares::MAX_SPARES;
+    match field::<u32>(raw, "spareLinks")? {
+        None => Ok(DEFAULT_SPARE_LINKS),
+        Some(n) if n <= MAX_SPARES => Ok(n),
+        Some(n) => Err(invalid(
+            "spareLinks",
+            format!("{n} is more than {MAX_SPARES}"),
+        )),
+    }
+}
+
 impl NetConf {
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
         let raw = json_object(bytes)?;
@@ -313,6 +330,7 @@ impl NetConf {
             stale_check_interval: field::<u64>(&raw, "staleSweepInterval")?
                 .map(Duration::from_secs)
                 .unwrap_or(DEFAULT_STALE_SWEEP_INTERVAL),
+            spare_links: spare_links(&raw)?,
             log: LogConfig::parse(&raw)?,
             raw,
         })
@@ -380,6 +398,9 @@ mod tests {
         assert_eq!(c.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
         assert_eq!(Routes::Split.destinations().len(), 2);
         assert!(c.report_mac && !c.gvisor);
+        assert_eq!(c.spare_links, DEFAULT_SPARE_LINKS);
+        let none = VALID.replace("\"mtu\": 1420", "\"spareLinks\": 0");
+        assert_eq!(parse(&none).unwrap().spare_links, 0);
         let no_mac = VALID.replace("\"mtu\": 1420", "\"reportMac\": false");
         assert!(!parse(&no_mac).unwrap().report_mac);
     }
@@ -415,6 +436,8 @@ mod tests {
             ("\"routes\": \"default\"", "\"routes\": \"some\"", "routes"),
             ("\"backend\": \"auto\"", "\"backend\": \"magic\"", "backend"),
             ("\"mtu\": 1420", "\"mtu\": \"big\"", "mtu"),
+            ("\"mtu\": 1420", "\"spareLinks\": 17", "spareLinks"),
+            ("\"mtu\": 1420", "\"spareLinks\": -1", "spareLinks"),
             ("\"routes\": \"default\"", "\"routes\": \"none\"", "routes"),
             (
                 "\"egress\": \"acme\"",

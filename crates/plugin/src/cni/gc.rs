@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::cni::config::NetConf;
 use crate::cni::error::{CniError, Code};
+use crate::cni::spares::Spares;
 use crate::cni::stale::detach_each;
 use crate::cni::state::{AttachmentState, StateDir};
 use wgexit::client::Client;
@@ -69,6 +70,14 @@ pub async fn gc(conf: &NetConf) -> Result<(), CniError> {
         .token()
         .ok()
         .and_then(|t| Client::new(&conf.servers, &conf.ca_file, t).ok());
+    // Spares belong to no container: kept, but for those whose wireguard-go is gone.
+    let userspace = wgexit::wg::userspace::UserspaceBackend::open().ok();
+    for name in Spares::of(&conf.data_dir)
+        .remove_dead(userspace.as_ref())
+        .await
+    {
+        eprintln!("wgexit: removed spare link {name}: its wireguard-go is gone");
+    }
     let pick = |s: &AttachmentState| collected(s, &conf.name, valid.as_ref());
     match detach_each(&dir, conf, client.as_ref(), pick).await {
         (_, Some(e)) => Err(e),

@@ -13,6 +13,7 @@ pub mod log;
 pub mod member;
 pub mod oci_hook;
 pub mod result;
+pub mod spares;
 pub mod stale;
 pub mod state;
 pub mod status;

@@ -37,6 +37,7 @@ const OPTIONS: &[(&str, &str, Kind)] = &[
     ("report_mac", "reportMac", Kind::Bool),
     ("gvisor", "gvisor", Kind::Bool),
     ("stale_sweep_interval", "staleSweepInterval", Kind::Number),
+    ("spare_links", "spareLinks", Kind::Number),
     ("log_file", "logFile", Kind::Text),
     ("log_level", "logLevel", Kind::Text),
     ("log_max_bytes", "logMaxBytes", Kind::Number),
