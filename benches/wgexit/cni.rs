@@ -49,9 +49,11 @@ pub fn start_echo(world: &World) -> Echo {
     Echo
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct CniResults {
     pub wgexit_add_ms: Vec<f64>,
+    /// wgexit's ADD with `spareLinks` 0 (userspace backend only): no warm spare to take.
+    pub cold_add_ms: Vec<f64>,
     pub wgexit_del_ms: Vec<f64>,
     pub ptp_add_ms: Vec<f64>,
     pub ptp_del_ms: Vec<f64>,
@@ -59,6 +61,7 @@ pub struct CniResults {
     pub first_request_ms: Vec<Option<f64>>,
     pub first_request_errors: Vec<String>,
     pub wgexit_add: Summary,
+    pub cold_add: Summary,
     pub wgexit_del: Summary,
     pub ptp_add: Summary,
     pub ptp_del: Summary,
@@ -74,6 +77,19 @@ pub fn invoke(
     c: &Container,
     conf: &str,
 ) -> Result<Duration, String> {
+    invoke_traced(plugin, cni_path, command, c, conf, steps::enabled())
+}
+
+/// [`invoke`], its ADD's steps gathered when `traced` (and `--trace` is on).
+pub fn invoke_traced(
+    plugin: &Path,
+    cni_path: &str,
+    command: &str,
+    c: &Container,
+    conf: &str,
+    traced: bool,
+) -> Result<Duration, String> {
+    let traced = traced && steps::enabled();
     let start = Instant::now();
     let mut child = Command::new(plugin)
         .env_clear()
@@ -83,7 +99,7 @@ pub fn invoke(
         .env("CNI_NETNS", &c.netns_path)
         .env("CNI_IFNAME", "eth0")
         .env("CNI_PATH", cni_path)
-        .env("WGEXIT_TRACE", if steps::enabled() { "1" } else { "" })
+        .env("WGEXIT_TRACE", if traced { "1" } else { "" })
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -97,7 +113,7 @@ pub fn invoke(
     let out = child.wait_with_output().map_err(|e| e.to_string())?;
     let took = start.elapsed();
     if out.status.success() {
-        if command == "ADD" && steps::enabled() {
+        if command == "ADD" && traced {
             steps::gather(&String::from_utf8_lossy(&out.stderr));
         }
         Ok(took)
@@ -149,66 +165,109 @@ pub fn ptp_conf(world: &World) -> String {
 
 pub fn run(world: &mut World, _echo: &Echo, n: usize) -> CniResults {
     let wg_conf = world.net_conf("acme").to_string();
+    // The same ADD without a warm spare (`spareLinks` 0), interleaved, where spares exist.
+    let cold_conf = (world.backend == "userspace").then(|| {
+        let mut conf = world.net_conf("acme");
+        conf["spareLinks"] = serde_json::json!(0);
+        conf.to_string()
+    });
     let ptp_conf = ptp_conf(world);
-    let wgexit = PathBuf::from(crate::world::bin("wgexit"));
-    let ptp = Path::new(REFERENCE_PLUGINS).join("ptp");
     let wg_containers: Vec<Container> = (0..n).map(|i| world.container(&format!("w{i}"))).collect();
+    let cold_containers: Vec<Container> = match cold_conf {
+        Some(_) => (0..n).map(|i| world.container(&format!("c{i}"))).collect(),
+        None => Vec::new(),
+    };
     let ptp_containers: Vec<Container> =
         (0..n).map(|i| world.container(&format!("p{i}"))).collect();
     let first = world.container("w-first");
     let data_dir = world.data_dir().display().to_string();
+    let plugins = Plugins {
+        wgexit: PathBuf::from(crate::world::bin("wgexit")),
+        ptp: Path::new(REFERENCE_PLUGINS).join("ptp"),
+        wg_conf,
+        cold_conf,
+        ptp_conf,
+        data_dir,
+    };
 
     let host = world.host.clone();
     let mut r = in_ns(&host, || {
         // As on a host where a container started before: its ADD paid the `wireguard-go`
         // start and left a warm spare link for the next one (the plugin's `spareLinks`).
-        invoke(&wgexit, "/opt/cni/bin", "ADD", &first, &wg_conf).expect("first wgexit ADD");
-        invoke(&wgexit, "/opt/cni/bin", "DEL", &first, &wg_conf).expect("first wgexit DEL");
-        crate::world::wait_for_refills(&data_dir);
-        let mut r = CniResults {
-            wgexit_add_ms: vec![],
-            wgexit_del_ms: vec![],
-            ptp_add_ms: vec![],
-            ptp_del_ms: vec![],
-            first_request_ms: vec![],
-            first_request_errors: vec![],
-            wgexit_add: Summary::default(),
-            wgexit_del: Summary::default(),
-            ptp_add: Summary::default(),
-            ptp_del: Summary::default(),
-            first_request: Summary::default(),
-            first_try_ok: 0,
-        };
-        // Interleaved, so both see the same machine load.
-        for (w, p) in wg_containers.iter().zip(&ptp_containers) {
-            let t = invoke(&wgexit, "/opt/cni/bin", "ADD", w, &wg_conf).expect("wgexit ADD");
-            r.wgexit_add_ms.push(ms(t));
-            match first_request(w) {
-                Ok(t) => {
-                    r.first_request_ms.push(Some(ms(t)));
-                    r.first_try_ok += 1;
-                }
-                Err(e) => {
-                    r.first_request_ms.push(None);
-                    r.first_request_errors.push(e);
-                }
-            }
-            let t = invoke(&ptp, REFERENCE_PLUGINS, "ADD", p, &ptp_conf).expect("ptp ADD");
-            r.ptp_add_ms.push(ms(t));
+        let wg = (&plugins.wgexit, &plugins.wg_conf);
+        invoke(wg.0, "/opt/cni/bin", "ADD", &first, wg.1).expect("first wgexit ADD");
+        invoke(wg.0, "/opt/cni/bin", "DEL", &first, wg.1).expect("first wgexit DEL");
+        crate::world::wait_for_refills(&plugins.data_dir);
+        let mut r = CniResults::default();
+        // Interleaved, so all see the same machine load.
+        for (i, (w, p)) in wg_containers.iter().zip(&ptp_containers).enumerate() {
+            plugins.add_round(&mut r, w, cold_containers.get(i), p);
         }
-        for (w, p) in wg_containers.iter().zip(&ptp_containers) {
-            let t = invoke(&wgexit, "/opt/cni/bin", "DEL", w, &wg_conf).expect("wgexit DEL");
+        for (i, (w, p)) in wg_containers.iter().zip(&ptp_containers).enumerate() {
+            let t = invoke(wg.0, "/opt/cni/bin", "DEL", w, wg.1).expect("wgexit DEL");
             r.wgexit_del_ms.push(ms(t));
-            let t = invoke(&ptp, REFERENCE_PLUGINS, "DEL", p, &ptp_conf).expect("ptp DEL");
+            if let (Some(c), Some(conf)) = (cold_containers.get(i), &plugins.cold_conf) {
+                invoke(wg.0, "/opt/cni/bin", "DEL", c, conf).expect("wgexit DEL");
+            }
+            let t = invoke(&plugins.ptp, REFERENCE_PLUGINS, "DEL", p, &plugins.ptp_conf)
+                .expect("ptp DEL");
             r.ptp_del_ms.push(ms(t));
         }
         r
     });
     r.wgexit_add = Summary::of(&r.wgexit_add_ms);
+    r.cold_add = Summary::of(&r.cold_add_ms);
     r.wgexit_del = Summary::of(&r.wgexit_del_ms);
     r.ptp_add = Summary::of(&r.ptp_add_ms);
     r.ptp_del = Summary::of(&r.ptp_del_ms);
     let firsts: Vec<f64> = r.first_request_ms.iter().flatten().copied().collect();
     r.first_request = Summary::of(&firsts);
     r
+}
+
+/// The plugins row 1 compares and their configs.
+struct Plugins {
+    wgexit: PathBuf,
+    ptp: PathBuf,
+    wg_conf: String,
+    /// wgexit's config with `spareLinks` 0, for the userspace backend.
+    cold_conf: Option<String>,
+    ptp_conf: String,
+    data_dir: String,
+}
+
+impl Plugins {
+    /// One round: wgexit's ADD (and its container's first request), wgexit's ADD without a
+    /// spare, `ptp`'s ADD.
+    fn add_round(
+        &self,
+        r: &mut CniResults,
+        w: &Container,
+        cold: Option<&Container>,
+        p: &Container,
+    ) {
+        let t = invoke(&self.wgexit, "/opt/cni/bin", "ADD", w, &self.wg_conf).expect("wgexit ADD");
+        r.wgexit_add_ms.push(ms(t));
+        match first_request(w) {
+            Ok(t) => {
+                r.first_request_ms.push(Some(ms(t)));
+                r.first_try_ok += 1;
+            }
+            Err(e) => {
+                r.first_request_ms.push(None);
+                r.first_request_errors.push(e);
+            }
+        }
+        // The refill this ADD started (a new spare: ~7 ms of `wireguard-go` start) is over
+        // before the others are timed, so it does not load their ADDs.
+        crate::world::wait_for_refills(&self.data_dir);
+        if let (Some(c), Some(conf)) = (cold, &self.cold_conf) {
+            // Not traced: the trace is of the ADDs the row reports.
+            let t = invoke_traced(&self.wgexit, "/opt/cni/bin", "ADD", c, conf, false)
+                .expect("wgexit ADD without a spare");
+            r.cold_add_ms.push(ms(t));
+        }
+        let t = invoke(&self.ptp, REFERENCE_PLUGINS, "ADD", p, &self.ptp_conf).expect("ptp ADD");
+        r.ptp_add_ms.push(ms(t));
+    }
 }

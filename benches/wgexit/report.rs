@@ -244,6 +244,20 @@ impl Results {
                 ),
                 format!("≤ 2x: {}", verdict(add_ratio <= 2.0)),
             );
+            if c.cold_add.n > 0 {
+                push(
+                    "1",
+                    "CNI ADD median (ms) without a warm spare (spareLinks 0), same rounds".into(),
+                    format!("{:.1}", c.cold_add.median),
+                    format!("ptp+host-local {:.1}", c.ptp_add.median),
+                    ratio_with(
+                        c.cold_add.median,
+                        c.ptp_add.median,
+                        ratio_spread(&c.cold_add_ms, &c.ptp_add_ms, ADD_ROUNDS),
+                    ),
+                    String::new(),
+                );
+            }
             push(
                 "1",
                 "CNI ADD p95 (ms)".into(),
