@@ -77,19 +77,19 @@ pub fn invoke(
     c: &Container,
     conf: &str,
 ) -> Result<Duration, String> {
-    invoke_traced(plugin, cni_path, command, c, conf, steps::enabled())
+    invoke_traced(plugin, cni_path, command, c, conf, "")
 }
 
-/// [`invoke`], its ADD's steps gathered when `traced` (and `--trace` is on).
+/// [`invoke`], its ADD's steps gathered (with `--trace`) under names prefixed by `label`.
 pub fn invoke_traced(
     plugin: &Path,
     cni_path: &str,
     command: &str,
     c: &Container,
     conf: &str,
-    traced: bool,
+    label: &str,
 ) -> Result<Duration, String> {
-    let traced = traced && steps::enabled();
+    let traced = steps::enabled();
     let start = Instant::now();
     let mut child = Command::new(plugin)
         .env_clear()
@@ -114,7 +114,7 @@ pub fn invoke_traced(
     let took = start.elapsed();
     if out.status.success() {
         if command == "ADD" && traced {
-            steps::gather(&String::from_utf8_lossy(&out.stderr));
+            steps::gather(label, &String::from_utf8_lossy(&out.stderr));
         }
         Ok(took)
     } else {
@@ -262,8 +262,8 @@ impl Plugins {
         // before the others are timed, so it does not load their ADDs.
         crate::world::wait_for_refills(&self.data_dir);
         if let (Some(c), Some(conf)) = (cold, &self.cold_conf) {
-            // Not traced: the trace is of the ADDs the row reports.
-            let t = invoke_traced(&self.wgexit, "/opt/cni/bin", "ADD", c, conf, false)
+            let label = "without a spare";
+            let t = invoke_traced(&self.wgexit, "/opt/cni/bin", "ADD", c, conf, label)
                 .expect("wgexit ADD without a spare");
             r.cold_add_ms.push(ms(t));
         }
