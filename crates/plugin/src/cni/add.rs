@@ -1,5 +1,6 @@
 //! ADD: key pair on the host → lease over HTTPS, while the WireGuard link is made in the host
-//! namespace → move into the container as `CNI_IFNAME` (kernel: made there directly and
+//! namespace (or a warm spare link, already serving there, is taken: see [`super::spares`])
+//! → move into the container as `CNI_IFNAME` (kernel: made there directly and
 //! keyed, see [`super::kernel_link`]), while the link gets its key and the granted peers and
 //! the first handshake starts → address, MTU, up → routes → wait for the first handshake →
 //! result.
@@ -387,8 +388,9 @@ enum Made {
 }
 
 /// Creates the WireGuard link in this (the host's) namespace, so its UDP socket stays here;
-/// a claimed warm spare is such a link already. A kernel link is made in the container directly, its socket still here (see
-/// [`kernel_link`]), and given its private key.
+/// a claimed warm spare (see [`spares`]) is such a link already. A kernel link is made in
+/// the container directly, its socket still here (see [`kernel_link`]), and given its
+/// private key.
 async fn make_link(
     place: &Place<'_>,
     state: &mut AttachmentState,
