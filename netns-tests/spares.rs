@@ -1,7 +1,7 @@
 //! Warm spare links (userspace backend): an ADD leaves a `wireguard-go` serving a spare TUN
 //! in the host namespace, the next ADD takes it instead of starting one, concurrent ADDs
-//! share one spare safely, a dead spare is passed over, DEL and GC keep spares, and
-//! `wgexit spares clear` removes them.
+//! share one spare safely, a dead spare is passed over, DEL, GC and the stale sweep keep
+//! spares, and `wgexit spares clear` removes them.
 
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,9 @@ fn add_and_check(w: &World, c: &Container, conf: &Value) -> String {
 #[test]
 fn the_next_add_takes_the_spare_and_clear_leaves_nothing() {
     let mut w = World::with_backend("userspace");
-    let conf = w.net_conf("acme");
+    let mut conf = w.net_conf("acme");
+    // Every ADD sweeps for stale attachments first: the sweep must not take a spare for one.
+    conf["staleSweepInterval"] = json!(0);
     let (c1, c2) = (w.container("sp1"), w.container("sp2"));
 
     // The first ADD starts wireguard-go itself, then leaves a spare serving in the host.
