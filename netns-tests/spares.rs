@@ -220,3 +220,27 @@ fn spare_links_0_keeps_none() {
     assert_eq!(host_links(&w), ["lo", "up0"]);
     w.cni("DEL", &c, &conf).ok_empty();
 }
+
+#[test]
+fn a_failed_refill_goes_to_the_plugins_log() {
+    let t = tempfile::tempdir().unwrap();
+    // Where the spares' records would go is a file: the refill cannot record any.
+    std::fs::write(t.path().join("spares"), b"").unwrap();
+    let log = t.path().join("wgexit.log");
+    let (data_dir, log_file) = (t.path().display().to_string(), log.display().to_string());
+    let out = crate::world::try_sh(&[
+        bin("wgexit"),
+        "spares",
+        "refill",
+        "--data-dir",
+        &data_dir,
+        "--count",
+        "1",
+        "--log-file",
+        &log_file,
+    ]);
+    assert!(!out.status.success());
+    let line = std::fs::read_to_string(&log).unwrap();
+    assert!(line.contains(" SPARES result=error msg=\""), "{line}");
+    assert!(line.contains(&data_dir), "{line}");
+}

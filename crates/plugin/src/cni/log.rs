@@ -107,7 +107,7 @@ pub struct Record<'a> {
 }
 
 /// `value` as a logfmt value: quoted when it has spaces, quotes, `=` or control characters.
-fn value(v: &str) -> String {
+pub(crate) fn value(v: &str) -> String {
     let plain = !v.is_empty()
         && !v
             .chars()

@@ -325,7 +325,8 @@ pub fn start_scheduled_refill() {
 pub fn log_error(log: Option<&LogConfig>, msg: &str) {
     if let Some(log) = log {
         let at = crate::cni::log::timestamp(std::time::SystemTime::now());
-        let _ = crate::cni::log::append(log, &format!("{at} SPARES result=error msg={msg:?}\n"));
+        let msg = crate::cni::log::value(msg);
+        let _ = crate::cni::log::append(log, &format!("{at} SPARES result=error msg={msg}\n"));
     }
 }
 
