@@ -247,7 +247,13 @@ impl Results {
             if c.cold_add.n > 0 {
                 push(
                     "1",
-                    "CNI ADD median (ms) without a warm spare (spareLinks 0), same rounds".into(),
+                    format!(
+                        "CNI ADD median (ms) without a warm spare (spareLinks 0), same rounds{}",
+                        match c.cold_add_errors.len() {
+                            0 => String::new(),
+                            n => format!(", {n} failed: {}", c.cold_add_errors[0].trim()),
+                        }
+                    ),
                     format!("{:.1}", c.cold_add.median),
                     format!("ptp+host-local {:.1}", c.ptp_add.median),
                     ratio_with(
