@@ -230,7 +230,7 @@ impl UserspaceBackend {
     }
 }
 
-/// Waits, bounded, until `child` serves `name`'s UAPI socket; returns its pid. A child that
+/// Waits, bounded, until `child` answers on `name`'s UAPI socket; returns its pid. A child that
 /// exits or does not serve in time is reported with the tail of its log.
 async fn wait_until_serving(name: &str, mut child: Child, log_file: File) -> Result<u32, WgError> {
     let failed = |detail: String| {
@@ -257,7 +257,10 @@ async fn wait_until_serving(name: &str, mut child: Child, log_file: File) -> Res
                 return Err(failed(format!("cannot watch it: {e}")));
             }
         }
-        if listener_pid(&socket).await == Some(pid) {
+        // Listening is not enough: `wireguard-go` listens on its socket before it has made
+        // its device and only answers once its start is over; a device moved to another
+        // namespace during its start can leave it without its socket.
+        if listener_pid(&socket).await == Some(pid) && uapi::answers(name).await {
             break;
         }
         if Instant::now() >= deadline {
