@@ -494,17 +494,16 @@ fn same_egress(pushed: &[Seen], talked: &[Seen], udp: &Udp, ips: &[&str]) -> Res
 
 #[cfg(test)]
 mod tests {
-    use super::datagrams_lost;
-
     #[test]
     fn datagrams_may_be_lost_only_in_one_stretch() {
-        assert_eq!(datagrams_lost(&[0, 1, 2, 3], 4), Ok(0));
-        assert_eq!(datagrams_lost(&[0, 1, 5, 6], 7), Ok(3));
-        assert_eq!(datagrams_lost(&[3, 4], 5), Ok(3));
-        assert!(datagrams_lost(&[0, 2, 4], 5).is_err());
-        assert!(datagrams_lost(&[1, 2, 4], 5).is_err());
-        assert!(datagrams_lost(&[0, 2, 1, 3], 4).is_err());
-        assert!(datagrams_lost(&[0, 1, 2], 4).is_err());
-        assert!(datagrams_lost(&[], 4).is_err());
+        let lost = super::datagrams_lost;
+        assert_eq!(lost(&[0, 1, 2, 3], 4), Ok(0));
+        assert_eq!(lost(&[0, 1, 5, 6], 7), Ok(3));
+        assert_eq!(lost(&[3, 4], 5), Ok(3));
+        assert!(lost(&[0, 2, 4], 5).is_err());
+        assert!(lost(&[1, 2, 4], 5).is_err());
+        assert!(lost(&[0, 2, 1, 3], 4).is_err());
+        assert!(lost(&[0, 1, 2], 4).is_err());
+        assert!(lost(&[], 4).is_err());
     }
 }
