@@ -158,17 +158,20 @@ struct Udp {
     sent: usize,
 }
 
-/// Waits for a first datagram from `peers` containers, then sends numbered datagrams to
-/// each until `stop`, then `end`, and waits for each one's `bye`.
+/// Waits for a first datagram (`hello`, which a container repeats until answered) from
+/// `peers` containers, then sends numbered datagrams to each until `stop`, then `end`,
+/// and waits for each one's `bye`.
 fn udp_server(u: UdpSocket, peers: usize, stop: &AtomicBool) -> Udp {
     let mut buf = [0u8; 64];
     let mut sources = Vec::new();
+    u.set_read_timeout(Some(WAIT)).unwrap();
     while sources.len() < peers {
-        u.set_read_timeout(Some(WAIT)).unwrap();
         let (_, peer) = u
             .recv_from(&mut buf)
             .unwrap_or_else(|e| panic!("no first datagram: {e}"));
-        sources.push(peer);
+        if !sources.contains(&peer) {
+            sources.push(peer);
+        }
     }
     let to = sources.clone();
     let mut sent = 0;
@@ -187,11 +190,14 @@ fn udp_server(u: UdpSocket, peers: usize, stop: &AtomicBool) -> Udp {
     u.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut byes = 0;
     while byes < peers {
-        let Ok((_, from)) = u.recv_from(&mut buf) else {
+        let Ok((len, from)) = u.recv_from(&mut buf) else {
             break;
         };
-        sources.push(from);
-        byes += 1;
+        // (A repeated hello that arrived late is not a bye.)
+        if &buf[..len] == b"bye" {
+            sources.push(from);
+            byes += 1;
+        }
     }
     Udp { sources, sent }
 }
@@ -210,6 +216,20 @@ struct Progress {
     pushed: Counts,
     talked: Counts,
     datagrams: Counts,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let each =
+            |c: &Counts| -> Vec<usize> { c.0.iter().map(|n| n.load(Ordering::Relaxed)).collect() };
+        write!(
+            f,
+            "lines the containers read {:?}, the server read {:?}, datagrams {:?}",
+            each(&self.pushed),
+            each(&self.talked),
+            each(&self.datagrams)
+        )
+    }
 }
 
 impl Progress {
@@ -268,7 +288,8 @@ impl OpenFlows {
         };
         assert!(
             flows.wait_flowing(1, Duration::from_secs(10)),
-            "the flows did not start"
+            "the flows did not start: {}",
+            flows.progress
         );
         flows
     }
@@ -392,14 +413,18 @@ fn udp_client(server: IpAddr, counts: &Counts, i: usize) -> Result<Vec<usize>, S
     let u = UdpSocket::bind(any).map_err(|e| e.to_string())?;
     u.connect(SocketAddr::new(server, UDP_PORT))
         .map_err(|e| e.to_string())?;
-    u.send(b"hello").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let first = say_hello(&u, &mut buf)?;
     u.set_read_timeout(Some(WAIT)).map_err(|e| e.to_string())?;
     let mut got = Vec::new();
-    let mut buf = [0u8; 64];
+    let mut next = Some(first);
     loop {
-        let len = u
-            .recv(&mut buf)
-            .map_err(|e| format!("after {got:?}: {e}"))?;
+        let len = match next.take() {
+            Some(len) => len,
+            None => u
+                .recv(&mut buf)
+                .map_err(|e| format!("after {got:?}: {e}"))?,
+        };
         let text = String::from_utf8_lossy(&buf[..len]).to_string();
         if text == "end" {
             u.send(b"bye").map_err(|e| e.to_string())?;
@@ -407,6 +432,23 @@ fn udp_client(server: IpAddr, counts: &Counts, i: usize) -> Result<Vec<usize>, S
         }
         got.push(text.parse::<usize>().map_err(|e| e.to_string())?);
         counts.bump(i);
+    }
+}
+
+/// Sends `hello` every 200 ms until the server's first datagram arrives (within
+/// [`WAIT`]): the flow starts from a datagram the server saw, not one lost on the way.
+/// Returns the first datagram's length (in `buf`).
+fn say_hello(u: &UdpSocket, buf: &mut [u8]) -> Result<usize, String> {
+    u.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        u.send(b"hello").map_err(|e| e.to_string())?;
+        match u.recv(buf) {
+            Ok(len) => return Ok(len),
+            Err(e) if Instant::now() >= deadline => return Err(format!("no answer to hello: {e}")),
+            Err(_) => {}
+        }
     }
 }
 
