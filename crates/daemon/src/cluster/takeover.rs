@@ -11,9 +11,10 @@
 //!
 //! That first handshake can be lost (the initiation, or the container's response), and
 //! WireGuard sends the next only after `REKEY_TIMEOUT` (5 s). So a peer that has not
-//! completed a handshake [`REWAKE_AFTER`] after its wake is woken again as a new peer
-//! (removed and added back, which clears WireGuard's wait), at most [`REWAKES`] times:
-//! a lost first handshake costs a few hundred milliseconds, not 5 s ([`rewake_silent`]).
+//! completed a handshake 100 ms after its wake is woken again as a new peer (removed and
+//! added back, which clears WireGuard's wait), then after 200 and 400 ms more
+//! ([`REWAKE_AFTER`]): a lost first handshake costs about 100 ms, not 5 s
+//! ([`rewake_silent`]).
 //!
 //! Each peer is changed with the lease registry locked and only while the registry still
 //! holds its lease at the same address ([`still_leased`]): a lease released, or its
@@ -48,12 +49,16 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 const PUTS_PER_TXN: usize = 100;
 /// How long woken peers keep their keepalive before it is turned off again.
 const WAKE_FOR: Duration = Duration::from_secs(5);
-/// How long a woken peer has to complete a handshake before it is woken again: a
-/// handshake takes one round trip, well under this even on a busy member.
-const REWAKE_AFTER: Duration = Duration::from_millis(300);
-/// How many times a silent peer is woken again before it is left to WireGuard's own
-/// retries (its container may simply be gone).
-const REWAKES: u32 = 3;
+/// How long a woken peer has to complete a handshake before it is woken again, each time:
+/// a handshake takes one round trip, so a peer on the same network that is silent after
+/// 100 ms has lost it; the waits double so that a far peer (a round trip over 100 ms),
+/// whose handshake each wake restarts, completes one within a few. After the last, a
+/// silent peer is left to WireGuard's own retries (its container may simply be gone).
+const REWAKE_AFTER: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
 
 pub struct Takeover {
     pub etcd: Arc<Etcd>,
@@ -210,8 +215,8 @@ fn woken_peer(l: &Lease, endpoint: SocketAddr) -> PeerConfig {
     }
 }
 
-/// Wakes again, [`REWAKE_AFTER`] apart and at most [`REWAKES`] times, each of the `woken`
-/// peers that has not completed a handshake since `since` (when they were first woken).
+/// Wakes again, after each wait of [`REWAKE_AFTER`], each of the `woken` peers that has
+/// not completed a handshake since `since` (when they were first woken).
 async fn rewake_silent<C: SpaceDevice>(
     service: &LeaseService<HostDataplane>,
     cfg: &C,
@@ -221,8 +226,8 @@ async fn rewake_silent<C: SpaceDevice>(
     let space = cfg.space();
     let backend = service.dataplane().backend();
     let mut silent: Vec<&(Lease, SocketAddr)> = woken.iter().collect();
-    for round in 1..=REWAKES {
-        tokio::time::sleep(REWAKE_AFTER).await;
+    for (round, wait) in (1..).zip(REWAKE_AFTER) {
+        tokio::time::sleep(wait).await;
         let shaken = match backend.status(cfg.wg_interface()).await {
             Ok(device) => shaken_since(&device.peers, since),
             Err(err) => {
