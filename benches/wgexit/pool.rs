@@ -78,6 +78,13 @@ pub(crate) fn burst(
     (per_second, errors.len(), errors.first().cloned())
 }
 
+/// What a leader logs when it gives its addresses up for want of an acknowledged pulse.
+const LET_GO: &str = "no pulse acknowledged by etcd in time";
+
+fn let_go(log: &str) -> usize {
+    log.matches(LET_GO).count()
+}
+
 /// One kill: its probe gap, whether it kept the open connections, the new leader.
 struct Failover {
     gap: Duration,
@@ -90,6 +97,8 @@ struct Failover {
 fn one_failover(p: &mut Pool, leader: usize, netns: &Path) -> Failover {
     let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
     let server: IpAddr = SERVER.parse().unwrap();
+    let next = 1 - leader;
+    let let_go_before = let_go(&p.log(next));
     let flows = OpenFlows::open(&isp, server, &[netns]);
     let probe = Probe::start(netns);
     // Also long enough for the leader to have copied the flows' state (every 200 ms).
@@ -97,7 +106,6 @@ fn one_failover(p: &mut Pool, leader: usize, netns: &Path) -> Failover {
     let kill = failover_trace::Kill::now();
     p.kill_member(leader);
     let killed = Instant::now();
-    let next = 1 - leader;
     p.wait_holds(next, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(10);
     while echo_once(netns, Duration::from_secs(1)).is_err() {
@@ -112,7 +120,15 @@ fn one_failover(p: &mut Pool, leader: usize, netns: &Path) -> Failover {
         .unwrap_or(Duration::MAX);
     // Every flow carries ten more lines or datagrams on the new leader, or fails.
     flows.wait_flowing(10, Duration::from_secs(10));
-    let kept = flows.close(&[EGRESS_IP]);
+    let kept = flows.close(&[EGRESS_IP]).map_err(|e| {
+        let log = p.log(next);
+        match let_go(&log) - let_go_before {
+            0 => e,
+            n => {
+                format!("{e} (meanwhile the new leader let its addresses go {n} time(s): {LET_GO})")
+            }
+        }
+    });
     if steps::enabled() {
         failover_trace::print(&kill, killed, &answers, &p.log(next));
     }
