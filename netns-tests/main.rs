@@ -1,6 +1,7 @@
 //! End-to-end tests in network namespaces: the binaries driven exactly as a runtime and an
 //! operator drive them. Needs root. See `world.rs` for the topology.
 
+mod open_flows;
 mod pool_world;
 mod world;
 

@@ -13,8 +13,9 @@
 //!    for `web.internal` and for a forwarded name;
 //! 7. CNI ADD with the kernel backend against `ptp`, inside the VM test's VM (these machines
 //!    have no WireGuard module);
-//! 8. pools: the failover gap when the leader dies (median, max over kills), and leases/s
-//!    on the pool (etcd store) against one exit node (embedded store);
+//! 8. pools: the failover gap when the leader dies (median, max over kills), the kills that
+//!    kept open connections, and leases/s on the pool (etcd store) against one exit node
+//!    (embedded store);
 //! 9. flow attribution: flows/s recorded without loss, the store's size per million flows,
 //!    and the tunnel and lease rows with the recorder on against off.
 //!
@@ -24,6 +25,8 @@
 //! VM, on its console: `target/vm/bench-console.log`), and in row 8 each failover step by
 //! step, in milliseconds from the kill.
 
+#[path = "../../netns-tests/open_flows.rs"]
+mod open_flows;
 #[path = "../../netns-tests/pool_world.rs"]
 mod pool_world;
 #[path = "../../netns-tests/world.rs"]

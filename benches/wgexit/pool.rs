@@ -1,10 +1,14 @@
 //! Row 8: pools of exit nodes, in the pool world of `netns-tests/pool_world.rs` (two
 //! members, a 3-member etcd cluster): the failover gap a container sees when the leader
 //! dies (`kill -9` with its WireGuard device, cut off its segments, as the namespace test
-//! does), over several kills, the killed member coming back as a standby each time; and
-//! lease throughput on the pool (etcd store) against one exit node (embedded store), with
-//! row 3's load generator at the same size.
+//! does), over several kills, the killed member coming back as a standby each time;
+//! whether each kill keeps the container's open connections (`netns-tests/open_flows.rs`:
+//! TCP on which only the server writes, TCP on which the container writes, UDP on which
+//! only the server sends); and lease throughput on the pool (etcd store) against one exit
+//! node (embedded store), with row 3's load generator at the same size.
 
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -13,7 +17,8 @@ use serde::Serialize;
 
 use crate::in_ns;
 use crate::leases::Target;
-use crate::pool_world::{echo_once, Pool, Probe};
+use crate::open_flows::{Kept, OpenFlows, SERVER};
+use crate::pool_world::{echo_once, Pool, Probe, EGRESS_IP};
 use crate::stats::{ms, Summary};
 use crate::world::{World, API};
 use crate::{failover_trace, steps};
@@ -23,6 +28,12 @@ pub struct PoolResults {
     /// Longest time between two answered probes (one every 100 ms) per kill, ms.
     pub failover_gaps_ms: Vec<f64>,
     pub failover_gap: Summary,
+    /// Kills that kept every open connection of the container (see the module's doc).
+    pub connections_kept: usize,
+    /// The most UDP datagrams lost in one kill's pause (nothing resends them).
+    pub datagrams_lost_max: usize,
+    /// Why a kill did not keep them, for each that did not.
+    pub connections_lost: Vec<String>,
     /// Leases per second: (pool with the etcd store, one exit node with the embedded store).
     pub pool_leases_per_second: f64,
     pub embedded_leases_per_second: f64,
@@ -67,15 +78,34 @@ pub(crate) fn burst(
     (per_second, errors.len(), errors.first().cloned())
 }
 
-/// Kills the leader with a probe running from container `netns`; returns the gap and the
-/// new leader, after the killed member is back as a standby.
-fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Duration, usize) {
+/// What a leader logs when it gives its addresses up for want of an acknowledged pulse.
+const LET_GO: &str = "no pulse acknowledged by etcd in time";
+
+fn let_go(log: &str) -> usize {
+    log.matches(LET_GO).count()
+}
+
+/// One kill: its probe gap, whether it kept the open connections, the new leader.
+struct Failover {
+    gap: Duration,
+    kept: Result<Kept, String>,
+    next: usize,
+}
+
+/// Kills the leader with a probe and open connections running from container `netns`;
+/// returns once the killed member is back as a standby.
+fn one_failover(p: &mut Pool, leader: usize, netns: &Path) -> Failover {
+    let isp = PathBuf::from(format!("/var/run/netns/{}", p.isp));
+    let server: IpAddr = SERVER.parse().unwrap();
+    let next = 1 - leader;
+    let let_go_before = let_go(&p.log(next));
+    let flows = OpenFlows::open(&isp, server, &[netns]);
     let probe = Probe::start(netns);
+    // Also long enough for the leader to have copied the flows' state (every 200 ms).
     std::thread::sleep(Duration::from_millis(500));
     let kill = failover_trace::Kill::now();
     p.kill_member(leader);
     let killed = Instant::now();
-    let next = 1 - leader;
     p.wait_holds(next, Duration::from_secs(10));
     let deadline = Instant::now() + Duration::from_secs(10);
     while echo_once(netns, Duration::from_secs(1)).is_err() {
@@ -88,6 +118,17 @@ fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Durati
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or(Duration::MAX);
+    // Every flow carries ten more lines or datagrams on the new leader, or fails.
+    flows.wait_flowing(10, Duration::from_secs(10));
+    let kept = flows.close(&[EGRESS_IP]).map_err(|e| {
+        let log = p.log(next);
+        match let_go(&log) - let_go_before {
+            0 => e,
+            n => {
+                format!("{e} (meanwhile the new leader let its addresses go {n} time(s): {LET_GO})")
+            }
+        }
+    });
     if steps::enabled() {
         failover_trace::print(&kill, killed, &answers, &p.log(next));
     }
@@ -98,7 +139,7 @@ fn one_failover(p: &mut Pool, leader: usize, netns: &std::path::Path) -> (Durati
         assert!(Instant::now() < deadline, "the revived member lacks peers");
         std::thread::sleep(Duration::from_millis(50));
     }
-    (gap, next)
+    Failover { gap, kept, next }
 }
 
 pub fn run(world: &World, kills: usize, leases: usize, clients: usize) -> PoolResults {
@@ -108,12 +149,31 @@ pub fn run(world: &World, kills: usize, leases: usize, clients: usize) -> PoolRe
     let c = p.container("bench");
     p.cni(0, "ADD", &c, &conf).ok();
     p.wait_endpoints_published(1, Duration::from_secs(5));
-    let mut gaps = Vec::new();
+    let (mut gaps, mut kept, mut lost, mut datagrams_lost_max) = (Vec::new(), 0, Vec::new(), 0);
     for k in 0..kills {
-        let (gap, next) = one_failover(&mut p, leader, &c.netns_path);
-        eprintln!("  kill {}: member {leader} -> {next}, gap {gap:?}", k + 1);
-        gaps.push(ms(gap));
-        leader = next;
+        let f = one_failover(&mut p, leader, &c.netns_path);
+        let flows = match &f.kept {
+            Ok(k) => format!(
+                "connections kept ({} of {} datagrams lost in the pause)",
+                k.datagrams_lost, k.datagrams_sent
+            ),
+            Err(e) => format!("connections NOT kept: {e}"),
+        };
+        eprintln!(
+            "  kill {}: member {leader} -> {}, gap {:?}, {flows}",
+            k + 1,
+            f.next,
+            f.gap
+        );
+        gaps.push(ms(f.gap));
+        match f.kept {
+            Ok(k) => {
+                kept += 1;
+                datagrams_lost_max = datagrams_lost_max.max(k.datagrams_lost);
+            }
+            Err(e) => lost.push(format!("kill {}: {e}", k + 1)),
+        }
+        leader = f.next;
     }
     let pool = Target {
         servers: p
@@ -136,6 +196,9 @@ pub fn run(world: &World, kills: usize, leases: usize, clients: usize) -> PoolRe
     PoolResults {
         failover_gap: Summary::of(&gaps),
         failover_gaps_ms: gaps,
+        connections_kept: kept,
+        datagrams_lost_max,
+        connections_lost: lost,
         pool_leases_per_second: pool_rate,
         embedded_leases_per_second: embedded_rate,
         leases,
@@ -158,8 +221,27 @@ pub fn rows(r: &PoolResults) -> Vec<[String; 5]> {
             "Tailscale subnet router up to ~15000 (published; exit nodes: no failover)".into(),
             "—".into(),
             format!(
-                "max ≤ 3000: {}",
-                if g.n > 0 && g.max <= 3000.0 {
+                "max ≤ 1000: {}",
+                if g.n > 0 && g.max <= 1000.0 {
+                    "yes"
+                } else {
+                    "NO"
+                }
+            ),
+        ],
+        [
+            "open connections kept through a kill".into(),
+            format!(
+                "{}/{} (TCP server-writes, TCP client-writes, UDP)",
+                r.connections_kept, g.n
+            ),
+            "Cilium egress gateway, Tailscale: every connection broken (#39245, #16162)".into(),
+            "—".into(),
+            format!(
+                "{}/{}: {}",
+                g.n,
+                g.n,
+                if g.n > 0 && r.connections_kept == g.n {
                     "yes"
                 } else {
                     "NO"

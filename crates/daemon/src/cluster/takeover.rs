@@ -9,6 +9,13 @@
 //! each peer's persistent keepalive on for a moment: both backends send a keepalive at
 //! once when it is turned on, and with no session that keepalive starts a handshake.
 //!
+//! That first handshake can be lost (the initiation, or the container's response), and
+//! WireGuard sends the next only after `REKEY_TIMEOUT` (5 s). So a peer that has not
+//! completed a handshake 100 ms after its wake is woken again as a new peer (removed and
+//! added back, which clears WireGuard's wait), then after 200 and 400 ms more
+//! ([`REWAKE_AFTER`]): a lost first handshake costs about 100 ms, not 5 s
+//! ([`rewake_silent`]).
+//!
 //! Each peer is changed with the lease registry locked and only while the registry still
 //! holds its lease at the same address ([`still_leased`]): a lease released, or its
 //! address leased to another key, between the wake and the keepalive going off again must
@@ -17,7 +24,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use etcd_client::{Txn, TxnOp};
 use tokio::sync::MutexGuard;
@@ -34,7 +41,7 @@ use crate::leases::service::LeaseService;
 use crate::space::Space;
 use wgexit::api::Lease;
 use wgexit::keys::Key;
-use wgexit::wg::{PeerConfig, WireGuard};
+use wgexit::wg::{PeerConfig, PeerStatus, WireGuard};
 
 /// How often the leader looks for changed endpoints.
 const PUBLISH_EVERY: Duration = Duration::from_secs(1);
@@ -42,6 +49,16 @@ const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 const PUTS_PER_TXN: usize = 100;
 /// How long woken peers keep their keepalive before it is turned off again.
 const WAKE_FOR: Duration = Duration::from_secs(5);
+/// How long a woken peer has to complete a handshake before it is woken again, each time:
+/// a handshake takes one round trip, so a peer on the same network that is silent after
+/// 100 ms has lost it; the waits double so that a far peer (a round trip over 100 ms),
+/// whose handshake each wake restarts, completes one within a few. After the last, a
+/// silent peer is left to WireGuard's own retries (its container may simply be gone).
+const REWAKE_AFTER: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+];
 
 pub struct Takeover {
     pub etcd: Arc<Etcd>,
@@ -133,6 +150,7 @@ where
     HostDataplane: Dataplane<C>,
 {
     let space = cfg.space();
+    let (started, since) = (Instant::now(), SystemTime::now());
     let woken = match wake_peers(etcd, service, cfg).await {
         Ok(woken) => woken,
         Err(err) => {
@@ -141,7 +159,8 @@ where
         }
     };
     tracing::info!(%space, peers = woken.len(), "took the space over; handshakes started");
-    tokio::time::sleep(WAKE_FOR).await;
+    rewake_silent(service, cfg, &woken, since).await;
+    tokio::time::sleep_until((started + WAKE_FOR).into()).await;
     for (l, endpoint) in woken {
         let Some(_locked) = lock_if_leased(service, &space, &l).await else {
             continue;
@@ -171,16 +190,13 @@ async fn wake_peers<C: SpaceDevice>(
         let Some(endpoint) = endpoints.get(&l.public_key) else {
             continue;
         };
-        // The lease's own peer entry (its addresses), at its endpoint, keepalive on.
-        let peer = PeerConfig {
-            endpoint: Some(*endpoint),
-            persistent_keepalive: Some(1),
-            ..devices::peer_config(&devices::peer_of(&l))
-        };
         let Some(_locked) = lock_if_leased(service, &space, &l).await else {
             continue;
         };
-        match backend.set_peer(cfg.wg_interface(), &peer).await {
+        match backend
+            .set_peer(cfg.wg_interface(), &woken_peer(&l, *endpoint))
+            .await
+        {
             Ok(()) => woken.push((l, *endpoint)),
             Err(err) => {
                 tracing::debug!(public_key = %l.public_key, error = %err, "cannot wake a peer")
@@ -188,6 +204,72 @@ async fn wake_peers<C: SpaceDevice>(
         }
     }
     Ok(woken)
+}
+
+/// The lease's own peer entry (its addresses), at `endpoint`, keepalive on.
+fn woken_peer(l: &Lease, endpoint: SocketAddr) -> PeerConfig {
+    PeerConfig {
+        endpoint: Some(endpoint),
+        persistent_keepalive: Some(1),
+        ..devices::peer_config(&devices::peer_of(l))
+    }
+}
+
+/// Wakes again, after each wait of [`REWAKE_AFTER`], each of the `woken` peers that has
+/// not completed a handshake since `since` (when they were first woken).
+async fn rewake_silent<C: SpaceDevice>(
+    service: &LeaseService<HostDataplane>,
+    cfg: &C,
+    woken: &[(Lease, SocketAddr)],
+    since: SystemTime,
+) {
+    let space = cfg.space();
+    let backend = service.dataplane().backend();
+    let mut silent: Vec<&(Lease, SocketAddr)> = woken.iter().collect();
+    for (round, wait) in (1..).zip(REWAKE_AFTER) {
+        tokio::time::sleep(wait).await;
+        let shaken = match backend.status(cfg.wg_interface()).await {
+            Ok(device) => shaken_since(&device.peers, since),
+            Err(err) => {
+                tracing::debug!(%space, error = %err, "cannot read the device to see which peers answered");
+                return;
+            }
+        };
+        silent.retain(|(l, _)| !shaken.contains(&l.public_key));
+        if silent.is_empty() {
+            return;
+        }
+        tracing::info!(%space, peers = silent.len(), round, "no handshake yet; waking those peers again");
+        for (l, endpoint) in &silent {
+            let Some(_locked) = lock_if_leased(service, &space, l).await else {
+                continue;
+            };
+            if let Err(err) = wake_as_new(backend, cfg.wg_interface(), l, *endpoint).await {
+                tracing::warn!(%space, public_key = %l.public_key, error = %err, "cannot wake a peer again; the next reconcile puts it back");
+            }
+        }
+    }
+}
+
+/// Removes the peer and adds it back, woken: WireGuard sends a peer at most one handshake
+/// initiation per `REKEY_TIMEOUT` (5 s), and a new peer has sent none.
+async fn wake_as_new(
+    backend: &impl WireGuard,
+    device: &str,
+    l: &Lease,
+    endpoint: SocketAddr,
+) -> Result<(), wgexit::wg::WgError> {
+    backend.remove_peer(device, &l.public_key).await?;
+    backend.set_peer(device, &woken_peer(l, endpoint)).await
+}
+
+/// The peers of `peers` whose last handshake was at or after `since`.
+fn shaken_since(peers: &[PeerStatus], since: SystemTime) -> HashSet<Key> {
+    peers
+        .iter()
+        .filter(|p| p.last_handshake.is_some_and(|t| t >= since))
+        .map(|p| p.public_key)
+        .collect()
 }
 
 /// Endpoints published for each space's peers.
@@ -325,6 +407,29 @@ mod tests {
         // The same key leased again elsewhere is not the lease that was woken.
         r.adopt(lease(2, 9));
         assert!(!still_leased(&r, &a, &new.lease));
+    }
+
+    /// A peer that shook hands before the wake (with this member, when it led before) or
+    /// never is still silent; one that shook hands since is not.
+    #[test]
+    fn only_a_handshake_since_the_wake_counts() {
+        let since = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let status = |n: u8, last: Option<SystemTime>| PeerStatus {
+            public_key: Key([n; 32]),
+            endpoint: None,
+            allowed_ips: Vec::new(),
+            last_handshake: last,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        };
+        let peers = [
+            status(1, None),
+            status(2, Some(since - Duration::from_millis(1))),
+            status(3, Some(since)),
+            status(4, Some(since + Duration::from_millis(40))),
+        ];
+        let shaken = shaken_since(&peers, since);
+        assert_eq!(shaken, HashSet::from([Key([3; 32]), Key([4; 32])]));
     }
 
     #[test]
