@@ -21,5 +21,6 @@ pub mod dns;
 pub mod identity;
 pub mod leases;
 pub mod metrics;
+pub mod redb_file;
 pub mod space;
 pub mod status;

@@ -236,7 +236,7 @@ impl FlowStore {
     ) -> Result<&'f mut DayFile, AttributionError> {
         if let std::collections::btree_map::Entry::Vacant(slot) = files.entry(d) {
             let path = self.dir.join(file_name(d));
-            let db = Database::create(&path).map_err(|e| self.err(e))?;
+            let db = crate::redb_file::create(&path).map_err(|e| self.err(e))?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| self.err(e))?;
             let leases = read_leases(&db).map_err(|e| self.err(e))?;

@@ -40,7 +40,7 @@ struct Tables<'t> {
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let err = |detail: String| StoreError::failed(path.display().to_string(), detail);
-        let db = Database::create(path).map_err(|e| {
+        let db = crate::redb_file::create(path).map_err(|e| {
             err(format!(
                 "{e} (is another wgexitd running with the same state_dir?)"
             ))
