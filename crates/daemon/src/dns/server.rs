@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{AAAA, TXT};
 use hickory_proto::rr::{RData, Record as DnsRecord, RecordType};
 use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
@@ -24,7 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::counts::DnsCounts;
 use super::directory::Published;
-use super::forward::{forward, Sockets};
+use super::flights::Flights;
+use super::forward::{forward, Asked, ForwardError, Sockets};
 use super::names::{answer, txt_strings, Answer, Question, Record};
 use super::TTL;
 use crate::config::NetworkConfig;
@@ -58,10 +59,12 @@ pub struct DnsError {
 pub struct Resolver {
     prefix: Ipv6Net,
     directory: Published,
-    upstreams: Vec<SocketAddr>,
+    upstreams: Arc<[SocketAddr]>,
     forwards: Arc<Semaphore>,
     forwarding_members: Arc<PerSource>,
     upstream_sockets: Arc<Sockets>,
+    /// Forwarded questions in flight: an asker of one already asked waits for its answer.
+    flights: Arc<Flights<Asked, Result<Message, ForwardError>>>,
     counts: Arc<DnsCounts>,
 }
 
@@ -100,10 +103,11 @@ impl Resolver {
         Resolver {
             prefix: n.prefix,
             directory,
-            upstreams: n.dns_upstream.clone(),
+            upstreams: n.dns_upstream.clone().into(),
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
             forwarding_members: Arc::default(),
             upstream_sockets: Arc::default(),
+            flights: Arc::default(),
             counts,
         }
     }
@@ -122,6 +126,20 @@ impl Resolver {
             self.counts.answered();
         }
         reply
+    }
+
+    /// The upstreams' answer to `query`: of the same question in flight, or asked now.
+    async fn forwarded(&self, query: &Query, tcp: bool) -> Result<Message, ForwardError> {
+        let asked = Asked {
+            query: query.clone(),
+            tcp,
+        };
+        let (upstreams, sockets) = (self.upstreams.clone(), self.upstream_sockets.clone());
+        let question = asked.clone();
+        let flight = self.flights.join(asked, move || async move {
+            forward(&upstreams, &question.query, question.tcp, &sockets).await
+        });
+        flight.await
     }
 
     async fn decide(&self, request: &Request) -> Reply {
@@ -170,7 +188,7 @@ impl Resolver {
                 };
                 let tcp = request.protocol() == Protocol::Tcp;
                 self.counts.forwarded();
-                match forward(&self.upstreams, query, tcp, &self.upstream_sockets).await {
+                match self.forwarded(query, tcp).await {
                     Ok(mut m) => Reply {
                         code: m.response_code(),
                         authoritative: false,
