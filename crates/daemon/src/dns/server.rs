@@ -64,7 +64,7 @@ pub struct Resolver {
     forwarding_members: Arc<PerSource>,
     upstream_sockets: Arc<Sockets>,
     /// Forwarded questions in flight: an asker of one already asked waits for its answer.
-    flights: Arc<Flights<Asked, Result<Message, ForwardError>>>,
+    flights: Arc<Flights<Asked, Result<Arc<Message>, ForwardError>>>,
     counts: Arc<DnsCounts>,
 }
 
@@ -72,9 +72,14 @@ pub struct Resolver {
 struct Reply {
     code: ResponseCode,
     authoritative: bool,
-    answers: Vec<DnsRecord>,
-    authority: Vec<DnsRecord>,
-    additionals: Vec<DnsRecord>,
+    records: Records,
+}
+
+/// The records of a reply: the network's own, or an upstream's answer, shared by every
+/// asker of its question (never copied per asker).
+enum Records {
+    Answers(Vec<DnsRecord>),
+    Upstream(Arc<Message>),
 }
 
 impl Reply {
@@ -82,9 +87,22 @@ impl Reply {
         Reply {
             code,
             authoritative,
-            answers: Vec::new(),
-            authority: Vec::new(),
-            additionals: Vec::new(),
+            records: Records::Answers(Vec::new()),
+        }
+    }
+
+    fn answers(&self) -> &[DnsRecord] {
+        match &self.records {
+            Records::Answers(answers) => answers,
+            Records::Upstream(m) => m.answers(),
+        }
+    }
+
+    /// The authority and additional sections.
+    fn authority_and_additionals(&self) -> (&[DnsRecord], &[DnsRecord]) {
+        match &self.records {
+            Records::Answers(_) => (&[], &[]),
+            Records::Upstream(m) => (m.name_servers(), m.additionals()),
         }
     }
 }
@@ -129,7 +147,7 @@ impl Resolver {
     }
 
     /// The upstreams' answer to `query`: of the same question in flight, or asked now.
-    async fn forwarded(&self, query: &Query, tcp: bool) -> Result<Message, ForwardError> {
+    async fn forwarded(&self, query: &Query, tcp: bool) -> Result<Arc<Message>, ForwardError> {
         let asked = Asked {
             query: query.clone(),
             tcp,
@@ -137,7 +155,9 @@ impl Resolver {
         let (upstreams, sockets) = (self.upstreams.clone(), self.upstream_sockets.clone());
         let question = asked.clone();
         let flight = self.flights.join(asked, move || async move {
-            forward(&upstreams, &question.query, question.tcp, &sockets).await
+            forward(&upstreams, &question.query, question.tcp, &sockets)
+                .await
+                .map(Arc::new)
         });
         flight.await
     }
@@ -169,10 +189,12 @@ impl Resolver {
         match answer(&directory, asker, &name, question) {
             Answer::Records(records) => {
                 let mut r = Reply::code(ResponseCode::NoError, true);
-                r.answers = records
-                    .into_iter()
-                    .map(|x| to_dns(query.name(), x))
-                    .collect();
+                r.records = Records::Answers(
+                    records
+                        .into_iter()
+                        .map(|x| to_dns(query.name(), x))
+                        .collect(),
+                );
                 r
             }
             Answer::NoData => Reply::code(ResponseCode::NoError, true),
@@ -189,12 +211,10 @@ impl Resolver {
                 let tcp = request.protocol() == Protocol::Tcp;
                 self.counts.forwarded();
                 match self.forwarded(query, tcp).await {
-                    Ok(mut m) => Reply {
+                    Ok(m) => Reply {
                         code: m.response_code(),
                         authoritative: false,
-                        answers: m.take_answers(),
-                        authority: m.take_name_servers(),
-                        additionals: m.take_additionals(),
+                        records: Records::Upstream(m),
                     },
                     Err(e) => {
                         tracing::debug!(error = %e, "forwarding failed");
@@ -225,12 +245,13 @@ impl RequestHandler for Resolver {
             edns.set_max_payload(EDNS_PAYLOAD).set_version(0);
             builder.edns(edns);
         }
+        let (authority, additionals) = reply.authority_and_additionals();
         let message = builder.build(
             header,
-            reply.answers.iter(),
-            reply.authority.iter(),
+            reply.answers().iter(),
+            authority.iter(),
             std::iter::empty(),
-            reply.additionals.iter(),
+            additionals.iter(),
         );
         match response.send_response(message).await {
             Ok(info) => info,
@@ -385,7 +406,7 @@ mod tests {
         let asked = |src: &'static str| request("web.internal.", RecordType::AAAA, src);
         let ok = r.reply(&asked("[fdaa:0:1::102]:5353")).await;
         assert_eq!(ok.code, ResponseCode::NoError);
-        assert_eq!(ok.answers.len(), 1);
+        assert_eq!(ok.answers().len(), 1);
         assert!(ok.authoritative);
         // In the prefix but holding no lease, another network, or not IPv6 at all.
         for stranger in [
@@ -395,7 +416,7 @@ mod tests {
         ] {
             let refused = r.reply(&asked(stranger)).await;
             assert_eq!(refused.code, ResponseCode::Refused, "{stranger}");
-            assert!(refused.answers.is_empty());
+            assert!(refused.answers().is_empty());
         }
     }
 
@@ -409,7 +430,7 @@ mod tests {
         let q = request("web.internal.", RecordType::TXT, "[fdaa:0:1::101]:5353");
         let nodata = r.reply(&q).await;
         assert_eq!(
-            (nodata.code, nodata.answers.len()),
+            (nodata.code, nodata.answers().len()),
             (ResponseCode::NoError, 0)
         );
         let totals = r.counts.totals();
