@@ -6,12 +6,11 @@
 //! other names to the network's upstreams ([`flights`]: one upstream query per distinct
 //! question in flight), and [`server`] is the DNS server itself
 //! (`hickory-server`: framing, parsing and writing messages are the library's), with
-//! [`udp`] its loop over the UDP socket, run by [`event_loop`]; [`counts`] is what it did, for `wgexitd status`
+//! [`udp`] its loop over the UDP socket; [`counts`] is what it did, for `wgexitd status`
 //! and `/metrics`.
 
 pub mod counts;
 pub mod directory;
-pub mod event_loop;
 pub mod flights;
 pub mod forward;
 pub mod names;

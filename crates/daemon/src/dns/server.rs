@@ -265,8 +265,8 @@ impl RequestHandler for Resolver {
     }
 }
 
-/// A network's running resolver: the UDP loop ([`super::udp`], on the resolvers' own
-/// [`super::event_loop`]) and the bounded TCP accept loop. Both stop when it is dropped.
+/// A network's running resolver: the UDP loop ([`super::udp`]) and the bounded TCP accept
+/// loop. Both stop when it is dropped.
 pub struct DnsServer {
     udp: tokio::task::JoinHandle<()>,
     tcp: tokio::task::JoinHandle<()>,
@@ -295,18 +295,11 @@ pub async fn start(
         address,
         source,
     };
-    let event_loop = super::event_loop::handle().map_err(err)?;
-    let udp = std::net::UdpSocket::bind(address).map_err(err)?;
-    udp.set_nonblocking(true).map_err(err)?;
-    // Registered with the event loop's runtime, which serves it.
-    let udp = {
-        let _in_loop = event_loop.enter();
-        tokio::net::UdpSocket::from_std(udp).map_err(err)?
-    };
+    let udp = tokio::net::UdpSocket::bind(address).await.map_err(err)?;
     let tcp = tokio::net::TcpListener::bind(address).await.map_err(err)?;
     let resolver = Resolver::new(n, directory, counts);
     Ok(DnsServer {
-        udp: event_loop.spawn(super::udp::serve(udp, Arc::new(resolver.clone()))),
+        udp: tokio::spawn(super::udp::serve(udp, Arc::new(resolver.clone()))),
         tcp: tokio::spawn(serve_tcp(tcp, resolver)),
     })
 }
