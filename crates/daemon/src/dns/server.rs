@@ -159,7 +159,9 @@ impl Resolver {
                 .await
                 .map(Arc::new)
         });
-        flight.await
+        flight
+            .await
+            .unwrap_or_else(|| Err(ForwardError::NoAnswer("the query failed".into())))
     }
 
     async fn decide(&self, request: &Request) -> Reply {
