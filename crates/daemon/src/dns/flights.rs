@@ -7,16 +7,8 @@
 //! on many identical questions in flight).
 //!
 //! What counts as the same question is the caller's key. A flight ends when its answer (or
-//! its failure) is in, or when no asker waits for it any longer (its task is then stopped);
-//! the next asker starts a new one. Each network's resolver has flights of its own, so no
-//! answer crosses networks.
-//!
-//! A flight runs as a tokio task of its own, so that its answer wakes the askers from outside
-//! their task. The askers of UDP questions are all futures of the one UDP loop
-//! ([`super::udp`]); were the flight polled inside it, the loop would wake itself while
-//! running, which tokio's multi-threaded scheduler takes for a yield: it queues the loop again
-//! and wakes an idle worker to take it, a futex wake and two context switches for every
-//! answer that lands (~10% of a forwarded answer's CPU in `perf`, `docs/benchmarks.md`).
+//! its failure) is in, or when no asker waits for it any longer; the next asker starts a new
+//! one. Each network's resolver has flights of its own, so no answer crosses networks.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,8 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 
-/// What a flight ends with: `None` when its task failed (panicked) instead of answering.
-type Flight<T> = Shared<BoxFuture<'static, Option<T>>>;
+type Flight<T> = Shared<BoxFuture<'static, T>>;
 
 /// The questions in flight, by key; `T` is what a flight ends with.
 pub struct Flights<K, T> {
@@ -42,7 +33,7 @@ struct Table<K, T> {
 struct Entry<T> {
     id: u64,
     /// Weak: the askers keep a flight alive, not the table.
-    flight: WeakShared<BoxFuture<'static, Option<T>>>,
+    flight: WeakShared<BoxFuture<'static, T>>,
 }
 
 impl<K, T> Default for Flights<K, T> {
@@ -63,15 +54,6 @@ impl<K, T> Flights<K, T> {
         self.flights
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// A flight's task, stopped when the flight is dropped unfinished.
-struct Task<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for Task<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -101,8 +83,7 @@ where
     T: Clone + Send + Sync + 'static,
 {
     /// What the flight of `key` ends with: the one in flight, or a new one that `start`
-    /// makes, spawned on the current tokio runtime. Dropping the returned future leaves the
-    /// flight to the other askers.
+    /// makes. Dropping the returned future leaves the flight to the other askers.
     pub fn join<F>(self: &Arc<Self>, key: K, start: impl FnOnce() -> F) -> Flight<T>
     where
         F: Future<Output = T> + Send + 'static,
@@ -118,9 +99,9 @@ where
             key: key.clone(),
             id,
         };
-        let mut task = Task(tokio::spawn(start()));
+        let answer = start();
         let flight = async move {
-            let answer = (&mut task.0).await.ok();
+            let answer = answer.await;
             drop(landing);
             answer
         }
@@ -172,7 +153,7 @@ mod tests {
         let second = ask(&flights, "www", &starts, never);
         assert_eq!(starts.load(Ordering::SeqCst), 1);
         land.send(7).unwrap();
-        assert_eq!((first.await, second.await), (Some(7), Some(7)));
+        assert_eq!((first.await, second.await), (7, 7));
         assert_eq!(flights.in_flight(), 0, "landed");
     }
 
@@ -186,12 +167,12 @@ mod tests {
         assert_eq!((starts.load(Ordering::SeqCst), flights.in_flight()), (2, 2));
         land.send(1).unwrap();
         land_other.send(2).unwrap();
-        assert_eq!((first.await, other.await), (Some(1), Some(2)));
+        assert_eq!((first.await, other.await), (1, 2));
         let (land, landing) = oneshot::channel();
         let again = ask(&flights, "www", &starts, landing);
         assert_eq!(starts.load(Ordering::SeqCst), 3);
         land.send(3).unwrap();
-        assert_eq!(again.await, Some(3));
+        assert_eq!(again.await, 3);
     }
 
     #[tokio::test]
@@ -206,6 +187,6 @@ mod tests {
         let again = ask(&flights, "www", &starts, landing);
         assert_eq!(starts.load(Ordering::SeqCst), 2, "a new flight");
         land.send(4).unwrap();
-        assert_eq!(again.await, Some(4));
+        assert_eq!(again.await, 4);
     }
 }

@@ -159,9 +159,7 @@ impl Resolver {
                 .await
                 .map(Arc::new)
         });
-        flight
-            .await
-            .unwrap_or_else(|| Err(ForwardError::NoAnswer("the query failed".into())))
+        flight.await
     }
 
     async fn decide(&self, request: &Request) -> Reply {
