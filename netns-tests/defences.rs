@@ -689,3 +689,91 @@ fn defences_a_dns_flood_from_a_member_under_1024_descriptors_stops_nothing_else(
         tcp.connected
     );
 }
+
+/// Sends `copies` copies of one question for `name` (IDs 1 to `copies`) to the network's
+/// resolver from `c`, at once, from one socket: the (ID, response code) of each answer that
+/// comes within `wait`.
+fn ask_copies(c: &Container, name: &str, copies: u16, wait: Duration) -> Vec<(u16, u8)> {
+    let ns = std::fs::File::open(&c.netns_path).unwrap();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        use std::os::fd::AsFd;
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let s = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let to = format!("[{NET_RESOLVER}]:53");
+        for id in 1..=copies {
+            s.send_to(&dns_query(id, &name), &to).unwrap();
+        }
+        let deadline = Instant::now() + wait;
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 512];
+        while answers.len() < usize::from(copies) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.recv(&mut buf) {
+                Ok(n) if n >= 4 => {
+                    answers.push((u16::from_be_bytes([buf[0], buf[1]]), buf[3] & 0xf))
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        answers
+    })
+    .join()
+    .unwrap()
+}
+
+/// The packets the isp has seen for the network's upstream (198.18.0.53, UDP 53), counted
+/// by a table of the test's own in the isp's namespace (made on the first call).
+fn upstream_queries(w: &World) -> u64 {
+    let table = format!("{}count", w.id);
+    let exists = try_sh(&[
+        "ip", "netns", "exec", &w.isp, "nft", "list", "table", "inet", &table,
+    ]);
+    if !exists.status.success() {
+        let rules = w.path("upstream-count.nft");
+        let ruleset = format!(
+            "table inet {table} {{\n chain pre {{\n  type filter hook prerouting priority -300;\n  \
+             ip daddr 198.18.0.53 udp dport 53 counter\n }}\n}}\n"
+        );
+        std::fs::write(&rules, ruleset).unwrap();
+        let rules = rules.display().to_string();
+        sh(&["ip", "netns", "exec", &w.isp, "nft", "-f", &rules]);
+        return 0;
+    }
+    let listing = String::from_utf8_lossy(&exists.stdout).to_string();
+    let rest = &listing[listing.find("packets ").expect("a counter") + "packets ".len()..];
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// Copies of one outside question in flight at once reach the upstream once: a member that
+/// sends ten (as a spoofer racing many copies of a question would want it to) makes one
+/// upstream query, and each copy still gets its own answer, with its own ID.
+#[test]
+fn defences_copies_of_one_question_in_flight_reach_the_upstream_once() {
+    let mut w = World::new();
+    add_network_with_a_silent_upstream(&w);
+    w.stop_daemon(nix::sys::signal::Signal::SIGTERM);
+    w.start_daemon();
+    let asker = w.container("asker");
+    join_network(&w, &asker, "db");
+    assert_eq!(upstream_queries(&w), 0);
+
+    // The upstream never answers: the one query is in flight for the whole 2 s timeout,
+    // and every copy is answered SERVFAIL when it ends.
+    let answers = ask_copies(&asker, "www.example.test", 10, Duration::from_secs(5));
+    let mut ids: Vec<u16> = answers.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=10).collect::<Vec<u16>>(), "{answers:?}");
+    assert!(answers.iter().all(|(_, code)| *code == 2), "{answers:?}");
+    assert_eq!(upstream_queries(&w), 1, "one upstream query for ten copies");
+
+    // Once that flight is over, the next question is asked anew.
+    let answers = ask_copies(&asker, "www.example.test", 1, Duration::from_secs(5));
+    assert_eq!(answers, [(1, 2)]);
+    assert_eq!(upstream_queries(&w), 2);
+}

@@ -39,7 +39,7 @@ pub struct CpuSplit {
 }
 
 /// User + system CPU time of a process (or of this one with `None`), ms.
-fn cpu_ms(pid: Option<u32>) -> f64 {
+pub fn cpu_ms(pid: Option<u32>) -> f64 {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".into(),

@@ -12,6 +12,10 @@
 //!
 //! `dnsperf` keeps [`OUTSTANDING`] queries in flight from [`CLIENTS`] sockets for `secs`
 //! seconds; queries per second counts NOERROR answers, latencies are dnsperf's own (`-v`).
+//! Beside them, what each answer cost: the resolver's CPU time (user + system, from
+//! `/proc`) per answer, and the queries the upstream received per answer (an nftables
+//! counter in `isp`): both resolvers ask the upstream once per question in flight, not
+//! once per asker.
 //! Each round asks both resolvers, in an order that alternates, one name after the other;
 //! then wgexitd alone as the member `neta` sees it, through its tunnel.
 //!
@@ -51,6 +55,10 @@ pub struct DnsRun {
     pub per_second: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The resolver's CPU time per NOERROR answer, µs.
+    pub cpu_us: f64,
+    /// Queries the upstream received per NOERROR answer.
+    pub upstream_per_answer: f64,
 }
 
 /// One name asked of both resolvers, round by round.
@@ -69,6 +77,82 @@ pub struct ResolverResults {
 }
 
 struct Killed(Child);
+
+impl Killed {
+    /// `ip netns exec` execs the command: the child's pid is dnsmasq's.
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// The isp's count of queries to the upstream, by a table of the bench's own.
+struct UpstreamCounter {
+    isp: String,
+    table: String,
+}
+
+impl UpstreamCounter {
+    fn new(world: &World) -> UpstreamCounter {
+        let counter = UpstreamCounter {
+            isp: world.isp.clone(),
+            table: format!("{}upstream", world.id),
+        };
+        let rules = world.path("bench-upstream.nft");
+        let ruleset = format!(
+            "table inet {} {{\n chain pre {{\n  type filter hook prerouting priority -300;\n  \
+             ip daddr {UPSTREAM} udp dport 53 counter\n }}\n}}\n",
+            counter.table
+        );
+        std::fs::write(&rules, ruleset).expect("nftables rules");
+        let rules = rules.display().to_string();
+        sh(&["ip", "netns", "exec", &counter.isp, "nft", "-f", &rules]);
+        counter
+    }
+
+    fn packets(&self) -> u64 {
+        let listing = sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.isp,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            &self.table,
+        ]);
+        listing
+            .split_once("packets ")
+            .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for UpstreamCounter {
+    fn drop(&mut self) {
+        let _ = try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.isp,
+            "nft",
+            "delete",
+            "table",
+            "inet",
+            &self.table,
+        ]);
+    }
+}
+
+/// What one dnsperf run cost: the resolver's CPU (`pid`) and the upstream's queries.
+fn costed(pid: Option<u32>, upstream: &UpstreamCounter, run: impl FnOnce() -> DnsRun) -> DnsRun {
+    let (cpu, asked) = (crate::leases::cpu_ms(pid), upstream.packets());
+    let mut r = run();
+    let answers = r.noerror.max(1) as f64;
+    r.cpu_us = (crate::leases::cpu_ms(pid) - cpu) * 1000.0 / answers;
+    r.upstream_per_answer = upstream.packets().saturating_sub(asked) as f64 / answers;
+    r
+}
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -172,6 +256,7 @@ fn parse(out: &str) -> DnsRun {
         per_second: noerror as f64 / secs,
         p50_us: summary.median,
         p99_us: summary.p99,
+        ..DnsRun::default()
     }
 }
 
@@ -257,6 +342,7 @@ pub fn run(
         who.web,
     );
 
+    let upstream = UpstreamCounter::new(world);
     let data = names.map(|(name, _)| {
         let path = world.path(&format!("bench-dns-{name}"));
         std::fs::write(&path, format!("{name} AAAA\n")).expect("dnsperf input");
@@ -271,18 +357,22 @@ pub fn run(
                 .map(|p| PathBuf::from(format!("{}.{tag}", p.display())));
             let ours = || {
                 recorded(world, out, || {
-                    dnsperf(exit, Some(who.inside), who.resolver, "53", &data[i], secs)
+                    costed(world.daemon_pid(), &upstream, || {
+                        dnsperf(exit, Some(who.inside), who.resolver, "53", &data[i], secs)
+                    })
                 })
             };
             let theirs = || {
-                dnsperf(
-                    exit,
-                    Some(who.inside),
-                    who.resolver,
-                    DNSMASQ_PORT,
-                    &data[i],
-                    secs,
-                )
+                costed(Some(_dnsmasq.pid()), &upstream, || {
+                    dnsperf(
+                        exit,
+                        Some(who.inside),
+                        who.resolver,
+                        DNSMASQ_PORT,
+                        &data[i],
+                        secs,
+                    )
+                })
             };
             let (o, t) = if round % 2 == 0 {
                 let o = ours();
@@ -292,8 +382,17 @@ pub fn run(
                 (ours(), t)
             };
             eprintln!(
-                "  {}: wgexitd {:.0}/s p99 {:.0} µs, dnsmasq {:.0}/s p99 {:.0} µs",
-                names[i].0, o.per_second, o.p99_us, t.per_second, t.p99_us
+                "  {}: wgexitd {:.0}/s p99 {:.0} µs {:.1} µs CPU {:.2} upstream/answer, \
+                 dnsmasq {:.0}/s p99 {:.0} µs {:.1} µs CPU {:.2} upstream/answer",
+                names[i].0,
+                o.per_second,
+                o.p99_us,
+                o.cpu_us,
+                o.upstream_per_answer,
+                t.per_second,
+                t.p99_us,
+                t.cpu_us,
+                t.upstream_per_answer
             );
             pair.wgexitd.push(o);
             pair.dnsmasq.push(t);
@@ -347,6 +446,24 @@ pub fn rows(r: &ResolverResults) -> Vec<[String; 5]> {
             format!("dnsmasq {:.0} / {t99:.0}", p50(&pair.dnsmasq)),
             ratio_with(o99, t99, paired_spread(&op, &tp)),
             format!("p99 ≤ 2x: {}", verdict(o99 <= 2.0 * t99)),
+        ]);
+        let cost = |runs: &[DnsRun]| {
+            format!(
+                "{:.1} µs; {:.2}",
+                median(&of(runs, |x| x.cpu_us)),
+                median(&of(runs, |x| x.upstream_per_answer))
+            )
+        };
+        let (oc, tc) = (
+            median(&of(&pair.wgexitd, |x| x.cpu_us)),
+            median(&of(&pair.dnsmasq, |x| x.cpu_us)),
+        );
+        out.push([
+            format!("{what} per answer: resolver CPU; upstream queries"),
+            cost(&pair.wgexitd),
+            format!("dnsmasq {}", cost(&pair.dnsmasq)),
+            format!("{:.2}x CPU", oc / tc),
+            String::new(),
         ]);
     }
     let per_second: Vec<f64> = r.tunnel.iter().map(|x| x.per_second).collect();

@@ -48,7 +48,40 @@ impl Sockets {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+/// A question as the upstreams are asked it: name, type and class, and whether over TCP.
+/// Two askers with the same one get the same answer ([`super::flights`]). Names are the
+/// same only with the same case: an asker that varies the case of its names checks the
+/// answer's.
+#[derive(Debug, Clone)]
+pub struct Asked {
+    pub query: Query,
+    pub tcp: bool,
+}
+
+impl PartialEq for Asked {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&self.query, &other.query);
+        self.tcp == other.tcp
+            && a.query_type() == b.query_type()
+            && a.query_class() == b.query_class()
+            && a.name().is_fqdn() == b.name().is_fqdn()
+            && a.name().eq_case(b.name())
+    }
+}
+
+impl Eq for Asked {}
+
+impl std::hash::Hash for Asked {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // The name's hash ignores case: names equal with their case are equal without.
+        self.query.name().hash(state);
+        self.query.query_type().hash(state);
+        self.query.query_class().hash(state);
+        self.tcp.hash(state);
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ForwardError {
     #[error("no upstream answered: {0}")]
     NoAnswer(String),
@@ -87,11 +120,11 @@ fn request(query: &Query) -> Message {
     m
 }
 
+/// An unpredictable ID makes spoofed answers harder. It comes from the thread's CSPRNG
+/// (`rand`'s ChaCha12, seeded from the kernel and reseeded as it goes), not from a system
+/// call per question.
 fn rand_id() -> u16 {
-    let mut b = [0u8; 2];
-    // An unpredictable id makes spoofed answers harder; a fixed one still works.
-    let _ = getrandom::fill(&mut b);
-    u16::from_be_bytes(b)
+    rand::random()
 }
 
 async fn ask(
@@ -177,4 +210,39 @@ async fn over_tcp(upstream: SocketAddr, bytes: &[u8]) -> Result<Vec<u8>, String>
         .await
         .map_err(|e| e.to_string())?;
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::rr::{Name, RecordType};
+    use std::collections::HashSet;
+
+    fn asked(name: &str, rtype: RecordType, tcp: bool) -> Asked {
+        let query = Query::query(Name::from_ascii(name).unwrap(), rtype);
+        Asked { query, tcp }
+    }
+
+    #[test]
+    fn the_same_question_is_the_same_name_case_type_and_transport() {
+        let www = asked("www.example.test.", RecordType::AAAA, false);
+        let mut seen = HashSet::new();
+        seen.insert(www.clone());
+        assert!(seen.contains(&www));
+        for other in [
+            asked("WwW.example.test.", RecordType::AAAA, false),
+            asked("www.example.test.", RecordType::A, false),
+            asked("www.example.test.", RecordType::AAAA, true),
+            asked("www.example.test", RecordType::AAAA, false),
+            asked("mail.example.test.", RecordType::AAAA, false),
+        ] {
+            assert!(!seen.contains(&other), "{other:?}");
+        }
+    }
+
+    #[test]
+    fn question_ids_vary() {
+        let ids: HashSet<u16> = (0..64).map(|_| rand_id()).collect();
+        assert!(ids.len() > 32, "{} distinct IDs of 64", ids.len());
+    }
 }

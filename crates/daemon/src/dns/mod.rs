@@ -3,13 +3,15 @@
 //!
 //! [`directory`] is what the resolver knows (the members, published by the lease side after
 //! every change), [`names`] decides the answer to one question (pure), [`forward`] passes
-//! other names to the network's upstreams, and [`server`] is the DNS server itself
+//! other names to the network's upstreams ([`flights`]: one upstream query per distinct
+//! question in flight), and [`server`] is the DNS server itself
 //! (`hickory-server`: framing, parsing and writing messages are the library's), with
 //! [`udp`] its loop over the UDP socket; [`counts`] is what it did, for `wgexitd status`
 //! and `/metrics`.
 
 pub mod counts;
 pub mod directory;
+pub mod flights;
 pub mod forward;
 pub mod names;
 pub mod server;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hickory_proto::op::{Edns, Header, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{AAAA, TXT};
 use hickory_proto::rr::{RData, Record as DnsRecord, RecordType};
 use hickory_proto::runtime::iocompat::AsyncIoTokioAsStd;
@@ -24,7 +24,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::counts::DnsCounts;
 use super::directory::Published;
-use super::forward::{forward, Sockets};
+use super::flights::Flights;
+use super::forward::{forward, Asked, ForwardError, Sockets};
 use super::names::{answer, txt_strings, Answer, Question, Record};
 use super::TTL;
 use crate::config::NetworkConfig;
@@ -58,10 +59,12 @@ pub struct DnsError {
 pub struct Resolver {
     prefix: Ipv6Net,
     directory: Published,
-    upstreams: Vec<SocketAddr>,
+    upstreams: Arc<[SocketAddr]>,
     forwards: Arc<Semaphore>,
     forwarding_members: Arc<PerSource>,
     upstream_sockets: Arc<Sockets>,
+    /// Forwarded questions in flight: an asker of one already asked waits for its answer.
+    flights: Arc<Flights<Asked, Result<Arc<Message>, ForwardError>>>,
     counts: Arc<DnsCounts>,
 }
 
@@ -69,9 +72,14 @@ pub struct Resolver {
 struct Reply {
     code: ResponseCode,
     authoritative: bool,
-    answers: Vec<DnsRecord>,
-    authority: Vec<DnsRecord>,
-    additionals: Vec<DnsRecord>,
+    records: Records,
+}
+
+/// The records of a reply: the network's own, or an upstream's answer, shared by every
+/// asker of its question (never copied per asker).
+enum Records {
+    Answers(Vec<DnsRecord>),
+    Upstream(Arc<Message>),
 }
 
 impl Reply {
@@ -79,9 +87,22 @@ impl Reply {
         Reply {
             code,
             authoritative,
-            answers: Vec::new(),
-            authority: Vec::new(),
-            additionals: Vec::new(),
+            records: Records::Answers(Vec::new()),
+        }
+    }
+
+    fn answers(&self) -> &[DnsRecord] {
+        match &self.records {
+            Records::Answers(answers) => answers,
+            Records::Upstream(m) => m.answers(),
+        }
+    }
+
+    /// The authority and additional sections.
+    fn authority_and_additionals(&self) -> (&[DnsRecord], &[DnsRecord]) {
+        match &self.records {
+            Records::Answers(_) => (&[], &[]),
+            Records::Upstream(m) => (m.name_servers(), m.additionals()),
         }
     }
 }
@@ -100,10 +121,11 @@ impl Resolver {
         Resolver {
             prefix: n.prefix,
             directory,
-            upstreams: n.dns_upstream.clone(),
+            upstreams: n.dns_upstream.clone().into(),
             forwards: Arc::new(Semaphore::new(FORWARDS_IN_FLIGHT)),
             forwarding_members: Arc::default(),
             upstream_sockets: Arc::default(),
+            flights: Arc::default(),
             counts,
         }
     }
@@ -122,6 +144,22 @@ impl Resolver {
             self.counts.answered();
         }
         reply
+    }
+
+    /// The upstreams' answer to `query`: of the same question in flight, or asked now.
+    async fn forwarded(&self, query: &Query, tcp: bool) -> Result<Arc<Message>, ForwardError> {
+        let asked = Asked {
+            query: query.clone(),
+            tcp,
+        };
+        let (upstreams, sockets) = (self.upstreams.clone(), self.upstream_sockets.clone());
+        let question = asked.clone();
+        let flight = self.flights.join(asked, move || async move {
+            forward(&upstreams, &question.query, question.tcp, &sockets)
+                .await
+                .map(Arc::new)
+        });
+        flight.await
     }
 
     async fn decide(&self, request: &Request) -> Reply {
@@ -151,10 +189,12 @@ impl Resolver {
         match answer(&directory, asker, &name, question) {
             Answer::Records(records) => {
                 let mut r = Reply::code(ResponseCode::NoError, true);
-                r.answers = records
-                    .into_iter()
-                    .map(|x| to_dns(query.name(), x))
-                    .collect();
+                r.records = Records::Answers(
+                    records
+                        .into_iter()
+                        .map(|x| to_dns(query.name(), x))
+                        .collect(),
+                );
                 r
             }
             Answer::NoData => Reply::code(ResponseCode::NoError, true),
@@ -170,13 +210,11 @@ impl Resolver {
                 };
                 let tcp = request.protocol() == Protocol::Tcp;
                 self.counts.forwarded();
-                match forward(&self.upstreams, query, tcp, &self.upstream_sockets).await {
-                    Ok(mut m) => Reply {
+                match self.forwarded(query, tcp).await {
+                    Ok(m) => Reply {
                         code: m.response_code(),
                         authoritative: false,
-                        answers: m.take_answers(),
-                        authority: m.take_name_servers(),
-                        additionals: m.take_additionals(),
+                        records: Records::Upstream(m),
                     },
                     Err(e) => {
                         tracing::debug!(error = %e, "forwarding failed");
@@ -207,12 +245,13 @@ impl RequestHandler for Resolver {
             edns.set_max_payload(EDNS_PAYLOAD).set_version(0);
             builder.edns(edns);
         }
+        let (authority, additionals) = reply.authority_and_additionals();
         let message = builder.build(
             header,
-            reply.answers.iter(),
-            reply.authority.iter(),
+            reply.answers().iter(),
+            authority.iter(),
             std::iter::empty(),
-            reply.additionals.iter(),
+            additionals.iter(),
         );
         match response.send_response(message).await {
             Ok(info) => info,
@@ -367,7 +406,7 @@ mod tests {
         let asked = |src: &'static str| request("web.internal.", RecordType::AAAA, src);
         let ok = r.reply(&asked("[fdaa:0:1::102]:5353")).await;
         assert_eq!(ok.code, ResponseCode::NoError);
-        assert_eq!(ok.answers.len(), 1);
+        assert_eq!(ok.answers().len(), 1);
         assert!(ok.authoritative);
         // In the prefix but holding no lease, another network, or not IPv6 at all.
         for stranger in [
@@ -377,7 +416,7 @@ mod tests {
         ] {
             let refused = r.reply(&asked(stranger)).await;
             assert_eq!(refused.code, ResponseCode::Refused, "{stranger}");
-            assert!(refused.answers.is_empty());
+            assert!(refused.answers().is_empty());
         }
     }
 
@@ -391,7 +430,7 @@ mod tests {
         let q = request("web.internal.", RecordType::TXT, "[fdaa:0:1::101]:5353");
         let nodata = r.reply(&q).await;
         assert_eq!(
-            (nodata.code, nodata.answers.len()),
+            (nodata.code, nodata.answers().len()),
             (ResponseCode::NoError, 0)
         );
         let totals = r.counts.totals();
