@@ -174,3 +174,27 @@ fn check_reports_a_device_changed_from_inside_the_container() {
     assert_eq!(code, 107, "{msg}");
     assert!(msg.contains("fwmark 0x77"), "{msg}");
 }
+
+/// The container's first handshake initiation is lost on the way to the exit node: ADD
+/// starts the handshake again after a second instead of waiting out WireGuard's 5 s retry,
+/// which is as long as ADD's whole default wait.
+#[test]
+fn add_survives_a_lost_first_handshake() {
+    let mut w = World::new();
+    let conf = w.net_conf("acme");
+    let c = w.container("lost");
+    crate::world::drop_first_handshake_initiation(
+        &w.exit,
+        &w.path("lost-handshake.nft"),
+        "dport 51820",
+    );
+    let started = std::time::Instant::now();
+    w.cni("ADD", &c, &conf).ok();
+    let took = started.elapsed();
+    assert_eq!(crate::world::handshakes_dropped(&w.exit), 1);
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "ADD took {took:?} with its first handshake lost"
+    );
+    assert_eq!(w.echo_from(&c).unwrap(), EGRESS_IP, "{}", w.daemon_log());
+}

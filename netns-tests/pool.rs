@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::pool_world::{echo_once, Pool, Probe, BETA_IP, EGRESS_IP, ENDPOINT_IP, LEADER_TTL};
-use crate::world::{sh, Container};
+use crate::world::{drop_first_handshake_initiation, handshakes_dropped, sh, Container};
 
 const GAP: Duration = Duration::from_secs(3);
 
@@ -553,46 +553,6 @@ fn a_lease_released_during_a_takeover_does_not_come_back() {
     }
 }
 
-/// nftables in namespace `ns` that drop the first WireGuard handshake initiation (message
-/// type 1: a 148-byte payload starting 01 00 00 00) arriving from port `from_port`, and only
-/// the first: the rule's quota (300 bytes) is used up by that one 176-byte packet.
-fn drop_first_handshake_initiation(p: &Pool, ns: &str, from_port: u16) {
-    let rules = format!(
-        "table inet lost_handshake {{\n chain input {{\n  type filter hook input priority -10;\n  \
-         udp sport {from_port} @th,64,32 0x01000000 quota until 300 bytes counter drop\n }}\n}}\n"
-    );
-    let file = p.path("lost-handshake.nft");
-    std::fs::write(&file, rules).unwrap();
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "nft",
-        "-f",
-        &file.to_string_lossy(),
-    ]);
-}
-
-/// Packets the rule of [`drop_first_handshake_initiation`] dropped.
-fn handshakes_dropped(ns: &str) -> u64 {
-    let table = sh(&[
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "nft",
-        "list",
-        "table",
-        "inet",
-        "lost_handshake",
-    ]);
-    let rest = table.split("counter packets ").nth(1).unwrap_or_default();
-    let n = rest.split_whitespace().next().unwrap_or_default();
-    n.parse()
-        .unwrap_or_else(|_| panic!("no counter in {table}"))
-}
-
 /// The new leader's first handshake initiation to a container is lost (its host drops it
 /// once): the new leader wakes the peer again a few hundred milliseconds later, so the
 /// container is back within 2 s of the kill, not after WireGuard's 5 s retry.
@@ -607,7 +567,7 @@ fn a_lost_first_handshake_after_a_takeover_costs_no_5_s_retry() {
     assert_eq!(echo(&c).unwrap(), EGRESS_IP);
     p.wait_endpoints_published(1, Duration::from_secs(5));
     let host = p.hosts[0].clone();
-    drop_first_handshake_initiation(&p, &host, 51820);
+    drop_first_handshake_initiation(&host, &p.path("lost-handshake.nft"), "sport 51820");
     let probe = Probe::start(&c.netns_path);
     std::thread::sleep(Duration::from_millis(500));
     p.kill_member(leader);

@@ -106,6 +106,46 @@ pub fn try_sh(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
+/// nftables in namespace `ns` (rules written to `file`) that drop the first WireGuard
+/// handshake initiation (message type 1: a 148-byte payload starting 01 00 00 00) arriving
+/// with UDP `port` (`"sport 51820"`, `"dport 51820"`), and only the first: the rule's quota
+/// (300 bytes) is used up by that one 176-byte packet.
+pub fn drop_first_handshake_initiation(ns: &str, file: &Path, port: &str) {
+    let rules = format!(
+        "table inet lost_handshake {{\n chain input {{\n  type filter hook input priority -10;\n  \
+         udp {port} @th,64,32 0x01000000 quota until 300 bytes counter drop\n }}\n}}\n"
+    );
+    std::fs::write(file, rules).unwrap();
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "-f",
+        &file.to_string_lossy(),
+    ]);
+}
+
+/// Packets the rule of [`drop_first_handshake_initiation`] in `ns` dropped.
+pub fn handshakes_dropped(ns: &str) -> u64 {
+    let table = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "nft",
+        "list",
+        "table",
+        "inet",
+        "lost_handshake",
+    ]);
+    let rest = table.split("counter packets ").nth(1).unwrap_or_default();
+    let n = rest.split_whitespace().next().unwrap_or_default();
+    n.parse()
+        .unwrap_or_else(|_| panic!("no counter in {table}"))
+}
+
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),

@@ -28,7 +28,7 @@ use wgexit::api::{Attachment, LeaseRequest};
 use wgexit::client::Client;
 use wgexit::keys::Key;
 use wgexit::net::{offload, Netlink, Netns};
-use wgexit::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, WireGuard};
+use wgexit::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let mut steps = Steps::from_env();
@@ -327,7 +327,8 @@ async fn attach(
     let routes = grants.routes(conf.routes);
     set_up_in_container(conf, netns, &ifname, &addresses, &routes).await?;
     steps.done("address, MTU, up, routes");
-    let status = wait_for_handshake(state, wg, &name, conf.handshake_timeout).await?;
+    let peers = grants.peers(conf.routes);
+    let status = wait_for_handshake(state, (wg, &name), &peers, conf.handshake_timeout).await?;
     // Recorded for CHECK: a container with CAP_NET_ADMIN can change the device.
     state.listen_port = Some(status.listen_port);
     place.dir.save_detail(state)?;
@@ -493,15 +494,23 @@ async fn key_lease_and_peer(
     Ok(grants)
 }
 
+/// How long a peer may stay without a handshake before ADD starts its handshake again.
+const HANDSHAKE_AGAIN_AFTER: Duration = Duration::from_secs(1);
+
 /// Waits until the exit node and the gateway (whichever there are) answered a handshake, so
-/// the container's first packet works.
+/// the container's first packet works. WireGuard sends a peer's next initiation only 5 s
+/// (`REKEY_TIMEOUT`) after one that went unanswered, as long as the whole default wait: so a
+/// lost initiation, or one that reached an exit node of a pool before it had learnt the
+/// lease from another member, would fail ADD. A peer still silent after
+/// [`HANDSHAKE_AGAIN_AFTER`] is added again as a new peer, which initiates at once.
 async fn wait_for_handshake(
     state: &AttachmentState,
-    backend: &Backend,
-    name: &str,
+    (backend, name): (&Backend, &str),
+    peers: &[PeerConfig],
     timeout: Duration,
 ) -> Result<DeviceStatus, CniError> {
     let start = Instant::now();
+    let mut again_at = start + HANDSHAKE_AGAIN_AFTER;
     loop {
         let status = backend
             .status(name)
@@ -519,6 +528,24 @@ async fn wait_for_handshake(
                     timeout.as_millis()
                 ),
             ));
+        }
+        if Instant::now() >= again_at {
+            again_at += HANDSHAKE_AGAIN_AFTER;
+            let silent = status
+                .peers
+                .iter()
+                .filter(|p| p.last_handshake.is_none())
+                .filter_map(|p| peers.iter().find(|c| c.public_key == p.public_key));
+            for peer in silent {
+                backend
+                    .remove_peer(name, &peer.public_key)
+                    .await
+                    .map_err(|e| wg_error("starting the handshake again", e))?;
+                backend
+                    .set_peer(name, peer)
+                    .await
+                    .map_err(|e| wg_error("starting the handshake again", e))?;
+            }
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
