@@ -129,6 +129,13 @@ pub trait WireGuard {
     }
     /// Removes a peer; not an error if it is not there.
     async fn remove_peer(&self, name: &str, public_key: &Key) -> Result<(), WgError>;
+    /// Adds `peer` again as a new peer (removed, then set), so that it starts a handshake
+    /// at once where its keepalive is on: WireGuard sends a peer at most one handshake
+    /// initiation per `REKEY_TIMEOUT` (5 s), and a new peer has sent none.
+    async fn initiate_again(&self, name: &str, peer: &PeerConfig) -> Result<(), WgError> {
+        self.remove_peer(name, &peer.public_key).await?;
+        self.set_peer(name, peer).await
+    }
     async fn status(&self, name: &str) -> Result<DeviceStatus, WgError>;
     /// Whether device `name` can be configured through this backend.
     async fn exists(&self, name: &str) -> bool;

@@ -11,8 +11,8 @@
 //!
 //! That first handshake can be lost (the initiation, or the container's response), and
 //! WireGuard sends the next only after `REKEY_TIMEOUT` (5 s). So a peer that has not
-//! completed a handshake 100 ms after its wake is woken again as a new peer (removed and
-//! added back, which clears WireGuard's wait), then after 200 and 400 ms more
+//! completed a handshake 100 ms after its wake is woken again as a new peer
+//! ([`WireGuard::initiate_again`], which clears WireGuard's wait), then after 200 and 400 ms more
 //! ([`REWAKE_AFTER`]): a lost first handshake costs about 100 ms, not 5 s
 //! ([`rewake_silent`]).
 //!
@@ -244,23 +244,12 @@ async fn rewake_silent<C: SpaceDevice>(
             let Some(_locked) = lock_if_leased(service, &space, l).await else {
                 continue;
             };
-            if let Err(err) = wake_as_new(backend, cfg.wg_interface(), l, *endpoint).await {
+            let peer = woken_peer(l, *endpoint);
+            if let Err(err) = backend.initiate_again(cfg.wg_interface(), &peer).await {
                 tracing::warn!(%space, public_key = %l.public_key, error = %err, "cannot wake a peer again; the next reconcile puts it back");
             }
         }
     }
-}
-
-/// Removes the peer and adds it back, woken: WireGuard sends a peer at most one handshake
-/// initiation per `REKEY_TIMEOUT` (5 s), and a new peer has sent none.
-async fn wake_as_new(
-    backend: &impl WireGuard,
-    device: &str,
-    l: &Lease,
-    endpoint: SocketAddr,
-) -> Result<(), wgexit::wg::WgError> {
-    backend.remove_peer(device, &l.public_key).await?;
-    backend.set_peer(device, &woken_peer(l, endpoint)).await
 }
 
 /// The peers of `peers` whose last handshake was at or after `since`.

@@ -27,7 +27,7 @@ use crate::cni::{link_error, open_backend, wg_error};
 use wgexit::api::{Attachment, LeaseRequest};
 use wgexit::client::Client;
 use wgexit::keys::Key;
-use wgexit::net::{offload, Netlink, Netns};
+use wgexit::net::{offload, Netlink, Netns, NetnsId};
 use wgexit::wg::{Backend, BackendKind, DeviceConfig, DeviceStatus, PeerConfig, WireGuard};
 
 pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
@@ -36,7 +36,8 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     let ifname = env.ifname()?;
     let netns_path = env.netns()?;
     let netns = Netns::open(netns_path).map_err(|e| link_error("cannot use CNI_NETNS", e))?;
-    if is_own_namespace(&netns)? {
+    let own = own_namespace()?;
+    if is_own_namespace(&netns, own)? {
         return Err(CniError::new(
             Code::InvalidEnv,
             format!(
@@ -71,7 +72,7 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
         ));
     }
     let mut state = new_state(env, conf, &netns, backend.kind(), &private_key)?;
-    let spare = claim_spare(conf, &backend).await;
+    let spare = claim_spare(conf, &backend, own).await;
     record_new(
         conf,
         &dir,
@@ -116,12 +117,16 @@ pub async fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, CniError> {
     }
 }
 
-/// Whether `netns` is the namespace the plugin itself runs in (compared by the identity of
-/// the namespace, not by path): for a runtime on the host, the host's own.
-pub(crate) fn is_own_namespace(netns: &Netns) -> Result<bool, CniError> {
-    let own = Netns::open(std::path::Path::new("/proc/self/ns/net"))
+/// The identity of the network namespace the plugin itself runs in.
+pub(crate) fn own_namespace() -> Result<NetnsId, CniError> {
+    Netns::open(std::path::Path::new("/proc/self/ns/net"))
         .and_then(|own| own.id())
-        .map_err(|e| link_error("cannot identify the plugin's own network namespace", e))?;
+        .map_err(|e| link_error("cannot identify the plugin's own network namespace", e))
+}
+
+/// Whether `netns` is the namespace the plugin itself runs in, `own` (compared by the
+/// identity of the namespace, not by path): for a runtime on the host, the host's own.
+pub(crate) fn is_own_namespace(netns: &Netns, own: NetnsId) -> Result<bool, CniError> {
     let target = netns
         .id()
         .map_err(|e| link_error("cannot identify the container's network namespace", e))?;
@@ -227,16 +232,15 @@ async fn record_new(
     saved
 }
 
-/// Takes a warm spare link made in this namespace when the config keeps spares and the
-/// backend is `wireguard-go`'s: its name, to record as the attachment's `host_ifname`.
-async fn claim_spare(conf: &NetConf, backend: &Backend) -> Option<String> {
+/// Takes a warm spare link made in this namespace, `here`, when the config keeps spares and
+/// the backend is `wireguard-go`'s: its name, to record as the attachment's `host_ifname`.
+async fn claim_spare(conf: &NetConf, backend: &Backend, here: NetnsId) -> Option<String> {
     let Backend::Userspace(userspace) = backend else {
         return None;
     };
     if conf.spare_links == 0 {
         return None;
     }
-    let here = spares::current_netns().ok()?;
     let spare = Spares::of(&conf.data_dir).claim(here, userspace).await?;
     Some(spare.name)
 }
@@ -538,11 +542,7 @@ async fn wait_for_handshake(
                 .filter_map(|p| peers.iter().find(|c| c.public_key == p.public_key));
             for peer in silent {
                 backend
-                    .remove_peer(name, &peer.public_key)
-                    .await
-                    .map_err(|e| wg_error("starting the handshake again", e))?;
-                backend
-                    .set_peer(name, peer)
+                    .initiate_again(name, peer)
                     .await
                     .map_err(|e| wg_error("starting the handshake again", e))?;
             }

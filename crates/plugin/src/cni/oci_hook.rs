@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cni::add::is_own_namespace;
+use crate::cni::add::{is_own_namespace, own_namespace};
 use crate::cni::env::CniEnv;
 use crate::cni::error::{CniError, Code};
 use crate::cni::link_error;
@@ -102,7 +102,7 @@ pub fn netns_of(state: &OciState) -> Result<Option<PathBuf>, CniError> {
 fn refuse_host_network(id: &str, path: &Path) -> Result<(), CniError> {
     let netns = Netns::open(path)
         .map_err(|e| link_error("cannot use the container's network namespace", e))?;
-    if is_own_namespace(&netns)? {
+    if is_own_namespace(&netns, own_namespace()?)? {
         return Err(CniError::new(
             Code::InvalidEnv,
             format!(

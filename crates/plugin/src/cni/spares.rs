@@ -17,7 +17,6 @@
 //! `wgexit spares clear` removes them all.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -216,7 +215,7 @@ fn read_spare(path: &Path) -> Option<Spare> {
 /// A fresh spare name: the prefix and 12 random hex digits (15 bytes, the kernel's limit).
 pub fn new_name() -> std::io::Result<String> {
     let mut bytes = [0u8; 6];
-    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
     Ok(format!("{PREFIX}{}", hex::encode(bytes)))
 }
 
