@@ -231,18 +231,16 @@ impl Results {
         };
         if let Some(c) = &self.cni {
             let n = c.wgexit_add.n;
-            let add_ratio = c.wgexit_add.median / c.ptp_add.median;
+            let rounds = ratio_spread(&c.wgexit_add_ms, &c.ptp_add_ms, ADD_ROUNDS);
+            // The target is every round's, not only the median's.
+            let worst = rounds.map_or(c.wgexit_add.median / c.ptp_add.median, |(_, hi)| hi);
             push(
                 "1",
                 format!("CNI ADD median (ms), {n} containers"),
                 format!("{:.1}", c.wgexit_add.median),
                 format!("ptp+host-local {:.1}", c.ptp_add.median),
-                ratio_with(
-                    c.wgexit_add.median,
-                    c.ptp_add.median,
-                    ratio_spread(&c.wgexit_add_ms, &c.ptp_add_ms, ADD_ROUNDS),
-                ),
-                format!("≤ 2x: {}", verdict(add_ratio <= 2.0)),
+                ratio_with(c.wgexit_add.median, c.ptp_add.median, rounds),
+                format!("every round ≤ 2x: {}", verdict(worst <= 2.0)),
             );
             if c.cold_add.n > 0 {
                 push(
